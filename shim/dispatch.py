@@ -1,0 +1,79 @@
+"""Validate a request against its op, run it, time it, count it."""
+from __future__ import annotations
+
+import time
+
+from accel.codec import InferRequest, InferResponse
+from accel.errors import AccelError, InvalidInput
+
+from .backends.base import TensorSpec
+from .metrics import Metrics
+from .registry import Registry
+
+
+class Dispatcher:
+    """The layer between the HTTP routes and the ops."""
+
+    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    def infer(self, op_name: str, request: InferRequest) -> InferResponse:
+        """Run ``request`` on op ``op_name``.
+
+        Raises:
+            OpNotFound, NotReady: no such op, or not warmed up yet.
+            InvalidInput: inputs, parameters or requested outputs that do not fit the op.
+        """
+        start = time.perf_counter()
+        status = 200
+        self.metrics.inflight.inc()
+        try:
+            op = self.registry.get(op_name)
+            _check_inputs(op_name, op.inputs, request)
+            outputs = op.run_tensors(request.inputs, request.parameters)
+            if request.outputs is not None:
+                by_name = {t.name: t for t in outputs}
+                missing = [o.name for o in request.outputs if o.name not in by_name]
+                if missing:
+                    raise InvalidInput(f"op {op_name!r} has no output {missing[0]!r}; it has "
+                                       f"{', '.join(by_name) or 'none'}")
+                outputs = [by_name[o.name] for o in request.outputs]
+            self.metrics.items.labels(op_name).inc(max((t.shape[0] if t.shape else 1) for t in request.inputs)
+                                                  if request.inputs else 1)
+            return InferResponse(op_name, outputs, model_version="1", id=request.id)
+        except AccelError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(op_name if status != 404 else "_unknown", str(status)).inc()
+            if status == 200:
+                self.metrics.latency.labels(op_name).observe(time.perf_counter() - start)
+
+
+def _check_inputs(op_name: str, specs: list[TensorSpec], request: InferRequest) -> None:
+    """Names, datatypes and shapes against the op's declared inputs (empty specs: anything goes)."""
+    if not specs:
+        return
+    given = {t.name: t for t in request.inputs}
+    known = {s.name for s in specs}
+    unknown = [n for n in given if n not in known]
+    if unknown:
+        raise InvalidInput(f"op {op_name!r} has no input {unknown[0]!r}; its inputs are {', '.join(sorted(known))}")
+    for spec in specs:
+        tensor = given.get(spec.name)
+        if tensor is None:
+            if spec.optional:
+                continue
+            raise InvalidInput(f"op {op_name!r} needs input {spec.name!r}")
+        if spec.datatype is not None and tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input {spec.name!r} of op {op_name!r} must be {spec.datatype}, not {tensor.datatype}")
+        if spec.shape is not None:
+            if len(tensor.shape) != len(spec.shape) or any(
+                    want not in (-1, got) for want, got in zip(spec.shape, tensor.shape)):
+                raise InvalidInput(f"input {spec.name!r} of op {op_name!r} has shape {list(tensor.shape)}; "
+                                   f"expected {list(spec.shape)} (-1: any size)")

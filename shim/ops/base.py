@@ -1,0 +1,74 @@
+"""The op interface: protocol metadata, validation, warm-up, and the computation on arrays."""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import numpy as np
+
+from accel.errors import InvalidInput
+from accel.tensor import Tensor
+
+from ..backends.base import TensorSpec
+
+
+class Op(ABC):
+    """One "model" of the Open Inference Protocol.
+
+    Subclasses declare ``inputs``/``outputs`` (TensorSpecs) and implement ``run`` on numpy arrays;
+    the dispatcher has already checked names, datatypes and ranks against the specs.
+    """
+
+    name: str
+    platform: str = "accelshim"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    #: names of the request parameters the op reads, with a one-line description each
+    parameters: dict[str, str] = {}
+    backend: str = "cpu"
+
+    def load(self) -> None:
+        """Acquire what the op needs (models, kernels). Called once, before ``warmup``."""
+
+    def warmup(self) -> None:
+        """Run once on representative inputs, so the first real request finds everything hot."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Compute the outputs. Raises InvalidInput for inputs the specs cannot express."""
+
+    def run_tensors(self, inputs: list[Tensor], parameters: Mapping[str, Any]) -> list[Tensor]:
+        """Protocol tensors in and out; converts through numpy by default."""
+        arrays = {t.name: t.numpy() for t in inputs}
+        outputs = self.run(arrays, parameters)
+        types = {s.name: s.datatype for s in self.outputs}
+        return [Tensor.from_numpy(name, value, types.get(name)) for name, value in outputs.items()]
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "name": self.name, "versions": ["1"], "platform": self.platform,
+            "inputs": [s.as_json() for s in self.inputs],
+            "outputs": [s.as_json() for s in self.outputs],
+            "backend": self.backend,
+        }
+        if self.parameters:
+            meta["parameters"] = dict(self.parameters)
+        return meta
+
+
+# --- parameter readers shared by the ops --------------------------------------------------------
+def float_param(params: Mapping[str, Any], name: str, default: float) -> float:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"parameter {name!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def int_param(params: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidInput(f"parameter {name!r} must be between {low} and {high}, got {value}")
+    return value

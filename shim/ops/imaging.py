@@ -1,0 +1,71 @@
+"""Image decoding and preprocessing on the CPU (Pillow): the reference for any GPU version."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from accel.errors import InvalidInput, PayloadTooLarge
+
+from ..modelrepo import Preprocessing
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Decode an encoded image to RGB, EXIF rotation applied, alpha composited over white.
+
+    Raises:
+        InvalidInput: not an image of an accepted format, or truncated/corrupt.
+        PayloadTooLarge: more than ``max_pixels`` pixels (checked before any pixel is decoded).
+    """
+    if not data:
+        raise InvalidInput(f"{what} is empty, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(f"{what} is {width}x{height} = {width * height} pixels, over the "
+                                      f"limit of {max_pixels}")
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise InvalidInput(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
+        raise PayloadTooLarge(f"{what}: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"{what} is a truncated or corrupt image: {exc}") from None
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """Center crop (``pre.crop`` of the short side), resize to ``pre.size``, ``(x - mean) / std``,
+    as float32 CHW (or HWC), RGB."""
+    width, height = image.size
+    side = pre.crop * min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    resized = image.resize((pre.size, pre.size), _RESAMPLE[pre.resize], box=box)
+    x = (np.asarray(resized, dtype=np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)) if pre.layout == "NCHW" else x
+
+
+def sample_png(size: int = 64) -> bytes:
+    """A small synthetic RGB gradient as PNG, for warm-up."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
+    return out.getvalue()

@@ -1,0 +1,62 @@
+"""Name -> op, and each op's state: loaded, warmed up, ready."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable
+
+from accel.errors import NotReady, OpNotFound
+
+from .ops.base import Op
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """The ops of one shim. Nothing is ready until ``load_all`` has loaded and warmed each op."""
+
+    def __init__(self, ops: Iterable[Op]) -> None:
+        self._ops: dict[str, Op] = {}
+        for op in ops:
+            if op.name in self._ops:
+                raise ValueError(f"two ops are named {op.name!r}")
+            self._ops[op.name] = op
+        self._ready: set[str] = set()
+        self._lock = threading.Lock()
+        self.warmup_seconds: dict[str, float] = {}
+
+    def names(self) -> list[str]:
+        return list(self._ops)
+
+    def get(self, name: str) -> Op:
+        """The op ``name``; raises OpNotFound, or NotReady while it warms up."""
+        op = self._ops.get(name)
+        if op is None:
+            raise OpNotFound(f"unknown op or model {name!r}; available: {', '.join(self._ops)}")
+        if name not in self._ready:
+            raise NotReady(f"op {name!r} is warming up")
+        return op
+
+    def lookup(self, name: str) -> Op:
+        """The op ``name`` whether ready or not (for metadata); raises OpNotFound."""
+        op = self._ops.get(name)
+        if op is None:
+            raise OpNotFound(f"unknown op or model {name!r}; available: {', '.join(self._ops)}")
+        return op
+
+    def is_ready(self, name: str | None = None) -> bool:
+        """Whether op ``name`` (or, with None, every op) is ready."""
+        with self._lock:
+            return name in self._ready if name else len(self._ready) == len(self._ops)
+
+    def load_all(self) -> None:
+        """Load and warm up every op, in order; an op is ready as soon as its warm-up ran."""
+        for name, op in self._ops.items():
+            start = time.perf_counter()
+            op.load()
+            op.warmup()
+            self.warmup_seconds[name] = time.perf_counter() - start
+            with self._lock:
+                self._ready.add(name)
+            log.info("op %s ready (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])

@@ -1,0 +1,135 @@
+"""HTTP layer only: routes decode the request, call the dispatcher, encode the answer.
+
+Every error leaves through one place, ``_error_response``, with the status from DESIGN.md and a
+JSON body ``{"error": "..."}``.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from accel.codec import HEADER_LENGTH, decode_request, encode_response
+from accel.errors import AccelError, InvalidInput, NotReady, PayloadTooLarge
+
+from .. import __version__
+from ..config import Settings
+from ..dispatch import Dispatcher
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "statistics"]
+
+
+def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics) -> Flask:
+    """The Flask app of the Open Inference Protocol endpoints."""
+    app = Flask("accelshim")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    registry = dispatcher.registry
+
+    @app.get("/v2/health/live")
+    def live() -> Any:
+        return jsonify(live=True)
+
+    @app.get("/v2/health/ready")
+    def ready() -> Any:
+        if not registry.is_ready():
+            raise NotReady("the shim is warming up")
+        return jsonify(ready=True)
+
+    @app.get("/v2")
+    def server_metadata() -> Any:
+        return jsonify(name="accelshim", version=__version__, extensions=EXTENSIONS)
+
+    @app.get("/v2/models")
+    def models() -> Any:
+        return jsonify(models=[{"name": n, "version": "1", "state": "READY" if registry.is_ready(n) else "LOADING"}
+                               for n in registry.names()])
+
+    @app.get("/v2/models/<name>")
+    @app.get("/v2/models/<name>/versions/<version>")
+    def model_metadata(name: str, version: str = "1") -> Any:
+        _check_version(name, version)
+        return jsonify(registry.lookup(name).metadata())
+
+    @app.get("/v2/models/<name>/ready")
+    @app.get("/v2/models/<name>/versions/<version>/ready")
+    def model_ready(name: str, version: str = "1") -> Any:
+        _check_version(name, version)
+        registry.lookup(name)
+        if not registry.is_ready(name):
+            raise NotReady(f"op {name!r} is warming up")
+        return jsonify(name=name, ready=True)
+
+    @app.post("/v2/models/<name>/infer")
+    @app.post("/v2/models/<name>/versions/<version>/infer")
+    def infer(name: str, version: str = "1") -> Any:
+        _check_version(name, version)
+        body = _read_body(settings.max_body_bytes)
+        metrics.request_bytes.labels(name).inc(len(body))
+        length = request.headers.get(HEADER_LENGTH)
+        if length is not None and not length.strip().isdigit():
+            raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
+        infer_request = decode_request(body, int(length) if length is not None else None)
+        response = dispatcher.infer(name, infer_request)
+        binary = {t.name: infer_request.binary_output(t.name) for t in response.outputs}
+        payload, headers = encode_response(response, binary)
+        return Response(payload, status=200, headers=headers)
+
+    @app.get("/metrics")
+    def prometheus() -> Any:
+        metrics.ready.set(1 if registry.is_ready() else 0)
+        payload, content_type = metrics.render()
+        return Response(payload, content_type=content_type)
+
+    @app.errorhandler(Exception)
+    def on_error(exc: Exception) -> Any:
+        return _error_response(exc)
+
+    return app
+
+
+def _check_version(name: str, version: str) -> None:
+    if version != "1":
+        raise AccelError(f"op {name!r} has only version 1, not {version!r}", status=404)
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, inflated if gzip/deflate-encoded (never past ``limit`` bytes)."""
+    body = request.get_data(cache=False)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the inflated body is over the limit of {limit} bytes")
+    return out
+
+
+def _error_response(exc: Exception) -> Response:
+    if isinstance(exc, AccelError):
+        status, message = exc.status, exc.message
+    elif isinstance(exc, RequestEntityTooLarge):
+        status, message = 413, f"the request body is over the limit of {request.max_content_length} bytes"
+    elif isinstance(exc, HTTPException):
+        status = exc.code or 500
+        message = {404: f"no endpoint {request.method} {request.path}",
+                   405: f"method {request.method} not allowed on {request.path}"}.get(status, exc.description or exc.name)
+    else:
+        log.exception("internal error on %s %s", request.method, request.path)
+        status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+    response = jsonify(error=message)
+    response.status_code = status
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    return response

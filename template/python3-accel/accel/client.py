@@ -1,0 +1,209 @@
+"""``accel.Client``: the semantic API that functions call; the shim does the work."""
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import time
+
+from .codec import HEADER_LENGTH, InferRequest, decode_response, encode_request
+from .errors import AccelError, InvalidInput, NotReady, ShimUnavailable, error_for_status
+from .tensor import Tensor
+from .transport import HTTPTransport, Response
+from .types import Prediction
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Mapping, Sequence
+
+    import numpy as np
+
+    from .transport import Transport
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_extra_headers: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("accel_headers", default={})
+
+
+class Client:
+    """A client of the accelshim daemon.
+
+    Args:
+        url: ``http://host:port`` or ``unix:///path.sock``; default ``$ACCEL_SHIM_URL`` or
+            ``http://127.0.0.1:8000``.
+        timeout: seconds a call may take in all, retries included.
+        retries: how many times an idempotent call is retried after connection refused or 503.
+        binary: send and receive tensors with the binary extension (default) or as JSON.
+        transport: an object with ``request``/``close`` (tests use an in-process one).
+
+    Every call raises the ``accel.errors`` class matching the shim's answer (InvalidInput,
+    OpNotFound, NotReady, ...) or ShimUnavailable when the shim cannot be reached in time.
+    """
+
+    def __init__(self, url: str | None = None, timeout: float = 30.0, *, retries: int = 8,
+                 binary: bool = True, transport: Transport | None = None) -> None:
+        self.url = url or os.environ.get("ACCEL_SHIM_URL") or DEFAULT_URL
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.binary = binary
+        self._transport = transport if transport is not None else HTTPTransport(self.url)
+
+    # --- plumbing -------------------------------------------------------------------------
+    def headers(self, headers: Mapping[str, str]) -> "_HeaderScope":
+        """Add ``headers`` (e.g. ``X-Call-Id``) to every call made in this ``with`` block.
+
+        Scoped by contextvars, so concurrent requests in other threads keep their own.
+        """
+        return _HeaderScope(headers)
+
+    def _call(self, method: str, path: str, body: bytes | None = None,
+              headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,)) -> Response:
+        deadline = time.monotonic() + self.timeout
+        all_headers = {**(headers or {}), **_extra_headers.get()}
+        delay = 0.02
+        for attempt in range(self.retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                resp = self._transport.request(method, path, body, all_headers, left)
+            except OSError as exc:
+                last: AccelError = ShimUnavailable(f"cannot reach the shim at {self.url}: {exc}")
+            else:
+                if resp.status in ok:
+                    return resp
+                last = _error_from(resp)
+                if resp.status != 503:
+                    raise last
+            pause = min(delay, max(0.0, deadline - time.monotonic()))
+            if last.retry_after is not None:
+                pause = min(last.retry_after, pause * 4)
+            time.sleep(pause)
+            delay = min(delay * 2, 1.0)
+        raise last if "last" in locals() else ShimUnavailable(f"timed out before reaching {self.url}")
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- health and metadata --------------------------------------------------------------
+    def live(self) -> bool:
+        """True when the shim process answers."""
+        return self._probe("/v2/health/live")
+
+    def ready(self) -> bool:
+        """True when the shim has warmed up and serves (no retry: a probe)."""
+        return self._probe("/v2/health/ready")
+
+    def _probe(self, path: str) -> bool:
+        try:
+            resp = self._transport.request("GET", path, None, dict(_extra_headers.get()), min(self.timeout, 5.0))
+        except OSError:
+            return False
+        return resp.status == 200
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the shim is ready; raises NotReady after ``timeout`` (default: the client's)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise NotReady(f"the shim at {self.url} is not ready")
+            time.sleep(0.05)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return json.loads(self._call("GET", "/v2").body)
+
+    def metadata(self, op: str) -> dict[str, Any]:
+        """The op's protocol metadata (inputs, outputs, datatypes, shapes, backend)."""
+        return json.loads(self._call("GET", f"/v2/models/{_segment(op)}").body)
+
+    # --- inference ------------------------------------------------------------------------
+    def infer_tensors(self, model: str, inputs: Sequence[Tensor], parameters: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """Run ``model`` on protocol tensors and return its outputs as tensors (needs no numpy)."""
+        request = InferRequest(list(inputs), parameters=dict(parameters or {}), id=os.urandom(8).hex())
+        body, headers = encode_request(request, binary=self.binary)
+        resp = self._call("POST", f"/v2/models/{_segment(model)}/infer", body, headers)
+        length = resp.header(HEADER_LENGTH)
+        try:
+            decoded = decode_response(resp.body, int(length) if length is not None else None)
+        except (InvalidInput, ValueError) as exc:
+            raise AccelError(f"the shim sent a response this client cannot read: {exc}") from exc
+        return {t.name: t for t in decoded.outputs}
+
+    def infer(self, model: str, inputs: Mapping[str, Any], parameters: Mapping[str, Any] | None = None) -> dict[str, "np.ndarray"]:
+        """Run ``model`` (any op or ONNX model of the shim) on numpy arrays.
+
+        Args:
+            model: the op or model name, e.g. ``"efficientnet-lite0"``.
+            inputs: input name -> array.
+            parameters: the protocol request ``parameters``.
+        Returns:
+            output name -> numpy array.
+        """
+        tensors = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
+        return {name: t.numpy() for name, t in self.infer_tensors(model, tensors, parameters).items()}
+
+    def noop(self, **arrays: Any) -> dict[str, "np.ndarray"]:
+        """Send ``arrays`` through the shim and back, unchanged (measures the path itself)."""
+        return self.infer("noop", arrays)
+
+    def gemm(self, a: Any, b: Any, c: Any = None, alpha: float = 1.0, beta: float = 0.0) -> "np.ndarray":
+        """``alpha * a @ b + beta * c`` on the shim's device (FP16, FP32 or FP64, one dtype)."""
+        inputs = {"A": a, "B": b}
+        if c is not None:
+            inputs["C"] = c
+        return self.infer("gemm", inputs, {"alpha": float(alpha), "beta": float(beta)})["C"]
+
+    def classify(self, images: bytes | Sequence[bytes], top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
+        """Classify encoded images (JPEG, PNG, WebP, BMP, GIF) with the shim's ImageNet model.
+
+        Args:
+            images: one encoded image, or a list of them (one batch).
+            top_k: how many classes per image (1..1000).
+        Returns:
+            for one image, its predictions best first; for a list, one such list per image.
+        """
+        single = isinstance(images, (bytes, bytearray, memoryview))
+        batch = [bytes(images)] if single else [bytes(i) for i in images]  # type: ignore[union-attr]
+        out = self.infer_tensors("classify", [Tensor.from_bytes_list("image", batch)], {"top_k": top_k})
+        labels, scores, classes = out["labels"].tolist(), out["scores"].tolist(), out["classes"].tolist()
+        k = out["labels"].shape[1] if len(out["labels"].shape) == 2 else 0
+        result = [[Prediction(labels[i * k + j], scores[i * k + j], classes[i * k + j]) for j in range(k)]
+                  for i in range(len(batch))]
+        return result[0] if single else result
+
+
+class _HeaderScope:
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self._headers = headers
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        self._token = _extra_headers.set({**_extra_headers.get(), **self._headers})
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _extra_headers.reset(self._token)
+
+
+def _segment(name: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidInput(f"invalid op or model name {name!r}")
+    return name
+
+
+def _error_from(resp: Response) -> AccelError:
+    try:
+        message = json.loads(resp.body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.body[:200].decode("utf-8", "replace") or f"HTTP {resp.status}"
+    retry = resp.header("Retry-After")
+    try:
+        retry_after = float(retry) if retry is not None else None
+    except ValueError:
+        retry_after = None
+    return error_for_status(resp.status, message, retry_after)
