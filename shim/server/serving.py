@@ -60,7 +60,11 @@ class Server:
             create_server(service.app, map=self._map, _dispatcher=self._tasks, sockets=[sock],
                           threads=settings.threads, ident="accelshim",
                           max_request_body_size=settings.max_body_bytes, channel_timeout=120,
-                          connection_limit=1000, clear_untrusted_proxy_headers=True)
+                          connection_limit=1000, clear_untrusted_proxy_headers=True,
+                          # tensors are large: keep bodies in memory (waitress spills anything over
+                          # 512 KiB to a temp file by default) and move them in big reads and writes
+                          inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
+                          recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
         self._stopping = threading.Event()

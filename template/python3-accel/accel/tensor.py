@@ -112,7 +112,9 @@ class Tensor(Record):
             out = np.empty(len(items), dtype=object)
             out[:] = items
             return out.reshape(self.shape)
-        return np.frombuffer(self.raw, dtype=dt.FIXED[self.datatype][2]).reshape(self.shape)
+        array = np.frombuffer(self.raw, dtype=dt.FIXED[self.datatype][2]).reshape(self.shape)
+        # a tensor at an odd offset of the body is misaligned, which slows BLAS and kernels down
+        return array if array.flags.aligned else array.copy()
 
     def bytes_list(self) -> list[bytes]:
         """The elements of a BYTES tensor, flat."""
