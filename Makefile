@@ -8,10 +8,11 @@ MODELS := models
 MODEL_STAMP := $(MODELS)/efficientnet-lite0/model.json
 TORCH_VERSION := 2.13.0
 
-.PHONY: run test test-gpu bench models build-env venv clean help
+.PHONY: run serve test test-gpu bench models build-env venv clean help
 
 help:
 	@echo "make run     - set up, build the model if missing, start the shim (+ functions behind a gateway)"
+	@echo "make serve   - the shim alone (TCP :8000 and /tmp/accelshim.sock)"
 	@echo "make test    - set up, build the model if missing, run the test suite (CPU)"
 	@echo "make bench   - overhead benchmark (writes bench/results/)"
 	@echo "make clean   - remove environments, models and build output"
@@ -42,7 +43,12 @@ models: venv
 	    echo "model up to date: $(MODELS)/efficientnet-lite0"; \
 	else $(MAKE) build-env && $(VENV)/bin/accelshim models build --dir $(MODELS) --python $(BUILD_VENV)/bin/python; fi
 
+# the shim, then every function of stack.yml behind a local OpenFaaS-style gateway on :8080
 run: models
+	$(VENV)/bin/accelshim up -f stack.yml --port 8080 --models $(MODELS)
+
+# the shim alone, on TCP :8000 and a unix socket
+serve: models
 	$(VENV)/bin/accelshim serve --host 127.0.0.1 --port 8000 --unix /tmp/accelshim.sock --models $(MODELS)
 
 test: models

@@ -1,4 +1,4 @@
-"""``accelshim`` commands: ``serve``, ``models build``, ``models list``."""
+"""``accelshim`` commands: ``serve``, ``up``, ``models build``, ``models list``."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--classify-model", help="model behind classify (default efficientnet-lite0)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
+    from .up import add_parser as add_up  # light: the heavy imports of ``up`` wait until it runs
+
+    add_up(sub)
+
     models = sub.add_parser("models", help="the model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
     build = msub.add_parser("build", help="export EfficientNet-Lite0 to ONNX (idempotent)")
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "up":
+        return args.func(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.models_command == "build":
         from .modelbuild import build, default_build_python  # noqa: PLC0415

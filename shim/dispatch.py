@@ -9,14 +9,16 @@ from accel.errors import AccelError, InvalidInput
 from .backends.base import TensorSpec
 from .metrics import Metrics
 from .registry import Registry
+from .stats import Statistics
 
 
 class Dispatcher:
     """The layer between the HTTP routes and the ops."""
 
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, stats: Statistics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.stats = stats or Statistics()
 
     def infer(self, op_name: str, request: InferRequest) -> InferResponse:
         """Run ``request`` on op ``op_name``.
@@ -25,13 +27,16 @@ class Dispatcher:
             OpNotFound, NotReady: no such op, or not warmed up yet.
             InvalidInput: inputs, parameters or requested outputs that do not fit the op.
         """
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         status = 200
+        items = compute_ns = 0
         self.metrics.inflight.inc()
         try:
             op = self.registry.get(op_name)
             _check_inputs(op_name, op.inputs, request)
+            compute_start = time.perf_counter_ns()
             outputs = op.run_tensors(request.inputs, request.parameters)
+            compute_ns = time.perf_counter_ns() - compute_start
             if request.outputs is not None:
                 by_name = {t.name: t for t in outputs}
                 missing = [o.name for o in request.outputs if o.name not in by_name]
@@ -39,8 +44,8 @@ class Dispatcher:
                     raise InvalidInput(f"op {op_name!r} has no output {missing[0]!r}; it has "
                                        f"{', '.join(by_name) or 'none'}")
                 outputs = [by_name[o.name] for o in request.outputs]
-            self.metrics.items.labels(op_name).inc(max((t.shape[0] if t.shape else 1) for t in request.inputs)
-                                                  if request.inputs else 1)
+            items = max((t.shape[0] if t.shape else 1) for t in request.inputs) if request.inputs else 1
+            self.metrics.items.labels(op_name).inc(items)
             return InferResponse(op_name, outputs, model_version="1", id=request.id)
         except AccelError as exc:
             status = exc.status
@@ -51,8 +56,11 @@ class Dispatcher:
         finally:
             self.metrics.inflight.dec()
             self.metrics.requests.labels(op_name if status != 404 else "_unknown", str(status)).inc()
+            elapsed = time.perf_counter_ns() - start
             if status == 200:
-                self.metrics.latency.labels(op_name).observe(time.perf_counter() - start)
+                self.metrics.latency.labels(op_name).observe(elapsed / 1e9)
+            if status != 404:
+                self.stats.record(op_name, status == 200, elapsed, items, compute_ns=compute_ns)
 
 
 def _check_inputs(op_name: str, specs: list[TensorSpec], request: InferRequest) -> None:

@@ -56,6 +56,20 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics) -> 
         _check_version(name, version)
         return jsonify(registry.lookup(name).metadata())
 
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/<name>/stats")
+    @app.get("/v2/models/<name>/versions/<version>/stats")
+    def statistics(name: str | None = None, version: str = "1") -> Any:
+        if name is not None:
+            _check_version(name, version)
+            registry.lookup(name)
+        return jsonify(dispatcher.stats.as_json([name] if name else registry.names()))
+
+    @app.post("/v2/repository/index")
+    def repository_index() -> Any:
+        return jsonify([{"name": n, "version": "1", "state": "READY" if registry.is_ready(n) else "LOADING",
+                         "reason": ""} for n in registry.names()])
+
     @app.get("/v2/models/<name>/ready")
     @app.get("/v2/models/<name>/versions/<version>/ready")
     def model_ready(name: str, version: str = "1") -> Any:
@@ -120,6 +134,8 @@ def _read_body(limit: int) -> bytes:
         raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"the inflated body is over the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated: its stream ends before its end marker")
     return out
 
 

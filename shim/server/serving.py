@@ -1,6 +1,7 @@
 """Run the app under waitress on a TCP port and/or a unix socket; warm up in the background."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,8 +12,9 @@ import time
 from pathlib import Path
 
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from ..service import Service
 
@@ -42,6 +44,27 @@ def bind_sockets(host: str | None, port: int, unix_path: str | None) -> list[soc
     return sockets
 
 
+class _JsonErrorTask(ErrorTask):
+    """waitress's own errors (a body over the limit, malformed HTTP) as ``{"error": ...}`` JSON,
+    like every other error of the shim, instead of waitress's text/plain page."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        limit = self.channel.adj.max_request_body_size - 1
+        message = (f"the request body is over the limit of {limit} bytes" if error.code == 413
+                   else f"{error.reason}: {error.body}")
+        body = json.dumps({"error": message}).encode("utf-8")
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _JsonErrorChannel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
 class Server:
     """A shim being served: the waitress server plus the warm-up thread."""
 
@@ -59,7 +82,8 @@ class Server:
         self._servers = [
             create_server(service.app, map=self._map, _dispatcher=self._tasks, sockets=[sock],
                           threads=settings.threads, ident="accelshim",
-                          max_request_body_size=settings.max_body_bytes, channel_timeout=120,
+                          # waitress refuses a body of >= its limit; the shim's limit is inclusive
+                          max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
                           connection_limit=1000, clear_untrusted_proxy_headers=True,
                           # tensors are large: keep bodies in memory (waitress spills anything over
                           # 512 KiB to a temp file by default) and move them in big reads and writes
@@ -67,6 +91,8 @@ class Server:
                           recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
+        for server in self._servers:
+            server.channel_class = _JsonErrorChannel
         self._stopping = threading.Event()
         self._warmup = threading.Thread(target=self._load, name="warmup", daemon=True)
 

