@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-USAGE = "python -m bench {overhead,gpu,all,plot} [options]   (python -m bench gpu --help for options)"
+USAGE = "python -m bench {overhead,gpu,load,kaas,all,plot} [options]   (python -m bench gpu --help for options)"
 
 
 def _run(argv: list[str], timeout: float) -> int:
@@ -53,6 +53,14 @@ def main(argv: list[str]) -> int:
         from bench.gpu import main as gpu
 
         return gpu(rest)
+    if command == "load":
+        from bench.load import main as load
+
+        return load(rest)
+    if command == "kaas":
+        from bench.kaas import main as kaas
+
+        return kaas(rest)
     if command == "plot":
         from bench.plot import main as plot
 

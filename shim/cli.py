@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
-from .config import Settings
+from .config import Settings, parse_bytes
+
+if TYPE_CHECKING:  # the ops import numpy: not for `accelshim --help`
+    from .ops import Op
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,13 +25,35 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="TCP address (default 127.0.0.1; 'none' for the unix socket alone)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     serve.add_argument("--unix", dest="unix_socket", metavar="PATH", help="also listen on this unix socket")
+    serve.add_argument("--vsock", dest="vsock_port", type=int, metavar="PORT",
+                       help="also listen on AF_VSOCK, any CID, this port (inside a microVM; see docs/deploy.md)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="backend (default auto)")
+    serve.add_argument("--gpu-memory-limit", type=parse_bytes, metavar="SIZE",
+                       help="GPU memory for requests' operands, e.g. 8GiB (507 for a request over it)")
+    serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                       help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
     serve.add_argument("--threads", type=int, help="worker threads (default 8)")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (413 above)")
     serve.add_argument("--max-image-pixels", type=int, help="pixel limit per image")
     serve.add_argument("--classify-model", help="model behind classify (default efficientnet-lite0)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    serve.add_argument("--tokens", dest="tokens_file", type=Path, metavar="FILE",
+                       help="tenants and their tokens ('tenant: sha256:<hex>' lines); required off loopback")
+    serve.add_argument("--max-queue", type=int, help="requests waiting for a slot (default 64; 429 above)")
+    serve.add_argument("--tenant-max-inflight", type=int, help="slots per tenant (default: all --threads)")
+    serve.add_argument("--tenant-max-queue", type=int, help="queued requests per tenant (default: all --max-queue)")
+    serve.add_argument("--tenant-max-body-bytes", type=int, help="request body limit per tenant (413 above)")
+    serve.add_argument("--tenant-max-buffer-bytes", type=parse_bytes, metavar="SIZE",
+                       help="buffer store bytes per tenant, e.g. 256MiB (507 above; default: the store's bound)")
+    serve.add_argument("--kernels", dest="kernels_dir", type=Path, metavar="DIR",
+                       help="more KaaS kernel libraries: folders with kernels.cu + reference.py (docs/kaas.md)")
+    serve.add_argument("--buffer-store-bytes", type=parse_bytes, metavar="SIZE",
+                       help="KaaS buffer store bound, e.g. 4GiB (default 1GiB; 507 above)")
+    serve.add_argument("--gpu-cache-bytes", type=parse_bytes, metavar="SIZE",
+                       help="KaaS GPU-resident buffer cache bound (default 1GiB)")
+    serve.add_argument("--state-dir", type=Path, metavar="DIR",
+                       help="persist the KaaS buffer store here (survives restarts)")
 
     from .up import add_parser as add_up  # light: the heavy imports of ``up`` wait until it runs
 
@@ -45,10 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extra_ops: Sequence[Op] = ()) -> int:
+    """Run an ``accelshim`` command; ``extra_ops`` are served besides the built-in ones (tests)."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, extra_ops)
     if args.command == "up":
         return args.func(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("host", "port", "unix_socket", "device", "models_dir", "threads",
-                                               "max_body_bytes", "max_image_pixels", "classify_model", "log_level")}
+def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
+    overrides = {k: getattr(args, k) for k in ("host", "port", "unix_socket", "vsock_port", "device", "models_dir",
+                                               "threads", "max_body_bytes", "max_image_pixels", "classify_model",
+                                               "log_level", "tokens_file", "max_queue", "tenant_max_inflight",
+                                               "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
+                                               "gpu_memory_limit",
+                                               "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
+                                               "state_dir")}
     try:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:
@@ -84,11 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import build_service  # noqa: PLC0415
 
     try:
-        service = build_service(settings)
+        service = build_service(settings, extra_ops=extra_ops)
         host = None if settings.host.lower() == "none" else settings.host
-        if host is None and not settings.unix_socket:
-            raise ValueError("--host none needs --unix PATH")
-        sockets = bind_sockets(host, settings.port, settings.unix_socket)
+        if host is None and not settings.unix_socket and settings.vsock_port is None:
+            raise ValueError("--host none needs --unix PATH or --vsock PORT")
+        sockets = bind_sockets(host, settings.port, settings.unix_socket, vsock_port=settings.vsock_port)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"accelshim: {exc}", file=sys.stderr)
         return 1

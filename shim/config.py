@@ -1,6 +1,7 @@
 """Settings of the shim: one dataclass, filled from flags and ``ACCELSHIM_*`` environment variables."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     unix_socket: str | None = None
+    vsock_port: int | None = None             # AF_VSOCK port on VMADDR_CID_ANY (microVM guests)
     device: str = "auto"                      # auto | cpu | cuda
+    gpu_memory_limit: int = 0                 # bytes of GPU memory for requests' operands (0: no limit)
+    batching: bool = True                     # dynamic batching of classify and raw models
     models_dir: Path = Path("models")
     threads: int = 8
     classify_model: str = "efficientnet-lite0"
@@ -27,6 +31,16 @@ class Settings:
     max_batch: int = 256                      # images per classify request, rows per raw-model batch
     max_gemm_elements: int = 64 * 1024 * 1024  # elements of the output C (and of A and B)
     log_level: str = "INFO"
+    tokens_file: Path | None = None           # tenant -> token; needed on a non-loopback TCP address
+    max_queue: int = 64                       # requests waiting for one of the `threads` slots (429 above)
+    tenant_max_inflight: int = 0              # each tenant's share of the slots (0: all of them)
+    tenant_max_queue: int = 0                 # each tenant's share of the queue (0: all of it)
+    tenant_max_body_bytes: int = 0            # each tenant's request body limit (0: max_body_bytes)
+    tenant_max_buffer_bytes: int = 0          # each tenant's buffer store bytes (0: the store's bound)
+    kernels_dir: Path | None = None           # more KaaS kernel libraries (folders of kernels.cu + reference.py)
+    buffer_store_bytes: int = 1 << 30         # KaaS buffer store bound (507 above)
+    gpu_cache_bytes: int = 1 << 30            # KaaS GPU-resident buffer cache bound
+    state_dir: Path | None = None             # persist the KaaS buffer store here (None: in memory)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -50,17 +64,59 @@ class Settings:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("threads", "max_body_bytes", "max_image_pixels", "max_batch", "max_gemm_elements"):
+        for name in ("threads", "max_body_bytes", "max_image_pixels", "max_batch", "max_gemm_elements",
+                     "buffer_store_bytes", "gpu_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.tokens_file is None and self.host.lower() != "none" and not is_loopback(self.host):
+            raise ValueError(f"--host {self.host} is reachable from other machines: give --tokens FILE "
+                             "(tenant: token lines) so that callers must authenticate")
+        for name in ("max_queue", "tenant_max_inflight", "tenant_max_queue", "tenant_max_body_bytes",
+                     "tenant_max_buffer_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if self.vsock_port is not None and not 0 < self.vsock_port < 0xFFFFFFFF:
+            raise ValueError(f"vsock port {self.vsock_port} out of range (1 to 4294967294)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): reachable from this machine alone."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1048576"``, ``"64MiB"``, ``"8G"``, ``"512k"`` -> bytes (K/M/G/T: powers of 1000, Ki/Mi/Gi/Ti of 1024).
+
+    Raises:
+        ValueError: not a whole number of bytes with a known unit.
+    """
+    raw = text.strip()
+    number = raw.rstrip("BbIiKkMmGgTt ")
+    unit = raw[len(number):].strip().lower().removesuffix("b")
+    if unit not in _UNITS or not number.strip().isdigit():
+        raise ValueError(f"{text!r} is not a size: use bytes, or a number with K, M, G, Ki, Mi, Gi (e.g. 8GiB)")
+    return int(number) * _UNITS[unit]
 
 
 def _coerce(name: str, type_name: str, raw: str) -> object:
     try:
         if type_name.startswith("int"):
-            return int(raw)
+            return parse_bytes(raw)
+        if type_name == "bool":
+            if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.strip().lower() in ("1", "true", "yes", "on")
         if type_name.startswith("Path"):
             return Path(raw)
     except ValueError:

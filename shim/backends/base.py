@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..modelrepo import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -25,24 +30,44 @@ class TensorSpec:
 
 
 class ModelRunner(Protocol):
-    """A loaded model that runs on numpy arrays."""
+    """A loaded model that runs on numpy arrays; ``device`` names where it really runs."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    device: str
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+class ImagePipeline(Protocol):
+    """classify's device half: ``prepare`` runs in the request's thread on one decoded RGB image;
+    ``logits`` runs a batch of prepared images (from any number of requests) through the model."""
+
+    device: str
+
+    def prepare(self, image: Image.Image) -> Any: ...
+
+    def logits(self, items: Sequence[Any]) -> np.ndarray: ...
+
+
 class Backend(Protocol):
-    """A device: GEMM and model execution."""
+    """A device: GEMM, model execution and classify's image pipeline."""
 
     name: str
 
-    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float) -> np.ndarray:
-        """``alpha * a @ b + beta * c`` in the dtype of ``a`` (FP16 accumulates in FP32)."""
+    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+             precision: str = "default") -> np.ndarray:
+        """``alpha * a @ b + beta * c`` in the dtype of ``a`` (FP16 accumulates in FP32);
+        ``precision="tf32"`` lets FP32 products use TF32 (10-bit mantissa) inputs.
+
+        Raises:
+            InsufficientStorage: the operands cannot fit the device's memory limit.
+        """
         ...
 
     def load_model(self, path: Path) -> ModelRunner: ...
+
+    def image_pipeline(self, config: ModelConfig) -> ImagePipeline: ...
 
     def describe(self) -> dict[str, object]:
         """Device name and library versions, for metadata and benchmarks."""

@@ -1,4 +1,4 @@
-"""The CPU backend: numpy (BLAS) for GEMM, onnxruntime's CPU provider for models.
+"""The CPU backend: numpy (BLAS) for GEMM, onnxruntime's CPU provider for models, Pillow for images.
 
 It is also the reference twin that every GPU path is tested against.
 """
@@ -7,9 +7,13 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+from ..kernels.resample import pillow_preprocess
+from ..modelrepo import ModelConfig
 from . import onnx
 
 
@@ -21,19 +25,56 @@ class CpuBackend:
     def __init__(self, threads: int = 0) -> None:
         self.threads = threads
 
-    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float) -> np.ndarray:
-        return gemm_reference(a, b, c, alpha, beta)
+    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+             precision: str = "default") -> np.ndarray:
+        return gemm_reference(a, b, c, alpha, beta, precision)
 
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
+
+    def image_pipeline(self, config: ModelConfig) -> "CpuImagePipeline":
+        return CpuImagePipeline(self.load_model(config.onnx), config)
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "device": platform.processor() or platform.machine(),
                 "cpus": os.cpu_count(), "numpy": np.__version__, "onnxruntime": onnx.version()}
 
 
-def gemm_reference(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float) -> np.ndarray:
-    """``alpha * a @ b + beta * c`` in ``a``'s dtype; FP16 accumulates in FP32 as cuBLAS does."""
+class CpuImagePipeline:
+    """Pillow preprocessing in the request's thread, then the model on the stacked batch."""
+
+    def __init__(self, runner: onnx.OnnxRunner, config: ModelConfig) -> None:
+        assert config.preprocessing is not None
+        self.runner = runner
+        self.device = runner.device
+        self._pre = config.preprocessing
+        self._step = max(1, config.max_batch_size)
+        self._input, self._output = runner.inputs[0].name, runner.outputs[0].name
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return pillow_preprocess(image, self._pre)
+
+    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        parts = [self.runner.run({self._input: np.stack(items[i:i + self._step])})[self._output]
+                 for i in range(0, len(items), self._step)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def round_to_tf32(x: np.ndarray) -> np.ndarray:
+    """FP32 values rounded to TF32 (10 explicit mantissa bits, nearest, ties away from zero), as
+    the tensor cores see them."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    finite = np.isfinite(x)
+    return np.where(finite, rounded.view(np.float32), x).astype(np.float32, copy=False)
+
+
+def gemm_reference(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+                   precision: str = "default") -> np.ndarray:
+    """``alpha * a @ b + beta * c`` in ``a``'s dtype; FP16 accumulates in FP32 as cuBLAS does, and
+    ``precision="tf32"`` rounds FP32 inputs to TF32 first, as the tensor cores do."""
+    if precision == "tf32" and a.dtype == np.float32:
+        a, b = round_to_tf32(a), round_to_tf32(b)
     work = np.float32 if a.dtype == np.float16 else a.dtype
     out = np.matmul(a.astype(work, copy=False), b.astype(work, copy=False))
     if alpha != 1.0:

@@ -30,15 +30,47 @@ class OnnxRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self._names = [o.name for o in self.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds)))
+        """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way)."""
+        if self.device != "cuda":
+            return dict(zip(self._names, self.session.run(self._names, feeds)))
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name in self._names:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self._names, binding.copy_outputs_to_cpu()))
+
+    def run_device(self, name: str, pointer: int, shape: tuple[int, ...], device_id: int = 0) -> np.ndarray:
+        """Run on an FP32 input already on the GPU (no host round trip); the first output, on the host."""
+        binding = self.session.io_binding()
+        binding.bind_input(name, "cuda", device_id, np.float32, list(shape), pointer)
+        binding.bind_output(self._names[0], "cuda", device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
 
 def version() -> str:
     return ort.__version__
+
+
+def has_cuda_provider() -> bool:
+    """Whether this onnxruntime build has the CUDA execution provider (onnxruntime-gpu); if so, its
+    CUDA and cuDNN libraries are loaded from the nvidia-* wheels where those are installed."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - the system's libraries may serve; the session will tell
+            pass
+    return True

@@ -34,6 +34,9 @@ class Op(ABC):
     def warmup(self) -> None:
         """Run once on representative inputs, so the first real request finds everything hot."""
 
+    def close(self) -> None:
+        """Release threads and device memory (the shim is stopping)."""
+
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Compute the outputs. Raises InvalidInput for inputs the specs cannot express."""

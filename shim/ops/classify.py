@@ -1,20 +1,25 @@
 """``classify``: encoded images in, top-k ImageNet labels, softmax scores and class indices out."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from accel.errors import InvalidInput
 
-from ..backends.base import Backend, ModelRunner, TensorSpec
+from ..backends.base import Backend, ImagePipeline, TensorSpec
+from ..batching import Batcher, BatchingFactory
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
-from .imaging import decode_image, preprocess, sample_png
+from .imaging import decode_image, sample_png
 
 
 class ClassifyOp(Op):
-    """Image classification with a model of the repository that has labels and preprocessing."""
+    """Image classification with a model of the repository that has labels and preprocessing.
+
+    Images are decoded in the request's thread; the device work (preprocessing on the GPU, the
+    model) runs on dynamic batches that mix the images of concurrent requests.
+    """
 
     name = "classify"
     inputs = [TensorSpec("image", "BYTES", (-1,))]
@@ -22,7 +27,8 @@ class ClassifyOp(Op):
                TensorSpec("classes", "INT64", (-1, -1))]
     parameters = {"top_k": "how many classes per image, 1..number of labels (default 5)"}
 
-    def __init__(self, backend: Backend, config: ModelConfig, max_pixels: int, max_batch: int) -> None:
+    def __init__(self, backend: Backend, config: ModelConfig, max_pixels: int, max_batch: int,
+                 batching: BatchingFactory | None = None) -> None:
         if not config.labels or config.preprocessing is None:
             raise ValueError(f"model {config.name} has no labels or preprocessing in model.json")
         self._backend = backend
@@ -31,16 +37,23 @@ class ClassifyOp(Op):
         self._labels = np.array([s.encode("utf-8") for s in config.labels], dtype=object)
         self._max_pixels = max_pixels
         self._max_batch = max_batch
-        self._runner: ModelRunner | None = None
-        self._input = self._output = ""
+        self._batching = batching
+        self._pipeline: ImagePipeline | None = None
+        self._batcher: Batcher[list[Any], np.ndarray] | None = None
 
     def load(self) -> None:
-        self._runner = self._backend.load_model(self.config.onnx)
-        self._input, self._output = self._runner.inputs[0].name, self._runner.outputs[0].name
+        self._pipeline = self._backend.image_pipeline(self.config)
+        self.backend = self._pipeline.device
+        if self._batching is not None:
+            self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
+                                                self.config.max_queue_delay_us)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta["model"] = self.config.name
+        meta["max_batch_size"] = self.config.max_batch_size
+        meta["dynamic_batching"] = {"enabled": self._batcher is not None,
+                                    "max_queue_delay_us": self.config.max_queue_delay_us}
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -48,25 +61,40 @@ class ClassifyOp(Op):
         top_k = int_param(parameters, "top_k", 5, 1, len(self._labels))
         if not 1 <= len(images) <= self._max_batch:
             raise InvalidInput(f"classify takes 1 to {self._max_batch} images per request, got {len(images)}")
-        batch = np.stack([
-            preprocess(decode_image(data, f"image[{i}]", self._max_pixels), self.config.preprocessing)
-            for i, data in enumerate(images)
-        ])
-        logits = self.logits(batch)
+        assert self._pipeline is not None, "classify used before load()"
+        if self._batcher is None:
+            logits = self._pipeline.logits(self._prepare(images))
+        else:
+            with self._batcher.incoming() as submit:
+                items = self._prepare(images)
+                logits = submit(items, len(items))
         return top_k_softmax(logits, top_k, self._labels)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """The model's logits for preprocessed images, run in chunks of the model's batch size."""
-        assert self._runner is not None, "classify used before load()"
-        step = max(1, self.config.max_batch_size)
-        parts = [self._runner.run({self._input: batch[i:i + step]})[self._output]
-                 for i in range(0, len(batch), step)]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def _prepare(self, images: np.ndarray) -> list[Any]:
+        assert self._pipeline is not None
+        return [self._pipeline.prepare(decode_image(data, f"image[{i}]", self._max_pixels))
+                for i, data in enumerate(images)]
+
+    def _run_batch(self, groups: Sequence[list[Any]]) -> list[np.ndarray]:
+        """The images of several requests as one batch; each request gets its own rows back."""
+        assert self._pipeline is not None
+        logits = self._pipeline.logits([item for group in groups for item in group])
+        bounds = np.cumsum([len(g) for g in groups])[:-1]
+        return np.split(logits, bounds)
 
     def warmup(self) -> None:
+        """Every batch size the batcher makes on a GPU is a shape to warm: powers of two up to the
+        model's batch size there, 1 and 2 on the CPU."""
         png = sample_png()
-        for n in (1, 2):
-            self.run({"image": np.array([png] * n, dtype=object)}, {})
+        top = self.config.max_batch_size if self.backend == "cuda" else 2
+        n = 1
+        while n <= max(1, top):
+            self.run({"image": np.array([png] * min(n, self._max_batch), dtype=object)}, {})
+            n *= 2
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
 
 
 def top_k_softmax(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from ..backends.base import Backend, TensorSpec
 from .base import Op, float_param
 
 DATATYPES = ("FP16", "FP32", "FP64")
+PRECISIONS = ("default", "tf32")
 
 
 class GemmOp(Op):
@@ -20,7 +21,8 @@ class GemmOp(Op):
     inputs = [TensorSpec("A", None, (-1, -1)), TensorSpec("B", None, (-1, -1)),
               TensorSpec("C", None, (-1, -1), optional=True)]
     outputs = [TensorSpec("C", None, (-1, -1))]
-    parameters = {"alpha": "scale of A @ B (default 1.0)", "beta": "scale of the input C (default 0.0)"}
+    parameters = {"alpha": "scale of A @ B (default 1.0)", "beta": "scale of the input C (default 0.0)",
+                  "precision": '"default", or "tf32" to let FP32 products use TF32 tensor cores (GPU)'}
 
     def __init__(self, backend: Backend, max_elements: int) -> None:
         self._backend = backend
@@ -38,6 +40,11 @@ class GemmOp(Op):
         a, b, c = inputs["A"], inputs["B"], inputs.get("C")
         alpha = float_param(parameters, "alpha", 1.0)
         beta = float_param(parameters, "beta", 0.0)
+        precision = parameters.get("precision", "default")
+        if precision not in PRECISIONS:
+            raise InvalidInput(f"parameter 'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "tf32" and a.dtype != np.float32:
+            raise InvalidInput(f"precision 'tf32' applies to FP32 inputs; these are {a.dtype.name}")
         for name, m in (("A", a), ("B", b)) + ((("C", c),) if c is not None else ()):
             if m.dtype.name not in ("float16", "float32", "float64"):
                 raise InvalidInput(f"gemm input {name} is {m.dtype.name}; use FP16, FP32 or FP64")
@@ -52,7 +59,7 @@ class GemmOp(Op):
             raise InvalidInput(f"gemm: C is {c.shape[0]}x{c.shape[1]} but A @ B is {m_}x{n}")
         if m_ * n > self._max_elements:
             raise InvalidInput(f"gemm: the result would have {m_ * n} elements, over the limit of {self._max_elements}")
-        return {"C": self._backend.gemm(a, b, c, alpha, beta)}
+        return {"C": self._backend.gemm(a, b, c, alpha, beta, precision)}
 
     def warmup(self) -> None:
         for dtype in (np.float16, np.float32, np.float64):

@@ -1,4 +1,4 @@
-"""Image decoding and preprocessing on the CPU (Pillow): the reference for any GPU version."""
+"""Image decoding (Pillow, always on the CPU): encoded bytes to an upright RGB image."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from accel.errors import InvalidInput, PayloadTooLarge
 
-from ..modelrepo import Preprocessing
+from ..kernels.resample import pillow_preprocess
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -47,19 +47,7 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     return image.convert("RGB")
 
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-
-
-def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """Center crop (``pre.crop`` of the short side), resize to ``pre.size``, ``(x - mean) / std``,
-    as float32 CHW (or HWC), RGB."""
-    width, height = image.size
-    side = pre.crop * min(width, height)
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    resized = image.resize((pre.size, pre.size), _RESAMPLE[pre.resize], box=box)
-    x = (np.asarray(resized, dtype=np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)) if pre.layout == "NCHW" else x
+preprocess = pillow_preprocess  # the CPU path (Pillow); backends/cuda.py has its GPU twin
 
 
 def sample_png(size: int = 64) -> bytes:

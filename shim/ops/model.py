@@ -1,7 +1,7 @@
 """A raw model of the repository served by name: the generic ``infer``."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -9,35 +9,81 @@ from accel.datatypes import FIXED
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ModelRunner
+from ..batching import Batcher, BatchingFactory
 from ..modelrepo import ModelConfig
 from .base import Op
 
+Feeds = dict[str, np.ndarray]
+
 
 class ModelOp(Op):
-    """Any ONNX model of the repository; inputs and outputs are the model's own."""
+    """Any ONNX model of the repository; inputs and outputs are the model's own.
+
+    When every input has a dynamic first (batch) axis, concurrent requests whose other dimensions
+    agree are concatenated along it into one run (dynamic batching) and split back out.
+    """
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, backend: Backend, config: ModelConfig, max_batch: int) -> None:
+    def __init__(self, backend: Backend, config: ModelConfig, max_batch: int,
+                 batching: BatchingFactory | None = None) -> None:
         self._backend = backend
         self.backend = backend.name
         self.config = config
         self.name = config.name
         self._max_batch = max_batch
+        self._batching = batching
         self._runner: ModelRunner | None = None
+        self._batcher: Batcher[Feeds, Feeds] | None = None
         self.inputs, self.outputs = [], []
 
     def load(self) -> None:
         self._runner = self._backend.load_model(self.config.onnx)
         self.inputs, self.outputs = self._runner.inputs, self._runner.outputs
+        self.backend = self._runner.device
+        batchable = self.inputs and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
+        if self._batching is not None and batchable:
+            self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
+                                                self.config.max_queue_delay_us)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        meta["max_batch_size"] = self.config.max_batch_size
+        meta["dynamic_batching"] = {"enabled": self._batcher is not None,
+                                    "max_queue_delay_us": self.config.max_queue_delay_us}
+        return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
         assert self._runner is not None, f"model {self.name} used before load()"
+        rows = {array.shape[0] for array in inputs.values() if array.ndim}
         for spec in self.inputs:
             array = inputs[spec.name]
             if spec.shape and spec.shape[0] == -1 and array.ndim and array.shape[0] > self._max_batch:
                 raise InvalidInput(f"input {spec.name!r}: batch of {array.shape[0]} is over the limit of {self._max_batch}")
-        return self._runner.run(inputs)
+        if self._batcher is None or len(rows) != 1:
+            return self._runner.run(inputs)
+        return self._batcher.submit(inputs, rows.pop())
+
+    def _run_batch(self, requests: Sequence[Feeds]) -> list[Feeds]:
+        """Requests whose inputs agree but for the batch axis run as one; the rest alone."""
+        assert self._runner is not None
+        results: list[Feeds | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, feeds in enumerate(requests):
+            key = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items()))
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            if len(members) == 1:
+                results[members[0]] = self._runner.run(requests[members[0]])
+                continue
+            names = requests[members[0]].keys()
+            merged = {n: np.concatenate([requests[i][n] for i in members]) for n in names}
+            outputs = self._runner.run(merged)
+            cuts = np.cumsum([len(next(iter(requests[i].values()))) for i in members])[:-1]
+            split = {n: np.split(v, cuts) for n, v in outputs.items()}
+            for j, i in enumerate(members):
+                results[i] = {n: parts[j] for n, parts in split.items()}
+        return results  # type: ignore[return-value]
 
     def warmup(self) -> None:
         feeds = {}
@@ -47,3 +93,7 @@ class ModelOp(Op):
             shape = tuple(1 if d < 0 else d for d in spec.shape)
             feeds[spec.name] = np.zeros(shape, dtype=FIXED[spec.datatype][2])
         self.run(feeds, {})
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()

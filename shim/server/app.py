@@ -6,6 +6,7 @@ JSON body ``{"error": "..."}``.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from typing import Any
 
@@ -20,15 +21,23 @@ from ..config import Settings
 from ..dispatch import Dispatcher
 from ..metrics import Metrics
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from ..kaas import KaasService
+
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "statistics"]
 
 
-def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics) -> Flask:
-    """The Flask app of the Open Inference Protocol endpoints."""
+def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaas: KaasService | None = None) -> Flask:
+    """The Flask app of the Open Inference Protocol endpoints (and of KaaS, ``/v1/...``, given ``kaas``)."""
     app = Flask("accelshim")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    if kaas is not None:
+        from .kaas_routes import kaas_blueprint  # noqa: PLC0415
+
+        app.register_blueprint(kaas_blueprint(kaas))
     registry = dispatcher.registry
 
     @app.get("/v2/health/live")
@@ -153,6 +162,7 @@ def _error_response(exc: Exception) -> Response:
         status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
     response = jsonify(error=message)
     response.status_code = status
-    if status == 503:
-        response.headers["Retry-After"] = "1"
+    retry_after = getattr(exc, "retry_after", None)
+    if status in (429, 503) or retry_after is not None:  # whole seconds, as HTTP wants them
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     return response

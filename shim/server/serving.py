@@ -13,16 +13,27 @@ from pathlib import Path
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.server import create_server
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.adjustments import Adjustments
+from waitress.server import BaseWSGIServer, create_server
+from waitress.parser import HTTPRequestParser
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
+from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
+from .guard import RECEIVED_KEY
 
 log = logging.getLogger(__name__)
+_VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
 
 
-def bind_sockets(host: str | None, port: int, unix_path: str | None) -> list[socket.socket]:
-    """Bound, not yet listening, sockets: TCP (``port`` 0 picks a free one) and the unix socket (0660)."""
+def bind_sockets(host: str | None, port: int, unix_path: str | None, *,
+                 vsock_port: int | None = None) -> list[socket.socket]:
+    """Bound, not yet listening, sockets: TCP (``port`` 0 picks a free one), the unix socket (0660) and
+    AF_VSOCK on any CID at ``vsock_port``.
+
+    Raises:
+        OSError: a socket cannot be bound; for vsock, also when this kernel or Python has no AF_VSOCK.
+    """
     sockets = []
     if host is not None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -41,7 +52,33 @@ def bind_sockets(host: str | None, port: int, unix_path: str | None) -> list[soc
         unix.bind(str(path))
         os.chmod(path, 0o660)
         sockets.append(unix)
+    if vsock_port is not None:
+        sockets.append(bind_vsock(vsock_port))
     return sockets
+
+
+def bind_vsock(port: int) -> socket.socket:
+    """An AF_VSOCK stream socket bound to (VMADDR_CID_ANY, ``port``): reachable from the host (CID 2) of
+    the microVM this runs in, or from the guests of the host this runs on.
+
+    Raises:
+        OSError: no AF_VSOCK in this Python or kernel (load ``vsock``/``vmw_vsock_virtio_transport``,
+            or run inside a VM with a virtio-vsock device), or the port is taken.
+    """
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise OSError(f"--vsock {port}: this Python has no socket.AF_VSOCK (Linux only)")
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(exc.errno, f"--vsock {port}: the kernel has no AF_VSOCK support ({exc.strerror}); "
+                                 "inside a microVM the guest needs a virtio-vsock device") from None
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"--vsock {port}: cannot bind AF_VSOCK port {port}: {exc.strerror}") from None
+    return sock
 
 
 class _JsonErrorTask(ErrorTask):
@@ -61,8 +98,53 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+class _StampedParser(HTTPRequestParser):
+    """Notes when the request had arrived whole, so that a deadline counts the time spent queued in
+    waitress too, not only from when a worker thread picks the request up."""
+
+    received_at: float | None = None
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.completed and self.received_at is None:
+            self.received_at = time.monotonic()
+        return consumed
+
+
+class _StampedTask(WSGITask):
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        environ[RECEIVED_KEY] = getattr(self.request, "received_at", None)
+        return environ
+
+
 class _JsonErrorChannel(HTTPChannel):
     error_task_class = _JsonErrorTask
+    parser_class = _StampedParser
+    task_class = _StampedTask
+
+
+class _VsockWSGIServer(BaseWSGIServer):
+    """waitress on an already bound AF_VSOCK socket (waitress itself takes only TCP and unix sockets)."""
+
+    def getsockname(self) -> tuple[str, int]:
+        return "vsock", self.socket.getsockname()[1]
+
+    def set_socket_options(self, conn: socket.socket) -> None:
+        pass  # waitress's defaults are TCP options (TCP_NODELAY), which AF_VSOCK refuses
+
+    def fix_addr(self, addr: tuple[int, int]) -> tuple[str, int]:
+        return f"vsock:{addr[0]}", addr[1]  # REMOTE_ADDR: the peer's CID
+
+
+def _create_server(app: object, sock: socket.socket, *, map: dict, dispatcher: ThreadedTaskDispatcher,
+                   **adjustments: object) -> BaseWSGIServer:
+    """One waitress server on ``sock`` (TCP, unix or vsock), sharing ``map`` and ``dispatcher``."""
+    if sock.family == getattr(socket, "AF_VSOCK", None):
+        sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
+        return _VsockWSGIServer(app, map=map, _sock=sock, dispatcher=dispatcher, adj=Adjustments(**adjustments),
+                                bind_socket=False, sockinfo=sockinfo)
+    return create_server(app, map=map, _dispatcher=dispatcher, sockets=[sock], **adjustments)
 
 
 class Server:
@@ -77,30 +159,43 @@ class Server:
         # waitress will not mix TCP and unix sockets in one server, so each socket gets its own
         # server, all on one socket map (one event loop) and one pool of worker threads.
         self._map: dict = {}
+        # ``threads`` requests run at once (admission's slots); the extra threads let the queue wait
+        # in admission, bounded and deadline-aware, and let health probes through a full shim
+        threads = settings.threads + settings.max_queue + 2
         self._tasks = ThreadedTaskDispatcher()
-        self._tasks.set_thread_count(settings.threads)
+        self._tasks.set_thread_count(threads)
         self._servers = [
-            create_server(service.app, map=self._map, _dispatcher=self._tasks, sockets=[sock],
-                          threads=settings.threads, ident="accelshim",
-                          # waitress refuses a body of >= its limit; the shim's limit is inclusive
-                          max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
-                          connection_limit=1000, clear_untrusted_proxy_headers=True,
-                          # tensors are large: keep bodies in memory (waitress spills anything over
-                          # 512 KiB to a temp file by default) and move them in big reads and writes
-                          inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
-                          recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
+            _create_server(service.app, sock, map=self._map, dispatcher=self._tasks,
+                           threads=threads, ident="accelshim",
+                           # waitress refuses a body of >= its limit; the shim's limit is inclusive
+                           max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
+                           connection_limit=1000, clear_untrusted_proxy_headers=True,
+                           # tensors are large: keep bodies in memory (waitress spills anything over
+                           # 512 KiB to a temp file by default) and move them in big reads and writes
+                           inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
+                           recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
         for server in self._servers:
             server.channel_class = _JsonErrorChannel
         self._stopping = threading.Event()
         self._warmup = threading.Thread(target=self._load, name="warmup", daemon=True)
+        if service.guard is not None:
+            service.guard.monitor.on_trip(self._device_lost)
+
+    def _device_lost(self, fault: DeviceLost) -> None:
+        """Stop accepting and exit EXIT_DEVICE_LOST once the requests in flight have failed (503)."""
+        self.exit_code = EXIT_DEVICE_LOST
+        self.drain_seconds = min(self.drain_seconds, 10.0)
+        self.stop()
 
     def addresses(self) -> list[str]:
         out = []
         for s in self.sockets:
             if s.family == socket.AF_UNIX:
                 out.append(f"unix://{s.getsockname()}")
+            elif s.family == getattr(socket, "AF_VSOCK", None):
+                out.append(f"vsock://{_VSOCK_CID_ANY_NAME}:{s.getsockname()[1]}")
             else:
                 host, port = s.getsockname()[:2]
                 out.append(f"http://{host}:{port}")
@@ -129,28 +224,34 @@ class Server:
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
         log.info("listening on %s (warming up)", " ".join(self.addresses()))
+        unix_paths = [s.getsockname() for s in self.sockets if s.family == socket.AF_UNIX]
         self._warmup.start()
         try:
             while not self._stopping.is_set():
                 wasyncore.loop(timeout=0.2, map=self._map, count=1)
             for server in self._servers:
-                server.close()
+                # the listener alone: server.close() would also close the trigger that the worker
+                # threads pull when a response is ready, and the requests in flight must be answered
+                wasyncore.dispatcher.close(server)
             self._drain()
+            for server in self._servers:
+                server.trigger.close()
         finally:
             self._tasks.shutdown()
-            for s in self.sockets:
-                if s.family == socket.AF_UNIX:
-                    try:
-                        os.unlink(s.getsockname())
-                    except OSError:
-                        pass
+            for path in unix_paths:  # named before: a closed socket no longer knows its name
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         return self.exit_code
 
     def _drain(self) -> None:
         """Serve the open connections until none has a request in flight, then close them."""
         deadline = time.monotonic() + self.drain_seconds
+        # a request is done once its response has left too: the worker pops it from ``requests``
+        # as soon as the response is in the channel's out-buffers, before the event loop sends it
         while time.monotonic() < deadline and any(
-                getattr(ch, "requests", None) or getattr(ch, "current_task", None) for ch in list(self._map.values())):
+                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(self._map.values())):
             wasyncore.loop(timeout=0.05, map=self._map, count=1)
         for channel in list(self._map.values()):
             channel.close()

@@ -14,12 +14,16 @@ from pathlib import Path
 
 from accel import Client
 
+from ..auth import hash_token, new_token
+
 from .build import shrinkwrap
 from .gateway import GatewayServer, Route, create_gateway
 from .stack import Function, Stack, StackError, load_stack
 from .supervisor import Child, LogMux, ProcessSpec, StartupError, Supervisor, free_port, tcp_probe
 
 HOST = "127.0.0.1"
+TOKEN_SECRET = "accel-token"  # the secret that holds a function's token for the shim
+TOKENS_FILE = "tokens"        # in the run dir: the shim's `--tokens` (digests only)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     _on_signals(stop, mux)
     started = time.monotonic()
     try:
-        shim = _start_shim(args, sock, supervisor, mux)
+        tokens = {} if args.shim_url else _tenant_tokens(stack, Path(run_dir), mux)
+        shim = _start_shim(args, sock, supervisor, mux, Path(run_dir) / TOKENS_FILE if tokens else None)
         build_dir = args.build_dir or stack.path.parent / "build"
-        children = {name: _start_function(fn, build_dir, shim, supervisor, mux)
+        children = {name: _start_function(fn, build_dir, shim, supervisor, mux, tokens.get(name))
                     for name, fn in stack.functions.items()}
         for name, (child, url) in children.items():
             supervisor.wait_ready(child, args.startup_timeout)
@@ -81,7 +86,22 @@ def _on_signals(stop: threading.Event, mux: LogMux) -> None:
         signal.signal(signal.SIGTERM, on_signal)
 
 
-def _start_shim(args: argparse.Namespace, sock: Path, supervisor: Supervisor, mux: LogMux) -> str:
+def _tenant_tokens(stack: Stack, run_dir: Path, mux: LogMux) -> dict[str, str]:
+    """A fresh token for each function that asks for the ``accel-token`` secret, its tenant named after
+    it; their digests go to ``run_dir/TOKENS_FILE`` for the shim. Returns function name -> token."""
+    tokens = {name: new_token() for name, fn in stack.functions.items() if TOKEN_SECRET in fn.secrets}
+    if tokens:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / TOKENS_FILE
+        path.write_text("".join(f"{name}: {hash_token(token)}\n" for name, token in tokens.items()))
+        path.chmod(0o600)
+        for name in stack.functions.keys() - tokens.keys():
+            mux.line("up", f"{name}: no {TOKEN_SECRET} secret in the stack; the shim will refuse its calls (401)")
+    return tokens
+
+
+def _start_shim(args: argparse.Namespace, sock: Path, supervisor: Supervisor, mux: LogMux,
+                tokens_file: Path | None = None) -> str:
     """Start ``accelshim serve`` (unless ``--shim-url``) and wait until ready; returns the functions' URL."""
     if args.shim_url:
         probe = Client(args.shim_url, timeout=5.0).ready
@@ -96,6 +116,7 @@ def _start_shim(args: argparse.Namespace, sock: Path, supervisor: Supervisor, mu
     argv = [sys.executable, "-m", "shim", "serve", "--host", HOST, "--port", str(port), "--unix", str(sock)]
     argv += ["--device", args.device] if args.device else []
     argv += ["--models", str(args.models)] if args.models else []
+    argv += ["--tokens", str(tokens_file)] if tokens_file else []
     tcp_url = f"http://{HOST}:{port}"
     child = supervisor.start(ProcessSpec("shim", argv, Path.cwd(), dict(os.environ),
                                          probe=Client(tcp_url, timeout=5.0).ready, tier=0))
@@ -105,18 +126,24 @@ def _start_shim(args: argparse.Namespace, sock: Path, supervisor: Supervisor, mu
 
 
 def _start_function(fn: Function, build_dir: Path, shim_url: str, supervisor: Supervisor,
-                    mux: LogMux) -> tuple[Child, str]:
-    """Shrinkwrap ``fn`` and start its process (not waiting); returns it and its URL."""
+                    mux: LogMux, token: str | None = None) -> tuple[Child, str]:
+    """Shrinkwrap ``fn`` and start its process (not waiting); returns it and its URL.
+
+    ``token`` (its ``accel-token`` secret) reaches it as ``$ACCEL_TOKEN``, which the accel client
+    reads before the secret file that OpenFaaS would mount."""
     context = shrinkwrap(fn, build_dir)
     port = free_port(HOST)
     url = f"http://{HOST}:{port}"
     if fn.environment.get("ACCEL_SHIM_URL", shim_url) != shim_url:
         mux.line("up", f"{fn.name}: ACCEL_SHIM_URL {fn.environment['ACCEL_SHIM_URL']} of the stack "
                        f"replaced by {shim_url}")
-    if fn.secrets:
-        mux.line("up", f"{fn.name}: secrets {', '.join(fn.secrets)} are not mounted by accelshim up")
+    others = [s for s in fn.secrets if s != TOKEN_SECRET]
+    if others:
+        mux.line("up", f"{fn.name}: secrets {', '.join(others)} are not mounted by accelshim up")
     env = {**os.environ, **fn.environment, "ACCEL_SHIM_URL": shim_url, "http_port": str(port),
            "upstream_url": url, "PYTHONUNBUFFERED": "1"}
+    if token is not None:
+        env["ACCEL_TOKEN"] = token
     spec = ProcessSpec(fn.name, _argv(fn.env_process), context, env, probe=tcp_probe(HOST, port), tier=1)
     return supervisor.start(spec), url
 

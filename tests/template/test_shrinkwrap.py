@@ -58,7 +58,7 @@ def _run_handler_tests(context: Path, shim_url: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("name", ["classify", "gemm"])
+@pytest.mark.parametrize("name", ["classify", "gemm", "jacobi"])
 def test_example_functions_handler_tests_pass_against_the_shim(repo_stack, tmp_path: Path, live_shim, name):
     out = _run_handler_tests(shrinkwrap(repo_stack.functions[name], tmp_path), live_shim.unix_url)
     assert "passed" in out and "skipped" not in out, out

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 def test_repository_stack():
     stack = load_stack(ROOT / "stack.yml")
     assert (stack.version, stack.provider, stack.gateway) == ("1.0", "openfaas", "http://127.0.0.1:8080")
-    assert set(stack.functions) == {"classify", "gemm"}
+    assert set(stack.functions) == {"classify", "gemm", "jacobi"}
     for name, fn in stack.functions.items():
         assert fn.lang == "python3-accel" and fn.template.path == ROOT / "template" / "python3-accel"
         assert fn.handler == ROOT / "functions" / name and (fn.handler / "handler.py").is_file()
@@ -25,12 +25,13 @@ def test_repository_stack():
         assert fn.labels and fn.annotations and fn.namespace == DEFAULT_NAMESPACE
         assert fn.limits.memory and fn.limits.cpu and fn.requests.memory and fn.requests.cpu
         assert fn.env_process == "python index.py"
+        assert fn.secrets == ["accel-token"]  # the function's token for the shim (accel.Client reads it)
 
 
 def test_the_stack_parses_as_plain_yaml_with_faas_cli_field_names():
     doc = yaml.safe_load((ROOT / "stack.yml").read_text())
     assert set(doc) == {"version", "provider", "functions"}
-    allowed = {"lang", "handler", "image", "environment", "labels", "annotations", "limits", "requests"}
+    allowed = {"lang", "handler", "image", "environment", "secrets", "labels", "annotations", "limits", "requests"}
     for entry in doc["functions"].values():
         assert set(entry) <= allowed
         assert set(entry["limits"]) == set(entry["requests"]) == {"memory", "cpu"}

@@ -98,10 +98,18 @@ def test_gemm_bad_shapes_is_a_json_400_with_the_call_id(repo_up):
     assert r.status_code == 400 and r.json()["call_id"] == "bad-shapes" and "rows" in r.json()["error"]
 
 
+def test_jacobi_solves_through_the_gateway(repo_up):
+    r = requests.post(f"{repo_up.url}/function/jacobi", json={"a": [[4, 1], [1, 3]], "b": [1, 2], "iterations": 60},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["x"], np.linalg.solve([[4, 1], [1, 3]], [1, 2]), rtol=1e-5)
+    assert r.json()["relative_residual"] < 1e-5
+
+
 def test_system_functions_has_the_openfaas_shape(repo_up):
     requests.post(f"{repo_up.url}/function/gemm", json={"a": [[1]], "b": [[2]]}, timeout=30)
     functions = {f["name"]: f for f in requests.get(f"{repo_up.url}/system/functions", timeout=5).json()}
-    assert set(functions) == {"classify", "gemm"}
+    assert set(functions) == {"classify", "gemm", "jacobi"}
     gemm = functions["gemm"]
     for key in ("name", "image", "namespace", "replicas", "availableReplicas", "invocationCount", "envProcess",
                 "labels", "annotations"):

@@ -7,7 +7,7 @@
 Importing ``accel`` loads the standard library alone; numpy is imported when arrays are used.
 """
 from .client import Client
-from .errors import (AccelError, Forbidden, InsufficientStorage, InternalError, InvalidInput, NotReady,
+from .errors import (AccelError, DeadlineExceeded, Forbidden, InsufficientStorage, InternalError, InvalidInput, NotReady,
                      OpNotFound, PayloadTooLarge, QuotaExceeded, ShimUnavailable, Unauthorized)
 from .tensor import Tensor
 from .types import Prediction
@@ -15,4 +15,4 @@ from .types import Prediction
 __version__ = "0.1.0"
 __all__ = ["Client", "Tensor", "Prediction", "AccelError", "InvalidInput", "Unauthorized", "Forbidden",
            "OpNotFound", "PayloadTooLarge", "QuotaExceeded", "InternalError", "NotReady",
-           "InsufficientStorage", "ShimUnavailable", "__version__"]
+           "InsufficientStorage", "DeadlineExceeded", "ShimUnavailable", "__version__"]

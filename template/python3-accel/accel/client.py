@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from .codec import HEADER_LENGTH, InferRequest, decode_response, encode_request
+from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, decode_response, encode_request
 from .errors import AccelError, InvalidInput, NotReady, ShimUnavailable, error_for_status
 from .tensor import Tensor
 from .transport import HTTPTransport, Response
@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .transport import Transport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: where OpenFaaS mounts the function's secret ``accel-token`` (stack.yml: ``secrets: [accel-token]``)
+SECRET_FILE = "/var/openfaas/secrets/accel-token"
 _extra_headers: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("accel_headers", default={})
 
 
@@ -28,10 +30,15 @@ class Client:
     """A client of the accelshim daemon.
 
     Args:
-        url: ``http://host:port`` or ``unix:///path.sock``; default ``$ACCEL_SHIM_URL`` or
+        url: ``http://host:port``, ``unix:///path.sock`` or ``vsock://CID:PORT``; default ``$ACCEL_SHIM_URL`` or
             ``http://127.0.0.1:8000``.
-        timeout: seconds a call may take in all, retries included.
-        retries: how many times an idempotent call is retried after connection refused or 503.
+        timeout: seconds a call may take in all, retries included; the shim is told what is left of
+            it with every attempt (``X-Accel-Deadline-Ms``) and drops a call whose time is up (504).
+        retries: how many times a call is retried after connection refused, 503 (the shim warms up,
+            restarts, or lost its device) or 429 (its queue is full); default: as often as fits in
+            ``timeout``. Calls are idempotent, so one cut off mid-way is retried too.
+        token: the bearer token of this function's tenant; default ``$ACCEL_TOKEN``, else the
+            OpenFaaS secret file ``/var/openfaas/secrets/accel-token`` (``$ACCEL_TOKEN_FILE``), else none.
         binary: send and receive tensors with the binary extension (default) or as JSON.
         transport: an object with ``request``/``close`` (tests use an in-process one).
 
@@ -39,11 +46,13 @@ class Client:
     OpNotFound, NotReady, ...) or ShimUnavailable when the shim cannot be reached in time.
     """
 
-    def __init__(self, url: str | None = None, timeout: float = 30.0, *, retries: int = 8,
-                 binary: bool = True, transport: Transport | None = None) -> None:
+    def __init__(self, url: str | None = None, timeout: float = 30.0, *, retries: int | None = None,
+                 binary: bool = True, transport: Transport | None = None, token: str | None = None) -> None:
         self.url = url or os.environ.get("ACCEL_SHIM_URL") or DEFAULT_URL
         self.timeout = float(timeout)
-        self.retries = int(retries)
+        self.retries = None if retries is None else int(retries)
+        token = token if token is not None else read_token()
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.binary = binary
         self._transport = transport if transport is not None else HTTPTransport(self.url)
 
@@ -56,23 +65,30 @@ class Client:
         return _HeaderScope(headers)
 
     def _call(self, method: str, path: str, body: bytes | None = None,
-              headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,)) -> Response:
+              headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
+              idempotent: bool = True) -> Response:
         deadline = time.monotonic() + self.timeout
-        all_headers = {**(headers or {}), **_extra_headers.get()}
+        all_headers = {**(headers or {}), **_extra_headers.get(), **self._auth}
         delay = 0.02
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while self.retries is None or attempt <= self.retries:
+            attempt += 1
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            all_headers[DEADLINE_HEADER] = str(max(1, int(left * 1000)))
             try:
                 resp = self._transport.request(method, path, body, all_headers, left)
             except OSError as exc:
                 last: AccelError = ShimUnavailable(f"cannot reach the shim at {self.url}: {exc}")
+                if not idempotent and not isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+                    raise last from exc  # it may have been sent and done: not again
             else:
                 if resp.status in ok:
                     return resp
                 last = _error_from(resp)
-                if resp.status != 503:
+                if resp.status != 503 and not (resp.status == 429 and last.retry_after is not None
+                                               and time.monotonic() + last.retry_after < deadline):
                     raise last
             pause = min(delay, max(0.0, deadline - time.monotonic()))
             if last.retry_after is not None:
@@ -101,7 +117,8 @@ class Client:
 
     def _probe(self, path: str) -> bool:
         try:
-            resp = self._transport.request("GET", path, None, dict(_extra_headers.get()), min(self.timeout, 5.0))
+            resp = self._transport.request("GET", path, None, {**_extra_headers.get(), **self._auth},
+                                           min(self.timeout, 5.0))
         except OSError:
             return False
         return resp.status == 200
@@ -175,6 +192,56 @@ class Client:
         result = [[Prediction(labels[i * k + j], scores[i * k + j], classes[i * k + j]) for j in range(k)]
                   for i in range(len(batch))]
         return result[0] if single else result
+
+    # --- Kernel-as-a-Service (docs/kaas.md) --------------------------------------------------
+    def kaas(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Run a KaaS request ``{"kernels": [...], "nIter": n}`` over the shim's buffer store.
+
+        Returns:
+            ``{"outputs": [{"name", "key", "size"}], "timings_ms": {...}, "cache": {...}, ...}``.
+        Raises:
+            InvalidInput (400) and OpNotFound (404, e.g. a missing input buffer): nothing ran;
+            InsufficientStorage (507): no room in the store or the GPU cache.
+        """
+        body = json.dumps(request).encode()
+        resp = self._call("POST", "/v1/kaas", body, {"Content-Type": "application/json"}, idempotent=False)
+        return json.loads(resp.body)
+
+    def put_buffer(self, key: str, data: Any) -> None:
+        """Store ``data`` (bytes, or a numpy array: its raw C-order bytes) under ``key``."""
+        if hasattr(data, "tobytes"):
+            import numpy as np  # noqa: PLC0415
+
+            data = np.ascontiguousarray(data).tobytes()
+        self._call("PUT", f"/v1/buffers/{_segment(key)}", bytes(data), {"Content-Type": "application/octet-stream"})
+
+    def get_buffer(self, key: str, dtype: Any = None) -> Any:
+        """The bytes stored under ``key``; with ``dtype``, a 1-D numpy array of that dtype."""
+        body = self._call("GET", f"/v1/buffers/{_segment(key)}").body
+        if dtype is None:
+            return body
+        import numpy as np  # noqa: PLC0415
+
+        return np.frombuffer(body, dtype=dtype)
+
+    def delete_buffer(self, key: str) -> None:
+        self._call("DELETE", f"/v1/buffers/{_segment(key)}")
+
+    def list_buffers(self) -> list[dict[str, Any]]:
+        """``[{"key", "size", "location", "const", "dirty"}]`` of this tenant's buffers."""
+        return json.loads(self._call("GET", "/v1/buffers").body)["buffers"]
+
+
+def read_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The token from ``$ACCEL_TOKEN``, else from the file ``$ACCEL_TOKEN_FILE`` (default SECRET_FILE)."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCEL_TOKEN"):
+        return env["ACCEL_TOKEN"].strip()
+    try:
+        with open(env.get("ACCEL_TOKEN_FILE") or SECRET_FILE, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class _HeaderScope:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping, Sequence
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: milliseconds the caller will still wait for the answer; the shim drops a request whose time is up
+#: before doing any work on it (504)
+DEADLINE_HEADER = "X-Accel-Deadline-Ms"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
@@ -171,6 +174,7 @@ def _read_tensors(header: Mapping[str, Any], key: str, blob: memoryview) -> list
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InvalidInput(f"{key[:-1]} {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        dt.check_shape(tuple(shape), f"{key[:-1]} {name!r}")
         params = _object(entry.get("parameters", {}), f"{key[:-1]} {name!r} parameters")
         size = params.get("binary_data_size")
         if size is not None:

@@ -47,6 +47,24 @@ def from_numpy_dtype(dtype: object) -> str:
         raise InvalidInput(f"numpy dtype {name} has no Open Inference Protocol datatype") from None
 
 
+#: the most dimensions a tensor may have, and the most elements its non-zero dimensions may span:
+#: far past any request body, yet small enough that no size computed from a shape overflows 64 bits
+MAX_RANK = 32
+MAX_ELEMENTS = 1 << 40
+
+
+def check_shape(shape: tuple[int, ...], what: str) -> None:
+    """Raise InvalidInput unless ``shape`` has at most MAX_RANK dimensions that span at most
+    MAX_ELEMENTS elements (zero dimensions counted as one, as numpy does when it sizes an array)."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"{what}: {len(shape)} dimensions, over the limit of {MAX_RANK}")
+    span = 1
+    for d in shape:
+        span *= max(d, 1)
+        if span > MAX_ELEMENTS:
+            raise InvalidInput(f"{what}: shape {list(shape)} spans over {MAX_ELEMENTS} elements")
+
+
 def element_count(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:

@@ -74,6 +74,12 @@ class InsufficientStorage(AccelError):
     status = 507
 
 
+class DeadlineExceeded(AccelError):
+    """The request's deadline passed before the shim could start on it (504); nothing was done."""
+
+    status = 504
+
+
 class ShimUnavailable(AccelError):
     """The client could not reach the shim at all (connection refused, timed out)."""
 
@@ -83,7 +89,7 @@ class ShimUnavailable(AccelError):
 _BY_STATUS: dict[int, type[AccelError]] = {
     cls.status: cls
     for cls in (InvalidInput, Unauthorized, Forbidden, OpNotFound, PayloadTooLarge, QuotaExceeded,
-                InternalError, NotReady, InsufficientStorage)
+                InternalError, NotReady, InsufficientStorage, DeadlineExceeded)
 }
 
 

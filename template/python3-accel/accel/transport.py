@@ -1,4 +1,4 @@
-"""HTTP/1.1 transports on bare sockets: TCP and unix, kept alive, one connection per thread.
+"""HTTP/1.1 transports on bare sockets: TCP, unix and vsock, kept alive, one connection per thread.
 
 Why not ``http.client``: it imports ``email.parser`` and ``ssl``, ~35 ms of every function's cold
 start, for features (folding, trailers, TLS) that a call to a local shim never uses. This speaks the
@@ -43,11 +43,22 @@ class ProtocolError(ConnectionError):
     """The peer's bytes are not HTTP/1.1 as expected (also: it closed a kept-alive connection)."""
 
 
+_USAGE = "use http://host:port, unix:///path.sock or vsock://CID:PORT"
+_VSOCK_MAX = 0xFFFFFFFF  # CIDs and ports are u32; -1 (VMADDR_CID_ANY / VMADDR_PORT_ANY) is no peer
+
+
 def parse_url(url: str) -> tuple[str, str, int]:
-    """``(scheme, host or socket path, port)`` for ``http://host:port`` or ``unix:///path``."""
+    """``(scheme, host or socket path or CID, port)`` for ``http://host:port``, ``unix:///path`` or
+    ``vsock://CID:PORT`` (CID 2 is the host of a microVM; the CID is returned as a decimal string).
+
+    Raises:
+        InvalidInput: not one of those forms, or a port or CID out of range.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise InvalidInput(f"invalid shim URL {url!r}: use http://host:port or unix:///path.sock")
+        raise InvalidInput(f"invalid shim URL {url!r}: {_USAGE}")
+    if scheme == "vsock":
+        return scheme, *_parse_vsock(url, rest)
     if scheme == "unix":
         if not rest:
             raise InvalidInput(f"unix URL {url!r} names no socket path")
@@ -59,7 +70,18 @@ def parse_url(url: str) -> tuple[str, str, int]:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InvalidInput(f"invalid shim URL {url!r}: use http://host:port")
         return scheme, host, int(port)
-    raise InvalidInput(f"unsupported shim URL {url!r}: use http://host:port or unix:///path.sock")
+    raise InvalidInput(f"unsupported shim URL {url!r}: {_USAGE}")
+
+
+def _parse_vsock(url: str, rest: str) -> tuple[str, int]:
+    cid, sep, port = rest.rstrip("/").partition(":")
+    if not sep or not cid.isdigit() or not port.isdigit():
+        raise InvalidInput(f"invalid vsock URL {url!r}: use vsock://CID:PORT with decimal numbers "
+                           "(CID 2 is the host of a microVM)")
+    if int(cid) >= _VSOCK_MAX or not 0 < int(port) < _VSOCK_MAX:
+        raise InvalidInput(f"invalid vsock URL {url!r}: CID and port are 32-bit (CID 0 to {_VSOCK_MAX - 1}, "
+                           f"port 1 to {_VSOCK_MAX - 1})")
+    return str(int(cid)), int(port)
 
 
 class Connection:
@@ -151,7 +173,10 @@ class HTTPTransport:
     """Kept-alive HTTP connections to one shim, one connection per calling thread.
 
     Args:
-        url: ``http://host:port`` or ``unix:///path/to.sock``.
+        url: ``http://host:port``, ``unix:///path/to.sock`` or ``vsock://CID:PORT``.
+
+    Raises:
+        InvalidInput: a malformed URL, or ``vsock://`` where Python has no ``socket.AF_VSOCK``.
     """
 
     def __init__(self, url: str) -> None:
@@ -159,6 +184,12 @@ class HTTPTransport:
         self.url = url
         if scheme == "unix":
             self._connect = lambda timeout: _open(socket.AF_UNIX, where, timeout)
+            self._host = "localhost"
+        elif scheme == "vsock":
+            family = getattr(socket, "AF_VSOCK", None)
+            if family is None:
+                raise InvalidInput(f"{url!r}: this Python has no socket.AF_VSOCK (vsock needs Linux)")
+            self._connect = lambda timeout: _open(family, (int(where), port), timeout)
             self._host = "localhost"
         else:
             self._connect = lambda timeout: _open_tcp(where, port, timeout)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
+# copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
+# then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
+#   bash ci/gpu-run.sh [tests|bench|kaas|all]...   (default: all)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+root=$(pwd)
+if [ ! -d /tmp/site/onnxruntime ]; then
+  (cd /tmp/ortw && cat p? > "$(cat name)" && echo "$(cat sha256)  $(cat name)" | sha256sum -c --quiet \
+    && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$(cat name)") || echo "onnxruntime-gpu: not installed"
+fi
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$root:$root/template/python3-accel PYTHONUNBUFFERED=1
+[ -d models/efficientnet-lite0 ] || cp -r /tmp/models models 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import onnxruntime as o, cupy as c; print('ort', o.__version__, o.get_available_providers()); print('cupy', c.__version__)" | tee -a "$OUT/gpu.txt"
+what=${*:-all}
+for step in $what; do
+  case $step in
+    tests|all)
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py \
+        $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
+    bench|all)
+      timeout 420 python3 -m bench gpu --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench-gpu.log" | tail -60 ;;&
+    kaas|all)
+      [ -f bench/kaas.py ] && timeout 150 python3 -m bench kaas --device cuda --out "$OUT/bench" 2>&1 \
+        | tee "$OUT/bench-kaas.log" | tail -30 ;;
+  esac
+done
+tar czf "$OUT/bench.tgz" -C "$OUT" bench 2>/dev/null && rm -rf "$OUT/bench"
+ls -la "$OUT"

@@ -1,0 +1,165 @@
+"""Tenants and their bearer tokens: ``accelshim serve --tokens FILE``.
+
+The file has one tenant a line, ``NAME: TOKEN [limit=value ...]``, ``#`` starting a comment.
+TOKEN is either ``sha256:<64 hex digits>`` (the digest of the token, so the file holds no secret)
+or the token itself (at least 16 characters). Optional per-tenant limits override the global
+``--tenant-*`` ones: ``max_inflight``, ``max_queue``, ``max_body_bytes``, ``max_buffer_bytes``::
+
+    # tenant: token
+    alice: sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    bob:   s3cr3t-t0ken-of-bob-0123 max_inflight=2 max_buffer_bytes=1048576
+
+Only SHA-256 digests are kept in memory; a presented token is hashed and compared against every
+tenant's digest in constant time (``hmac.compare_digest``, no early exit).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import stat
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+from accel.errors import Unauthorized
+
+log = logging.getLogger(__name__)
+
+#: the tenant of every request when the shim runs without ``--tokens``
+DEFAULT_TENANT = "default"
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_TOKEN_CHARS = 16
+_DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """A tenant's own limits; None: the shim's ``--tenant-*`` default."""
+
+    max_inflight: int | None = None
+    max_queue: int | None = None
+    max_body_bytes: int | None = None
+    max_buffer_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """An authenticated caller."""
+
+    name: str
+    limits: TenantLimits = TenantLimits()
+
+
+class TokenFileError(ValueError):
+    """The tokens file cannot be used; the message names the file and line."""
+
+
+def hash_token(token: str) -> str:
+    """The ``sha256:<hex>`` form of ``token``, for the tokens file."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+class TokenStore:
+    """Tenant name -> token digest (and limits); answers who a bearer token belongs to."""
+
+    def __init__(self, tenants: Mapping[str, tuple[bytes, TenantLimits]]) -> None:
+        self._entries = [(Tenant(name, limits), digest) for name, (digest, limits) in tenants.items()]
+
+    def names(self) -> list[str]:
+        return [tenant.name for tenant, _ in self._entries]
+
+    def tenant(self, name: str) -> Tenant | None:
+        return next((t for t, _ in self._entries if t.name == name), None)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenStore":
+        """Read a tokens file (see the module docstring); raises TokenFileError or OSError."""
+        text = Path(path).read_text(encoding="utf-8")
+        store = cls.parse(text, str(path))
+        mode = Path(path).stat().st_mode
+        if store._has_plain and mode & (stat.S_IRGRP | stat.S_IROTH):
+            log.warning("%s holds plain tokens and is readable by others (mode %o): chmod 600 it, or store "
+                        "sha256: digests instead", path, stat.S_IMODE(mode))
+        return store
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<tokens>") -> "TokenStore":
+        tenants: dict[str, tuple[bytes, TenantLimits]] = {}
+        seen: dict[bytes, str] = {}
+        plain = False
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            where = f"{source}:{number}"
+            name, sep, rest = line.partition(":")
+            name, words = name.strip(), rest.split()
+            if not sep or not words:
+                raise TokenFileError(f"{where}: expected 'tenant: token', got {line[:40]!r}")
+            if not TENANT_NAME.match(name):
+                raise TokenFileError(f"{where}: tenant name {name!r} must match {TENANT_NAME.pattern}")
+            if name in tenants:
+                raise TokenFileError(f"{where}: tenant {name!r} appears twice")
+            token, options = words[0], words[1:]
+            match = _DIGEST.match(token)
+            if match:
+                digest = bytes.fromhex(match.group(1))
+            elif token.startswith("sha256:"):
+                raise TokenFileError(f"{where}: a sha256: digest has 64 hex digits")
+            elif len(token) < MIN_TOKEN_CHARS:
+                raise TokenFileError(f"{where}: the token of {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+            else:
+                digest, plain = hashlib.sha256(token.encode("utf-8")).digest(), True
+            if digest in seen:
+                raise TokenFileError(f"{where}: tenants {seen[digest]!r} and {name!r} have the same token")
+            seen[digest] = name
+            tenants[name] = (digest, _limits(options, where))
+        if not tenants:
+            raise TokenFileError(f"{source}: no tenant in the tokens file")
+        store = cls(tenants)
+        store._has_plain = plain
+        return store
+
+    _has_plain = False
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of an ``Authorization: Bearer <token>`` header value.
+
+        Raises:
+            Unauthorized: no header, not a bearer token, or a token of no tenant.
+        """
+        if not authorization:
+            raise Unauthorized("this shim needs a token: send Authorization: Bearer <token>")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found: Tenant | None = None
+        for tenant, digest in self._entries:  # every entry, match or not: no timing hint
+            if hmac.compare_digest(presented, digest):
+                found = tenant
+        if found is None:
+            raise Unauthorized("the token is not valid for this shim")
+        return found
+
+
+def _limits(options: list[str], where: str) -> TenantLimits:
+    known = {f.name for f in fields(TenantLimits)}
+    values: dict[str, int] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in known:
+            raise TokenFileError(f"{where}: unknown option {option!r} (known: {', '.join(sorted(known))})")
+        if not value.isdigit() or int(value) < 1:
+            raise TokenFileError(f"{where}: {key} must be a positive integer, got {value!r}")
+        values[key] = int(value)
+    return TenantLimits(**values)

@@ -1,0 +1,291 @@
+"""The CUDA backend: cuBLAS (through cupy) for GEMM, onnxruntime's CUDA provider for models, and
+classify's resize + normalisation as preloaded CuPy kernels (``shim/kernels/resample.cu``).
+
+Each worker thread has its own CUDA stream and its own pinned host buffers, through which inputs
+go up and results come down. ``memory_limit`` caps cupy's memory pool: a request that cannot fit
+at all gets InsufficientStorage (507); one that cannot fit *now*, because other requests hold the
+memory, gets NotReady (503, retry). Sticky CUDA errors (the context is lost) raise DeviceLost.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cupy as cp
+import numpy as np
+from PIL import Image
+
+from accel.errors import AccelError, InsufficientStorage, InternalError, NotReady
+
+from ..faults import DeviceLost
+from ..kernels.resample import CUDA_SOURCE, Pass, plan
+from ..modelrepo import ModelConfig
+from . import onnx
+from .cpu import CpuImagePipeline
+
+log = logging.getLogger(__name__)
+
+#: CUDA errors after which the context is unusable (illegal address, device assert, launch
+#: failure, ECC, ...): the process must restart.
+STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
+PINNED_MAX_BYTES = 256 << 20   # larger operands go up from pageable memory (no pinned copy kept)
+_THREADS_PER_BLOCK = 256
+_ORT_CUDA_ERROR = re.compile(r"CUDA (?:failure|error) (\d+)")
+
+
+class CudaBackend:
+    """Runs every op on one GPU."""
+
+    name = "cuda"
+
+    def __init__(self, threads: int = 0, device_id: int = 0, memory_limit: int | None = None) -> None:
+        self.threads = threads
+        self.device_id = device_id
+        cp.cuda.Device(device_id).use()
+        self._pool = cp.get_default_memory_pool()
+        self.memory_limit = memory_limit
+        if memory_limit:
+            self._pool.set_limit(size=memory_limit)
+        self._local = threading.local()
+        with device_errors():
+            cp.empty(1, dtype=cp.float32)  # the CUDA context, now rather than on the first request
+            cp.cuda.Device(device_id).synchronize()
+
+    # --- per-thread stream and pinned staging -----------------------------------------------
+    def _state(self) -> "_ThreadState":
+        state = getattr(self._local, "state", None)
+        if state is None:
+            cp.cuda.Device(self.device_id).use()
+            state = self._local.state = _ThreadState()
+        return state
+
+    def _check_fits(self, nbytes: int, what: str) -> None:
+        if self.memory_limit and nbytes > self.memory_limit:
+            raise InsufficientStorage(f"{what} needs {nbytes / 2**20:.1f} MiB of GPU memory, over the shim's "
+                                      f"limit of {self.memory_limit / 2**20:.1f} MiB (--gpu-memory-limit)")
+
+    # --- ops ---------------------------------------------------------------------------------
+    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+             precision: str = "default") -> np.ndarray:
+        m, n = a.shape[0], b.shape[1]
+        out_bytes = m * n * a.itemsize
+        self._check_fits(a.nbytes + b.nbytes + (c.nbytes if c is not None else 0) + out_bytes,
+                         f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
+        state = self._state()
+        with device_errors(self._pool), state.stream:
+            da, db = state.upload(a, 0), state.upload(b, 1)
+            if precision == "tf32" and a.dtype == np.float32:
+                out = _gemm_tf32(state.stream, da, db)
+            else:
+                out = cp.matmul(da, db)
+            if alpha != 1.0:
+                out *= out.dtype.type(alpha)
+            if c is not None and beta != 0.0:
+                dc = state.upload(c, 2)
+                dc *= dc.dtype.type(beta)
+                out += dc
+            return state.download(out, 3)
+
+    def load_model(self, path: Path) -> onnx.OnnxRunner:
+        """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent."""
+        if not onnx.has_cuda_provider():
+            log.warning("onnxruntime has no CUDA provider (install onnxruntime-gpu): %s runs on the CPU", path.parent.name)
+            return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
+        # use_tf32 0: FP32 convolutions and products in FP32, so that the model agrees with its CPU twin
+        providers = [("CUDAExecutionProvider", {"device_id": self.device_id, "cudnn_conv_algo_search": "HEURISTIC",
+                                                "do_copy_in_default_stream": True, "use_tf32": 0}),
+                     "CPUExecutionProvider"]
+        with device_errors():
+            runner = onnx.OnnxRunner(path, providers, self.threads)
+        if runner.device != "cuda":
+            log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
+        return runner
+
+    def image_pipeline(self, config: ModelConfig) -> "CudaImagePipeline | CpuImagePipeline":
+        runner = self.load_model(config.onnx)
+        if runner.device != "cuda":
+            return CpuImagePipeline(runner, config)
+        return CudaImagePipeline(self, runner, config)
+
+    def describe(self) -> dict[str, object]:
+        props = cp.cuda.runtime.getDeviceProperties(self.device_id)
+        return {"backend": self.name, "device": props["name"].decode(), "device_id": self.device_id,
+                "memory_total_mib": props["totalGlobalMem"] // 2**20,
+                "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+                "cuda_driver": cp.cuda.runtime.driverGetVersion(), "cupy": cp.__version__,
+                "onnxruntime": onnx.version(), "memory_limit": self.memory_limit}
+
+
+class _ThreadState:
+    """A worker thread's CUDA stream and pinned host buffers (reused, grown on demand)."""
+
+    def __init__(self) -> None:
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._pinned: dict[int, tuple[Any, int]] = {}  # slot -> (pinned memory, its size)
+
+    def _pinned_view(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod(shape))
+        nbytes = count * dtype.itemsize
+        mem, size = self._pinned.get(slot, (None, 0))
+        if mem is None or size < nbytes:
+            size = max(nbytes, 1 << 20)
+            mem = cp.cuda.alloc_pinned_memory(size)
+            self._pinned[slot] = (mem, size)
+        return np.frombuffer(mem, dtype, count).reshape(shape)
+
+    def upload(self, host: np.ndarray, slot: int) -> cp.ndarray:
+        """``host`` on the device, copied through this thread's pinned buffer ``slot``."""
+        if host.nbytes > PINNED_MAX_BYTES:
+            return cp.asarray(host)
+        staged = self._pinned_view(slot, host.shape, host.dtype)
+        np.copyto(staged, host)
+        device = cp.empty(host.shape, host.dtype)
+        device.set(staged, stream=self.stream)
+        return device
+
+    def download(self, device: cp.ndarray, slot: int) -> np.ndarray:
+        """``device`` on the host (a fresh array), through pinned buffer ``slot``; synchronizes."""
+        if device.nbytes > PINNED_MAX_BYTES:
+            return cp.asnumpy(device, stream=self.stream)
+        staged = self._pinned_view(slot, device.shape, device.dtype)
+        device.get(stream=self.stream, out=staged)
+        self.stream.synchronize()
+        return staged.copy()
+
+
+class CudaImagePipeline:
+    """Decoded RGB pixels up to the GPU, Pillow's resize + normalisation there (bit-exact with the
+    CPU twin), and the batch straight into the model through I/O binding."""
+
+    def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig) -> None:
+        assert config.preprocessing is not None
+        self.device = "cuda"
+        self.runner = runner
+        self._backend = backend
+        self._pre = config.preprocessing
+        self._step = max(1, config.max_batch_size)
+        self._input = runner.inputs[0].name
+        with device_errors():
+            module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
+            self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
+        self._coefficients: OrderedDict[tuple[int, int], list[tuple[cp.ndarray, cp.ndarray]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        state = self._backend._state()
+        size = self._pre.size
+        parts = []
+        with device_errors(), state.stream:
+            for start in range(0, len(items), self._step):
+                chunk = items[start:start + self._step]
+                batch = cp.empty((len(chunk), 3, size, size), dtype=cp.float32)
+                for i, pixels in enumerate(chunk):
+                    self._preprocess(state, pixels, batch[i])
+                state.stream.synchronize()  # onnxruntime runs on its own stream
+                parts.append(self.runner.run_device(self._input, batch.data.ptr, batch.shape,
+                                                    self._backend.device_id))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
+        state = self._backend._state()
+        with device_errors(), state.stream:
+            out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
+            self._preprocess(state, pixels, out)
+            return cp.asnumpy(out, stream=state.stream)
+
+    def _preprocess(self, state: _ThreadState, pixels: np.ndarray, out: cp.ndarray) -> None:
+        height, width, channels = pixels.shape
+        passes = plan(width, height, self._pre)
+        coefficients = self._device_coefficients(width, height, passes)
+        src, src_w = cp.asarray(pixels), width  # pageable: a pinned buffer would be reused too early
+        mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
+        for index, (step, (bounds, weights)) in enumerate(zip(passes, coefficients)):
+            last = index == len(passes) - 1
+            out_n = len(step.bounds)
+            if step.axis == 1:
+                rows = step.last - step.first
+                dst = None if last else cp.empty((rows, out_n, channels), dtype=cp.uint8)
+                args = (src, np.int32(src_w), np.int32(channels), np.int32(step.first), np.int32(rows),
+                        bounds, weights, np.int32(step.weights.shape[1]), np.int32(out_n))
+                total, kernel, src_w = rows * out_n * channels, self._h, out_n
+            else:
+                dst = None if last else cp.empty((out_n, src_w, channels), dtype=cp.uint8)
+                args = (src, np.int32(src_w), np.int32(channels), bounds, weights,
+                        np.int32(step.weights.shape[1]), np.int32(out_n))
+                total, kernel = out_n * src_w * channels, self._v
+            null = np.uint64(0)
+            kernel(((total + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK,), (_THREADS_PER_BLOCK,),
+                   args + (dst if dst is not None else null, out if last else null, mean, std))
+            if dst is not None:
+                src = dst
+
+    def _device_coefficients(self, width: int, height: int,
+                             passes: list[Pass]) -> list[tuple[cp.ndarray, cp.ndarray]]:
+        """The passes' bounds and weights on the device, cached per image size (LRU of 256)."""
+        key = (width, height)
+        with self._lock:
+            cached = self._coefficients.get(key)
+            if cached is not None:
+                self._coefficients.move_to_end(key)
+                return cached
+        arrays = [(cp.asarray(p.bounds), cp.asarray(p.weights)) for p in passes]
+        with self._lock:
+            self._coefficients[key] = arrays
+            while len(self._coefficients) > 256:
+                self._coefficients.popitem(last=False)
+        return arrays
+
+
+def _gemm_tf32(stream: cp.cuda.Stream, a: cp.ndarray, b: cp.ndarray) -> cp.ndarray:
+    """``a @ b`` (FP32, C order) by cublasGemmEx with CUBLAS_COMPUTE_32F_FAST_TF32 (tensor cores).
+
+    cuBLAS is column-major: a row-major ``C = A @ B`` is the column-major ``C^T = B^T @ A^T``.
+    """
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
+
+    m, k = a.shape
+    n = b.shape[1]
+    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+    out = cp.empty((m, n), dtype=cp.float32)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, stream.ptr)
+    cublas.setPointerMode(handle, getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0))
+    r32f = getattr(cp.cuda.runtime, "CUDA_R_32F", 0)
+    cublas.gemmEx(handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, r32f, n, a.data.ptr, r32f, k,
+                  zero.ctypes.data, out.data.ptr, r32f, n, getattr(cublas, "CUBLAS_COMPUTE_32F_FAST_TF32", 77),
+                  getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
+    return out
+
+
+@contextmanager
+def device_errors(pool: Any = None) -> Iterator[None]:
+    """Map CUDA, cuBLAS and onnxruntime failures to the shim's errors (sticky ones: DeviceLost)."""
+    try:
+        yield
+    except AccelError:
+        raise
+    except cp.cuda.memory.OutOfMemoryError as exc:
+        if pool is not None:
+            pool.free_all_blocks()
+        raise NotReady(f"GPU memory is held by other requests right now ({exc}); retry", retry_after=0.1) from exc
+    except cp.cuda.runtime.CUDARuntimeError as exc:
+        if exc.status in STICKY_CUDA_ERRORS:
+            raise DeviceLost(f"CUDA error {exc.status}: {exc}") from exc
+        raise InternalError(f"CUDA error {exc.status}: {exc}") from exc
+    except Exception as exc:  # cuBLAS, NVRTC, onnxruntime: classified by their message
+        match = _ORT_CUDA_ERROR.search(str(exc))
+        if match and int(match.group(1)) in STICKY_CUDA_ERRORS:
+            raise DeviceLost(f"CUDA error {match.group(1)} in {type(exc).__name__}: {exc}") from exc
+        if type(exc).__module__.startswith(("cupy", "onnxruntime")):
+            raise InternalError(f"{type(exc).__name__}: {exc}") from exc
+        raise

@@ -1,0 +1,81 @@
+"""The KaaS runner of the CUDA backend: every library's ``kernels.cu`` compiled once with NVRTC
+(``cupy.RawModule``) at start; buffers are cupy uint8 arrays; launches are timed with CUDA events.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import cupy as cp
+import numpy as np
+
+from accel.errors import InternalError
+
+from ..kaas.library import Library
+from ..kaas.runner import DeviceLimits
+from ..kaas.signature import Kernel
+
+NVRTC_OPTIONS = ("-std=c++14",)
+
+
+class CudaKernelRunner:
+    """Runs compiled kernels on one GPU (the current cupy device unless ``device_id`` is given)."""
+
+    name = "cuda"
+
+    def __init__(self, device_id: int | None = None) -> None:
+        self.device = cp.cuda.Device(device_id) if device_id is not None else cp.cuda.Device()
+        self.device.use()
+        a = self.device.attributes
+        self.limits = DeviceLimits(a["MaxThreadsPerBlock"], (a["MaxBlockDimX"], a["MaxBlockDimY"], a["MaxBlockDimZ"]),
+                                   (a["MaxGridDimX"], a["MaxGridDimY"], a["MaxGridDimZ"]),
+                                   a["MaxSharedMemoryPerBlock"])
+        self._modules: dict[str, cp.RawModule] = {}
+        self._functions: dict[tuple[str, str], Any] = {}
+
+    def load(self, libraries: Sequence[Library]) -> None:
+        """Compile every library and look up each declared kernel (so a bad .cu fails the start)."""
+        with self.device:
+            for lib in libraries:
+                module = cp.RawModule(code=lib.source, options=NVRTC_OPTIONS, backend="nvrtc")
+                for name in lib.kernels:
+                    self._functions[(lib.name, name)] = module.get_function(name)
+                self._modules[lib.name] = module
+
+    def upload(self, data: bytes) -> cp.ndarray:
+        with self.device:
+            return cp.asarray(np.frombuffer(data, np.uint8))
+
+    def download(self, buf: cp.ndarray) -> bytes:
+        with self.device:
+            return cp.asnumpy(buf).tobytes()
+
+    def alloc(self, size: int) -> cp.ndarray:
+        with self.device:
+            return cp.zeros(size, cp.uint8)
+
+    def view(self, buf: cp.ndarray, offset: int, size: int) -> cp.ndarray:
+        return buf[offset:offset + size]
+
+    def launch(self, library: str, kernel: Kernel, literals: Sequence[np.generic], buffers: Sequence[Any],
+               counts: Sequence[int], grid: tuple[int, int, int], block: tuple[int, int, int], shared: int) -> None:
+        # a cupy array is passed as the pointer to its first byte (the view's offset included)
+        self._functions[(library, kernel.name)](grid, block, (*literals, *buffers), shared_mem=shared)
+
+    def mark(self) -> cp.cuda.Event:
+        event = cp.cuda.Event()
+        event.record()
+        return event
+
+    def elapsed_ms(self, start: cp.cuda.Event, end: cp.cuda.Event) -> float:
+        return float(cp.cuda.get_elapsed_time(start, end))
+
+    def synchronize(self) -> None:
+        try:
+            cp.cuda.get_current_stream().synchronize()
+        except Exception as exc:  # noqa: BLE001 - a fault is sticky: the context is unusable from here on
+            raise InternalError(f"a kernel faulted on the GPU ({exc}); the shim needs a restart") from exc
+
+    def describe(self) -> dict[str, object]:
+        props = cp.cuda.runtime.getDeviceProperties(self.device.id)
+        return {"runner": self.name, "device": props["name"].decode(), "cupy": cp.__version__,
+                "cuda_runtime": cp.cuda.runtime.runtimeGetVersion()}

@@ -1,0 +1,171 @@
+"""Dynamic batching: concurrent requests for one model coalesced into one run on the device.
+
+A request ``submit``s its item (``rows`` rows: images, or the batch axis of a tensor) and waits.
+One worker thread per model takes the oldest item, then keeps adding items while the batch has
+fewer than ``max_batch_size`` rows and more requests are *on their way*: a request announces
+itself with ``incoming()`` before its CPU work (decoding images) and submits through it, so the
+worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest arrived, and never for traffic that does
+not exist: a lone request runs at once. Results are split back out per request.
+
+If a batch of several requests fails, each request is run again alone, so that one request's
+failure (say, out of memory for its size) fails that request only.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
+
+from prometheus_client import Histogram
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUEUE_BUCKETS = (.00005, .0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1)
+
+
+class _Job(Generic[Item, Result]):
+    __slots__ = ("item", "rows", "arrived", "done", "result", "error")
+
+    def __init__(self, item: Item, rows: int) -> None:
+        self.item, self.rows, self.arrived = item, rows, time.perf_counter()
+        self.done = threading.Event()
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher(Generic[Item, Result]):
+    """Coalesces concurrent ``submit`` calls into calls of ``run_batch(items) -> results``.
+
+    Args:
+        name: the model's name (metrics label, thread name).
+        run_batch: runs items of several requests together; returns one result per item.
+        max_batch_size: rows per batch (a larger single request runs alone).
+        max_queue_delay_us: how long the oldest request may wait for others on their way.
+        batch_sizes, queue_seconds: histograms (label ``op``) of rows per run and time queued.
+    """
+
+    def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
+                 max_queue_delay_us: int, batch_sizes: Histogram | None = None,
+                 queue_seconds: Histogram | None = None) -> None:
+        if max_batch_size < 1 or max_queue_delay_us < 0:
+            raise ValueError(f"model {name}: max_batch_size must be >= 1 and max_queue_delay_us >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_queue_delay_us / 1e6
+        self._run_batch = run_batch
+        self._batch_sizes = batch_sizes.labels(name) if batch_sizes is not None else None
+        self._queue_seconds = queue_seconds.labels(name) if queue_seconds is not None else None
+        self._queue: deque[_Job[Item, Result]] = deque()
+        self._incoming = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def incoming(self) -> Iterator[Callable[[Item, int], Result]]:
+        """Announce a request that will submit soon (while it decodes its inputs); yields its
+        ``submit``, which ends the announcement as it queues the item."""
+        announced = [True]
+        with self._cond:
+            self._incoming += 1
+
+        def submit(item: Item, rows: int) -> Result:
+            return self._submit(item, rows, announced)
+
+        try:
+            yield submit
+        finally:
+            with self._cond:
+                if announced[0]:
+                    announced[0] = False
+                    self._incoming -= 1
+                    self._cond.notify_all()
+
+    def submit(self, item: Item, rows: int) -> Result:
+        """Queue ``item`` and wait for its result; raises what running it raised."""
+        return self._submit(item, rows, [False])
+
+    def _submit(self, item: Item, rows: int, announced: list[bool]) -> Result:
+        job: _Job[Item, Result] = _Job(item, rows)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"the batcher of {self.name} is closed")
+            if announced[0]:
+                announced[0] = False
+                self._incoming -= 1
+            self._queue.append(job)
+            self._cond.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _take(self) -> list[_Job[Item, Result]] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            rows = batch[0].rows
+            deadline = batch[0].arrived + self.max_delay
+            while rows < self.max_batch_size:
+                while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                    job = self._queue.popleft()
+                    batch.append(job)
+                    rows += job.rows
+                left = deadline - time.perf_counter()
+                if self._queue or self._incoming == 0 or left <= 0 or self._closed:
+                    break  # full (the next does not fit), nobody else coming, or waited enough
+                self._cond.wait(left)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            started = time.perf_counter()
+            if self._queue_seconds is not None:
+                for job in batch:
+                    self._queue_seconds.observe(started - job.arrived)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job[Item, Result]]) -> None:
+        try:
+            results = self._run_batch([job.item for job in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"model {self.name}: {len(results)} results for {len(batch)} requests")
+        except BaseException as exc:  # noqa: BLE001 - handed to the callers
+            if len(batch) > 1:
+                for job in batch:  # isolate: only the requests that fail alone get an error
+                    self._run([job])
+                return
+            batch[0].error = exc
+            batch[0].done.set()
+            return
+        if self._batch_sizes is not None:
+            self._batch_sizes.observe(sum(job.rows for job in batch))
+        for job, result in zip(batch, results):
+            job.result = result
+            job.done.set()
+
+
+class BatchingFactory:
+    """What the composition root hands the ops: whether to batch, and the metrics to report to."""
+
+    def __init__(self, batch_sizes: Histogram | None = None, queue_seconds: Histogram | None = None) -> None:
+        self._batch_sizes, self._queue_seconds = batch_sizes, queue_seconds
+
+    def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
+             max_queue_delay_us: int) -> Batcher[Item, Result]:
+        return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds)

@@ -1,0 +1,99 @@
+"""KaaS as the routes see it: run a request, list libraries, and the buffer API."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from accel.errors import AccelError, NotReady
+
+from .buffers import BufferInfo, Buffers
+from .executor import Executor, KaasResult
+from .library import LibraryRegistry
+from .metrics import KaasMetrics
+from .model import parse_request
+from .runner import KernelRunner
+from .store import DEFAULT_TENANT
+
+log = logging.getLogger(__name__)
+
+
+class KaasService:
+    """Kernel-as-a-Service over one runner; ``load()`` (compile every kernel) before it serves.
+
+    Args:
+        libraries: the registered kernel libraries.
+        runner: the device's kernel runner (``shim.backends.kaas_cpu`` or ``kaas_cuda``).
+        buffers: the buffer store behind the GPU cache.
+        metrics: KaaS metrics (in the shim's registry).
+        durable: write outputs through to the store before answering (with a state_dir).
+    """
+
+    def __init__(self, libraries: LibraryRegistry, runner: KernelRunner, buffers: Buffers, metrics: KaasMetrics,
+                 durable: bool = False) -> None:
+        self.libraries = libraries
+        self.runner = runner
+        self.buffers = buffers
+        self.metrics = metrics
+        self.executor = Executor(libraries, runner, buffers, metrics, durable)
+        self.ready = False
+        self.load_seconds = 0.0
+
+    @property
+    def device(self) -> str:
+        return self.runner.name
+
+    def load(self) -> None:
+        """Compile every kernel of every library (NVRTC on CUDA); KaaS serves afterwards."""
+        start = time.perf_counter()
+        self.runner.load(self.libraries.libraries())
+        self.load_seconds = time.perf_counter() - start
+        self.ready = True
+        log.info("kaas ready on %s: libraries %s (load %.3f s)", self.runner.name,
+                 ", ".join(self.libraries.names()), self.load_seconds)
+
+    def run(self, doc: Any, tenant: str = DEFAULT_TENANT) -> KaasResult:
+        """Parse, check and run a request in the KaaS format (decoded JSON).
+
+        Raises:
+            NotReady: before ``load``.
+            InvalidInput, OpNotFound, InsufficientStorage, InternalError: see Executor.run.
+        """
+        start = time.perf_counter()
+        status = 200
+        try:
+            if not self.ready:
+                raise NotReady("KaaS is compiling its kernels")
+            return self.executor.run(parse_request(doc), tenant)
+        except AccelError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.requests.labels(str(status)).inc()
+            if status == 200:
+                self.metrics.latency.observe(time.perf_counter() - start)
+
+    def describe_libraries(self) -> dict[str, object]:
+        return {"device": self.runner.name, "libraries": [lib.as_json() for lib in self.libraries.libraries()]}
+
+    # --- buffers ------------------------------------------------------------------------
+    def put_buffer(self, key: str, data: bytes, tenant: str = DEFAULT_TENANT) -> None:
+        self.buffers.put(key, data, tenant)
+
+    def get_buffer(self, key: str, tenant: str = DEFAULT_TENANT) -> bytes:
+        return self.buffers.get(key, tenant)
+
+    def delete_buffer(self, key: str, tenant: str = DEFAULT_TENANT) -> None:
+        self.buffers.delete(key, tenant)
+
+    def list_buffers(self, tenant: str = DEFAULT_TENANT) -> list[BufferInfo]:
+        return self.buffers.list(tenant)
+
+    def usage(self, tenant: str = DEFAULT_TENANT) -> dict[str, int]:
+        store, cache = self.buffers.store, self.buffers.cache
+        return {"store_bytes": store.used_bytes(), "tenant_bytes": store.used_bytes(tenant),
+                "store_capacity_bytes": store.capacity_bytes, "gpu_cache_bytes": cache.used_bytes,
+                "gpu_cache_capacity_bytes": cache.capacity_bytes}

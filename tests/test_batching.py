@@ -1,0 +1,141 @@
+"""Dynamic batching: requests coalesce, each caller gets its own rows, one failure stays its own."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from shim.batching import BATCH_BUCKETS, Batcher
+
+
+def _doubler(calls: list[list[int]]):
+    def run(items):
+        calls.append([len(i) for i in items])
+        return [np.asarray(i) * 2 for i in items]
+    return run
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_rows():
+    calls: list[list[int]] = []
+    sizes = Histogram("b", "b", ["op"], buckets=BATCH_BUCKETS, registry=CollectorRegistry())
+    batcher = Batcher("m", _doubler(calls), max_batch_size=32, max_queue_delay_us=200_000, batch_sizes=sizes)
+    gate = threading.Barrier(24)
+
+    def call(i: int) -> np.ndarray:
+        with batcher.incoming() as submit:
+            gate.wait()          # all 24 are "decoding" at once
+            rows = list(range(i, i + 1 + i % 3))
+            return submit(rows, len(rows))
+
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(call, range(24)))
+    finally:
+        batcher.close()
+    for i, out in enumerate(results):
+        assert out.tolist() == [2 * r for r in range(i, i + 1 + i % 3)]
+    assert len(calls) < 24 and all(sum(c) <= 32 for c in calls)  # coalesced, never over the size
+    assert sum(len(c) for c in calls) == 24
+    count = sizes.labels("m")._sum.get()  # rows observed == rows submitted
+    assert count == sum(1 + i % 3 for i in range(24))
+
+
+def test_a_lone_request_does_not_wait_for_the_delay():
+    batcher = Batcher("m", _doubler([]), max_batch_size=32, max_queue_delay_us=30_000_000)
+    try:
+        start = time.monotonic()
+        with batcher.incoming() as submit:
+            assert submit([1, 2], 2).tolist() == [2, 4]
+        assert time.monotonic() - start < 10  # nobody else was coming: no 30 s wait
+    finally:
+        batcher.close()
+
+
+def test_a_request_larger_than_the_batch_runs_alone():
+    calls: list[list[int]] = []
+    batcher = Batcher("m", _doubler(calls), max_batch_size=4, max_queue_delay_us=0)
+    try:
+        assert batcher.submit(list(range(10)), 10).tolist() == [2 * r for r in range(10)]
+    finally:
+        batcher.close()
+    assert calls == [[10]]
+
+
+def test_a_failing_item_fails_only_its_own_request():
+    def run(items):
+        if any(i == "poison" for i in items):
+            raise ValueError("poisoned")
+        return [i.upper() for i in items]
+
+    batcher = Batcher("m", run, max_batch_size=8, max_queue_delay_us=100_000)
+    gate = threading.Barrier(6)
+
+    def call(item: str):
+        with batcher.incoming() as submit:
+            gate.wait()
+            try:
+                return submit(item, 1)
+            except ValueError as exc:
+                return exc
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(call, ["a", "b", "poison", "c", "d", "e"]))
+    finally:
+        batcher.close()
+    assert results[:2] == ["A", "B"] and results[3:] == ["C", "D", "E"]
+    assert isinstance(results[2], ValueError)
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher("m", _doubler([]), max_batch_size=0, max_queue_delay_us=10)
+
+
+def test_classify_under_64_concurrent_callers_with_mixed_batch_sizes(service, chelsea, coffee):
+    """The CPU twin of the GPU batching test: through the service's batcher, every caller gets the
+    classes of its own images, in its own order."""
+    from accel.tensor import Tensor
+    from shim.ops.classify import ClassifyOp
+    from tests.conftest import encode
+
+    op = service.registry.get("classify")
+    assert isinstance(op, ClassifyOp) and op.metadata()["dynamic_batching"]["enabled"]
+    cat, cup = encode(chelsea, "JPEG"), encode(coffee, "PNG")
+    alone = {name: op.run({"image": np.array([img], dtype=object)}, {"top_k": 3})
+             for name, img in (("cat", cat), ("cup", cup))}
+    rng = np.random.default_rng(3)
+    plans = [[("cat", "cup")[j] for j in rng.integers(0, 2, rng.integers(1, 5))] for _ in range(64)]
+
+    def call(plan):
+        images = [cat if n == "cat" else cup for n in plan]
+        out = service.dispatcher.infer("classify", _request(Tensor, images))
+        return {t.name: t for t in out.outputs}
+
+    before = _batch_runs(service)
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, plans))
+    for plan, out in zip(plans, results):
+        classes = out["classes"].numpy()
+        scores = out["scores"].numpy()
+        assert classes.shape == (len(plan), 3)
+        for row, name in enumerate(plan):
+            assert classes[row].tolist() == alone[name]["classes"][0].tolist()
+            np.testing.assert_allclose(scores[row], alone[name]["scores"][0], rtol=1e-4, atol=1e-5)
+    runs, rows = (a - b for a, b in zip(_batch_runs(service), before))
+    assert rows == sum(len(p) for p in plans) and runs < 64  # requests shared device runs
+
+
+def _request(Tensor, images):
+    from accel.codec import InferRequest
+
+    return InferRequest([Tensor.from_bytes_list("image", images)], parameters={"top_k": 3})
+
+
+def _batch_runs(service) -> tuple[float, float]:
+    child = service.metrics.batch_size.labels("classify")
+    return sum(b.get() for b in child._buckets), child._sum.get()

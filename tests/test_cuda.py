@@ -1,0 +1,158 @@
+"""The CUDA backend against its CPU twin (run on the GPU machine: ``pytest -m gpu``)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from accel.errors import InsufficientStorage
+
+from tests.conftest import encode
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+CAT_LABELS = {"tiger cat", "tabby, tabby cat", "Egyptian cat"}
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    want64 = want.astype(np.float64)
+    return float(np.linalg.norm(got.astype(np.float64) - want64) / max(np.linalg.norm(want64), 1e-300))
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    from shim.backends.cuda import CudaBackend
+
+    return CudaBackend()
+
+
+@pytest.fixture(scope="module")
+def cuda_service(models_dir):
+    from shim.config import Settings
+    from shim.service import build_service
+
+    svc = build_service(Settings(device="cuda", models_dir=models_dir))
+    svc.load()
+    yield svc
+    svc.registry.close()
+
+
+SHAPES = [(1, 1, 1), (1, 7, 1), (513, 3, 1), (1, 3, 777), (64, 64, 64), (300, 200, 100), (1024, 1024, 1024),
+          (4096, 4096, 4096)]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 1e-2), ("float64", 1e-12)])
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=lambda s: str(s))
+def test_gemm_matches_the_cpu_twin(cuda, dtype, tolerance, m, k, n):
+    from shim.backends.cpu import gemm_reference
+
+    rng = np.random.default_rng(m * 131 + k * 7 + n)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    got = cuda.gemm(a, b, c, 0.5, -1.5)
+    want = gemm_reference(a, b, c, 0.5, -1.5)
+    assert got.dtype == np.dtype(dtype) and got.shape == (m, n)
+    assert rel_error(got, want) <= tolerance
+    assert rel_error(cuda.gemm(a, b, None, 1.0, 0.0), gemm_reference(a, b, None, 1.0, 0.0)) <= tolerance
+
+
+def test_tf32_is_used_and_matches_its_emulation(cuda):
+    from shim.backends.cpu import gemm_reference
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(2))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    tf32 = cuda.gemm(a, b, None, 1.0, 0.0, "tf32")
+    fp32 = cuda.gemm(a, b, None, 1.0, 0.0)
+    assert rel_error(fp32, exact) < 1e-6 < rel_error(tf32, exact)  # TF32 really ran (10-bit mantissa)
+    assert rel_error(tf32, gemm_reference(a, b, None, 1.0, 0.0, "tf32")) <= 1e-3
+
+
+def test_memory_limit_refuses_what_cannot_fit_and_keeps_serving():
+    from shim.backends.cuda import CudaBackend
+
+    small = CudaBackend(memory_limit=64 << 20)
+    big = np.ones((4096, 4096), np.float32)  # 3 x 64 MiB
+    with pytest.raises(InsufficientStorage, match="--gpu-memory-limit"):
+        small.gemm(big, big, None, 1.0, 0.0)
+    x = np.eye(256, dtype=np.float32)
+    assert np.array_equal(small.gemm(x, x, None, 1.0, 0.0), x)
+
+
+def test_gpu_preprocessing_is_pillow_exactly(cuda_service, chelsea, coffee):
+    from PIL import Image
+
+    from shim.kernels.resample import normalize, pillow_preprocess, resize_reference
+
+    op = cuda_service.registry.get("classify")
+    pipeline = op._pipeline
+    assert pipeline.device == "cuda"
+    rng = np.random.default_rng(5)
+    images = [chelsea, coffee] + [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                                  for h, w in ((1000, 37), (37, 1000), (224, 224), (3, 5), (641, 481))]
+    for pixels in images:
+        pre = op.config.preprocessing
+        got = pipeline.preprocess(pixels)
+        assert np.array_equal(got, normalize(resize_reference(pixels, pre), pre)), pixels.shape
+        assert np.array_equal(got, pillow_preprocess(Image.fromarray(pixels), pre)), pixels.shape
+
+
+def test_classify_and_raw_model_match_the_cpu_twin(cuda_service, service, chelsea, coffee):
+    from accel.codec import InferRequest
+    from accel.tensor import Tensor
+
+    images = [encode(chelsea, "JPEG"), encode(coffee, "PNG")]
+    request = InferRequest([Tensor.from_bytes_list("image", images)], parameters={"top_k": 5})
+    gpu = {t.name: t.numpy() for t in cuda_service.dispatcher.infer("classify", request).outputs}
+    cpu = {t.name: t.numpy() for t in service.dispatcher.infer("classify", request).outputs}
+    assert gpu["classes"][:, 0].tolist() == cpu["classes"][:, 0].tolist()
+    assert gpu["labels"][0, 0].decode() in CAT_LABELS and gpu["labels"][1, 0].decode() == "espresso"
+    x = np.random.default_rng(2).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    raw = InferRequest([Tensor.from_numpy("input", x)])
+    got = cuda_service.dispatcher.infer("efficientnet-lite0", raw).outputs[0].numpy()
+    want = service.dispatcher.infer("efficientnet-lite0", raw).outputs[0].numpy()
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def test_metadata_says_cuda(cuda_service):
+    for op in ("gemm", "classify", "efficientnet-lite0"):
+        assert cuda_service.registry.get(op).metadata()["backend"] == "cuda", op
+
+
+def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelsea, coffee):
+    from accel.codec import InferRequest
+    from accel.tensor import Tensor
+
+    cat, cup = encode(chelsea, "JPEG"), encode(coffee, "PNG")
+    rng = np.random.default_rng(4)
+    plans = [[("cat", "cup")[j] for j in rng.integers(0, 2, rng.integers(1, 9))] for _ in range(64)]
+
+    def call(plan):
+        images = [cat if n == "cat" else cup for n in plan]
+        out = cuda_service.dispatcher.infer("classify", InferRequest([Tensor.from_bytes_list("image", images)]))
+        return [s.decode() for s in {t.name: t for t in out.outputs}["labels"].numpy()[:, 0]]
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, plans))
+    for plan, labels in zip(plans, results):
+        assert len(labels) == len(plan)
+        for name, label in zip(plan, labels):
+            assert (label in CAT_LABELS) if name == "cat" else (label == "espresso")
+    text = cuda_service.metrics.render()[0].decode()
+    assert 'accelshim_batch_size_count{op="classify"}' in text
+
+
+def test_sticky_cuda_errors_are_device_lost():
+    from accel.errors import InternalError
+    from shim.backends.cuda import device_errors
+    from shim.faults import DeviceLost
+
+    with pytest.raises(DeviceLost):
+        with device_errors():
+            raise cp.cuda.runtime.CUDARuntimeError(700)  # illegal address: the context is gone
+    with pytest.raises(InternalError):
+        with device_errors():
+            raise cp.cuda.runtime.CUDARuntimeError(1)  # invalid value: this request only
