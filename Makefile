@@ -8,13 +8,14 @@ MODELS := models
 MODEL_STAMP := $(MODELS)/efficientnet-lite0/model.json
 TORCH_VERSION := 2.13.0
 
-.PHONY: run serve test test-gpu bench models build-env venv clean help
+.PHONY: run serve bench-gpu test test-gpu bench models build-env venv clean help
 
 help:
 	@echo "make run     - set up, build the model if missing, start the shim (+ functions behind a gateway)"
 	@echo "make serve   - the shim alone (TCP :8000 and /tmp/accelshim.sock)"
 	@echo "make test    - set up, build the model if missing, run the test suite (CPU)"
 	@echo "make bench   - overhead benchmark (writes bench/results/)"
+	@echo "make bench-gpu - the GPU benchmarks (on a GPU machine; bench/results/ and docs/benchmarks.md)"
 	@echo "make clean   - remove environments, models and build output"
 
 venv: $(VENV)/.installed
@@ -59,6 +60,11 @@ test-gpu: models
 
 bench: models
 	$(PY) bench/overhead.py
+
+# on a GPU machine: cold start, warm latency, throughput, density vs the naive setup, then KaaS
+bench-gpu: models
+	$(PY) -m bench all --device cuda
+	$(PY) -m bench kaas --device cuda
 
 clean:
 	rm -rf $(VENV) $(BUILD_VENV) $(MODELS) build

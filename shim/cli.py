@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
-    serve.add_argument("--threads", type=int, help="worker threads (default 8)")
+    serve.add_argument("--threads", type=int, help="requests served at once (default 32)")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (413 above)")
     serve.add_argument("--max-image-pixels", type=int, help="pixel limit per image")
     serve.add_argument("--classify-model", help="model behind classify (default efficientnet-lite0)")
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="KaaS GPU-resident buffer cache bound (default 1GiB)")
     serve.add_argument("--state-dir", type=Path, metavar="DIR",
                        help="persist the KaaS buffer store here (survives restarts)")
+    serve.add_argument("--no-shared-memory", dest="shared_memory", action="store_false", default=None,
+                       help="do not serve the system_shared_memory extension (docs/shared-memory.md)")
+    serve.add_argument("--shm-dir", type=Path, metavar="DIR", help="where shared memory keys resolve (default /dev/shm)")
+    serve.add_argument("--shm-tenant-dirs", action="store_true", default=None,
+                       help="resolve each tenant's shared memory keys in DIR/<tenant>/")
 
     from .up import add_parser as add_up  # light: the heavy imports of ``up`` wait until it runs
 
@@ -105,7 +110,7 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
                                                "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
                                                "gpu_memory_limit",
                                                "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
-                                               "state_dir")}
+                                               "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs")}
     try:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:

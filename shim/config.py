@@ -24,9 +24,9 @@ class Settings:
     gpu_memory_limit: int = 0                 # bytes of GPU memory for requests' operands (0: no limit)
     batching: bool = True                     # dynamic batching of classify and raw models
     models_dir: Path = Path("models")
-    threads: int = 8
+    threads: int = 32                         # requests served at once (more: bigger dynamic batches)
     classify_model: str = "efficientnet-lite0"
-    max_body_bytes: int = 64 * 1024 * 1024    # 413 above
+    max_body_bytes: int = 256 * 1024 * 1024   # 413 above (two 4096x4096 FP32 operands fit)
     max_image_pixels: int = 40_000_000        # per decoded image; decompression-bomb guard
     max_batch: int = 256                      # images per classify request, rows per raw-model batch
     max_gemm_elements: int = 64 * 1024 * 1024  # elements of the output C (and of A and B)
@@ -41,6 +41,11 @@ class Settings:
     buffer_store_bytes: int = 1 << 30         # KaaS buffer store bound (507 above)
     gpu_cache_bytes: int = 1 << 30            # KaaS GPU-resident buffer cache bound
     state_dir: Path | None = None             # persist the KaaS buffer store here (None: in memory)
+    shared_memory: bool = True                # serve the system_shared_memory extension (docs/shared-memory.md)
+    shm_dir: Path = Path("/dev/shm")          # where shared memory keys resolve
+    shm_tenant_dirs: bool = False             # a tenant's keys resolve in shm_dir/<tenant>/ instead
+    shm_max_regions: int = 64                 # shared memory regions per tenant (429 above)
+    shm_max_bytes: int = 1 << 32              # mapped shared memory bytes per tenant (507 above)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -72,7 +77,7 @@ class Settings:
             raise ValueError(f"--host {self.host} is reachable from other machines: give --tokens FILE "
                              "(tenant: token lines) so that callers must authenticate")
         for name in ("max_queue", "tenant_max_inflight", "tenant_max_queue", "tenant_max_body_bytes",
-                     "tenant_max_buffer_bytes"):
+                     "tenant_max_buffer_bytes", "shm_max_regions", "shm_max_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.port < 65536:

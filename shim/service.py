@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .modelrepo import ModelRepository
 from .ops import ClassifyOp, GemmOp, ModelOp, NoopOp, Op
 from .registry import Registry
+from .shm import SharedMemoryRegistry
 from .server import create_app
 from .server.guard import Guard, install_guard
 from .server.openapi import register_openapi
@@ -40,6 +41,7 @@ class Service:
     app: Flask
     guard: Guard | None = None
     kaas: KaasService | None = None
+    shm: SharedMemoryRegistry | None = None
 
     def load(self) -> None:
         """Load and warm up every op; the shim answers ready afterwards."""
@@ -99,10 +101,23 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
                       store_bytes=settings.buffer_store_bytes, cache_bytes=settings.gpu_cache_bytes,
                       state_dir=settings.state_dir, quota=_buffer_quota(guard, settings.tenant_max_buffer_bytes))
     guard.buffer_usage = lambda tenant: kaas.usage(tenant)["tenant_bytes"]
-    app = create_app(settings, dispatcher, metrics, kaas)
+    shm = build_shm(settings, backend)
+    app = create_app(settings, dispatcher, metrics, kaas, shm)
     install_guard(app, guard)
     register_openapi(app)
-    return Service(settings, backend, registry, dispatcher, metrics, app, guard, kaas)
+    return Service(settings, backend, registry, dispatcher, metrics, app, guard, kaas, shm)
+
+
+def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | None:
+    """The shared memory regions of ``settings`` (None: the extension is off). A backend that wants to
+    know of each mapping (the CUDA backend pins them for DMA) has ``shm_register(address, nbytes)`` and
+    ``shm_unregister(address, nbytes)``."""
+    if not settings.shared_memory:
+        return None
+    return SharedMemoryRegistry(settings.shm_dir, max_regions=settings.shm_max_regions,
+                                max_bytes=settings.shm_max_bytes, tenant_dirs=settings.shm_tenant_dirs,
+                                on_register=getattr(backend, "shm_register", None),
+                                on_unregister=getattr(backend, "shm_unregister", None))
 
 
 def _buffer_quota(guard: Guard, default: int = 0) -> Callable[[str], int | None]:

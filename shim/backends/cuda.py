@@ -1,8 +1,9 @@
 """The CUDA backend: cuBLAS (through cupy) for GEMM, onnxruntime's CUDA provider for models, and
 classify's resize + normalisation as preloaded CuPy kernels (``shim/kernels/resample.cu``).
 
-Each worker thread has its own CUDA stream and its own pinned host buffers, through which inputs
-go up and results come down. ``memory_limit`` caps cupy's memory pool: a request that cannot fit
+A request borrows a device worker (a CUDA stream, a cuBLAS handle on it, pinned host buffers
+through which inputs go up and results come down); workers are made and warmed at start, so the
+first request of a new server thread pays for none of that. ``memory_limit`` caps cupy's memory pool: a request that cannot fit
 at all gets InsufficientStorage (507); one that cannot fit *now*, because other requests hold the
 memory, gets NotReady (503, retry). Sticky CUDA errors (the context is lost) raise DeviceLost.
 """
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 #: failure, ECC, ...): the process must restart.
 STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
 PINNED_MAX_BYTES = 256 << 20   # larger operands go up from pageable memory (no pinned copy kept)
+PINNED_MIN_BYTES = 16 << 20    # each pinned buffer starts this big (a 2048x2048 FP32 operand)
+WARM_WORKERS = 4               # device workers made and warmed at start (more when busy)
+# cudaDataType, cublasComputeType and the scalar type of alpha/beta, per numpy dtype char
+_GEMM_TYPES = {"e": (2, 68, np.float32), "f": (0, 68, np.float32), "d": (1, 70, np.float64)}
+_COMPUTE_32F_FAST_TF32 = 77
+_GEMM_DEFAULT = -1
 _THREADS_PER_BLOCK = 256
 _ORT_CUDA_ERROR = re.compile(r"CUDA (?:failure|error) (\d+)")
 
@@ -51,18 +58,37 @@ class CudaBackend:
         self.memory_limit = memory_limit
         if memory_limit:
             self._pool.set_limit(size=memory_limit)
-        self._local = threading.local()
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
         with device_errors():
             cp.empty(1, dtype=cp.float32)  # the CUDA context, now rather than on the first request
-            cp.cuda.Device(device_id).synchronize()
+            warm = [self._new_worker() for _ in range(WARM_WORKERS)]
+            for worker in warm:  # cuBLAS handles, kernels and pinned buffers, before the first request
+                with worker.stream:
+                    for dtype in (np.float16, np.float32, np.float64):
+                        x = np.ones((8, 8), dtype=dtype)
+                        self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
+            self._idle.extend(warm)
 
-    # --- per-thread stream and pinned staging -----------------------------------------------
-    def _state(self) -> "_ThreadState":
-        state = getattr(self._local, "state", None)
-        if state is None:
-            cp.cuda.Device(self.device_id).use()
-            state = self._local.state = _ThreadState()
-        return state
+    # --- device workers: a stream, a cuBLAS handle and pinned buffers each ------------------
+    def _new_worker(self) -> "_Worker":
+        cp.cuda.Device(self.device_id).use()
+        return _Worker()
+
+    @contextmanager
+    def worker(self) -> Iterator["_Worker"]:
+        """A device worker for the calling thread, for the block (made when all are busy)."""
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = self._new_worker()
+        cp.cuda.Device(self.device_id).use()
+        try:
+            with worker.stream:
+                yield worker
+        finally:
+            with self._lock:
+                self._idle.append(worker)
 
     def _check_fits(self, nbytes: int, what: str) -> None:
         if self.memory_limit and nbytes > self.memory_limit:
@@ -73,23 +99,19 @@ class CudaBackend:
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
              precision: str = "default") -> np.ndarray:
         m, n = a.shape[0], b.shape[1]
-        out_bytes = m * n * a.itemsize
-        self._check_fits(a.nbytes + b.nbytes + (c.nbytes if c is not None else 0) + out_bytes,
+        self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
-        state = self._state()
-        with device_errors(self._pool), state.stream:
-            da, db = state.upload(a, 0), state.upload(b, 1)
-            if precision == "tf32" and a.dtype == np.float32:
-                out = _gemm_tf32(state.stream, da, db)
-            else:
-                out = cp.matmul(da, db)
-            if alpha != 1.0:
-                out *= out.dtype.type(alpha)
-            if c is not None and beta != 0.0:
-                dc = state.upload(c, 2)
-                dc *= dc.dtype.type(beta)
-                out += dc
-            return state.download(out, 3)
+        with device_errors(self._pool), self.worker() as worker:
+            return self._gemm_on(worker, a, b, c, alpha, beta, precision)
+
+    @staticmethod
+    def _gemm_on(worker: "_Worker", a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+                 precision: str) -> np.ndarray:
+        da, db = worker.upload(a, 0), worker.upload(b, 1)
+        use_c = c is not None and beta != 0.0
+        out = worker.upload(c, 2) if use_c else cp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        worker.gemm(da, db, out, alpha, beta if use_c else 0.0, tf32=precision == "tf32")
+        return worker.download(out, 3)
 
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent."""
@@ -121,19 +143,43 @@ class CudaBackend:
                 "onnxruntime": onnx.version(), "memory_limit": self.memory_limit}
 
 
-class _ThreadState:
-    """A worker thread's CUDA stream and pinned host buffers (reused, grown on demand)."""
+class _Worker:
+    """A CUDA stream, a cuBLAS handle bound to it, and pinned host buffers (reused, grown on demand).
+
+    One request uses a worker at a time, so its pinned buffers are never shared.
+    """
 
     def __init__(self) -> None:
+        from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
+
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self._cublas = cublas
+        self.handle = cublas.create()
+        cublas.setStream(self.handle, self.stream.ptr)
+        cublas.setPointerMode(self.handle, getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0))
         self._pinned: dict[int, tuple[Any, int]] = {}  # slot -> (pinned memory, its size)
+
+    def gemm(self, a: cp.ndarray, b: cp.ndarray, out: cp.ndarray, alpha: float, beta: float, tf32: bool) -> None:
+        """``out = alpha * a @ b + beta * out`` (C order) with cublasGemmEx, accumulating in FP32
+        for FP16 and FP32 (TF32 tensor cores with ``tf32``) and in FP64 for FP64.
+
+        cuBLAS is column-major: a row-major ``C = A @ B`` is the column-major ``C^T = B^T @ A^T``.
+        """
+        data_type, compute, scalar = _GEMM_TYPES[a.dtype.char]
+        if tf32 and a.dtype == cp.float32:
+            compute = _COMPUTE_32F_FAST_TF32
+        m, k = a.shape
+        n = b.shape[1]
+        one, zero = np.array([alpha], scalar), np.array([beta], scalar)
+        self._cublas.gemmEx(self.handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, data_type, n, a.data.ptr,
+                            data_type, k, zero.ctypes.data, out.data.ptr, data_type, n, compute, _GEMM_DEFAULT)
 
     def _pinned_view(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = int(np.prod(shape))
         nbytes = count * dtype.itemsize
         mem, size = self._pinned.get(slot, (None, 0))
         if mem is None or size < nbytes:
-            size = max(nbytes, 1 << 20)
+            size = max(nbytes, PINNED_MIN_BYTES)
             mem = cp.cuda.alloc_pinned_memory(size)
             self._pinned[slot] = (mem, size)
         return np.frombuffer(mem, dtype, count).reshape(shape)
@@ -180,10 +226,9 @@ class CudaImagePipeline:
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
-        state = self._backend._state()
         size = self._pre.size
         parts = []
-        with device_errors(), state.stream:
+        with device_errors(), self._backend.worker() as state:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 batch = cp.empty((len(chunk), 3, size, size), dtype=cp.float32)
@@ -196,13 +241,12 @@ class CudaImagePipeline:
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
-        state = self._backend._state()
-        with device_errors(), state.stream:
+        with device_errors(), self._backend.worker() as state:
             out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
             self._preprocess(state, pixels, out)
             return cp.asnumpy(out, stream=state.stream)
 
-    def _preprocess(self, state: _ThreadState, pixels: np.ndarray, out: cp.ndarray) -> None:
+    def _preprocess(self, state: _Worker, pixels: np.ndarray, out: cp.ndarray) -> None:
         height, width, channels = pixels.shape
         passes = plan(width, height, self._pre)
         coefficients = self._device_coefficients(width, height, passes)
@@ -243,28 +287,6 @@ class CudaImagePipeline:
             while len(self._coefficients) > 256:
                 self._coefficients.popitem(last=False)
         return arrays
-
-
-def _gemm_tf32(stream: cp.cuda.Stream, a: cp.ndarray, b: cp.ndarray) -> cp.ndarray:
-    """``a @ b`` (FP32, C order) by cublasGemmEx with CUBLAS_COMPUTE_32F_FAST_TF32 (tensor cores).
-
-    cuBLAS is column-major: a row-major ``C = A @ B`` is the column-major ``C^T = B^T @ A^T``.
-    """
-    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
-
-    m, k = a.shape
-    n = b.shape[1]
-    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
-    out = cp.empty((m, n), dtype=cp.float32)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, stream.ptr)
-    cublas.setPointerMode(handle, getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0))
-    r32f = getattr(cp.cuda.runtime, "CUDA_R_32F", 0)
-    cublas.gemmEx(handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, r32f, n, a.data.ptr, r32f, k,
-                  zero.ctypes.data, out.data.ptr, r32f, n, getattr(cublas, "CUBLAS_COMPUTE_32F_FAST_TF32", 77),
-                  getattr(cublas, "CUBLAS_GEMM_DEFAULT", -1))
-    return out
 
 
 @contextmanager

@@ -20,24 +20,31 @@ from .. import __version__
 from ..config import Settings
 from ..dispatch import Dispatcher
 from ..metrics import Metrics
+from .shm_routes import ShmScope, shm_blueprint
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from ..kaas import KaasService
+    from ..shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "statistics", "system_shared_memory"]
 
 
-def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaas: KaasService | None = None) -> Flask:
-    """The Flask app of the Open Inference Protocol endpoints (and of KaaS, ``/v1/...``, given ``kaas``)."""
+def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaas: KaasService | None = None,
+               shm: SharedMemoryRegistry | None = None) -> Flask:
+    """The Flask app of the Open Inference Protocol endpoints (and of KaaS, ``/v1/...``, given ``kaas``;
+    of system shared memory, ``/v2/systemsharedmemory/...``, given ``shm``)."""
     app = Flask("accelshim")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if kaas is not None:
         from .kaas_routes import kaas_blueprint  # noqa: PLC0415
 
         app.register_blueprint(kaas_blueprint(kaas))
+    if shm is not None:
+        app.register_blueprint(shm_blueprint(shm))
+    extensions = [e for e in EXTENSIONS if shm is not None or e != "system_shared_memory"]
     registry = dispatcher.registry
 
     @app.get("/v2/health/live")
@@ -52,7 +59,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
 
     @app.get("/v2")
     def server_metadata() -> Any:
-        return jsonify(name="accelshim", version=__version__, extensions=EXTENSIONS)
+        return jsonify(name="accelshim", version=__version__, extensions=extensions)
 
     @app.get("/v2/models")
     def models() -> Any:
@@ -97,10 +104,12 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
         length = request.headers.get(HEADER_LENGTH)
         if length is not None and not length.strip().isdigit():
             raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
-        infer_request = decode_request(body, int(length) if length is not None else None)
-        response = dispatcher.infer(name, infer_request)
-        binary = {t.name: infer_request.binary_output(t.name) for t in response.outputs}
-        payload, headers = encode_response(response, binary)
+        with ShmScope(shm) as regions:  # inputs read from, outputs written to shared memory regions
+            infer_request = decode_request(body, int(length) if length is not None else None, regions.input)
+            response = dispatcher.infer(name, infer_request)
+            regions.place_outputs(infer_request, response)
+            binary = {t.name: infer_request.binary_output(t.name) for t in response.outputs}
+            payload, headers = encode_response(response, binary)
         return Response(payload, status=200, headers=headers)
 
     @app.get("/metrics")

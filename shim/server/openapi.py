@@ -46,6 +46,8 @@ _NAME_PARAM = {"name": "name", "in": "path", "required": True, "description": "o
 _VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": ["1"]}}
 _KEY_PARAM = {"name": "key", "in": "path", "required": True, "description": "buffer key",
               "schema": {"type": "string", "pattern": f"^{NAME.pattern}$", "maxLength": 128}}
+_REGION_PARAM = {"name": "region", "in": "path", "required": True, "description": "shared memory region name",
+                 "schema": {"type": "string", "pattern": f"^{NAME.pattern}$", "maxLength": 128}}
 _TENANT_PARAM = {"name": "tenant", "in": "query", "required": False,
                  "description": "the owner; only the caller's own tenant is allowed (else 403)",
                  "schema": {"type": "string", "maxLength": 64}}
@@ -120,9 +122,31 @@ def _paths() -> dict[str, dict[str, Any]]:
                                  {**_ok({"type": "object"}), **_errors(*_WORK_ERRORS, 403, 507)},
                                  params=(_DEADLINE_PARAM,),
                                  body={"required": True, "content": {JSON: {"schema": {"type": "object"}}}})},
+        **_shm_paths(),
         "/metrics": {"get": _op("Prometheus metrics (per op and per tenant)",
                                 _ok({"type": "string"}, content_type="text/plain"), secure=False)},
         "/openapi.json": {"get": _op("This document", _ok({"type": "object"}), secure=False)},
+    }
+
+
+def _shm_paths() -> dict[str, dict[str, Any]]:
+    """The system_shared_memory extension (Triton's; docs/shared-memory.md): the caller's regions."""
+    status = {"type": "array", "items": _ref("ShmRegionStatus")}
+    done = _ok(None, "done (empty body, as Triton)")
+    register_body = {"required": True, "content": {JSON: {"schema": _ref("ShmRegisterRequest")}}}
+    return {
+        "/v2/systemsharedmemory/status": {"get": _op("The caller's shared memory regions",
+                                                     {**_ok(status), **_errors(401)})},
+        "/v2/systemsharedmemory/region/{region}/status": {"get": _op(
+            "One shared memory region", {**_ok(status), **_errors(400, 401, 403, 404)}, params=(_REGION_PARAM,))},
+        "/v2/systemsharedmemory/region/{region}/register": {"post": _op(
+            "Map byte_size bytes at offset of /dev/shm/<key> as a region (key: a POSIX shm name, no path)",
+            {**done, **_errors(400, 401, 403, 413, 429, 507)}, params=(_REGION_PARAM,), body=register_body)},
+        "/v2/systemsharedmemory/unregister": {"post": _op("Unregister all the caller's regions",
+                                                          {**done, **_errors(401)})},
+        "/v2/systemsharedmemory/region/{region}/unregister": {"post": _op(
+            "Unregister one region (an unknown one too, as Triton)", {**done, **_errors(400, 401, 403)},
+            params=(_REGION_PARAM,))},
     }
 
 
@@ -151,6 +175,12 @@ def _schemas() -> dict[str, Any]:
             "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
             "platform": {"type": "string"}, "inputs": {"type": "array", "items": spec},
             "outputs": {"type": "array", "items": spec}}},
+        "ShmRegionStatus": {"type": "object", "required": ["name", "key", "offset", "byte_size"], "properties": {
+            "name": {"type": "string"}, "key": {"type": "string"}, "offset": {"type": "integer", "minimum": 0},
+            "byte_size": {"type": "integer", "minimum": 0}}},
+        "ShmRegisterRequest": {"type": "object", "required": ["key", "byte_size"], "properties": {
+            "key": {"type": "string", "pattern": "^/?[A-Za-z0-9_.-]{1,200}$"},
+            "offset": {"type": "integer", "minimum": 0}, "byte_size": {"type": "integer", "minimum": 1}}},
         "ServerMetadata": {"type": "object", "required": ["name", "version", "extensions"], "properties": {
             "name": {"type": "string"}, "version": {"type": "string"},
             "extensions": {"type": "array", "items": {"type": "string"}}}},

@@ -10,11 +10,15 @@ import json
 from . import datatypes as dt
 from ._record import Record
 from .errors import InvalidInput
+from .shm import SharedMemoryRef
 from .tensor import Tensor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Callable, Mapping, Sequence
+
+    #: (tensor name, where its bytes lie) -> those bytes; the shim maps regions, the client its own
+    Resolver = Callable[[str, SharedMemoryRef], memoryview]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: milliseconds the caller will still wait for the answer; the shim drops a request whose time is up
@@ -25,12 +29,14 @@ BINARY_TYPE = "application/octet-stream"
 
 
 class RequestedOutput(Record):
-    """An entry of a request's ``outputs``: which output, and whether it comes back binary."""
+    """An entry of a request's ``outputs``: which output, whether it comes back binary, or into which
+    shared memory region (``shm``, read from its parameters)."""
 
-    __slots__ = ("name", "binary", "parameters")
+    __slots__ = ("name", "binary", "parameters", "shm")
 
     def __init__(self, name: str, binary: bool | None = None, parameters: dict[str, Any] | None = None) -> None:
         self.name, self.binary, self.parameters = name, binary, parameters or {}
+        self.shm = SharedMemoryRef.from_parameters(self.parameters, f"output {name!r}")
 
 
 class InferRequest(Record):
@@ -80,8 +86,11 @@ def encode_request(request: InferRequest, binary: bool = True) -> tuple[bytes, d
     return _write_message(header, "inputs", request.inputs, lambda t: binary)
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Parse a request body; raises InvalidInput naming what is wrong."""
+def decode_request(body: bytes, header_length: int | None, resolve: Resolver | None = None) -> InferRequest:
+    """Parse a request body; raises InvalidInput naming what is wrong.
+
+    ``resolve`` gives the bytes of inputs in shared memory; without it such inputs are refused.
+    """
     header, blob = _split(body, header_length)
     params = _object(header.get("parameters", {}), "request parameters")
     outputs = None
@@ -95,7 +104,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             if binary is not None and not isinstance(binary, bool):
                 raise InvalidInput(f"output {name!r}: binary_data must be true or false")
             outputs.append(RequestedOutput(name, binary, oparams))
-    inputs = _read_tensors(header, "inputs", blob)
+    inputs = _read_tensors(header, "inputs", blob, resolve)
     req_id = header.get("id")
     return InferRequest(inputs, outputs, params, None if req_id is None else str(req_id))
 
@@ -114,9 +123,10 @@ def encode_response(response: InferResponse, binary: Mapping[str, bool] | bool) 
     return _write_message(header, "outputs", response.outputs, pick)
 
 
-def decode_response(body: bytes, header_length: int | None) -> InferResponse:
+def decode_response(body: bytes, header_length: int | None, resolve: Resolver | None = None) -> InferResponse:
+    """Parse a response body; ``resolve`` gives the bytes of outputs written to shared memory."""
     header, blob = _split(body, header_length)
-    outputs = _read_tensors(header, "outputs", blob)
+    outputs = _read_tensors(header, "outputs", blob, resolve)
     return InferResponse(
         model_name=str(header.get("model_name", "")), outputs=outputs,
         model_version=header.get("model_version"), id=header.get("id"),
@@ -131,7 +141,9 @@ def _write_message(header: dict[str, Any], key: str, tensors: Sequence[Tensor],
     for t in tensors:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         params = dict(t.parameters)
-        if is_binary(t):
+        if SharedMemoryRef.from_parameters(params, f"tensor {t.name!r}") is not None:
+            params.pop("binary_data_size", None)  # the bytes are in the region: neither data nor a binary part
+        elif is_binary(t):
             params["binary_data_size"] = len(t.raw)
             chunks.append(t.raw)
         else:
@@ -160,7 +172,8 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
     return _object(header, "inference header"), view[header_length:]
 
 
-def _read_tensors(header: Mapping[str, Any], key: str, blob: memoryview) -> list[Tensor]:
+def _read_tensors(header: Mapping[str, Any], key: str, blob: memoryview,
+                  resolve: Resolver | None = None) -> list[Tensor]:
     tensors: list[Tensor] = []
     seen: set[str] = set()
     offset = 0
@@ -177,7 +190,11 @@ def _read_tensors(header: Mapping[str, Any], key: str, blob: memoryview) -> list
         dt.check_shape(tuple(shape), f"{key[:-1]} {name!r}")
         params = _object(entry.get("parameters", {}), f"{key[:-1]} {name!r} parameters")
         size = params.get("binary_data_size")
-        if size is not None:
+        shm = SharedMemoryRef.from_parameters(params, f"{key[:-1]} {name!r}")
+        if shm is not None:
+            tensors.append(_shm_tensor(name, datatype, tuple(shape), params, shm, "data" in entry or size is not None,
+                                       resolve, key[:-1]))
+        elif size is not None:
             if "data" in entry:
                 raise InvalidInput(f"{key[:-1]} {name!r} has both data and binary_data_size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -197,6 +214,22 @@ def _read_tensors(header: Mapping[str, Any], key: str, blob: memoryview) -> list
         raise InvalidInput(f"the body carries {len(blob)} bytes of binary data but the {key} "
                            f"declare {offset}")
     return tensors
+
+
+def _shm_tensor(name: str, datatype: str, shape: tuple[int, ...], params: dict[str, Any], shm: SharedMemoryRef,
+                has_data: bool, resolve: Resolver | None, what: str) -> Tensor:
+    """A tensor whose bytes lie in a shared memory region (checked to be exactly its size)."""
+    if has_data:
+        raise InvalidInput(f"{what} {name!r} is in shared memory region {shm.region!r} and carries data too")
+    if resolve is None:
+        raise InvalidInput(f"{what} {name!r} is in shared memory region {shm.region!r}, which is not "
+                           "served here")
+    if datatype != dt.BYTES:
+        want = dt.element_count(shape) * dt.FIXED[datatype][1]
+        if shm.byte_size != want:
+            raise InvalidInput(f"{what} {name!r}: shared_memory_byte_size is {shm.byte_size} but shape "
+                               f"{list(shape)} of {datatype} is {want} bytes")
+    return Tensor(name, datatype, shape, resolve(name, shm), params)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

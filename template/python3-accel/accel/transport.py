@@ -111,11 +111,23 @@ class Connection:
         if body is not None or method in ("POST", "PUT"):
             lines.append(f"Content-Length: {len(body or b'')}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if body and len(body) > 65536:
-            self.sock.sendall(head)
-            self.sock.sendall(body)
-        else:
-            self.sock.sendall(head + (body or b""))
+        try:
+            if body and len(body) > 65536:
+                self.sock.sendall(head)
+                self.sock.sendall(body)
+            else:
+                self.sock.sendall(head + (body or b""))
+        except (BrokenPipeError, ConnectionResetError):
+            # The shim may answer before the body is all sent (413: too large) and close; its answer
+            # is then already in our receive buffer and says more than the broken pipe does.
+            try:
+                early = self._read_response(method)
+            except OSError:
+                early = None
+            if early is None or early.status < 400:
+                raise
+            self.close()
+            return early
         return self._read_response(method)
 
     def _line(self) -> bytes:

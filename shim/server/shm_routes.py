@@ -1,0 +1,147 @@
+"""HTTP face of the system shared memory extension (Triton's ``system_shared_memory``).
+
+The endpoints (``/v2/systemsharedmemory/...``: status, register, unregister) and ``ShmScope``, the
+step of an infer request between decode and dispatch (inputs read from regions, no copy) and
+between dispatch and encode (requested outputs written into regions). Regions belong to the
+request's tenant (``guard.current_tenant``); errors are ``accel.errors``, answered by the app's one
+error handler.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from accel.codec import InferRequest, InferResponse
+from accel.errors import InvalidInput, PayloadTooLarge
+from accel.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRef
+
+from ..shm import Region, SharedMemoryRegistry
+from .guard import current_tenant
+
+#: a register request is three small fields
+MAX_REGISTER_BODY = 64 * 1024
+_SHM_KEYS = (REGION, BYTE_SIZE, OFFSET)
+
+
+def shm_blueprint(registry: SharedMemoryRegistry) -> Blueprint:
+    """The blueprint of the ``/v2/systemsharedmemory`` endpoints over ``registry``."""
+    bp = Blueprint("system_shared_memory", __name__)
+
+    @bp.get("/v2/systemsharedmemory/status")
+    def status_all() -> Any:
+        return jsonify(registry.status(None, current_tenant()))
+
+    @bp.get("/v2/systemsharedmemory/region/<region>/status")
+    def status(region: str) -> Any:
+        return jsonify(registry.status(region, current_tenant()))
+
+    @bp.post("/v2/systemsharedmemory/region/<region>/register")
+    def register(region: str) -> Any:
+        doc = _register_request()
+        registry.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"], current_tenant())
+        return Response(status=200)  # as Triton: success is the status alone
+
+    @bp.post("/v2/systemsharedmemory/unregister")
+    def unregister_all() -> Any:
+        registry.unregister(None, current_tenant())
+        return Response(status=200)
+
+    @bp.post("/v2/systemsharedmemory/region/<region>/unregister")
+    def unregister(region: str) -> Any:
+        registry.unregister(region, current_tenant())
+        return Response(status=200)
+
+    return bp
+
+
+def _register_request() -> dict[str, Any]:
+    """``{"key": str, "offset": int, "byte_size": int}`` from the body (types checked by the registry)."""
+    length = request.content_length or 0
+    if length > MAX_REGISTER_BODY:
+        raise PayloadTooLarge(f"a register request is at most {MAX_REGISTER_BODY} bytes, not {length}")
+    body = request.environ["wsgi.input"].read(length) if length else b""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the register request is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput('the register request must be a JSON object {"key", "offset", "byte_size"}')
+    missing = [k for k in ("key", "byte_size") if k not in doc]
+    if missing:
+        raise InvalidInput(f"the register request has no {missing[0]!r}")
+    return doc
+
+
+class ShmScope:
+    """The shared memory part of one infer request; a context manager that keeps the regions it
+    used mapped until the request is answered.
+
+    Args:
+        registry: the shim's regions, or None when the shim serves no shared memory (such requests: 400).
+        tenant: whose regions the request may name.
+    """
+
+    def __init__(self, registry: SharedMemoryRegistry | None, tenant: str | None = None) -> None:
+        self._registry = registry
+        self._tenant = tenant or current_tenant()
+        self._pinned: dict[str, Region] = {}
+        self._given: dict[int, tuple[memoryview, str, int]] = {}  # id(view) -> (view, region, offset)
+
+    def __enter__(self) -> "ShmScope":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pinned, self._pinned = self._pinned, {}
+        self._given.clear()
+        for region in pinned.values():
+            self._registry.release(region)  # type: ignore[union-attr]
+
+    def input(self, tensor: str, ref: SharedMemoryRef) -> memoryview:
+        """The bytes of input ``tensor`` in its region, read-only and not copied (the codec's resolver)."""
+        region = self._pin(ref.region, tensor)
+        view = SharedMemoryRegistry.view(region, ref.offset, ref.byte_size, tensor).toreadonly()
+        self._given[id(view)] = (view, ref.region, ref.offset)
+        return view
+
+    def place_outputs(self, request: InferRequest, response: InferResponse) -> None:
+        """Write the outputs that ``request`` asked for in shared memory into their regions; they are
+        answered with the region parameters and no data (the actual ``shared_memory_byte_size``).
+
+        Raises:
+            InvalidInput: a region too small for its output (the output is named), or shared memory
+                asked of a shim that serves none.
+            OpNotFound: an unknown region.
+        """
+        wanted = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+        for tensor in response.outputs:
+            ref = wanted.get(tensor.name)
+            params = {k: v for k, v in tensor.parameters.items() if k not in _SHM_KEYS and k != "binary_data_size"}
+            if ref is None:
+                if len(params) != len(tensor.parameters):  # e.g. an input echoed with its region parameters
+                    tensor.parameters = params
+                continue
+            raw = memoryview(tensor.raw)
+            nbytes = raw.nbytes
+            if nbytes > ref.byte_size:
+                raise InvalidInput(f"output {tensor.name!r} is {nbytes} bytes but its shared_memory_byte_size "
+                                   f"is {ref.byte_size}: register or ask for a larger region")
+            region = self._pin(ref.region, tensor.name)
+            target = SharedMemoryRegistry.view(region, ref.offset, nbytes, tensor.name)
+            if not self._is_same(tensor.raw, ref):  # noop into the input's own bytes: nothing to move
+                target[:] = raw if raw.format == "B" and raw.ndim == 1 else raw.cast("B")
+            tensor.parameters = {**params, **SharedMemoryRef(ref.region, nbytes, ref.offset).parameters()}
+
+    def _pin(self, name: str, tensor: str) -> Region:
+        if self._registry is None:
+            raise InvalidInput(f"tensor {tensor!r} names shared memory region {name!r}, but this shim serves no "
+                               "shared memory (system_shared_memory is off)")
+        region = self._pinned.get(name)
+        if region is None:
+            region = self._pinned[name] = self._registry.pin(name, self._tenant, tensor)
+        return region
+
+    def _is_same(self, raw: Any, ref: SharedMemoryRef) -> bool:
+        given = self._given.get(id(raw))
+        return given is not None and given[0] is raw and given[1:] == (ref.region, ref.offset)
