@@ -1,9 +1,9 @@
 """The CUDA backend: cuBLAS (through cupy) for GEMM, onnxruntime's CUDA provider for models, and
 classify's resize + normalisation as preloaded CuPy kernels (``shim/kernels/resample.cu``).
 
-A request borrows a device worker (a CUDA stream, a cuBLAS handle on it, pinned host buffers
-through which inputs go up and results come down); workers are made and warmed at start, so the
-first request of a new server thread pays for none of that. ``memory_limit`` caps cupy's memory pool: a request that cannot fit
+Device work runs on a few device threads, each with its own worker (a CUDA stream, a cuBLAS
+handle on it, pinned host buffers through which inputs go up and results come down), all made
+and warmed at start: the first request pays for none of that. ``memory_limit`` caps cupy's memory pool: a request that cannot fit
 at all gets InsufficientStorage (507); one that cannot fit *now*, because other requests hold the
 memory, gets NotReady (503, retry). Sticky CUDA errors (the context is lost) raise DeviceLost.
 """
@@ -15,7 +15,8 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import cupy as cp
 import numpy as np
@@ -36,13 +37,14 @@ log = logging.getLogger(__name__)
 STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
 PINNED_MAX_BYTES = 256 << 20   # larger operands go up from pageable memory (no pinned copy kept)
 PINNED_MIN_BYTES = 16 << 20    # each pinned buffer starts this big (a 2048x2048 FP32 operand)
-WARM_WORKERS = 4               # device workers made and warmed at start (more when busy)
+DEVICE_THREADS = 8             # threads that do the device work, each with its own stream
 # cudaDataType, cublasComputeType and the scalar type of alpha/beta, per numpy dtype char
 _GEMM_TYPES = {"e": (2, 68, np.float32), "f": (0, 68, np.float32), "d": (1, 70, np.float64)}
 _COMPUTE_32F_FAST_TF32 = 77
 _GEMM_DEFAULT = -1
 _THREADS_PER_BLOCK = 256
 _ORT_CUDA_ERROR = re.compile(r"CUDA (?:failure|error) (\d+)")
+T = TypeVar("T")
 
 
 class CudaBackend:
@@ -58,37 +60,34 @@ class CudaBackend:
         self.memory_limit = memory_limit
         if memory_limit:
             self._pool.set_limit(size=memory_limit)
-        self._idle: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._local = threading.local()
+        # Device work runs on these threads, each with its own warmed worker: request threads hand
+        # jobs over (tens of microseconds) instead of paying CUDA's per-thread set-up on first use.
+        self._executor = ThreadPoolExecutor(max_workers=DEVICE_THREADS, thread_name_prefix="cuda")
+        barrier = threading.Barrier(DEVICE_THREADS)
+        for started in [self._executor.submit(self._start_thread, barrier) for _ in range(DEVICE_THREADS)]:
+            started.result()
+
+    # --- device threads: a stream, a cuBLAS handle and pinned buffers each --------------------
+    def _start_thread(self, barrier: threading.Barrier) -> None:
+        cp.cuda.Device(self.device_id).use()
         with device_errors():
             cp.empty(1, dtype=cp.float32)  # the CUDA context, now rather than on the first request
-            warm = [self._new_worker() for _ in range(WARM_WORKERS)]
-            for worker in warm:  # cuBLAS handles, kernels and pinned buffers, before the first request
-                with worker.stream:
-                    for dtype in (np.float16, np.float32, np.float64):
-                        x = np.ones((8, 8), dtype=dtype)
-                        self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
-            self._idle.extend(warm)
+            worker = self._local.worker = _Worker()
+            with worker.stream:  # cuBLAS, kernels and pinned buffers, before the first request
+                for dtype in (np.float16, np.float32, np.float64):
+                    x = np.ones((8, 8), dtype=dtype)
+                    self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
+        barrier.wait(timeout=120)  # one start per thread
 
-    # --- device workers: a stream, a cuBLAS handle and pinned buffers each ------------------
-    def _new_worker(self) -> "_Worker":
-        cp.cuda.Device(self.device_id).use()
-        return _Worker()
-
-    @contextmanager
-    def worker(self) -> Iterator["_Worker"]:
-        """A device worker for the calling thread, for the block (made when all are busy)."""
-        with self._lock:
-            worker = self._idle.pop() if self._idle else None
-        if worker is None:
-            worker = self._new_worker()
-        cp.cuda.Device(self.device_id).use()
-        try:
+    def on_device(self, job: Callable[["_Worker"], T]) -> T:
+        """Run ``job(worker)`` on a device thread, in its worker's stream; raises what it raised."""
+        def run() -> T:
+            worker: _Worker = self._local.worker
             with worker.stream:
-                yield worker
-        finally:
-            with self._lock:
-                self._idle.append(worker)
+                return job(worker)
+
+        return self._executor.submit(run).result()
 
     def _check_fits(self, nbytes: int, what: str) -> None:
         if self.memory_limit and nbytes > self.memory_limit:
@@ -101,8 +100,8 @@ class CudaBackend:
         m, n = a.shape[0], b.shape[1]
         self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
-        with device_errors(self._pool), self.worker() as worker:
-            return self._gemm_on(worker, a, b, c, alpha, beta, precision)
+        with device_errors(self._pool):
+            return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision))
 
     @staticmethod
     def _gemm_on(worker: "_Worker", a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
@@ -228,7 +227,8 @@ class CudaImagePipeline:
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
         parts = []
-        with device_errors(), self._backend.worker() as state:
+
+        def run(state: _Worker) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 batch = cp.empty((len(chunk), 3, size, size), dtype=cp.float32)
@@ -237,14 +237,20 @@ class CudaImagePipeline:
                 state.stream.synchronize()  # onnxruntime runs on its own stream
                 parts.append(self.runner.run_device(self._input, batch.data.ptr, batch.shape,
                                                     self._backend.device_id))
+
+        with device_errors():
+            self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
-        with device_errors(), self._backend.worker() as state:
+        def run(state: _Worker) -> np.ndarray:
             out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
             self._preprocess(state, pixels, out)
             return cp.asnumpy(out, stream=state.stream)
+
+        with device_errors():
+            return self._backend.on_device(run)
 
     def _preprocess(self, state: _Worker, pixels: np.ndarray, out: cp.ndarray) -> None:
         height, width, channels = pixels.shape

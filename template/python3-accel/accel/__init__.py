@@ -9,10 +9,11 @@ Importing ``accel`` loads the standard library alone; numpy is imported when arr
 from .client import Client
 from .errors import (AccelError, DeadlineExceeded, Forbidden, InsufficientStorage, InternalError, InvalidInput, NotReady,
                      OpNotFound, PayloadTooLarge, QuotaExceeded, ShimUnavailable, Unauthorized)
+from .shm import SharedMemory
 from .tensor import Tensor
 from .types import Prediction
 
 __version__ = "0.1.0"
-__all__ = ["Client", "Tensor", "Prediction", "AccelError", "InvalidInput", "Unauthorized", "Forbidden",
+__all__ = ["Client", "Tensor", "SharedMemory", "Prediction", "AccelError", "InvalidInput", "Unauthorized", "Forbidden",
            "OpNotFound", "PayloadTooLarge", "QuotaExceeded", "InternalError", "NotReady",
            "InsufficientStorage", "DeadlineExceeded", "ShimUnavailable", "__version__"]

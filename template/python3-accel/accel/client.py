@@ -6,8 +6,9 @@ import json
 import os
 import time
 
-from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, decode_response, encode_request
-from .errors import AccelError, InvalidInput, NotReady, ShimUnavailable, error_for_status
+from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, RequestedOutput, decode_response, encode_request
+from .errors import AccelError, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
+from .shm import SharedMemory, place_request, resolver
 from .tensor import Tensor
 from .transport import HTTPTransport, Response
 from .types import Prediction
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import numpy as np
 
+    from .codec import Resolver
     from .transport import Transport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -55,6 +57,7 @@ class Client:
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.binary = binary
         self._transport = transport if transport is not None else HTTPTransport(self.url)
+        self._shm_registered: dict[str, str] = {}  # region name -> key, as this client registered it
 
     # --- plumbing -------------------------------------------------------------------------
     def headers(self, headers: Mapping[str, str]) -> "_HeaderScope":
@@ -139,41 +142,121 @@ class Client:
         return json.loads(self._call("GET", f"/v2/models/{_segment(op)}").body)
 
     # --- inference ------------------------------------------------------------------------
-    def infer_tensors(self, model: str, inputs: Sequence[Tensor], parameters: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
-        """Run ``model`` on protocol tensors and return its outputs as tensors (needs no numpy)."""
-        request = InferRequest(list(inputs), parameters=dict(parameters or {}), id=os.urandom(8).hex())
+    def infer_tensors(self, model: str, inputs: Sequence[Tensor], parameters: Mapping[str, Any] | None = None, *,
+                      outputs: Sequence[RequestedOutput] | None = None, resolve: Resolver | None = None) -> dict[str, Tensor]:
+        """Run ``model`` on protocol tensors and return its outputs as tensors (needs no numpy).
+
+        ``outputs`` (default: all, in the body) may ask for some in shared memory; ``resolve`` then reads them.
+        """
+        request = InferRequest(list(inputs), outputs, parameters=dict(parameters or {}), id=os.urandom(8).hex())
         body, headers = encode_request(request, binary=self.binary)
         resp = self._call("POST", f"/v2/models/{_segment(model)}/infer", body, headers)
         length = resp.header(HEADER_LENGTH)
         try:
-            decoded = decode_response(resp.body, int(length) if length is not None else None)
+            decoded = decode_response(resp.body, int(length) if length is not None else None, resolve)
         except (InvalidInput, ValueError) as exc:
             raise AccelError(f"the shim sent a response this client cannot read: {exc}") from exc
         return {t.name: t for t in decoded.outputs}
 
-    def infer(self, model: str, inputs: Mapping[str, Any], parameters: Mapping[str, Any] | None = None) -> dict[str, "np.ndarray"]:
+    def infer(self, model: str, inputs: Mapping[str, Any], parameters: Mapping[str, Any] | None = None, *,
+              shm: SharedMemory | None = None, outputs: Mapping[str, Any] | None = None) -> dict[str, "np.ndarray"]:
         """Run ``model`` (any op or ONNX model of the shim) on numpy arrays.
 
         Args:
             model: the op or model name, e.g. ``"efficientnet-lite0"``.
             inputs: input name -> array.
             parameters: the protocol request ``parameters``.
+            shm: pass tensors through this shared memory region (same host; registered on first use):
+                inputs that are views of it (``shm.array(...)``) are not copied, others are copied in.
+            outputs: with ``shm``, output name -> byte size, or a view of ``shm`` to write it into, or
+                None for the response body; only the outputs named are returned. Default: all, in the body.
         Returns:
-            output name -> numpy array.
+            output name -> numpy array (outputs in ``shm``: views of it, valid until it is reused).
         """
-        tensors = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
-        return {name: t.numpy() for name, t in self.infer_tensors(model, tensors, parameters).items()}
+        if shm is None:
+            tensors = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
+            return {name: t.numpy() for name, t in self.infer_tensors(model, tensors, parameters).items()}
+        tensors, requested = place_request(shm, inputs, outputs)
+        self._ensure_shm(shm)
+        try:
+            out = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+        except OpNotFound as exc:  # the shim restarted and forgot the region: register it again, once
+            if "shared memory region" not in exc.message:
+                raise
+            self._shm_registered.pop(shm.name, None)
+            self._ensure_shm(shm)
+            out = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+        return {name: t.numpy() for name, t in out.items()}
 
     def noop(self, **arrays: Any) -> dict[str, "np.ndarray"]:
         """Send ``arrays`` through the shim and back, unchanged (measures the path itself)."""
         return self.infer("noop", arrays)
 
-    def gemm(self, a: Any, b: Any, c: Any = None, alpha: float = 1.0, beta: float = 0.0) -> "np.ndarray":
-        """``alpha * a @ b + beta * c`` on the shim's device (FP16, FP32 or FP64, one dtype)."""
+    def gemm(self, a: Any, b: Any, c: Any = None, alpha: float = 1.0, beta: float = 0.0, *,
+             shm: SharedMemory | None = None, out: Any = None) -> "np.ndarray":
+        """``alpha * a @ b + beta * c`` on the shim's device (FP16, FP32 or FP64, one dtype).
+
+        With ``shm``, operands and result pass through that shared memory region (see ``infer``): build
+        ``a`` and ``b`` with ``shm.array(...)`` and nothing is copied on this side; the result is a view
+        of the region (``out``, a view of it, says where; else free space after the operands).
+        """
         inputs = {"A": a, "B": b}
         if c is not None:
             inputs["C"] = c
-        return self.infer("gemm", inputs, {"alpha": float(alpha), "beta": float(beta)})["C"]
+        params = {"alpha": float(alpha), "beta": float(beta)}
+        if shm is None:
+            return self.infer("gemm", inputs, params)["C"]
+        where = out
+        if where is None:
+            a_shape, b_shape = getattr(a, "shape", ()), getattr(b, "shape", ())
+            itemsize = getattr(getattr(a, "dtype", None), "itemsize", 0)
+            # a result of unknown size (malformed operands: the shim says why) comes in the body
+            where = a_shape[0] * b_shape[1] * itemsize if len(a_shape) == 2 and len(b_shape) == 2 and itemsize else None
+        return self.infer("gemm", inputs, params, shm=shm, outputs={"C": where})["C"]
+
+    # --- system shared memory (docs/shared-memory.md) ----------------------------------------
+    def register_shm(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
+        """Register ``byte_size`` bytes at ``offset`` of POSIX shared memory object ``key`` as region ``name``.
+
+        Raises:
+            InvalidInput: a bad name or key, no such object, out of its bounds, or the name is taken (400);
+            QuotaExceeded / InsufficientStorage: over the tenant's region count (429) or bytes (507).
+        """
+        body = json.dumps({"key": key, "offset": int(offset), "byte_size": int(byte_size)}).encode()
+        self._call("POST", f"/v2/systemsharedmemory/region/{_segment(name)}/register", body,
+                   {"Content-Type": "application/json"})
+
+    def unregister_shm(self, name: str | None = None) -> None:
+        """Unregister region ``name`` (None: all of this tenant's regions); an unknown name is no error."""
+        path = "/v2/systemsharedmemory/unregister" if name is None else \
+            f"/v2/systemsharedmemory/region/{_segment(name)}/unregister"
+        self._call("POST", path, b"")
+        if name is None:
+            self._shm_registered.clear()
+        else:
+            self._shm_registered.pop(name, None)
+
+    def shm_status(self, name: str | None = None) -> list[dict[str, Any]]:
+        """``[{"name", "key", "offset", "byte_size"}]`` of region ``name`` (None: of all this tenant's)."""
+        path = "/v2/systemsharedmemory/status" if name is None else \
+            f"/v2/systemsharedmemory/region/{_segment(name)}/status"
+        return json.loads(self._call("GET", path).body)
+
+    def _ensure_shm(self, region: SharedMemory) -> None:
+        """Register ``region`` unless this client did so already (with the same key)."""
+        known = self._shm_registered.get(region.name)
+        if known == region.key:
+            return
+        if known is not None:  # the name now stands for another object: the shim must map that one
+            self.unregister_shm(region.name)
+        try:
+            self.register_shm(region.name, region.key, region.byte_size)
+        except InvalidInput as exc:  # left registered by an earlier client of this tenant: take it over
+            if "already registered" not in exc.message:
+                raise
+            self.unregister_shm(region.name)
+            self.register_shm(region.name, region.key, region.byte_size)
+        self._shm_registered[region.name] = region.key
 
     def classify(self, images: bytes | Sequence[bytes], top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
         """Classify encoded images (JPEG, PNG, WebP, BMP, GIF) with the shim's ImageNet model.

@@ -10,7 +10,6 @@ numpy are imported only when a ``SharedMemory`` is made or viewed.
 from __future__ import annotations
 
 import os
-import re
 
 from ._record import Record
 from .errors import InvalidInput
@@ -26,7 +25,7 @@ BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
 #: placement of tensors copied into a region: what numpy and SIMD kernels like
 ALIGN = 64
-_REGION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")  # no ``re``: ~5 ms
 
 
 class SharedMemoryRef(Record):
@@ -73,7 +72,9 @@ class SharedMemory:
     The shim must see the same ``/dev/shm`` (same host; in Kubernetes see docs/shared-memory.md).
     Build inputs in place with ``array()`` and pass ``shm=`` to ``Client.infer``/``gemm``: inputs that
     are views of this region are not copied at all, others are copied in once; outputs are written
-    here by the shim and come back as views of it.
+    here by the shim and come back as views of it. ``array()`` hands out the region's space from the
+    start on (an arena; ``reset()`` starts over); a call puts its copies and outputs in the space that
+    no ``array()`` holds, so results are valid until the next call through this region.
 
     Args:
         name: the region name the shim knows it by (per tenant; ``[A-Za-z0-9_.-]``, up to 128).
@@ -88,7 +89,8 @@ class SharedMemory:
     def __init__(self, name: str, byte_size: int, *, key: str | None = None, create: bool = True) -> None:
         from multiprocessing import shared_memory  # noqa: PLC0415  (lazily: keeps ``import accel`` light)
 
-        if not isinstance(name, str) or not _REGION_NAME.fullmatch(name) or ".." in name:
+        if not isinstance(name, str) or not 0 < len(name) <= 128 or not _NAME_CHARS.issuperset(name) \
+                or name[0] in "_.-" or ".." in name:
             raise InvalidInput(f"invalid shared memory region name {name!r}: use 1 to 128 of A-Z a-z 0-9 _ . -")
         if int(byte_size) < 1:
             raise InvalidInput(f"a shared memory region needs at least 1 byte, not {byte_size}")
@@ -98,19 +100,31 @@ class SharedMemory:
         self._shm = shared_memory.SharedMemory(self.key, create=create, size=int(byte_size) if create else 0)
         self.byte_size = int(byte_size) if create else self._shm.size
         self.buf: memoryview | None = self._shm.buf
+        self.held: list[tuple[int, int]] = []  # [start, end) of what array() handed out
 
     # --- views ------------------------------------------------------------------------------
-    def array(self, shape: Sequence[int] | int, dtype: Any = "float32", offset: int = 0) -> "np.ndarray":
-        """A numpy array of ``shape`` and ``dtype`` that *is* the region's memory from ``offset`` on."""
+    def array(self, shape: Sequence[int] | int, dtype: Any = "float32", offset: int | None = None) -> "np.ndarray":
+        """A numpy array of ``shape`` and ``dtype`` that *is* the region's memory (uninitialised).
+
+        ``offset`` None: the next free, 64-byte aligned space; else exactly there. Either way the
+        space is held (calls through the region leave it alone) until ``reset()``.
+        """
         import numpy as np  # noqa: PLC0415
 
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset is None:
+            offset = -(-max((end for _, end in self.held), default=0) // ALIGN) * ALIGN
         if offset < 0 or offset + nbytes > self.byte_size:
             raise InvalidInput(f"an array of {nbytes} bytes at offset {offset} does not fit region {self.name!r} "
                                f"of {self.byte_size} bytes")
+        self.held.append((offset, offset + nbytes))
         return np.ndarray(shape, dtype, buffer=self._view(), offset=offset)
+
+    def reset(self) -> None:
+        """Forget what ``array()`` handed out (the arrays stay valid; their space is free again)."""
+        self.held.clear()
 
     def offset_of(self, array: Any) -> int | None:
         """The offset of C-contiguous numpy ``array`` in this region, or None when it is not a view of it."""
@@ -137,12 +151,15 @@ class SharedMemory:
 
     # --- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Unmap; unlink too when this object created the shared memory object."""
+        """Unlink the shared memory object when this object created it, and unmap it (once no array
+        views it any more: ``del`` them first to unmap now)."""
         if self.buf is None:
             return
-        self.buf.release()
         self.buf = None
-        self._shm.close()
+        try:
+            self._shm.close()
+        except BufferError:  # arrays still view it: the mapping goes with the last of them
+            pass
         if self._owner:
             try:
                 self._shm.unlink()
@@ -164,7 +181,7 @@ class Layout:
 
     def __init__(self, region: SharedMemory) -> None:
         self.region = region
-        self._taken: list[tuple[int, int]] = []
+        self._taken: list[tuple[int, int]] = list(region.held)
 
     def claim(self, offset: int, nbytes: int) -> int:
         """Mark ``[offset, offset + nbytes)`` as used (a tensor the caller built in place)."""
@@ -187,3 +204,82 @@ class Layout:
             raise InvalidInput(f"shared memory region {self.region.name!r} ({self.region.byte_size} bytes) has no room "
                                f"for {what} ({nbytes} bytes; {used} bytes already placed in this call)")
         return self.claim(start, nbytes)
+
+
+def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None
+                  ) -> tuple[list[Any], list[Any] | None]:
+    """The input tensors and requested outputs of a call that passes tensors through ``region``.
+
+    Args:
+        inputs: name -> numpy array (or ``Tensor``, sent as it is). Arrays that are views of the region
+            (``region.array(...)``) are referenced where they lie; others are copied into free space.
+            BYTES arrays travel in the request body.
+        outputs: name -> where the shim writes it: a byte size (placed in free space), an array view of
+            the region (written exactly there), or None (in the response body). None: every output in
+            the response body.
+    Returns:
+        (tensors, requested outputs or None) for ``InferRequest``.
+    Raises:
+        InvalidInput: no room in the region, or an output array that is not a view of it.
+    """
+    import numpy as np  # noqa: PLC0415
+
+    from . import datatypes as dt  # noqa: PLC0415
+    from .codec import RequestedOutput  # noqa: PLC0415  (the codec imports this module)
+    from .tensor import Tensor  # noqa: PLC0415
+
+    layout = Layout(region)
+    arrays: dict[str, tuple[Any, int | None]] = {}
+    for name, value in inputs.items():
+        if isinstance(value, Tensor):
+            continue
+        array = np.asarray(value)
+        datatype = dt.from_numpy_dtype(array.dtype)
+        if datatype == dt.BYTES:
+            continue
+        native = np.dtype(dt.FIXED[datatype][2])
+        offset = region.offset_of(array) if array.dtype == native else None
+        if offset is not None:
+            layout.claim(offset, array.nbytes)
+        arrays[name] = (array, offset)
+    where: dict[str, SharedMemoryRef | None] = {}
+    for name, spec in (outputs or {}).items():
+        if spec is None or isinstance(spec, int):
+            where[name] = None if spec is None else SharedMemoryRef(region.name, spec, -1)
+            continue
+        offset = region.offset_of(spec)
+        if offset is None:
+            raise InvalidInput(f"output {name!r}: the array given for it is not a C-contiguous view of region "
+                               f"{region.name!r} (make it with region.array(...))")
+        where[name] = SharedMemoryRef(region.name, spec.nbytes, layout.claim(offset, spec.nbytes))
+    tensors: list[Any] = []
+    for name, value in inputs.items():
+        if name not in arrays:
+            tensors.append(value if isinstance(value, Tensor) else Tensor.from_numpy(name, value))
+            continue
+        array, offset = arrays[name]
+        if offset is None:
+            offset = layout.place(array.nbytes, f"input {name!r}")
+            region.array(array.shape, np.dtype(dt.FIXED[dt.from_numpy_dtype(array.dtype)][2]), offset)[...] = array
+        ref = SharedMemoryRef(region.name, array.nbytes, offset)
+        tensors.append(Tensor(name, dt.from_numpy_dtype(array.dtype), tuple(int(d) for d in array.shape),
+                              region.view(offset, array.nbytes), ref.parameters()))
+    requested = None
+    if outputs is not None:
+        requested = []
+        for name, ref in where.items():
+            if ref is not None and ref.offset < 0:  # a size: placed after the inputs
+                ref = SharedMemoryRef(region.name, ref.byte_size, layout.place(ref.byte_size, f"output {name!r}"))
+            requested.append(RequestedOutput(name, False, ref.parameters()) if ref is not None
+                             else RequestedOutput(name))
+    return tensors, requested
+
+
+def resolver(region: SharedMemory) -> Any:
+    """The codec's resolver for outputs the shim wrote into ``region`` (views, not copies)."""
+    def resolve(name: str, ref: SharedMemoryRef) -> memoryview:
+        if ref.region != region.name:
+            raise InvalidInput(f"output {name!r} is in region {ref.region!r}, not in {region.name!r}")
+        return region.view(ref.offset, ref.byte_size)
+
+    return resolve
