@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-USAGE = "python -m bench {overhead,gpu,load,kaas,all,plot} [options]   (python -m bench gpu --help for options)"
+USAGE = "python -m bench {overhead,gpu,load,kaas,all,plot,report} [options]   (python -m bench gpu --help for options)"
 
 
 def _run(argv: list[str], timeout: float) -> int:
@@ -61,6 +61,10 @@ def main(argv: list[str]) -> int:
         from bench.kaas import main as kaas
 
         return kaas(rest)
+    if command == "report":
+        from bench.report import main as report
+
+        return report(rest)
     if command == "plot":
         from bench.plot import main as plot
 

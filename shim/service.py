@@ -109,15 +109,14 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
 
 
 def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | None:
-    """The shared memory regions of ``settings`` (None: the extension is off). A backend that wants to
-    know of each mapping (the CUDA backend pins them for DMA) has ``shm_register(address, nbytes)`` and
-    ``shm_unregister(address, nbytes)``."""
+    """The shared memory regions of ``settings`` (None: the extension is off). The backend hears of
+    each mapping (the CUDA backend pins it, so that operands in it go to the GPU by DMA)."""
     if not settings.shared_memory:
         return None
     return SharedMemoryRegistry(settings.shm_dir, max_regions=settings.shm_max_regions,
                                 max_bytes=settings.shm_max_bytes, tenant_dirs=settings.shm_tenant_dirs,
-                                on_register=getattr(backend, "shm_register", None),
-                                on_unregister=getattr(backend, "shm_unregister", None))
+                                on_register=backend.register_host,
+                                on_unregister=lambda address, _nbytes: backend.unregister_host(address))
 
 
 def _buffer_quota(guard: Guard, default: int = 0) -> Callable[[str], int | None]:

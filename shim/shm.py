@@ -86,6 +86,7 @@ class SharedMemoryRegistry:
         self.max_regions, self.max_bytes, self.tenant_dirs = max_regions, max_bytes, tenant_dirs
         self.on_register, self.on_unregister = on_register, on_unregister
         self._regions: dict[tuple[str, str], Region] = {}
+        self._pending: dict[tuple[str, str], Region] = {}  # mapped, the backend not yet told
         self._lock = threading.Lock()
 
     # --- register / unregister --------------------------------------------------------------
@@ -106,26 +107,25 @@ class SharedMemoryRegistry:
         if byte_size == 0:
             raise InvalidInput(f"shared memory region {name!r}: byte_size must be at least 1")
         path = self._path(key, tenant)
+        region = self._map(name, key, path, offset, byte_size, tenant)  # first: a bad key is a 400, whatever else
         with self._lock:
-            self._check_room(name, byte_size, tenant)
-        region = self._map(name, key, path, offset, byte_size, tenant)
-        if self.on_register is not None:
             try:
-                self.on_register(region.address, region.mapped_bytes)
-            except Exception as exc:
+                self._check_room(name, byte_size, tenant)
+            except AccelError:
                 self._finish(region, registered=False)
-                log.warning("the backend refused shared memory region %r: %s", name, exc)
-                raise InsufficientStorage(f"shared memory region {name!r} cannot be used by the device: {exc}") from None
-        lost: AccelError | None = None
+                raise
+            self._pending[(tenant, name)] = region  # counted, not yet usable
+        try:
+            if self.on_register is not None:
+                self.on_register(region.address, region.mapped_bytes)
+        except Exception as exc:
+            with self._lock:
+                del self._pending[(tenant, name)]
+            self._finish(region, registered=False)
+            log.warning("the backend refused shared memory region %r: %s", name, exc)
+            raise InsufficientStorage(f"shared memory region {name!r} cannot be used by the device: {exc}") from None
         with self._lock:
-            try:
-                self._check_room(name, byte_size, tenant)  # again: another request may have won meanwhile
-                self._regions[(tenant, name)] = region
-            except AccelError as exc:
-                lost = exc
-        if lost is not None:
-            self._finish(region)
-            raise lost
+            self._regions[(tenant, name)] = self._pending.pop((tenant, name))
         return region
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:
@@ -225,9 +225,9 @@ class SharedMemoryRegistry:
         return region
 
     def _check_room(self, name: str, byte_size: int, tenant: str) -> None:
-        if (tenant, name) in self._regions:
+        if (tenant, name) in self._regions or (tenant, name) in self._pending:
             raise InvalidInput(f"shared memory region {name!r} is already registered; unregister it first")
-        mine = [r for (t, _), r in self._regions.items() if t == tenant]
+        mine = [r for (t, _), r in [*self._regions.items(), *self._pending.items()] if t == tenant]
         if len(mine) >= self.max_regions:
             raise QuotaExceeded(f"tenant {tenant!r} holds {len(mine)} shared memory regions, the most it may; "
                                 "unregister some first")

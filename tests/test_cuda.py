@@ -156,3 +156,51 @@ def test_sticky_cuda_errors_are_device_lost():
     with pytest.raises(InternalError):
         with device_errors():
             raise cp.cuda.runtime.CUDARuntimeError(1)  # invalid value: this request only
+
+
+def test_registered_host_memory_goes_up_by_dma_and_computes_the_same(cuda):
+    """Operands inside memory registered with register_host (a client's shared-memory region)
+    skip the staging copy; the product is the CPU twin's."""
+    import mmap
+
+    from shim.backends.cpu import gemm_reference
+
+    n = 512
+    region = mmap.mmap(-1, 2 * n * n * 4)
+    view = np.frombuffer(region, np.float32)
+    a, b = view[:n * n].reshape(n, n), view[n * n:].reshape(n, n)
+    rng = np.random.default_rng(9)
+    a[:] = rng.standard_normal((n, n))
+    b[:] = rng.standard_normal((n, n))
+    address = view.__array_interface__["data"][0]
+    cuda.register_host(address, view.nbytes)
+    try:
+        assert cuda.pinned.contains(a) and cuda.pinned.contains(b)
+        assert rel_error(cuda.gemm(a, b, None, 1.0, 0.0), gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
+    finally:
+        cuda.unregister_host(address)
+    assert not cuda.pinned.contains(a)
+    del a, b, view
+
+
+def test_gemm_through_a_shared_memory_region_is_pinned_and_correct(cuda_service):
+    """A region registered with the shim is pinned by the CUDA backend (cudaHostRegister) and the
+    product computed from it equals the CPU twin's."""
+    import os
+
+    import accel
+    from shim.backends.cpu import gemm_reference
+    from tests.conftest import WSGITransport
+
+    client = accel.Client("http://shim", transport=WSGITransport(cuda_service.app))
+    n = 1024
+    with accel.SharedMemory(f"cuda-test-{os.getpid()}", 3 * n * n * 4 + (1 << 20)) as region:
+        a, b = region.array((n, n), "float32"), region.array((n, n), "float32")
+        rng = np.random.default_rng(11)
+        a[:], b[:] = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+        c = client.gemm(a, b, shm=region)
+        assert rel_error(c, gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
+        assert len(cuda_service.backend.pinned) == 1  # the shim's own mapping of the region
+        client.unregister_shm()
+        assert len(cuda_service.backend.pinned) == 0
+        del a, b, c

@@ -67,6 +67,13 @@ class Backend(Protocol):
 
     def load_model(self, path: Path) -> ModelRunner: ...
 
+    def register_host(self, address: int, nbytes: int) -> None:
+        """Host memory that operands will often come from (a client's shared-memory region):
+        the CUDA backend pins it so that those operands go up by DMA; the CPU backend ignores it."""
+        ...
+
+    def unregister_host(self, address: int) -> None: ...
+
     def image_pipeline(self, config: ModelConfig) -> ImagePipeline: ...
 
     def describe(self) -> dict[str, object]:

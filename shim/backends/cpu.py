@@ -32,6 +32,12 @@ class CpuBackend:
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
 
+    def register_host(self, address: int, nbytes: int) -> None:
+        """Nothing to pin: the CPU reads host memory where it is."""
+
+    def unregister_host(self, address: int) -> None:
+        """Nothing was pinned."""
+
     def image_pipeline(self, config: ModelConfig) -> "CpuImagePipeline":
         return CpuImagePipeline(self.load_model(config.onnx), config)
 

@@ -60,6 +60,7 @@ class CudaBackend:
         self.memory_limit = memory_limit
         if memory_limit:
             self._pool.set_limit(size=memory_limit)
+        self.pinned = PinnedRanges()
         self._local = threading.local()
         # Device work runs on these threads, each with its own warmed worker: request threads hand
         # jobs over (tens of microseconds) instead of paying CUDA's per-thread set-up on first use.
@@ -73,7 +74,7 @@ class CudaBackend:
         cp.cuda.Device(self.device_id).use()
         with device_errors():
             cp.empty(1, dtype=cp.float32)  # the CUDA context, now rather than on the first request
-            worker = self._local.worker = _Worker()
+            worker = self._local.worker = _Worker(self.pinned)
             with worker.stream:  # cuBLAS, kernels and pinned buffers, before the first request
                 for dtype in (np.float16, np.float32, np.float64):
                     x = np.ones((8, 8), dtype=dtype)
@@ -127,6 +128,12 @@ class CudaBackend:
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
         return runner
 
+    def register_host(self, address: int, nbytes: int) -> None:
+        self.pinned.register(address, nbytes)
+
+    def unregister_host(self, address: int) -> None:
+        self.pinned.unregister(address)
+
     def image_pipeline(self, config: ModelConfig) -> "CudaImagePipeline | CpuImagePipeline":
         runner = self.load_model(config.onnx)
         if runner.device != "cuda":
@@ -142,15 +149,50 @@ class CudaBackend:
                 "onnxruntime": onnx.version(), "memory_limit": self.memory_limit}
 
 
+class PinnedRanges:
+    """Host memory registered with CUDA (cudaHostRegister), e.g. shared-memory regions of clients:
+    operands that lie inside go to the GPU by DMA straight from there, with no staging copy."""
+
+    def __init__(self) -> None:
+        self._ranges: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def register(self, address: int, nbytes: int) -> None:
+        with device_errors():
+            cp.cuda.runtime.hostRegister(address, nbytes, 0)
+        with self._lock:
+            self._ranges[address] = nbytes
+
+    def unregister(self, address: int) -> None:
+        with self._lock:
+            known = self._ranges.pop(address, None)
+        if known is not None:
+            with device_errors():
+                cp.cuda.runtime.hostUnregister(address)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ranges)
+
+    def contains(self, array: np.ndarray) -> bool:
+        if not array.flags.c_contiguous:
+            return False
+        start = array.__array_interface__["data"][0]
+        end = start + array.nbytes
+        with self._lock:
+            return any(base <= start and end <= base + size for base, size in self._ranges.items())
+
+
 class _Worker:
     """A CUDA stream, a cuBLAS handle bound to it, and pinned host buffers (reused, grown on demand).
 
     One request uses a worker at a time, so its pinned buffers are never shared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pinned: PinnedRanges) -> None:
         from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
 
+        self.pinned = pinned
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._cublas = cublas
         self.handle = cublas.create()
@@ -184,7 +226,12 @@ class _Worker:
         return np.frombuffer(mem, dtype, count).reshape(shape)
 
     def upload(self, host: np.ndarray, slot: int) -> cp.ndarray:
-        """``host`` on the device, copied through this thread's pinned buffer ``slot``."""
+        """``host`` on the device: by DMA when it is registered memory, else copied through this
+        worker's pinned buffer ``slot`` (or from pageable memory when very large)."""
+        if self.pinned.contains(host):
+            device = cp.empty(host.shape, host.dtype)
+            device.set(host, stream=self.stream)  # the caller synchronizes before host may change
+            return device
         if host.nbytes > PINNED_MAX_BYTES:
             return cp.asarray(host)
         staged = self._pinned_view(slot, host.shape, host.dtype)

@@ -97,9 +97,19 @@ class SharedMemory:
         self.name = name
         self.key = key or f"accel_{name}_{os.getpid()}_{os.urandom(4).hex()}"
         self._owner = create
+        import mmap  # noqa: PLC0415
+
+        # multiprocessing creates, unlinks and (at exit, if leaked) cleans up the object; the views come
+        # from a mapping of our own, which unmaps when its last view goes instead of failing to close
         self._shm = shared_memory.SharedMemory(self.key, create=create, size=int(byte_size) if create else 0)
         self.byte_size = int(byte_size) if create else self._shm.size
-        self.buf: memoryview | None = self._shm.buf
+        fd = os.open(f"/dev/shm/{self.key.lstrip('/')}", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._map = mmap.mmap(fd, self.byte_size)
+        finally:
+            os.close(fd)
+        self._shm.close()
+        self.buf: memoryview | None = memoryview(self._map)
         self.held: list[tuple[int, int]] = []  # [start, end) of what array() handed out
 
     # --- views ------------------------------------------------------------------------------
@@ -120,6 +130,11 @@ class SharedMemory:
             raise InvalidInput(f"an array of {nbytes} bytes at offset {offset} does not fit region {self.name!r} "
                                f"of {self.byte_size} bytes")
         self.held.append((offset, offset + nbytes))
+        return self._array(shape, dtype, offset)
+
+    def _array(self, shape: tuple[int, ...], dtype: Any, offset: int) -> "np.ndarray":
+        import numpy as np  # noqa: PLC0415
+
         return np.ndarray(shape, dtype, buffer=self._view(), offset=offset)
 
     def reset(self) -> None:
@@ -155,9 +170,13 @@ class SharedMemory:
         views it any more: ``del`` them first to unmap now)."""
         if self.buf is None:
             return
+        try:
+            self.buf.release()
+        except BufferError:  # an array made straight from ``buf``
+            pass
         self.buf = None
         try:
-            self._shm.close()
+            self._map.close()
         except BufferError:  # arrays still view it: the mapping goes with the last of them
             pass
         if self._owner:
@@ -260,7 +279,7 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
         array, offset = arrays[name]
         if offset is None:
             offset = layout.place(array.nbytes, f"input {name!r}")
-            region.array(array.shape, np.dtype(dt.FIXED[dt.from_numpy_dtype(array.dtype)][2]), offset)[...] = array
+            region._array(array.shape, np.dtype(dt.FIXED[dt.from_numpy_dtype(array.dtype)][2]), offset)[...] = array
         ref = SharedMemoryRef(region.name, array.nbytes, offset)
         tensors.append(Tensor(name, dt.from_numpy_dtype(array.dtype), tuple(int(d) for d in array.shape),
                               region.view(offset, array.nbytes), ref.parameters()))
