@@ -20,12 +20,12 @@ what=${*:-all}
 for step in $what; do
   case $step in
     tests|all)
-      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py \
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py \
         $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
     bench|all)
-      timeout 420 python3 -m bench gpu --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench-gpu.log" | tail -60 ;;&
+      timeout 330 python3 -m bench gpu --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench-gpu.log" | tail -60 ;;&
     kaas|all)
-      [ -f bench/kaas.py ] && timeout 150 python3 -m bench kaas --device cuda --out "$OUT/bench" 2>&1 \
+      [ -f bench/kaas.py ] && timeout 60 python3 -m bench kaas --device cuda --out "$OUT/bench" 2>&1 \
         | tee "$OUT/bench-kaas.log" | tail -30 ;;
   esac
 done
