@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #: failure, ECC, ...): the process must restart.
 STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
 PINNED_MAX_BYTES = 256 << 20   # larger operands go up from pageable memory (no pinned copy kept)
+PINNED_DOWNLOAD_MAX_BYTES = 16 << 20  # larger results come down into pageable memory directly
 PINNED_MIN_BYTES = 16 << 20    # each pinned buffer starts this big (a 2048x2048 FP32 operand)
 DEVICE_THREADS = 8             # threads that do the device work, each with its own stream
 # cudaDataType, cublasComputeType and the scalar type of alpha/beta, per numpy dtype char
@@ -241,8 +242,11 @@ class _Worker:
         return device
 
     def download(self, device: cp.ndarray, slot: int) -> np.ndarray:
-        """``device`` on the host (a fresh array), through pinned buffer ``slot``; synchronizes."""
-        if device.nbytes > PINNED_MAX_BYTES:
+        """``device`` on the host (a fresh array), through pinned buffer ``slot``; synchronizes.
+
+        Large results go straight to a fresh pageable array: there, DMA into pinned memory plus
+        a copy out of it costs more than the slower pageable transfer alone."""
+        if device.nbytes > PINNED_DOWNLOAD_MAX_BYTES:
             return cp.asnumpy(device, stream=self.stream)
         staged = self._pinned_view(slot, device.shape, device.dtype)
         device.get(stream=self.stream, out=staged)
@@ -278,12 +282,13 @@ class CudaImagePipeline:
         def run(state: _Worker) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
-                batch = cp.empty((len(chunk), 3, size, size), dtype=cp.float32)
+                batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
                 for i, pixels in enumerate(chunk):
                     self._preprocess(state, pixels, batch[i])
+                batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
                 state.stream.synchronize()  # onnxruntime runs on its own stream
-                parts.append(self.runner.run_device(self._input, batch.data.ptr, batch.shape,
-                                                    self._backend.device_id))
+                logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
+                parts.append(logits[:len(chunk)])
 
         with device_errors():
             self._backend.on_device(run)

@@ -39,16 +39,25 @@ class OnnxRunner:
         self._names = [o.name for o in self.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way)."""
+        """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), with
+        the batch padded to a power of two (see ``padded_batch``)."""
         if self.device != "cuda":
             return dict(zip(self._names, self.session.run(self._names, feeds)))
+        rows = {a.shape[0] for a in feeds.values() if a.ndim}
+        batch = rows.pop() if len(rows) == 1 and all(s.shape and s.shape[0] == -1 for s in self.inputs) else 0
+        size = padded_batch(batch) if batch else 0
         binding = self.session.io_binding()
         for name, array in feeds.items():
+            if size > batch:
+                array = np.concatenate([array, np.zeros((size - batch, *array.shape[1:]), array.dtype)])
             binding.bind_cpu_input(name, array)
         for name in self._names:
             binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
-        return dict(zip(self._names, binding.copy_outputs_to_cpu()))
+        outputs = binding.copy_outputs_to_cpu()
+        if size > batch:
+            outputs = [o[:batch] if o.ndim and o.shape[0] == size else o for o in outputs]
+        return dict(zip(self._names, outputs))
 
     def run_device(self, name: str, pointer: int, shape: tuple[int, ...], device_id: int = 0) -> np.ndarray:
         """Run on an FP32 input already on the GPU (no host round trip); the first output, on the host."""
@@ -57,6 +66,13 @@ class OnnxRunner:
         binding.bind_output(self._names[0], "cuda", device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
+
+
+def padded_batch(rows: int) -> int:
+    """The batch size a GPU run of ``rows`` rows uses: the next power of two. Every new input shape
+    costs the CUDA provider a slow first run (cuDNN plans for each convolution), so batches of any
+    size run as one of a few shapes, all warmed up at start; the padding rows are zeros, dropped."""
+    return 1 << max(0, rows - 1).bit_length()
 
 
 def version() -> str:

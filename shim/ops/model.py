@@ -86,13 +86,20 @@ class ModelOp(Op):
         return results  # type: ignore[return-value]
 
     def warmup(self) -> None:
-        feeds = {}
-        for spec in self.inputs:
-            if spec.datatype is None or spec.datatype == "BYTES" or spec.shape is None:
-                return  # nothing sensible to make up; the first request warms it
-            shape = tuple(1 if d < 0 else d for d in spec.shape)
-            feeds[spec.name] = np.zeros(shape, dtype=FIXED[spec.datatype][2])
-        self.run(feeds, {})
+        """One run with zeros; on a GPU, one per batch shape the runner pads to (1, 2, 4, ... up to
+        ``max_batch_size``), so that no request pays for a new shape."""
+        assert self._runner is not None, f"model {self.name} warmed up before load()"
+        top = self.config.max_batch_size if self.backend == "cuda" else 1
+        n = 1
+        while n <= max(1, top):
+            feeds = {}
+            for spec in self.inputs:
+                if spec.datatype is None or spec.datatype == "BYTES" or spec.shape is None:
+                    return  # nothing sensible to make up; the first request warms it
+                shape = tuple((n if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+                feeds[spec.name] = np.zeros(shape, dtype=FIXED[spec.datatype][2])
+            self._runner.run(feeds)
+            n *= 2
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -66,8 +66,9 @@ class Tensor(Record):
         shape = tuple(int(d) for d in array.shape)
         if datatype == dt.BYTES:
             return cls.from_bytes_list(name, [_as_bytes(v) for v in array.reshape(-1).tolist()], shape)
-        np_dtype = np.dtype(dt.FIXED[datatype][2])
-        return cls(name, datatype, shape, np.ascontiguousarray(array, dtype=np_dtype).tobytes())
+        flat = np.ascontiguousarray(array, dtype=np.dtype(dt.FIXED[datatype][2])).reshape(-1)
+        # a byte view of the array itself: no copy of what can be hundreds of megabytes
+        return cls(name, datatype, shape, memoryview(flat).cast("B") if flat.size else b"")
 
     @classmethod
     def from_bytes_list(cls, name: str, items: Sequence[bytes], shape: Sequence[int] | None = None) -> "Tensor":
