@@ -45,12 +45,13 @@ class Batcher(Generic[Item, Result]):
         run_batch: runs items of several requests together; returns one result per item.
         max_batch_size: rows per batch (a larger single request runs alone).
         max_queue_delay_us: how long the oldest request may wait for others on their way.
-        batch_sizes, queue_seconds: histograms (label ``op``) of rows per run and time queued.
+        batch_sizes, queue_seconds, batch_seconds: histograms (label ``op``) of rows per run, time
+            queued and time per run.
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
                  max_queue_delay_us: int, batch_sizes: Histogram | None = None,
-                 queue_seconds: Histogram | None = None) -> None:
+                 queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0:
             raise ValueError(f"model {name}: max_batch_size must be >= 1 and max_queue_delay_us >= 0")
         self.name = name
@@ -59,6 +60,7 @@ class Batcher(Generic[Item, Result]):
         self._run_batch = run_batch
         self._batch_sizes = batch_sizes.labels(name) if batch_sizes is not None else None
         self._queue_seconds = queue_seconds.labels(name) if queue_seconds is not None else None
+        self._batch_seconds = batch_seconds.labels(name) if batch_seconds is not None else None
         self._queue: deque[_Job[Item, Result]] = deque()
         self._incoming = 0
         self._cond = threading.Condition()
@@ -139,6 +141,8 @@ class Batcher(Generic[Item, Result]):
                 for job in batch:
                     self._queue_seconds.observe(started - job.arrived)
             self._run(batch)
+            if self._batch_seconds is not None:
+                self._batch_seconds.observe(time.perf_counter() - started)
 
     def _run(self, batch: list[_Job[Item, Result]]) -> None:
         try:
@@ -163,9 +167,11 @@ class Batcher(Generic[Item, Result]):
 class BatchingFactory:
     """What the composition root hands the ops: whether to batch, and the metrics to report to."""
 
-    def __init__(self, batch_sizes: Histogram | None = None, queue_seconds: Histogram | None = None) -> None:
-        self._batch_sizes, self._queue_seconds = batch_sizes, queue_seconds
+    def __init__(self, batch_sizes: Histogram | None = None, queue_seconds: Histogram | None = None,
+                 batch_seconds: Histogram | None = None) -> None:
+        self._batch_sizes, self._queue_seconds, self._batch_seconds = batch_sizes, queue_seconds, batch_seconds
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
              max_queue_delay_us: int) -> Batcher[Item, Result]:
-        return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds)
+        return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
+                       self._batch_seconds)

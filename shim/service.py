@@ -94,7 +94,8 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
     guard = build_guard(settings, metrics)  # first: a bad tokens file fails before the device starts
     backend = backend or select_backend(settings.device, 0, settings.gpu_memory_limit)
     metrics.info.info({"version": __version__, "backend": backend.name})
-    batching = BatchingFactory(metrics.batch_size, metrics.queue_seconds) if settings.batching else None
+    batching = (BatchingFactory(metrics.batch_size, metrics.queue_seconds, metrics.batch_seconds)
+                if settings.batching else None)
     registry = Registry([*build_ops(settings, backend, batching), *extra_ops])
     dispatcher = Dispatcher(registry, metrics)
     kaas = build_kaas("cuda" if backend.name == "cuda" else "cpu", metrics.registry, kernels_dir=settings.kernels_dir,

@@ -269,11 +269,24 @@ class CudaImagePipeline:
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
             self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
+        self._worker: _Worker | None = None  # made on, and used by, the session's thread alone
         self._coefficients: OrderedDict[tuple[int, int], list[tuple[cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+    def _on_session_thread(self, job: Callable[[_Worker], T]) -> T:
+        """Run ``job`` on the model session's own thread, with a worker of that thread: cuDNN keeps
+        its plans per thread and shape, so one thread that warm-up has warmed serves them all."""
+        def run() -> T:
+            if self._worker is None:
+                cp.cuda.Device(self._backend.device_id).use()
+                self._worker = _Worker(self._backend.pinned)
+            with self._worker.stream:
+                return job(self._worker)
+
+        return self.runner.call(run)
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
@@ -291,7 +304,7 @@ class CudaImagePipeline:
                 parts.append(logits[:len(chunk)])
 
         with device_errors():
-            self._backend.on_device(run)
+            self._on_session_thread(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
@@ -302,7 +315,7 @@ class CudaImagePipeline:
             return cp.asnumpy(out, stream=state.stream)
 
         with device_errors():
-            return self._backend.on_device(run)
+            return self._on_session_thread(run)
 
     def _preprocess(self, state: _Worker, pixels: np.ndarray, out: cp.ndarray) -> None:
         height, width, channels = pixels.shape
