@@ -120,7 +120,7 @@ class CudaBackend:
             log.warning("onnxruntime has no CUDA provider (install onnxruntime-gpu): %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
         # use_tf32 0: FP32 convolutions and products in FP32, so that the model agrees with its CPU twin
-        providers = [("CUDAExecutionProvider", {"device_id": self.device_id, "cudnn_conv_algo_search": "HEURISTIC",
+        providers = [("CUDAExecutionProvider", {"device_id": self.device_id, "cudnn_conv_algo_search": "EXHAUSTIVE",
                                                 "do_copy_in_default_stream": True, "use_tf32": 0}),
                      "CPUExecutionProvider"]
         with device_errors():
@@ -269,24 +269,11 @@ class CudaImagePipeline:
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
             self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
-        self._worker: _Worker | None = None  # made on, and used by, the session's thread alone
         self._coefficients: OrderedDict[tuple[int, int], list[tuple[cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-
-    def _on_session_thread(self, job: Callable[[_Worker], T]) -> T:
-        """Run ``job`` on the model session's own thread, with a worker of that thread: cuDNN keeps
-        its plans per thread and shape, so one thread that warm-up has warmed serves them all."""
-        def run() -> T:
-            if self._worker is None:
-                cp.cuda.Device(self._backend.device_id).use()
-                self._worker = _Worker(self._backend.pinned)
-            with self._worker.stream:
-                return job(self._worker)
-
-        return self.runner.call(run)
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
@@ -304,7 +291,7 @@ class CudaImagePipeline:
                 parts.append(logits[:len(chunk)])
 
         with device_errors():
-            self._on_session_thread(run)
+            self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
@@ -315,7 +302,7 @@ class CudaImagePipeline:
             return cp.asnumpy(out, stream=state.stream)
 
         with device_errors():
-            return self._on_session_thread(run)
+            return self._backend.on_device(run)
 
     def _preprocess(self, state: _Worker, pixels: np.ndarray, out: cp.ndarray) -> None:
         height, width, channels = pixels.shape

@@ -1,6 +1,7 @@
 """ONNX models through onnxruntime (CPU provider here; the CUDA backend passes its provider)."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -26,69 +27,91 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 class OnnxRunner:
-    """An onnxruntime session, thread-safe, with its inputs and outputs as protocol specs."""
+    """An onnxruntime session, thread-safe, with its inputs and outputs as protocol specs.
+
+    On the CUDA provider a session re-plans every convolution (cuDNN) whenever its input shape
+    changes, which costs most of a second, so each batch size gets a session of its own, run by a
+    thread of its own (cuDNN state is per thread too): batches are padded to a power of two
+    (``padded_batch``), so a model has a handful of sessions, each warmed up at start and never
+    seeing another shape.
+    """
 
     def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._path, self._providers = Path(path), list(providers)
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+            self._options.intra_op_num_threads = threads
+        self._options.log_severity_level = 3
+        self.session = self._new_session()
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self._names = [o.name for o in self.outputs]
-        # On the GPU every run goes through one thread of the session's own: the CUDA provider keeps
-        # cuDNN handles and plans per thread and shape, and a cold (thread, shape) costs a slow run.
-        self._thread = (ThreadPoolExecutor(1, thread_name_prefix=f"ort-{Path(path).parent.name}")
-                        if self.device == "cuda" else None)
+        self._batched = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
+        self._by_batch: dict[int, tuple[Any, ThreadPoolExecutor]] = {}
+        self._lock = threading.Lock()
 
-    def call(self, job: Callable[[], T]) -> T:
-        """``job()`` on the session's thread (GPU) or here (CPU)."""
-        if self._thread is None:
-            return job()
-        return self._thread.submit(job).result()
+    def _new_session(self) -> Any:
+        return ort.InferenceSession(str(self._path), sess_options=self._options, providers=self._providers)
+
+    def _session_for(self, batch: int) -> tuple[Any, ThreadPoolExecutor]:
+        with self._lock:
+            entry = self._by_batch.get(batch)
+            if entry is None:
+                session = self.session if not self._by_batch else self._new_session()
+                thread = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}")
+                entry = self._by_batch[batch] = (session, thread)
+        return entry
+
+    def _on_gpu(self, batch: int, job: Callable[[Any], T]) -> T:
+        """``job(session)`` with the session of ``batch`` rows, on its thread."""
+        session, thread = self._session_for(batch)
+        return thread.submit(job, session).result()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), with
-        the batch padded to a power of two (see ``padded_batch``)."""
+        """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), the
+        batch padded to a power of two."""
         if self.device != "cuda":
             return dict(zip(self._names, self.session.run(self._names, feeds)))
-        return self.call(lambda: self._run_bound(feeds))
-
-    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = {a.shape[0] for a in feeds.values() if a.ndim}
-        batch = rows.pop() if len(rows) == 1 and all(s.shape and s.shape[0] == -1 for s in self.inputs) else 0
+        batch = rows.pop() if len(rows) == 1 and self._batched else 0
         size = padded_batch(batch) if batch else 0
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            if size > batch:
-                array = np.concatenate([array, np.zeros((size - batch, *array.shape[1:]), array.dtype)])
-            binding.bind_cpu_input(name, array)
-        for name in self._names:
-            binding.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.copy_outputs_to_cpu()
+        if size > batch:
+            feeds = {name: np.concatenate([a, np.zeros((size - batch, *a.shape[1:]), a.dtype)])
+                     for name, a in feeds.items()}
+
+        def run(session: Any) -> list[np.ndarray]:
+            binding = session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            for name in self._names:
+                binding.bind_output(name, "cuda", 0)
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+
+        outputs = self._on_gpu(size, run)
         if size > batch:
             outputs = [o[:batch] if o.ndim and o.shape[0] == size else o for o in outputs]
         return dict(zip(self._names, outputs))
 
     def run_device(self, name: str, pointer: int, shape: tuple[int, ...], device_id: int = 0) -> np.ndarray:
-        """Run on an FP32 input already on the GPU (no host round trip); the first output, on the host.
-        Call it inside ``call``."""
-        binding = self.session.io_binding()
-        binding.bind_input(name, "cuda", device_id, np.float32, list(shape), pointer)
-        binding.bind_output(self._names[0], "cuda", device_id)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        """Run on an FP32 input already on the GPU (no host round trip; its batch a power of two,
+        its producer synchronized); the first output, on the host."""
+        def run(session: Any) -> np.ndarray:
+            binding = session.io_binding()
+            binding.bind_input(name, "cuda", device_id, np.float32, list(shape), pointer)
+            binding.bind_output(self._names[0], "cuda", device_id)
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+
+        return self._on_gpu(shape[0], run)
 
 
 def padded_batch(rows: int) -> int:
-    """The batch size a GPU run of ``rows`` rows uses: the next power of two. Every new input shape
-    costs the CUDA provider a slow first run (cuDNN plans for each convolution), so batches of any
-    size run as one of a few shapes, all warmed up at start; the padding rows are zeros, dropped."""
+    """The batch size a GPU run of ``rows`` rows uses: the next power of two, so that batches of any
+    size run as one of a few shapes, each with a warmed session; the padding rows are zeros, dropped."""
     return 1 << max(0, rows - 1).bit_length()
 
 
