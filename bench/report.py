@@ -37,6 +37,9 @@ def render(results: Path = RESULTS) -> str:
     found = newest(results)
     parts = ["# Benchmarks\n\nMade by `python -m bench report` from the newest file of each benchmark in "
              "`bench/results/` (the JSON beside each has every sample, the environment and the versions).\n"]
+    notes = results / "NOTES.md"
+    if notes.is_file():
+        parts.append(notes.read_text(encoding="utf-8"))
     for name, title in ORDER:
         for (kind, device), md in sorted(found.items()):
             if kind != name:
