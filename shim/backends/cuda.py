@@ -241,6 +241,21 @@ class _Worker:
         device.set(staged, stream=self.stream)
         return device
 
+    def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int) -> cp.ndarray:
+        """The 1-D ``parts`` (one dtype) end to end on the device: one copy into pinned buffer
+        ``slot``, one transfer. The caller synchronizes the stream before reusing the slot."""
+        total = sum(p.size for p in parts)
+        if total * parts[0].itemsize > PINNED_MAX_BYTES:
+            return cp.asarray(np.concatenate(parts))
+        staged = self._pinned_view(slot, (total,), parts[0].dtype)
+        offset = 0
+        for part in parts:
+            staged[offset:offset + part.size] = part
+            offset += part.size
+        device = cp.empty(total, parts[0].dtype)
+        device.set(staged, stream=self.stream)
+        return device
+
     def download(self, device: cp.ndarray, slot: int) -> np.ndarray:
         """``device`` on the host (a fresh array), through pinned buffer ``slot``; synchronizes.
 
@@ -269,7 +284,7 @@ class CudaImagePipeline:
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
             self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
-        self._coefficients: OrderedDict[tuple[int, int], list[tuple[cp.ndarray, cp.ndarray]]] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> np.ndarray:
@@ -283,8 +298,12 @@ class CudaImagePipeline:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
+                # every image of the chunk goes up in one copy, through the worker's pinned buffer
+                flat = state.upload_concatenated([p.reshape(-1) for p in chunk], 4)
+                offset = 0
                 for i, pixels in enumerate(chunk):
-                    self._preprocess(state, pixels, batch[i])
+                    self._preprocess(flat[offset:offset + pixels.size], pixels.shape, batch[i])
+                    offset += pixels.size
                 batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
                 state.stream.synchronize()  # onnxruntime runs on its own stream
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
@@ -298,20 +317,21 @@ class CudaImagePipeline:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
         def run(state: _Worker) -> np.ndarray:
             out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
-            self._preprocess(state, pixels, out)
+            self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out)
             return cp.asnumpy(out, stream=state.stream)
 
         with device_errors():
             return self._backend.on_device(run)
 
-    def _preprocess(self, state: _Worker, pixels: np.ndarray, out: cp.ndarray) -> None:
-        height, width, channels = pixels.shape
-        passes = plan(width, height, self._pre)
-        coefficients = self._device_coefficients(width, height, passes)
-        src, src_w = cp.asarray(pixels), width  # pageable: a pinned buffer would be reused too early
+    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray) -> None:
+        """Resize + normalise one uint8 HWC image (``src``: its bytes on the device) into ``out``."""
+        height, width, channels = shape
+        src_w = width
         mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
-        for index, (step, (bounds, weights)) in enumerate(zip(passes, coefficients)):
-            last = index == len(passes) - 1
+        null = np.uint64(0)
+        steps = self._plan(width, height)
+        for index, (step, bounds, weights) in enumerate(steps):
+            last = index == len(steps) - 1
             out_n = len(step.bounds)
             if step.axis == 1:
                 rows = step.last - step.first
@@ -324,27 +344,26 @@ class CudaImagePipeline:
                 args = (src, np.int32(src_w), np.int32(channels), bounds, weights,
                         np.int32(step.weights.shape[1]), np.int32(out_n))
                 total, kernel = out_n * src_w * channels, self._v
-            null = np.uint64(0)
             kernel(((total + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK,), (_THREADS_PER_BLOCK,),
                    args + (dst if dst is not None else null, out if last else null, mean, std))
             if dst is not None:
                 src = dst
 
-    def _device_coefficients(self, width: int, height: int,
-                             passes: list[Pass]) -> list[tuple[cp.ndarray, cp.ndarray]]:
-        """The passes' bounds and weights on the device, cached per image size (LRU of 256)."""
+    def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
+        """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
+        device, cached per image size (LRU of 256)."""
         key = (width, height)
         with self._lock:
-            cached = self._coefficients.get(key)
+            cached = self._plans.get(key)
             if cached is not None:
-                self._coefficients.move_to_end(key)
+                self._plans.move_to_end(key)
                 return cached
-        arrays = [(cp.asarray(p.bounds), cp.asarray(p.weights)) for p in passes]
+        steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
         with self._lock:
-            self._coefficients[key] = arrays
-            while len(self._coefficients) > 256:
-                self._coefficients.popitem(last=False)
-        return arrays
+            self._plans[key] = steps
+            while len(self._plans) > 256:
+                self._plans.popitem(last=False)
+        return steps
 
 
 @contextmanager

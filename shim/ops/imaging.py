@@ -44,7 +44,7 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 preprocess = pillow_preprocess  # the CPU path (Pillow); backends/cuda.py has its GPU twin
