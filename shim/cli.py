@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="backend (default auto)")
     serve.add_argument("--gpu-memory-limit", type=parse_bytes, metavar="SIZE",
                        help="GPU memory for requests' operands, e.g. 8GiB (507 for a request over it)")
+    serve.add_argument("--gil-switch-us", type=int, metavar="US",
+                       help="thread switch interval of the interpreter in microseconds (default Python's 5000): "
+                            "shorter lets the batch and device threads back in sooner under load")
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
@@ -108,7 +111,7 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
                                                "threads", "max_body_bytes", "max_image_pixels", "classify_model",
                                                "log_level", "tokens_file", "max_queue", "tenant_max_inflight",
                                                "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
-                                               "gpu_memory_limit",
+                                               "gpu_memory_limit", "gil_switch_us",
                                                "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
                                                "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs")}
     try:
@@ -117,6 +120,8 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
         print(f"accelshim: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.gil_switch_us:
+        sys.setswitchinterval(settings.gil_switch_us / 1e6)
     from .server.serving import Server, bind_sockets  # noqa: PLC0415
     from .service import build_service  # noqa: PLC0415
 
