@@ -83,6 +83,21 @@ def test_body_limit_per_tenant_and_global(limited):
     assert 'accelshim_tenant_rejected_total{reason="body_too_large",tenant="carol"} 2.0' in metrics
 
 
+def test_a_compressed_body_is_held_to_the_tenants_limit_once_inflated(limited):
+    """carol's 1000-byte limit applies to what a gzip body inflates to, not only to what it declares."""
+    import gzip
+    import json
+
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [400], "data": [1] * 400}]}).encode()
+    packed = gzip.compress(body)
+    assert len(packed) < 1000 < len(body)
+    headers = {**auth("carol"), "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    reply = limited.app.test_client().post("/v2/models/noop/infer", data=packed, headers=headers)
+    assert reply.status_code == 413 and "1000" in reply.get_json()["error"]
+    headers["Authorization"] = auth("alice")["Authorization"]
+    assert limited.app.test_client().post("/v2/models/noop/infer", data=packed, headers=headers).status_code == 200
+
+
 def test_slots_then_queue_then_429_with_retry_after(limited):
     app, adm = limited.app, limited.guard.admission
     # alice and bob take the 2 slots; carol (2 slots of her own, but none left) and alice queue

@@ -10,7 +10,7 @@ import math
 import zlib
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from accel.codec import HEADER_LENGTH, decode_request, encode_response
@@ -99,7 +99,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
     @app.post("/v2/models/<name>/versions/<version>/infer")
     def infer(name: str, version: str = "1") -> Any:
         _check_version(name, version)
-        body = _read_body(settings.max_body_bytes)
+        body = _read_body(g.get("body_limit", settings.max_body_bytes))  # the tenant's, set by the guard
         metrics.request_bytes.labels(name).inc(len(body))
         length = request.headers.get(HEADER_LENGTH)
         if length is not None and not length.strip().isdigit():

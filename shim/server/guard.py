@@ -99,6 +99,7 @@ def install_guard(app: Flask, guard: Guard) -> None:
                     guard.max_body_bytes)
         if length > limit:
             raise PayloadTooLarge(f"the request body is {length} bytes, over tenant {tenant.name!r}'s limit of {limit}")
+        g.body_limit = limit  # also bounds what a compressed body inflates to
         received = request.environ.get(RECEIVED_KEY) or time.monotonic()
         deadline = read_deadline(request.headers.get(DEADLINE_HEADER), received)
         g.slot = guard.admission.admit(tenant.name, deadline, max_inflight=tenant.limits.max_inflight,
