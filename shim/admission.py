@@ -118,6 +118,7 @@ class Admission:
             self._queue.append(waiter)
             self._queued_by[tenant] = self._queued_by.get(tenant, 0) + 1
             self._gauge_queue(tenant)
+            self._grant()  # waiters ahead may be held by their tenant's limit while slots are free
             until = min(deadline if deadline is not None else float("inf"), start + lim.max_wait_s)
             try:
                 while not waiter.granted and self._monitor.fault is None:

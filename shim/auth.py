@@ -67,6 +67,9 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+_COMMENT = re.compile(r"(?:^|\s)#")
+
+
 class TokenStore:
     """Tenant name -> token digest (and limits); answers who a bearer token belongs to."""
 
@@ -96,7 +99,7 @@ class TokenStore:
         seen: dict[bytes, str] = {}
         plain = False
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
+            line = _COMMENT.split(line, 1)[0].strip()  # '#' starts a comment only after a space
             if not line:
                 continue
             where = f"{source}:{number}"

@@ -172,3 +172,36 @@ def test_refuses_a_bad_tokens_file_before_starting(tmp_path):
 def test_unix_socket_is_0660(live_shim):
     mode = stat.S_IMODE(os.stat(live_shim.sock).st_mode)
     assert mode == 0o660, oct(mode)
+
+
+def test_a_hash_sign_inside_a_plain_token_is_part_of_it():
+    from shim.auth import TokenStore
+
+    store = TokenStore.parse("alice: abc#defghijklmnop0123  # a comment\n# a whole-line comment\n")
+    assert store.authenticate("Bearer abc#defghijklmnop0123").name == "alice"
+
+
+def test_a_big_body_without_a_valid_token_is_refused_before_it_is_read(tmp_path):
+    """On a shim with tokens, waitress answers 401 once the headers are in: an unauthenticated
+    client cannot make the shim buffer a body of up to --max-body-bytes."""
+    import socket
+    import time
+
+    from tests.conftest import LiveShim
+
+    (tmp_path / "models").mkdir()
+    live = LiveShim(tmp_path / "models", tmp_path, "--classify-model", "", "--tokens", str(tokens_file(tmp_path)))
+    try:
+        live.wait_ready()
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            size = 200 << 20  # announced, never sent: the answer must not wait for it
+            sock.sendall(f"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+                         "Authorization: Bearer not-a-token-of-anyone\r\n\r\n".encode() + b"\0" * 65536)
+            start = time.monotonic()
+            reply = sock.recv(65536).decode("latin-1")
+            assert time.monotonic() - start < 5
+        assert reply.startswith("HTTP/1.1 401") and "application/json" in reply and "token" in reply
+        small = accel.Client(live.tcp_url, token=ALICE, timeout=10)
+        assert small.noop(x=np.arange(3))["x"].tolist() == [0, 1, 2]  # with a token, all is well
+    finally:
+        live.stop()

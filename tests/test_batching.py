@@ -139,3 +139,18 @@ def _request(Tensor, images):
 def _batch_runs(service) -> tuple[float, float]:
     child = service.metrics.batch_size.labels("classify")
     return sum(b.get() for b in child._buckets), child._sum.get()
+
+
+def test_a_raw_model_request_larger_than_the_batch_size_runs_in_chunks(service):
+    """70 rows through efficientnet-lite0 (max_batch_size 32) give the rows of three smaller runs."""
+    from accel.codec import InferRequest
+    from accel.tensor import Tensor
+
+    x = np.random.default_rng(8).standard_normal((70, 3, 224, 224)).astype(np.float32)
+    op = service.registry.get("efficientnet-lite0")
+    assert op.config.max_batch_size == 32
+    whole = service.dispatcher.infer("efficientnet-lite0", InferRequest([Tensor.from_numpy("input", x)]))
+    logits = whole.outputs[0].numpy()
+    assert logits.shape == (70, 1000)
+    alone = op._runner.run({"input": x[65:]})["logits"]
+    np.testing.assert_allclose(logits[65:], alone, rtol=1e-4, atol=1e-4)

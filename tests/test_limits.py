@@ -229,3 +229,21 @@ def test_admission_waiters_fail_when_the_device_is_lost():
     slot.release()
     with pytest.raises(DeviceLost):
         adm.admit("c")
+
+
+def test_a_tenant_at_its_limit_does_not_hold_back_others_while_slots_are_free():
+    """4 slots, 1 per tenant: alice holds one and queues another; bob must get a free slot at once."""
+    adm = Admission(Limits(max_inflight=4, max_queue=8, tenant_max_inflight=1, max_wait_s=5.0))
+    first = adm.admit("alice")
+    held: list = []
+    waiting = threading.Thread(target=lambda: held.append(adm.admit("alice")))
+    waiting.start()
+    wait_for(lambda: adm.queued() == 1)
+    start = time.monotonic()
+    bob = adm.admit("bob")  # 3 slots are free: no waiting behind alice's queued request
+    assert time.monotonic() - start < 1.0 and adm.inflight() == 2
+    bob.release()
+    first.release()
+    waiting.join(5)
+    assert held and adm.inflight() == 1
+    held[0].release()

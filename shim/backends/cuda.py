@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: CUDA errors after which the context is unusable (illegal address, device assert, launch
 #: failure, ECC, ...): the process must restart.
 STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
-PINNED_MAX_BYTES = 256 << 20   # larger operands go up from pageable memory (no pinned copy kept)
+PINNED_MAX_BYTES = 64 << 20    # larger operands go up from pageable memory: pinned memory stays bounded
 PINNED_DOWNLOAD_MAX_BYTES = 16 << 20  # larger results come down into pageable memory directly
 PINNED_MIN_BYTES = 16 << 20    # each pinned buffer starts this big (a 2048x2048 FP32 operand)
 DEVICE_THREADS = 8             # threads that do the device work, each with its own stream
@@ -124,7 +124,7 @@ class CudaBackend:
                                                 "do_copy_in_default_stream": True, "use_tf32": 0}),
                      "CPUExecutionProvider"]
         with device_errors():
-            runner = onnx.OnnxRunner(path, providers, self.threads)
+            runner = onnx.OnnxRunner(path, providers, self.threads, self.device_id)
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
         return runner
@@ -359,6 +359,7 @@ class CudaImagePipeline:
                 self._plans.move_to_end(key)
                 return cached
         steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
+        cp.cuda.get_current_stream().synchronize()  # other device threads will read them from the cache
         with self._lock:
             self._plans[key] = steps
             while len(self._plans) > 256:

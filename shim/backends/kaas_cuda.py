@@ -8,11 +8,10 @@ from typing import Any, Sequence
 import cupy as cp
 import numpy as np
 
-from accel.errors import InternalError
-
 from ..kaas.library import Library
 from ..kaas.runner import DeviceLimits
 from ..kaas.signature import Kernel
+from .cuda import device_errors
 
 NVRTC_OPTIONS = ("-std=c++14",)
 
@@ -59,7 +58,8 @@ class CudaKernelRunner:
     def launch(self, library: str, kernel: Kernel, literals: Sequence[np.generic], buffers: Sequence[Any],
                counts: Sequence[int], grid: tuple[int, int, int], block: tuple[int, int, int], shared: int) -> None:
         # a cupy array is passed as the pointer to its first byte (the view's offset included)
-        self._functions[(library, kernel.name)](grid, block, (*literals, *buffers), shared_mem=shared)
+        with device_errors():
+            self._functions[(library, kernel.name)](grid, block, (*literals, *buffers), shared_mem=shared)
 
     def mark(self) -> cp.cuda.Event:
         event = cp.cuda.Event()
@@ -70,10 +70,9 @@ class CudaKernelRunner:
         return float(cp.cuda.get_elapsed_time(start, end))
 
     def synchronize(self) -> None:
-        try:
+        # a fault in a kernel is sticky (illegal address, ...): DeviceLost, and the shim restarts
+        with device_errors():
             cp.cuda.get_current_stream().synchronize()
-        except Exception as exc:  # noqa: BLE001 - a fault is sticky: the context is unusable from here on
-            raise InternalError(f"a kernel faulted on the GPU ({exc}); the shim needs a restart") from exc
 
     def describe(self) -> dict[str, object]:
         props = cp.cuda.runtime.getDeviceProperties(self.device.id)

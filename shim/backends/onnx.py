@@ -36,8 +36,8 @@ class OnnxRunner:
     seeing another shape.
     """
 
-    def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0) -> None:
-        self._path, self._providers = Path(path), list(providers)
+    def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0) -> None:
+        self._path, self._providers, self.device_id = Path(path), list(providers), device_id
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -59,11 +59,16 @@ class OnnxRunner:
     def _session_for(self, batch: int) -> tuple[Any, ThreadPoolExecutor]:
         with self._lock:
             entry = self._by_batch.get(batch)
-            if entry is None:
-                session = self.session if not self._by_batch else self._new_session()
-                thread = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}")
-                entry = self._by_batch[batch] = (session, thread)
-        return entry
+            if entry is None and not self._by_batch:  # the first batch size takes the session made at load
+                entry = self._by_batch[batch] = (self.session, self._new_thread(batch))
+        if entry is not None:
+            return entry
+        session = self._new_session()  # seconds: outside the lock, so other batch sizes go on
+        with self._lock:
+            return self._by_batch.setdefault(batch, (session, self._new_thread(batch)))
+
+    def _new_thread(self, batch: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}")
 
     def _on_gpu(self, batch: int, job: Callable[[Any], T]) -> T:
         """``job(session)`` with the session of ``batch`` rows, on its thread."""
@@ -76,23 +81,24 @@ class OnnxRunner:
         if self.device != "cuda":
             return dict(zip(self._names, self.session.run(self._names, feeds)))
         rows = {a.shape[0] for a in feeds.values() if a.ndim}
-        batch = rows.pop() if len(rows) == 1 and self._batched else 0
-        size = padded_batch(batch) if batch else 0
-        if size > batch:
-            feeds = {name: np.concatenate([a, np.zeros((size - batch, *a.shape[1:]), a.dtype)])
-                     for name, a in feeds.items()}
+        batched = self._batched and len(rows) == 1
+        batch = rows.pop() if batched else 0
+        size = padded_batch(batch) if batched else 1  # the session to use (0 rows: that of 1)
+        pad = size - batch if batched else 0
+        if pad:
+            feeds = {name: np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for name, a in feeds.items()}
 
         def run(session: Any) -> list[np.ndarray]:
             binding = session.io_binding()
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
             for name in self._names:
-                binding.bind_output(name, "cuda", 0)
+                binding.bind_output(name, "cuda", self.device_id)
             session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
 
         outputs = self._on_gpu(size, run)
-        if size > batch:
+        if pad:
             outputs = [o[:batch] if o.ndim and o.shape[0] == size else o for o in outputs]
         return dict(zip(self._names, outputs))
 

@@ -101,22 +101,24 @@ class Executor:
                 cache.unreserve(reserved)
                 raise
             outputs = []
-            for name, pb in plan.buffers.items():
-                if not pb.store:
-                    continue
-                if pb.load:
-                    entry = entries[name]
-                    entry.dirty = True
-                else:
-                    store.put_pending(pb.spec.key, pb.size, tenant)
-                    reserved -= pb.size
-                    entry = entries[name] = cache.install(tenant, pb.spec.key, fresh[name], pb.size)
-                if self.durable:
-                    cache.flush(entry)
-                outputs.append({"name": name, "key": pb.spec.key, "size": pb.size})
-            for entry in entries.values():
-                cache.release(entry)
-            cache.unreserve(reserved)
+            try:  # whatever happens while committing, pins and reservations are given back
+                for name, pb in plan.buffers.items():
+                    if not pb.store:
+                        continue
+                    if pb.load:
+                        entry = entries[name]
+                        entry.dirty = True
+                    else:
+                        store.put_pending(pb.spec.key, pb.size, tenant)
+                        reserved -= pb.size
+                        entry = entries[name] = cache.install(tenant, pb.spec.key, fresh[name], pb.size)
+                    if self.durable:
+                        cache.flush(entry)
+                    outputs.append({"name": name, "key": pb.spec.key, "size": pb.size})
+            finally:
+                for entry in entries.values():
+                    cache.release(entry)
+                cache.unreserve(reserved)
             self.metrics.store_bytes.set(store.used_bytes())
             t3 = time.perf_counter()
             hits1, misses1 = cache.hits, cache.misses

@@ -35,14 +35,15 @@ class ModelOp(Op):
         self._batching = batching
         self._runner: ModelRunner | None = None
         self._batcher: Batcher[Feeds, Feeds] | None = None
+        self._batchable = False
         self.inputs, self.outputs = [], []
 
     def load(self) -> None:
         self._runner = self._backend.load_model(self.config.onnx)
         self.inputs, self.outputs = self._runner.inputs, self._runner.outputs
         self.backend = self._runner.device
-        batchable = self.inputs and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
-        if self._batching is not None and batchable:
+        self._batchable = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
+        if self._batching is not None and self._batchable:
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us)
 
@@ -61,8 +62,18 @@ class ModelOp(Op):
             if spec.shape and spec.shape[0] == -1 and array.ndim and array.shape[0] > self._max_batch:
                 raise InvalidInput(f"input {spec.name!r}: batch of {array.shape[0]} is over the limit of {self._max_batch}")
         if self._batcher is None or len(rows) != 1:
-            return self._runner.run(inputs)
+            return self._run_chunked(inputs)
         return self._batcher.submit(inputs, rows.pop())
+
+    def _run_chunked(self, feeds: Feeds) -> Feeds:
+        """Run ``feeds`` in chunks of at most ``max_batch_size`` rows (the shapes warmed up on a GPU)."""
+        assert self._runner is not None
+        rows = {a.shape[0] for a in feeds.values() if a.ndim}
+        step = max(1, self.config.max_batch_size)
+        if not self._batchable or len(rows) != 1 or (n := rows.pop()) <= step:
+            return self._runner.run(feeds)
+        parts = [self._runner.run({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _run_batch(self, requests: Sequence[Feeds]) -> list[Feeds]:
         """Requests whose inputs agree but for the batch axis run as one; the rest alone."""
@@ -74,7 +85,7 @@ class ModelOp(Op):
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             if len(members) == 1:
-                results[members[0]] = self._runner.run(requests[members[0]])
+                results[members[0]] = self._run_chunked(requests[members[0]])
                 continue
             names = requests[members[0]].keys()
             merged = {n: np.concatenate([requests[i][n] for i in members]) for n in names}

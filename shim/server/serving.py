@@ -12,12 +12,16 @@ import time
 from pathlib import Path
 
 from waitress import wasyncore
-from waitress.channel import HTTPChannel
 from waitress.adjustments import Adjustments
-from waitress.server import BaseWSGIServer, create_server
+from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
+from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.utilities import Error as WaitressError
 
+from accel.errors import Unauthorized
+
+from ..auth import TokenStore
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
@@ -88,24 +92,45 @@ class _JsonErrorTask(ErrorTask):
     def execute(self) -> None:
         error = self.request.error
         limit = self.channel.adj.max_request_body_size - 1
-        message = (f"the request body is over the limit of {limit} bytes" if error.code == 413
-                   else f"{error.reason}: {error.body}")
+        message = {413: f"the request body is over the limit of {limit} bytes",
+                   401: error.body}.get(error.code, f"{error.reason}: {error.body}")
         body = json.dumps({"error": message}).encode("utf-8")
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
+        if error.code == 401:
+            self.response_headers.append(("WWW-Authenticate", 'Bearer realm="accelshim"'))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
 
 
+EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
+
+
+class _Unauthorized(WaitressError):
+    code = 401
+    reason = "Unauthorized"
+
+
 class _StampedParser(HTTPRequestParser):
     """Notes when the request had arrived whole, so that a deadline counts the time spent queued in
-    waitress too, not only from when a worker thread picks the request up."""
+    waitress too, not only from when a worker thread picks the request up; and, on a shim with
+    tokens, refuses a request with a body but no valid token as soon as its headers are in, before
+    waitress buffers a body of up to ``--max-body-bytes`` for it."""
 
     received_at: float | None = None
+    tokens: TokenStore | None = None  # set on a subclass per server
+    _vetted = False
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
+        if self.tokens is not None and not self._vetted and self.headers_finished and not self.error:
+            self._vetted = True
+            if self.content_length > EARLY_AUTH_BYTES or self.chunked:
+                try:
+                    self.tokens.authenticate(self.headers.get("AUTHORIZATION"))
+                except Unauthorized as exc:
+                    self.error, self.completed = _Unauthorized(exc.message), True
         if self.completed and self.received_at is None:
             self.received_at = time.monotonic()
         return consumed
@@ -176,8 +201,11 @@ class Server:
                            recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
+        tokens = service.guard.tokens if service.guard is not None else None
+        parser = type("_Parser", (_StampedParser,), {"tokens": tokens})
+        channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
         for server in self._servers:
-            server.channel_class = _JsonErrorChannel
+            server.channel_class = channel
         self._stopping = threading.Event()
         self._warmup = threading.Thread(target=self._load, name="warmup", daemon=True)
         if service.guard is not None:

@@ -6,6 +6,7 @@ subset the shim needs: Content-Length and chunked bodies, keep-alive, ``Connecti
 """
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -221,14 +222,18 @@ class HTTPTransport:
     def request(self, method: str, path: str, body: bytes | None, headers: "Mapping[str, str]",
                 timeout: float) -> Response:
         conn = self._connection()
+        if conn.sock is not None and _dropped(conn.sock):
+            conn.close()  # the shim closed this kept-alive connection while it was idle: a fresh one
         reused = conn.sock is not None
         try:
             return conn.request(method, path, body, headers, timeout)
         except OSError as exc:
             conn.close()
-            # A kept-alive connection that the shim has since closed fails on first use: retry
-            # that once at once on a fresh connection; anything else goes to the caller's backoff.
-            if reused and isinstance(exc, (ProtocolError, BrokenPipeError, ConnectionResetError)):
+            # A broken pipe on a kept-alive connection means the request never got through whole, so
+            # the shim cannot have run it: once more at once on a fresh connection. A connection cut
+            # after the request went out (it may have run) goes to the caller, who retries only
+            # what is safe to run twice.
+            if reused and isinstance(exc, BrokenPipeError):
                 try:
                     return conn.request(method, path, body, headers, timeout)
                 except OSError:
@@ -242,6 +247,15 @@ class HTTPTransport:
                 conn.close()
             self._all.clear()
         self._local = threading.local()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Whether an idle kept-alive connection was closed by the peer (readable with nothing to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _open(family: int, address: object, timeout: float) -> socket.socket:
