@@ -1,0 +1,119 @@
+"""classify's device half on the GPU: decoded RGB pixels up, Pillow's resize + normalisation there
+(the preloaded kernels of ``shim/kernels/resample.cu``), the batch straight into the model."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Sequence
+
+import cupy as cp
+import numpy as np
+from PIL import Image
+
+from ..kernels.resample import CUDA_SOURCE, Pass, plan
+from ..modelrepo import ModelConfig
+from . import onnx
+from .cuda import device_errors
+
+if TYPE_CHECKING:
+    from .cuda import CudaBackend, _Worker
+
+_THREADS_PER_BLOCK = 256
+
+
+class CudaImagePipeline:
+    """Decoded RGB pixels up to the GPU, Pillow's resize + normalisation there (bit-exact with the
+    CPU twin), and the batch straight into the model through I/O binding."""
+
+    def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig) -> None:
+        assert config.preprocessing is not None
+        self.device = "cuda"
+        self.runner = runner
+        self._backend = backend
+        self._pre = config.preprocessing
+        self._step = max(1, config.max_batch_size)
+        self._input = runner.inputs[0].name
+        with device_errors():
+            module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
+            self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
+        self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        size = self._pre.size
+        parts = []
+
+        def run(state: _Worker) -> None:
+            for start in range(0, len(items), self._step):
+                chunk = items[start:start + self._step]
+                batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
+                # every image of the chunk goes up in one copy, through the worker's pinned buffer
+                flat = state.upload_concatenated([p.reshape(-1) for p in chunk], 4)
+                offset = 0
+                for i, pixels in enumerate(chunk):
+                    self._preprocess(flat[offset:offset + pixels.size], pixels.shape, batch[i])
+                    offset += pixels.size
+                batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
+                state.stream.synchronize()  # onnxruntime runs on its own stream
+                logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
+                parts.append(logits[:len(chunk)])
+
+        with device_errors():
+            self._backend.on_device(run)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
+        def run(state: _Worker) -> np.ndarray:
+            out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
+            self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out)
+            return cp.asnumpy(out, stream=state.stream)
+
+        with device_errors():
+            return self._backend.on_device(run)
+
+    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray) -> None:
+        """Resize + normalise one uint8 HWC image (``src``: its bytes on the device) into ``out``."""
+        height, width, channels = shape
+        src_w = width
+        mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
+        null = np.uint64(0)
+        steps = self._plan(width, height)
+        for index, (step, bounds, weights) in enumerate(steps):
+            last = index == len(steps) - 1
+            out_n = len(step.bounds)
+            if step.axis == 1:
+                rows = step.last - step.first
+                dst = None if last else cp.empty((rows, out_n, channels), dtype=cp.uint8)
+                args = (src, np.int32(src_w), np.int32(channels), np.int32(step.first), np.int32(rows),
+                        bounds, weights, np.int32(step.weights.shape[1]), np.int32(out_n))
+                total, kernel, src_w = rows * out_n * channels, self._h, out_n
+            else:
+                dst = None if last else cp.empty((out_n, src_w, channels), dtype=cp.uint8)
+                args = (src, np.int32(src_w), np.int32(channels), bounds, weights,
+                        np.int32(step.weights.shape[1]), np.int32(out_n))
+                total, kernel = out_n * src_w * channels, self._v
+            kernel(((total + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK,), (_THREADS_PER_BLOCK,),
+                   args + (dst if dst is not None else null, out if last else null, mean, std))
+            if dst is not None:
+                src = dst
+
+    def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
+        """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
+        device, cached per image size (LRU of 256)."""
+        key = (width, height)
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+                return cached
+        steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
+        cp.cuda.get_current_stream().synchronize()  # other device threads will read them from the cache
+        with self._lock:
+            self._plans[key] = steps
+            while len(self._plans) > 256:
+                self._plans.popitem(last=False)
+        return steps
