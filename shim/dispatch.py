@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 
 from accel.codec import InferRequest, InferResponse
-from accel.errors import AccelError, InvalidInput
+from accel.errors import InvalidInput
 
 from .backends.base import TensorSpec
-from .metrics import Metrics
+from .metrics import Metrics, Outcome
 from .registry import Registry
 from .stats import Statistics
 
@@ -28,32 +28,28 @@ class Dispatcher:
             InvalidInput: inputs, parameters or requested outputs that do not fit the op.
         """
         start = time.perf_counter_ns()
-        status = 200
         items = compute_ns = 0
         self.metrics.inflight.inc()
+        outcome = Outcome()
         try:
-            op = self.registry.get(op_name)
-            _check_inputs(op_name, op.inputs, request)
-            compute_start = time.perf_counter_ns()
-            outputs = op.run_tensors(request.inputs, request.parameters)
-            compute_ns = time.perf_counter_ns() - compute_start
-            if request.outputs is not None:
-                by_name = {t.name: t for t in outputs}
-                missing = [o.name for o in request.outputs if o.name not in by_name]
-                if missing:
-                    raise InvalidInput(f"op {op_name!r} has no output {missing[0]!r}; it has "
-                                       f"{', '.join(by_name) or 'none'}")
-                outputs = [by_name[o.name] for o in request.outputs]
-            items = max((t.shape[0] if t.shape else 1) for t in request.inputs) if request.inputs else 1
-            self.metrics.items.labels(op_name).inc(items)
-            return InferResponse(op_name, outputs, model_version="1", id=request.id)
-        except AccelError as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500
-            raise
+            with outcome:
+                op = self.registry.get(op_name)
+                _check_inputs(op_name, op.inputs, request)
+                compute_start = time.perf_counter_ns()
+                outputs = op.run_tensors(request.inputs, request.parameters)
+                compute_ns = time.perf_counter_ns() - compute_start
+                if request.outputs is not None:
+                    by_name = {t.name: t for t in outputs}
+                    missing = [o.name for o in request.outputs if o.name not in by_name]
+                    if missing:
+                        raise InvalidInput(f"op {op_name!r} has no output {missing[0]!r}; it has "
+                                           f"{', '.join(by_name) or 'none'}")
+                    outputs = [by_name[o.name] for o in request.outputs]
+                items = max((t.shape[0] if t.shape else 1) for t in request.inputs) if request.inputs else 1
+                self.metrics.items.labels(op_name).inc(items)
+                return InferResponse(op_name, outputs, model_version="1", id=request.id)
         finally:
+            status = outcome.status
             self.metrics.inflight.dec()
             self.metrics.requests.labels(op_name if status != 404 else "_unknown", str(status)).inc()
             elapsed = time.perf_counter_ns() - start

@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from accel.errors import AccelError
+
 from .batching import BATCH_BUCKETS, QUEUE_BUCKETS
 
 _LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
@@ -33,3 +35,18 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Outcome:
+    """``with Outcome() as outcome:`` notes the HTTP status that the block ends with: 200, the
+    status of the AccelError it raised, or 500 for anything else (which goes on propagating)."""
+
+    status = 200
+
+    def __enter__(self) -> "Outcome":
+        return self
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> bool:
+        if exc is not None:
+            self.status = exc.status if isinstance(exc, AccelError) else 500
+        return False

@@ -5,7 +5,9 @@ import logging
 import time
 from typing import Any
 
-from accel.errors import AccelError, NotReady
+from accel.errors import NotReady
+
+from ..metrics import Outcome
 
 from .buffers import BufferInfo, Buffers
 from .executor import Executor, KaasResult
@@ -60,20 +62,15 @@ class KaasService:
             InvalidInput, OpNotFound, InsufficientStorage, InternalError: see Executor.run.
         """
         start = time.perf_counter()
-        status = 200
+        outcome = Outcome()
         try:
-            if not self.ready:
-                raise NotReady("KaaS is compiling its kernels")
-            return self.executor.run(parse_request(doc), tenant)
-        except AccelError as exc:
-            status = exc.status
-            raise
-        except Exception:
-            status = 500
-            raise
+            with outcome:
+                if not self.ready:
+                    raise NotReady("KaaS is compiling its kernels")
+                return self.executor.run(parse_request(doc), tenant)
         finally:
-            self.metrics.requests.labels(str(status)).inc()
-            if status == 200:
+            self.metrics.requests.labels(str(outcome.status)).inc()
+            if outcome.status == 200:
                 self.metrics.latency.observe(time.perf_counter() - start)
 
     def describe_libraries(self) -> dict[str, object]:
