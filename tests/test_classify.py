@@ -67,7 +67,8 @@ def test_other_colour_modes_are_converted(inproc_client, chelsea, mode):
 
 def test_raw_model_agrees_with_classify(inproc_client, service, coffee):
     """The raw model served by name gives the logits that classify turned into probabilities."""
-    from shim.ops.imaging import decode_image, preprocess
+    from shim.kernels.resample import pillow_preprocess as preprocess
+    from shim.ops.imaging import decode_image
 
     op = service.registry.get("classify")
     x = preprocess(decode_image(encode(coffee, "PNG"), "coffee", 10**8), op.config.preprocessing)[None]

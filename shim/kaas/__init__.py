@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from .buffers import Buffers
 from .cache import DeviceCache
+from .executor import Executor
 from .library import LibraryRegistry
 from .metrics import KaasMetrics
 from .runner import KernelRunner
@@ -54,4 +55,5 @@ def build_kaas(device: str, registry: CollectorRegistry, *, kernels_dir: Path | 
     metrics = KaasMetrics(registry)
     store = BufferStore(store_bytes, Path(state_dir) if state_dir else None, quota)
     cache = DeviceCache(runner, cache_bytes, lambda tenant, key, data: store.put(key, data, tenant), metrics)
-    return KaasService(libraries, runner, Buffers(store, cache, metrics), metrics, durable=state_dir is not None)
+    return KaasService(Executor(libraries, runner, Buffers(store, cache, metrics), metrics,
+                               durable=state_dir is not None))

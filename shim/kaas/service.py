@@ -8,13 +8,9 @@ from typing import Any
 from accel.errors import NotReady
 
 from ..metrics import Outcome
-
-from .buffers import BufferInfo, Buffers
+from .buffers import BufferInfo
 from .executor import Executor, KaasResult
-from .library import LibraryRegistry
-from .metrics import KaasMetrics
 from .model import parse_request
-from .runner import KernelRunner
 from .store import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
@@ -24,20 +20,13 @@ class KaasService:
     """Kernel-as-a-Service over one runner; ``load()`` (compile every kernel) before it serves.
 
     Args:
-        libraries: the registered kernel libraries.
-        runner: the device's kernel runner (``shim.backends.kaas_cpu`` or ``kaas_cuda``).
-        buffers: the buffer store behind the GPU cache.
-        metrics: KaaS metrics (in the shim's registry).
-        durable: write outputs through to the store before answering (with a state_dir).
+        executor: runs requests; its libraries, runner, buffers and metrics are the service's too.
     """
 
-    def __init__(self, libraries: LibraryRegistry, runner: KernelRunner, buffers: Buffers, metrics: KaasMetrics,
-                 durable: bool = False) -> None:
-        self.libraries = libraries
-        self.runner = runner
-        self.buffers = buffers
-        self.metrics = metrics
-        self.executor = Executor(libraries, runner, buffers, metrics, durable)
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.libraries, self.runner = executor.libraries, executor.runner
+        self.buffers, self.metrics = executor.buffers, executor.metrics
         self.ready = False
         self.load_seconds = 0.0
 

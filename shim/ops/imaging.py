@@ -9,7 +9,6 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from accel.errors import InvalidInput, PayloadTooLarge
 
-from ..kernels.resample import pillow_preprocess
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -45,9 +44,6 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-preprocess = pillow_preprocess  # the CPU path (Pillow); backends/cuda.py has its GPU twin
 
 
 def sample_png(size: int = 64) -> bytes:
