@@ -46,17 +46,20 @@ class Dispatcher:
                                            f"{', '.join(by_name) or 'none'}")
                     outputs = [by_name[o.name] for o in request.outputs]
                 items = max((t.shape[0] if t.shape else 1) for t in request.inputs) if request.inputs else 1
-                self.metrics.items.labels(op_name).inc(items)
                 return InferResponse(op_name, outputs, model_version="1", id=request.id)
         finally:
-            status = outcome.status
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(op_name if status != 404 else "_unknown", str(status)).inc()
-            elapsed = time.perf_counter_ns() - start
-            if status == 200:
-                self.metrics.latency.labels(op_name).observe(elapsed / 1e9)
-            if status != 404:
-                self.stats.record(op_name, status == 200, elapsed, items, compute_ns=compute_ns)
+            self.record(op_name, outcome.status, time.perf_counter_ns() - start, items, compute_ns)
+
+    def record(self, op_name: str, status: int, elapsed_ns: int, items: int = 0, compute_ns: int = 0) -> None:
+        """Count one finished request: by status, its latency and the op's statistics (unknown
+        ops, 404, are counted apart). Request workers report theirs here too (``--workers``)."""
+        self.metrics.requests.labels(op_name if status != 404 else "_unknown", str(status)).inc()
+        if status == 200:
+            self.metrics.latency.labels(op_name).observe(elapsed_ns / 1e9)
+            self.metrics.items.labels(op_name).inc(items)
+        if status != 404:
+            self.stats.record(op_name, status == 200, elapsed_ns, items, compute_ns=compute_ns)
 
 
 def _check_inputs(op_name: str, specs: list[TensorSpec], request: InferRequest) -> None:
