@@ -76,9 +76,12 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 class ShimProcess:
-    """``accelshim serve`` on a free TCP port and a unix socket, for the length of a ``with``."""
+    """``accelshim serve`` on a free TCP port and a unix socket, for the length of a ``with``.
 
-    def __init__(self, device: str = "cpu", models: Path = ROOT / "models", *extra: str) -> None:
+    ``workers`` > 1: ``--workers N`` (N request processes in front of the one device process).
+    """
+
+    def __init__(self, device: str = "cpu", models: Path = ROOT / "models", *extra: str, workers: int = 1) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -86,6 +89,8 @@ class ShimProcess:
         self.sock = f"{self.dir}/shim.sock"
         self.cmd = [sys.executable, "-m", "shim", "serve", "--port", str(self.port), "--unix", self.sock,
                     "--device", device, "--models", str(models), "--log-level", "WARNING", *extra]
+        if workers > 1:
+            self.cmd += ["--workers", str(workers)]
         self.tcp_url, self.unix_url = f"http://127.0.0.1:{self.port}", f"unix://{self.sock}"
 
     def __enter__(self) -> "ShimProcess":

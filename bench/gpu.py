@@ -1,25 +1,31 @@
 """accelshim vs the naive per-function GPU setup: cold start, warm latency, throughput, density.
 
     python -m bench gpu [--device auto|cuda|cpu] [--out DIR] [--quick] [--sections cold,density,warm,throughput]
+                        [--shim-workers N] [--client-processes P]
 
-1. cold start (classify one photo; one 1024x1024 FP32 gemm): (a) the first call in a running
-   function process, (b) a fresh function process end to end; naive (bench/naive.py in a child)
-   vs a child that calls the warm shim over its unix socket.
-2. warm latency: noop, gemm n=64..4096 FP16/FP32, classify batch 1; shim vs in-process.
-3. throughput: 1/8/32/128 concurrent clients classifying; shim vs in-process batch-1 sessions.
+1. cold start (classify one photo; one 1024x1024 FP32 gemm, operands in the HTTP body or in a
+   shared-memory region): (a) the first call in a running function process, (b) a fresh function
+   process end to end; naive (bench/naive.py in a child) vs a child that calls the warm shim over
+   its unix socket.
+2. warm latency: noop, gemm n=64..4096 FP16/FP32 (HTTP body; shared memory), classify batch 1;
+   shim vs in-process.
+3. throughput: 1/8/32/128 concurrent clients classifying; the shim's clients in up to P processes
+   of their own vs in-process batch-1 sessions in one process.
 4. density: GPU memory added per function instance, naive vs accelshim (nvidia-smi).
 
 Sections that fail record their error and the rest go on. JSON + Markdown are rewritten after
 every section (bench/results/<date>-<device>-gpu.*), tables are printed as they complete, and
 PNG plots are made when matplotlib is importable (else later: ``python -m bench plot FILE.json``).
 
-Modules: gpu (this: options, the shim, the run), sections (the four sections), procs (child
-processes, the shim's log, nvidia-smi), load (closed-loop client threads, /metrics), naive (the
-per-function baselines, also run as the naive child), plot (PNGs from the JSON).
+Modules: gpu (this: options, the shim, the run), sections (the run's state; warm, throughput,
+density), cold (the cold-start section), procs (child processes, the shim's log, nvidia-smi), loop
+(closed-loop clients: threads, or threads in client processes), load (/metrics batch sizes), naive
+(the per-function baselines, also run as the naive child), plot (PNGs from the JSON).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -85,12 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, from: " + ",".join(SECTIONS))
     parser.add_argument("--duration", type=float, default=None, help="seconds per throughput level (5; quick 2)")
     parser.add_argument("--inproc-sessions", type=int, default=8, help="cap on in-process ORT sessions (throughput)")
+    parser.add_argument("--client-processes", type=int, default=min(16, os.cpu_count() or 1),
+                        help="cap on the shim's client processes (throughput; default min(16, CPUs))")
+    parser.add_argument("--shim-workers", type=int, default=None, metavar="N",
+                        help="start the shim with --workers N (N > 1: request processes in front of the "
+                             "one GPU process); default: not passed")
     parser.add_argument("--shim-arg", action="append", default=[],
                         help="extra argument for `accelshim serve` (repeat; e.g. --shim-arg=--threads=64)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    if args.inproc_sessions < 1:
-        parser.error("--inproc-sessions must be at least 1")
+    for flag in ("inproc_sessions", "client_processes", "shim_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     if unknown:
@@ -101,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     t_start = time.perf_counter()
     data: dict[str, Any] = {"benchmark": "gpu", "device": device, "quick": args.quick,
-                            "environment": environment(software(device)), "sections": {}}
+                            "shim_workers": args.shim_workers, "environment": environment(software(device)),
+                            "sections": {}}
     env_line = data["environment"].get("gpu") or data["environment"]["processor"]
+    workers = f", shim --workers {args.shim_workers}" if args.shim_workers else ""
     header = (f"# accelshim vs naive per-function {device.upper()} ({data['environment']['date']}, {env_line}, "
               f"{data['environment']['cpus']} CPUs, Python {data['environment']['python']}, numpy "
               f"{data['environment'].get('numpy')}, onnxruntime {data['environment'].get('onnxruntime')}, cupy "
-              f"{data['environment'].get('cupy', '-')}{', quick' if args.quick else ''})\n")
+              f"{data['environment'].get('cupy', '-')}{workers}{', quick' if args.quick else ''})\n")
     print(header, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="accelbench-gpu-"))
     jpeg = cat_jpeg()
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     jpeg_path.write_bytes(jpeg)
 
     mem_before = gpu_memory()
-    shim = LoggedShim(device, args.models, workdir / "shim.log", *args.shim_arg)
+    shim = LoggedShim(device, args.models, workdir / "shim.log", *args.shim_arg, workers=args.shim_workers or 1)
     data["shim_command"] = shim.cmd[1:]
     try:
         try:

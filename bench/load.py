@@ -1,5 +1,5 @@
-"""Closed-loop load from many client threads, and the shim's batching metrics; run as a program,
-the load-and-fault test of the shim:
+"""The shim's batching metrics (for the GPU benchmark's throughput section); run as a program, the
+load-and-fault test of the shim:
 
     python bench/load.py --clients 8 --seconds 30 [--kill-every 5]   (or: python -m bench load ...)
 
@@ -24,7 +24,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,60 +60,6 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> tuple[float
 
     count = total("_count")
     return (total("_sum") / count if count > 0 else None), count
-
-
-def closed_loop(call_for: Callable[[int], Callable[[], Any]], clients: int, duration: float) -> dict[str, Any]:
-    """``clients`` threads calling back to back for ``duration`` s: completions/s and latencies."""
-    barrier = threading.Barrier(clients + 1)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-    stop_at = [0.0]
-
-    def worker(i: int) -> None:
-        try:
-            call = call_for(i)
-        except Exception as exc:  # noqa: BLE001 - nobody waits for a worker that cannot start
-            errors.append(f"setup: {type(exc).__name__}: {exc}")
-            barrier.abort()
-            return
-        barrier.wait()
-        mine = latencies[i]
-        while True:
-            t = time.perf_counter()
-            if t >= stop_at[0]:
-                return
-            try:
-                call()
-            except Exception as exc:  # noqa: BLE001 - counted, the loop goes on
-                errors.append(f"{type(exc).__name__}: {exc}")
-                if len(errors) > 1000:
-                    return
-                continue
-            end = time.perf_counter()
-            if end <= stop_at[0]:
-                mine.append(end - t)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + 3600  # set for real once all threads are ready
-    try:
-        barrier.wait(timeout=CHILD_TIMEOUT_S)
-    except threading.BrokenBarrierError:
-        stop_at[0] = 0.0
-        raise RuntimeError(f"the client threads did not start: {sorted(set(errors))[:3]}") from None
-    start = time.perf_counter()
-    stop_at[0] = start + duration
-    for t in threads:
-        t.join(duration + 120)
-    alive = sum(t.is_alive() for t in threads)
-    samples = [x for lat in latencies for x in lat]
-    out: dict[str, Any] = {"clients": clients, "duration_s": duration, "completed": len(samples),
-                           "images_per_s": len(samples) / duration, "errors": len(errors),
-                           "first_errors": sorted(set(errors))[:3], "threads_still_running": alive}
-    if samples:
-        out.update(percentiles(samples))
-    return out
 
 
 # --- the load-and-fault test --------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The four sections of the GPU benchmark; each takes the run's state and returns (JSON, Markdown).
 
-1. cold start, 2. warm latency, 3. throughput, 4. density: see bench/gpu.py.
+1. cold start (bench/cold.py), 2. warm latency, 3. throughput, 4. density: see bench/gpu.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.common import ShimProcess, md_table, percentiles, time_calls, write_results
-from bench.load import batch_histogram, closed_loop, mean_batch, metrics_text
-from bench.procs import (ACCEL_CHILD, CHILD_TIMEOUT_S, NAIVE, gpu_memory, hold_children, release, rss_mib,
-                         run_child)
+from bench.cold import section_cold
+from bench.load import batch_histogram, mean_batch, metrics_text
+from bench.loop import closed_loop, process_closed_loop
+from bench.procs import ACCEL_CHILD, CHILD_TIMEOUT_S, NAIVE, gpu_memory, hold_children, release, rss_mib
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ class Bench:
         return cmd + (["--hold"] if hold else [])
 
     def accel_cmd(self, op: str, hold: bool = False) -> list[str]:
+        """A function instance calling the shim; ``op``: classify, gemm or gemm-shm (procs.ACCEL_CHILD)."""
         arg = str(self.jpeg_path) if op == "classify" else "1024"
         return [sys.executable, "-c", ACCEL_CHILD, op, self.shim.unix_url, arg] + (["hold"] if hold else [])
 
@@ -52,91 +54,6 @@ class Bench:
         """Rewrite the JSON + Markdown with what is done so far (sections in their numbered order)."""
         md = self.markdown + [self.sections_md[k] for k in ORDER if k in self.sections_md]
         self.written = write_results("gpu", self.data, "\n".join(md), self.args.out)
-
-
-def ms(seconds: float | None) -> float | str:
-    return "-" if seconds is None else seconds * 1e3
-
-
-def reduction(naive: float, shim: float) -> str:
-    return f"{(1 - shim / naive) * 100:.1f}%" if naive > 0 else "-"
-
-
-def bare_interpreter_seconds(env: dict[str, str]) -> float:
-    """Wall time of ``python -c pass`` (common.fresh_process_seconds, with a timeout)."""
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True, env=env, timeout=60, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-    return statistics.median(values) if values else None
-
-
-# 1. cold start ----------------------------------------------------------------------------------
-def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
-    reps = 1 if b.quick else 3
-    bare = statistics.median(bare_interpreter_seconds(b.env) for _ in range(3 if b.quick else 5))
-    out: dict[str, Any] = {"repeats": reps, "bare_interpreter_s": bare, "workloads": {}}
-    rows, breakdown = [], []
-    for op in ("classify", "gemm"):
-        runs: dict[str, list[dict[str, Any]]] = {"naive": [], "accelshim": []}
-        for _ in range(reps):  # interleaved, so that drift hits both alike
-            for who, cmd in (("naive", b.naive_cmd(op)), ("accelshim", b.accel_cmd(op))):
-                wall, timings = run_child(cmd, b.env)
-                timings["process_wall_s"] = wall
-                runs[who].append(timings)
-        naive_a = median_of(runs["naive"], "first_result_s")
-        shim_a = median_of(runs["accelshim"], "first_result_s")
-        naive_b = median_of(runs["naive"], "process_wall_s")
-        shim_b = median_of(runs["accelshim"], "process_wall_s")
-        entry = {
-            "naive": {"runs": runs["naive"], "first_call_s": naive_a, "fresh_process_s": naive_b,
-                      "breakdown_s": {k: median_of(runs["naive"], k) for k in
-                                      ("imports_s", "session_s", "context_s", "preprocess_s", "first_run_s")}},
-            "accelshim": {"runs": runs["accelshim"], "first_call_s": shim_a, "fresh_process_s": shim_b,
-                          "breakdown_s": {k: median_of(runs["accelshim"], k) for k in ("imports_s", "first_call_s")}},
-            "reduction_first_call_pct": (1 - shim_a / naive_a) * 100,
-            "reduction_fresh_process_pct": (1 - shim_b / naive_b) * 100,
-        }
-        if op == "classify":
-            tops = {r.get("top1") for r in runs["naive"] + runs["accelshim"]}
-            entry["top1"] = sorted(str(t) for t in tops)
-            entry["same_top1"] = len(tops) == 1
-        out["workloads"][op] = entry
-        label = "classify 1 image" if op == "classify" else "gemm FP32 1024"
-        rows.append([label, ms(naive_a), ms(shim_a), reduction(naive_a, shim_a),
-                     ms(naive_b), ms(shim_b), reduction(naive_b, shim_b)])
-        for who in ("naive", "accelshim"):
-            bd, wall = entry[who]["breakdown_s"], entry[who]["fresh_process_s"]
-            setup = bd.get("session_s") if op == "classify" else bd.get("context_s")
-            first = bd.get("first_run_s") if who == "naive" else bd.get("first_call_s")
-            pre = bd.get("preprocess_s")
-            inputs = median_of(entry[who]["runs"], "inputs_s")
-            inside = sum(v or 0.0 for v in (bd.get("imports_s"), setup if who == "naive" else None, pre, first, inputs))
-            breakdown.append([label, who, ms(bare), ms(bd.get("imports_s")), ms(setup) if who == "naive" else "-",
-                              ms(pre), ms(first), ms(max(0.0, wall - inside - bare)), ms(wall)])
-        extra = entry["naive"]["runs"][0]
-        if extra.get("providers") is not None:
-            entry["naive"]["providers"] = extra["providers"]
-            entry["naive"]["note"] = extra.get("note", "")
-        print(f"cold {op}: naive first call {naive_a * 1e3:.1f} ms / fresh {naive_b * 1e3:.1f} ms; "
-              f"accelshim first call {shim_a * 1e3:.1f} ms / fresh {shim_b * 1e3:.1f} ms", flush=True)
-    md = ("## 1. Cold start\n\n(a) first call in a running function process: naive = create the GPU context / ORT "
-          "session, load the model, preprocess, compute, result on the host (imports done before the clock); "
-          "accelshim = the first call of a process that imported `accel` and made a Client, to a warm shim over "
-          f"its unix socket. (b) a fresh function process end to end, timed by the parent. Medians of {reps}.\n\n"
-          + md_table(["workload", "naive (a) ms", "accelshim (a) ms", "reduction (a)",
-                      "naive (b) ms", "accelshim (b) ms", "reduction (b)"], rows)
-          + "\nWhere the time of (b) goes (medians; 'interpreter' is a bare `python -c pass`; "
-            "'rest' = wall - the others - making the inputs: exit, teardown, unaccounted):\n\n"
-          + md_table(["workload", "process", "interpreter ms", "imports ms", "context/session ms", "preprocess ms",
-                      "first run/call ms", "rest ms", "wall ms"], breakdown))
-    for op, entry in out["workloads"].items():
-        if entry["naive"].get("note"):
-            md += f"\n- naive {op}: {entry['naive']['note']} (providers {entry['naive'].get('providers')})\n"
-    return out, md
 
 
 # 4. density -------------------------------------------------------------------------------------
@@ -224,7 +141,8 @@ def section_warm(b: Bench) -> tuple[dict[str, Any], str]:
                           lambda x, y: float(np.abs(x.astype(np.float64) - y).max() / max(1e-30, np.abs(y).max()))))
     regions: list[Any] = []  # closed (unlinked) when the section ends
     # the same products with operands and result in a shared-memory region (system_shared_memory):
-    # built in place by the function, nothing copied on its side, DMA from the region on the shim's
+    # built in place by the function, nothing copied on its side, DMA from the region on the shim's;
+    # the result is a view of the region, where the function reads it (no copy out)
     for dtype, label in (("float16", "FP16"), ("float32", "FP32")):
         for n in sizes[-2:]:
             a, bm = gemm_inputs(np, n, dtype)
@@ -233,7 +151,7 @@ def section_warm(b: Bench) -> tuple[dict[str, Any], str]:
             sa, sb = region.array(a.shape, dtype), region.array(bm.shape, dtype)
             sa[:], sb[:] = a, bm
             cases.append((f"gemm {label} n={n} shm",
-                          lambda sa=sa, sb=sb, region=region: client.gemm(sa, sb, shm=region).copy(),
+                          lambda sa=sa, sb=sb, region=region: client.gemm(sa, sb, shm=region),
                           lambda a=a, bm=bm: gemm(a, bm),
                           lambda x, y: float(np.abs(x.astype(np.float64) - y).max() / max(1e-30, np.abs(y).max()))))
     cases.append(("classify batch 1", lambda: client.classify(b.jpeg), lambda: clf.classify(b.jpeg),
@@ -263,6 +181,7 @@ def section_warm(b: Bench) -> tuple[dict[str, Any], str]:
         print(f"warm {name:18s} in-process {inproc['p50_ms']:9.3f} ms | shim {shim['p50_ms']:9.3f} ms "
               f"(p99 {shim['p99_ms']:.3f}) | {'-' if ratio is None else f'{ratio:.2f}x'}", flush=True)
     for region in regions:
+        client.unregister_shm(region.name)
         region.close()
     out = {"budget_s_per_case": budget, "cases": results, "skipped": skipped,
            "in_process": {"gemm": "cupy matmul of host numpy arrays incl. H2D and D2H copies (synchronized)"
@@ -270,7 +189,9 @@ def section_warm(b: Bench) -> tuple[dict[str, Any], str]:
                           "classify": f"ORT session, providers {clf.providers}, Pillow preprocessing"
                                       + (f" ({clf.note})" if clf.note else "")}}
     md = ("## 2. Warm latency\n\nShim over the unix socket vs the same op in-process (" + out["in_process"]["gemm"]
-          + "; classify: " + out["in_process"]["classify"] + "). Medians, time-bounded.\n\n"
+          + "; classify: " + out["in_process"]["classify"] + "). `shm` cases: A, B and C lie in a shared-memory "
+          "region of the function's (`accel.SharedMemory`, registered once); the function reads C where it lies, "
+          "in its region, while the in-process baseline returns a fresh array. Medians, time-bounded.\n\n"
           + md_table(["case", "in-process p50 ms", "shim p50 ms", "shim p99 ms", "overhead ms", "shim / in-process",
                       "n"], rows)
           + ("".join(f"\n- skipped: {s}" for s in skipped) + "\n" if skipped else ""))
@@ -279,22 +200,18 @@ def section_warm(b: Bench) -> tuple[dict[str, Any], str]:
 
 # 3. throughput ----------------------------------------------------------------------------------
 def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
-    import accel
     from bench.naive import InProcessClassifier
 
     levels = [1, 8, 32, 128]
     duration = b.args.duration or (2.0 if b.quick else 5.0)
-    cap = b.args.inproc_sessions
+    cap, proc_cap = b.args.inproc_sessions, b.args.client_processes
     before = batch_histogram(metrics_text(b.shim.tcp_url))
     sessions: list[Any] = []
     rows, results = [], []
     for clients in levels:
-        def shim_caller(_i: int) -> Callable[[], Any]:
-            client = accel.Client(b.shim.unix_url, timeout=120)  # one per function (thread)
-            return lambda: client.classify(b.jpeg)
-
+        procs = min(clients, proc_cap)
         scrape = batch_histogram(metrics_text(b.shim.tcp_url))
-        shim = closed_loop(shim_caller, clients, duration)
+        shim = process_closed_loop(b.shim.unix_url, b.jpeg, clients, duration, procs)
         shim["mean_batch_size"], shim["batches"] = mean_batch(scrape, batch_histogram(metrics_text(b.shim.tcp_url)))
         want = min(clients, cap)
         while len(sessions) < want:
@@ -305,34 +222,38 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
         inproc["sessions"] = want
         results.append({"clients": clients, "shim": shim, "in_process": inproc,
                         "speedup": shim["images_per_s"] / inproc["images_per_s"] if inproc["images_per_s"] else None})
-        rows.append([clients, shim["images_per_s"], shim.get("p50_ms", "-"), shim.get("p99_ms", "-"),
+        rows.append([clients, f"{shim['images_per_s']:.1f} ({procs} proc.)", shim.get("p50_ms", "-"),
+                     shim.get("p99_ms", "-"),
                      f"{inproc['images_per_s']:.1f} ({want} sess.)", inproc.get("p50_ms", "-"),
                      inproc.get("p99_ms", "-"), "-" if results[-1]["speedup"] is None else f"{results[-1]['speedup']:.2f}x",
                      "-" if shim["mean_batch_size"] is None else f"{shim['mean_batch_size']:.1f}",
                      shim["errors"] + inproc["errors"]])
-        print(f"throughput {clients:4d} clients: shim {shim['images_per_s']:8.1f} img/s p50 {shim.get('p50_ms', 0):.2f} "
+        print(f"throughput {clients:4d} clients: shim ({procs} client processes) {shim['images_per_s']:8.1f} img/s "
+              f"p50 {shim.get('p50_ms', 0):.2f} "
               f"p99 {shim.get('p99_ms', 0):.2f} ms | in-process ({want} sessions) {inproc['images_per_s']:8.1f} img/s "
               f"p50 {inproc.get('p50_ms', 0):.2f} p99 {inproc.get('p99_ms', 0):.2f} ms", flush=True)
     providers = sessions[0].providers if sessions else None
     after = batch_histogram(metrics_text(b.shim.tcp_url))
     mean, batches = mean_batch(before, after)
     try:
-        import json
-
         config = json.loads((b.args.models / "efficientnet-lite0" / "model.json").read_text())
         batching = {k: config.get(k) for k in ("max_batch_size", "max_queue_delay_us")}
     except (OSError, ValueError) as exc:
         batching = {"error": str(exc)}
-    out = {"duration_s": duration, "levels": results, "in_process_session_cap": cap,
+    out = {"duration_s": duration, "levels": results, "in_process_session_cap": cap, "client_process_cap": proc_cap,
+           "shim": f"C clients in min(C, {proc_cap}) client processes of their own (spawned; C/P threads each, one "
+                   "accel.Client per thread) over the shim's unix socket, one common window after a start barrier",
            "in_process": f"C client threads over min(C, {cap}) ORT sessions (batch 1, providers {providers}) "
                          "in one process (one CUDA context: kinder to the baseline than one process per client)",
            "shim_dynamic_batching_config (model.json)": batching,
            "batch_metrics_before": before, "batch_metrics_after": after,
            "accelshim_batch_size_present": any(k.startswith("accelshim_batch_size") for k in after),
            "mean_batch_size_during_run": mean, "batches_during_run": batches}
-    md = (f"## 3. Throughput under concurrency\n\nC client threads classifying the cat photo back to back for "
-          f"{duration:.0f} s each; the shim over its unix socket (one accel.Client per thread) vs C threads over "
-          f"min(C, {cap}) in-process batch-1 ORT sessions (providers {providers}; one process, one context).\n\n"
+    md = (f"## 3. Throughput under concurrency\n\nC clients classifying the cat photo back to back for "
+          f"{duration:.0f} s each. accelshim: the clients are functions, so they run as P = min(C, {proc_cap}) "
+          "separate client processes (C/P threads each, one accel.Client per thread) over the shim's unix socket; "
+          "all start together after a barrier, img/s = all images / the common window, latencies over all requests. "
+          f"In-process: C threads over min(C, {cap}) batch-1 ORT sessions (providers {providers}; one process, one context).\n\n"
           + md_table(["clients", "shim img/s", "shim p50 ms", "shim p99 ms", "in-process img/s", "in-process p50 ms",
                       "in-process p99 ms", "shim / in-process", "shim mean batch", "errors"], rows)
           + f"\n- dynamic batching configured in model.json: {batching}\n"
