@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
-    serve.add_argument("--threads", type=int, help="requests served at once (default 32)")
+    serve.add_argument("--threads", type=int, help="requests served at once (default 32; per worker with --workers)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="request worker processes that serve the sockets in front of the one process that "
+                            "holds the device (default 1: that process serves them itself); see docs/deploy.md")
     serve.add_argument("--max-body-bytes", type=int, help="request body limit (413 above)")
     serve.add_argument("--max-image-pixels", type=int, help="pixel limit per image")
     serve.add_argument("--classify-model", help="model behind classify (default efficientnet-lite0)")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None, *, extra_ops: Sequence[Op] = ()) -> int:
 
 def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
     overrides = {k: getattr(args, k) for k in ("host", "port", "unix_socket", "vsock_port", "device", "models_dir",
-                                               "threads", "max_body_bytes", "max_image_pixels", "classify_model",
+                                               "threads", "workers", "max_body_bytes", "max_image_pixels", "classify_model",
                                                "log_level", "tokens_file", "max_queue", "tenant_max_inflight",
                                                "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
                                                "gpu_memory_limit", "gil_switch_us",
@@ -134,4 +137,11 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"accelshim: {exc}", file=sys.stderr)
         return 1
+    if settings.workers > 1:
+        if extra_ops:
+            print("accelshim: extra ops are served by a single process (no --workers)", file=sys.stderr)
+            return 2
+        from .workers import serve_with_workers  # noqa: PLC0415
+
+        return serve_with_workers(service, sockets)
     return Server(service, sockets).run()

@@ -25,6 +25,7 @@ class Settings:
     batching: bool = True                     # dynamic batching of classify and raw models
     models_dir: Path = Path("models")
     threads: int = 32                         # requests served at once (more: bigger dynamic batches)
+    workers: int = 1                          # request worker processes in front of the device process (1: none)
     classify_model: str = "efficientnet-lite0"
     max_body_bytes: int = 256 * 1024 * 1024   # 413 above (two 4096x4096 FP32 operands fit)
     max_image_pixels: int = 40_000_000        # per decoded image; decompression-bomb guard
@@ -70,7 +71,7 @@ class Settings:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
-        for name in ("threads", "max_body_bytes", "max_image_pixels", "max_batch", "max_gemm_elements",
+        for name in ("threads", "workers", "max_body_bytes", "max_image_pixels", "max_batch", "max_gemm_elements",
                      "buffer_store_bytes", "gpu_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from accel.errors import NotReady, OpNotFound
 
@@ -24,7 +24,13 @@ class Registry:
             self._ops[op.name] = op
         self._ready: set[str] = set()
         self._lock = threading.Lock()
+        self._gates: list[Callable[[], bool]] = []
+        self.loaded = threading.Event()  # set once every op is warmed up
         self.warmup_seconds: dict[str, float] = {}
+
+    def add_gate(self, gate: Callable[[], bool]) -> None:
+        """One more condition of the shim's readiness (its request workers have started)."""
+        self._gates.append(gate)
 
     def names(self) -> list[str]:
         return list(self._ops)
@@ -46,9 +52,13 @@ class Registry:
         return op
 
     def is_ready(self, name: str | None = None) -> bool:
-        """Whether op ``name`` (or, with None, every op) is ready."""
+        """Whether op ``name`` (or, with None, every op, and the gates) is ready."""
         with self._lock:
-            return name in self._ready if name else len(self._ready) == len(self._ops)
+            if name:
+                return name in self._ready
+            if len(self._ready) != len(self._ops):
+                return False
+        return all(gate() for gate in self._gates)
 
     def load_all(self) -> None:
         """Load and warm up every op, in order; an op is ready as soon as its warm-up ran."""
@@ -60,6 +70,7 @@ class Registry:
             with self._lock:
                 self._ready.add(name)
             log.info("op %s ready (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
+        self.loaded.set()
 
     def close(self) -> None:
         """Close every op (batcher threads, device memory)."""

@@ -10,7 +10,7 @@ import cupy as cp
 import numpy as np
 from PIL import Image
 
-from ..kernels.resample import CUDA_SOURCE, Pass, plan
+from ..kernels.resample import CUDA_SOURCE, Pass, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import onnx
 from .cuda import device_errors
@@ -40,7 +40,7 @@ class CudaImagePipeline:
         self._lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        return rgb_pixels(image)
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size

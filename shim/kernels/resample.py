@@ -40,6 +40,11 @@ def pillow_preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     return normalize(np.asarray(resized), pre)
 
 
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """A decoded RGB image as contiguous uint8 HWC: what the GPU pipeline takes up to resize there."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
 def normalize(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """uint8 HWC -> float32 ``(x - mean) / std`` in ``pre.layout`` (the CUDA kernel's last step)."""
     x = (pixels.astype(np.float32) - np.float32(pre.mean)) / np.float32(pre.std)

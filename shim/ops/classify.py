@@ -63,12 +63,20 @@ class ClassifyOp(Op):
             raise InvalidInput(f"classify takes 1 to {self._max_batch} images per request, got {len(images)}")
         assert self._pipeline is not None, "classify used before load()"
         if self._batcher is None:
-            logits = self._pipeline.logits(self._prepare(images))
+            logits = self.logits(self._prepare(images))
         else:
             with self._batcher.incoming() as submit:
                 items = self._prepare(images)
                 logits = submit(items, len(items))
         return top_k_softmax(logits, top_k, self._labels)
+
+    def logits(self, items: list[Any]) -> np.ndarray:
+        """Prepared images (``pipeline.prepare``, maybe done by a request worker) through the model,
+        in a dynamic batch with other requests' images when batching."""
+        assert self._pipeline is not None, "classify used before load()"
+        if self._batcher is None:
+            return self._pipeline.logits(items)
+        return self._batcher.submit(items, len(items))
 
     def _prepare(self, images: np.ndarray) -> list[Any]:
         assert self._pipeline is not None

@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
@@ -175,8 +176,16 @@ def _create_server(app: object, sock: socket.socket, *, map: dict, dispatcher: T
 class Server:
     """A shim being served: the waitress server plus the warm-up thread."""
 
-    def __init__(self, service: Service, sockets: list[socket.socket]) -> None:
+    def __init__(self, service: Service, sockets: list[socket.socket], *, unlink_unix: bool = True,
+                 before_drain: Callable[[], None] | None = None) -> None:
+        """Args:
+            unlink_unix: remove the unix sockets' paths on exit (not when other processes serve them too).
+            before_drain: runs, on a thread of its own, once the shim stops accepting; the event loop
+                keeps serving open connections until it returns (request workers drain first).
+        """
         settings = service.settings
+        self._unlink_unix = unlink_unix
+        self._before_drain = before_drain
         self.service = service
         self.sockets = sockets
         self.exit_code = 0
@@ -218,8 +227,13 @@ class Server:
         self.stop()
 
     def addresses(self) -> list[str]:
+        return self.describe_sockets(self.sockets)
+
+    @staticmethod
+    def describe_sockets(sockets: list[socket.socket]) -> list[str]:
+        """The URLs of ``sockets`` (``http://``, ``unix://``, ``vsock://``)."""
         out = []
-        for s in self.sockets:
+        for s in sockets:
             if s.family == socket.AF_UNIX:
                 out.append(f"unix://{s.getsockname()}")
             elif s.family == getattr(socket, "AF_VSOCK", None):
@@ -252,11 +266,16 @@ class Server:
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
         log.info("listening on %s (warming up)", " ".join(self.addresses()))
-        unix_paths = [s.getsockname() for s in self.sockets if s.family == socket.AF_UNIX]
+        unix_paths = [s.getsockname() for s in self.sockets if s.family == socket.AF_UNIX and self._unlink_unix]
         self._warmup.start()
         try:
             while not self._stopping.is_set():
                 wasyncore.loop(timeout=0.2, map=self._map, count=1)
+            if self._before_drain is not None:
+                first = threading.Thread(target=self._before_drain, name="before-drain")
+                first.start()
+                while first.is_alive():
+                    wasyncore.loop(timeout=0.05, map=self._map, count=1)
             for server in self._servers:
                 # the listener alone: server.close() would also close the trigger that the worker
                 # threads pull when a response is ready, and the requests in flight must be answered

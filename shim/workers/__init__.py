@@ -1,0 +1,62 @@
+"""Request workers (``accelshim serve --workers N``): N processes in front of the one device process.
+
+One Python process tops out at a few hundred requests per second: HTTP parsing, decoding and every
+op's CPU work share one interpreter lock. With workers, N processes accept on the public sockets
+and do that work in parallel; the device process keeps the GPU, the models, the dynamic batchers
+(which now mix the requests of every worker) and all shared state (shared memory regions, the KaaS
+store, metrics, statistics), and serves the requests that need that state itself, forwarded by the
+workers over a private unix socket.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+
+from ..service import Service
+from .device import DeviceEndpoint
+from .front import WorkerConfig
+from .link import LinkServer
+from .pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
+    """Serve ``sockets`` with ``service.settings.workers`` request workers until SIGTERM; the exit code."""
+    from ..server.serving import Server, bind_sockets  # noqa: PLC0415 - waitress, once serving
+
+    settings = service.settings
+    with tempfile.TemporaryDirectory(prefix="accelshim-") as private:  # 0700: this user alone
+        device_path, link_path = os.path.join(private, "device.sock"), os.path.join(private, "link.sock")
+        internal = bind_sockets(None, 0, device_path)
+        endpoint = DeviceEndpoint(service, settings.workers)
+        authkey = os.urandom(32)
+        link = LinkServer(link_path, authkey, endpoint.handlers(),
+                          threads=settings.workers * (settings.threads + settings.max_queue))
+        for sock in sockets:
+            sock.listen(1024)
+        description = service.backend.describe()
+        config = WorkerConfig(settings, link_path, authkey, device_path, [s.fileno() for s in sockets],
+                              service.backend.name, description)
+        pool = WorkerPool(settings.workers, config, endpoint.worker_gone)
+        server = Server(service, internal, before_drain=pool.stop)
+        pool.start()
+        log.info("%d request workers serving %s", settings.workers, " ".join(Server.describe_sockets(sockets)))
+        try:
+            return server.run()
+        finally:
+            pool.stop()
+            link.close()
+            for sock in sockets:
+                if sock.family == socket.AF_UNIX:
+                    _unlink(sock.getsockname())
+                sock.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

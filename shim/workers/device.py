@@ -1,0 +1,87 @@
+"""What the device process answers its request workers: the device half of each op.
+
+Calls wait until the device process has warmed up. A DeviceLost from any call trips the device
+process's fault monitor (it stops, and its workers with it), as it would for its own requests.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from ..faults import DeviceLost
+from ..ops import ClassifyOp
+from ..service import Service
+from .link import Handler
+
+LOAD_TIMEOUT_S = 3600.0
+
+
+class DeviceEndpoint:
+    """The handlers of the link for one assembled ``service``; ``workers`` is how many request
+    workers must report ready before the shim answers ready."""
+
+    def __init__(self, service: Service, workers: int) -> None:
+        self._service = service
+        self._registry = service.registry
+        self._workers = workers
+        self._ready_workers: set[int] = set()
+        self._lock = threading.Lock()
+        self._registry.add_gate(self.workers_ready)
+
+    def workers_ready(self) -> bool:
+        with self._lock:
+            return len(self._ready_workers) >= self._workers
+
+    def worker_gone(self, pid: int) -> None:
+        """A worker exited: the shim is not ready again until its replacement reports."""
+        with self._lock:
+            self._ready_workers.discard(pid)
+
+    def handlers(self) -> dict[str, Handler]:
+        device_calls: dict[str, Callable[..., Any]] = {
+            "model_specs": self._model_specs,
+            "pipeline_device": lambda model: self._classify(model).backend,
+            "logits": lambda model, items: self._classify(model).logits(items),
+            "run_model": lambda name, feeds: self._registry.get(name).run(feeds, {}),
+            "gemm": self._service.backend.gemm,
+        }
+        handlers = {name: self._guarded(fn) for name, fn in device_calls.items()}
+        handlers["record"] = self._service.dispatcher.record
+        handlers["worker_ready"] = self._worker_ready
+        return handlers
+
+    def _guarded(self, fn: Callable[..., Any]) -> Handler:
+        """``fn`` once the device is warm, refused on a lost device, counted as in flight."""
+        guard, metrics = self._service.guard, self._service.metrics
+
+        def call(*args: Any) -> Any:
+            self._registry.loaded.wait(LOAD_TIMEOUT_S)
+            if guard is not None:
+                guard.monitor.check()
+            metrics.inflight.inc()
+            try:
+                return fn(*args)
+            except DeviceLost as exc:
+                if guard is not None:
+                    guard.monitor.trip(exc)
+                raise
+            finally:
+                metrics.inflight.dec()
+
+        return call
+
+    def _worker_ready(self, pid: int) -> None:
+        with self._lock:
+            self._ready_workers.add(pid)
+
+    def _model_specs(self, name: str) -> tuple[list[Any], list[Any], str]:
+        op = self._registry.lookup(name)
+        return list(op.inputs), list(op.outputs), op.backend
+
+    def _classify(self, model: str) -> ClassifyOp:
+        for name in self._registry.names():
+            op = self._registry.lookup(name)
+            if isinstance(op, ClassifyOp) and op.config.name == model:
+                return op
+        raise LookupError(f"no classify op serves model {model!r} in the device process")
+

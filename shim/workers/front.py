@@ -1,0 +1,197 @@
+"""A request worker: a process of its own that serves the shim's public sockets.
+
+It answers ``POST /v2/models/{op}/infer`` itself: HTTP, authentication and admission, decoding,
+validation, the CPU half of the op (image decoding, top-k), encoding, with the device half one
+link call to the device process. Every other request (health, metadata, statistics, metrics,
+shared memory, KaaS, and infer requests that use shared memory or a compressed body) goes as it
+is to the device process's own server, which keeps the state those need in one place.
+Run as ``python -m shim.workers`` with its ``WorkerConfig`` pickled on stdin.
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import pickle
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, request
+
+from accel.codec import HEADER_LENGTH
+
+from ..config import Settings
+from ..dispatch import Dispatcher
+from ..faults import DeviceLost
+from ..metrics import Metrics
+from ..registry import Registry
+from ..server import create_app
+from ..server.guard import install_guard
+from ..service import Service, build_guard, build_ops
+from .link import LinkClient, LinkClosed
+from .remote import RemoteBackend
+
+log = logging.getLogger(__name__)
+
+#: request headers not to forward (hop by hop, or set anew by http.client / the worker's waitress)
+_HOP_REQUEST = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "expect",
+                "proxy-authorization", "proxy-connection", "content-length"}
+_HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+_SHM_MARK = b'"shared_memory_region"'
+IDLE_RECONNECT_S = 30.0  # the device server closes idle connections after 120 s: never reuse one that old
+
+
+@dataclass
+class WorkerConfig:
+    """What a worker is started with."""
+
+    settings: Settings
+    link_address: str
+    authkey: bytes
+    device_socket: str          # the device process's own server (a unix socket in a private folder)
+    fds: list[int]              # the public listening sockets, inherited
+    backend_name: str
+    backend_description: dict[str, object]
+
+
+class DeviceProxy:
+    """Forwards a request as it is to the device process's server (one kept-alive connection per thread)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn, used = getattr(self._local, "conn", None), getattr(self._local, "used", 0.0)
+        if conn is None or time.monotonic() - used > IDLE_RECONNECT_S:
+            if conn is not None:
+                conn.close()
+            conn = _UnixHTTPConnection(self._path)
+            self._local.conn = conn
+        self._local.used = time.monotonic()
+        return conn
+
+    def forward(self, environ: dict[str, Any]) -> Response:
+        """The device's answer to the request of ``environ``; 503 when the device cannot be reached."""
+        target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else None
+        headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
+                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in _HOP_REQUEST}
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        conn = self._connection()
+        try:
+            conn.request(environ["REQUEST_METHOD"], target, body, headers)
+            answer = conn.getresponse()
+            data = answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            self._local.conn = None
+            raise LinkClosed(f"the shim's device process did not answer ({type(exc).__name__}); retry",
+                             retry_after=1.0) from None
+        return Response(data, status=answer.status,
+                        headers=[(k, v) for k, v in answer.getheaders() if k.lower() not in _HOP_RESPONSE])
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=None)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def served_here(environ: dict[str, Any]) -> bool:
+    """Whether a worker answers this request itself: an infer request with a plain body that uses no
+    shared memory (a false alarm, the mark inside a tensor, only costs a hop)."""
+    if environ.get("REQUEST_METHOD") != "POST" or not environ.get("PATH_INFO", "").endswith("/infer"):
+        return False
+    if environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower() not in ("", "identity"):
+        return False
+    stream = environ["wsgi.input"]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    header = environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"), "")
+    peek = min(length, int(header)) if header.strip().isdigit() else length
+    if not peek:
+        return True
+    if not stream.seekable():
+        return False
+    start = stream.tell()
+    head = stream.read(peek)
+    stream.seek(start)
+    return _SHM_MARK not in head
+
+
+def install_proxy(app: Flask, proxy: DeviceProxy) -> None:
+    """Send what the worker does not answer itself to the device process (before the guard runs:
+    the device process authenticates and admits those)."""
+    @app.before_request
+    def to_device() -> Response | None:
+        if request.path == "/v2/health/live" or served_here(request.environ):
+            return None
+        return proxy.forward(request.environ)
+
+
+class ReportingDispatcher(Dispatcher):
+    """Counts each finished request in the device process (its /metrics and statistics are the shim's)."""
+
+    def __init__(self, registry: Registry, metrics: Metrics, link: LinkClient) -> None:
+        super().__init__(registry, metrics)
+        self._link = link
+
+    def record(self, op_name: str, status: int, elapsed_ns: int, items: int = 0, compute_ns: int = 0) -> None:
+        try:
+            self._link.notify("record", op_name, status, elapsed_ns, items, compute_ns)
+        except LinkClosed:
+            pass  # the worker is stopping with its device process
+
+
+class FrontService(Service):
+    """A worker's shim: its ops on the RemoteBackend; tells the device process once it is warm."""
+
+    link: LinkClient | None = None
+
+    def load(self) -> None:
+        super().load()
+        assert self.link is not None
+        self.link.notify("worker_ready", os.getpid())
+
+
+def build_front(config: WorkerConfig) -> FrontService:
+    """A worker's service: the device process's ops seen through the link, and the proxy."""
+    settings = config.settings
+    metrics = Metrics()
+    guard = build_guard(settings, metrics)
+    link = LinkClient(config.link_address, config.authkey,
+                      on_close=lambda: guard.monitor.trip(DeviceLost("the shim's device process exited")))
+    backend = RemoteBackend(link, config.backend_name, config.backend_description)
+    registry = Registry(build_ops(settings, backend))  # batching happens in the device process
+    dispatcher = ReportingDispatcher(registry, metrics, link)
+    app = create_app(settings, dispatcher, metrics)
+    install_proxy(app, DeviceProxy(config.device_socket))
+    install_guard(app, guard)
+    service = FrontService(settings, backend, registry, dispatcher, metrics, app, guard)
+    service.link = link
+    return service
+
+
+def main() -> int:
+    """A worker process: its config from stdin, then serve the inherited sockets until SIGTERM."""
+    config: WorkerConfig = pickle.load(sys.stdin.buffer)
+    logging.basicConfig(level=config.settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
+    if config.settings.gil_switch_us:
+        sys.setswitchinterval(config.settings.gil_switch_us / 1e6)
+    from ..server.serving import Server  # noqa: PLC0415
+
+    sockets = [socket.socket(fileno=fd) for fd in config.fds]
+    return Server(build_front(config), sockets, unlink_unix=False).run()
+

@@ -1,0 +1,207 @@
+"""The link between request workers and the device process: calls multiplexed over one unix socket
+per worker (``multiprocessing.connection``, authenticated with a per-run key).
+
+A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
+thread hands every reply to the thread that waits for it. On the device side a reader thread per
+worker hands each call to a pool of threads (a call may wait in a batcher) and replies as each
+finishes. Errors travel as (status, message): the worker raises the same ``accel.errors`` class,
+and a lost device stays a ``DeviceLost``.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any, Callable
+
+from accel.errors import AccelError, InternalError, NotReady, error_for_status
+
+from ..faults import DeviceLost
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+_LOST = "device_lost"
+
+
+class LinkClosed(NotReady):
+    """The device process is gone (or going): the call was not answered (503)."""
+
+
+def _as_reply(exc: BaseException) -> tuple[str, int, str, float | None]:
+    if isinstance(exc, AccelError):
+        kind = _LOST if isinstance(exc, DeviceLost) else "error"
+        return kind, exc.status, exc.message, exc.retry_after
+    log.exception("internal error in a device call", exc_info=exc)
+    return "error", 500, f"internal error: {type(exc).__name__}: {exc}", None
+
+
+def _raise_reply(kind: str, status: int, message: str, retry_after: float | None) -> None:
+    if kind == _LOST:
+        raise DeviceLost(message, retry_after=retry_after)
+    raise error_for_status(status, message, retry_after)
+
+
+class LinkClient:
+    """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
+
+    def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None) -> None:
+        self._conn: Connection = Client(address, family="AF_UNIX", authkey=authkey)
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
+        self._lock = threading.Lock()
+        self._closed = False
+        self._on_close = on_close
+        self._reader = threading.Thread(target=self._read, name="link-reader", daemon=True)
+        self._reader.start()
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run ``method(*args)`` in the device process and return its result.
+
+        Raises:
+            AccelError: what the device raised (same class by status); DeviceLost for a lost device;
+                LinkClosed when the device process is gone.
+        """
+        call_id = next(self._ids)
+        slot: list[Any] = [threading.Event(), None]
+        with self._lock:
+            if self._closed:
+                raise LinkClosed("the shim's device process is gone; retry", retry_after=1.0)
+            self._waiting[call_id] = slot
+        self._send((call_id, method, args))
+        slot[0].wait()
+        ok, payload = slot[1]
+        if not ok:
+            _raise_reply(*payload)
+        return payload
+
+    def notify(self, method: str, *args: Any) -> None:
+        """Send ``method(*args)`` without waiting (nothing comes back, errors are the device's to log)."""
+        self._send((0, method, args))
+
+    def _send(self, message: tuple[int, str, tuple[Any, ...]]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as exc:
+            self._close_all()
+            raise LinkClosed(f"the shim's device process is gone ({exc}); retry", retry_after=1.0) from None
+
+    def _read(self) -> None:
+        try:
+            while True:
+                call_id, ok, payload = self._conn.recv()
+                with self._lock:
+                    slot = self._waiting.pop(call_id, None)
+                if slot is not None:
+                    slot[1] = (ok, payload)
+                    slot[0].set()
+        except (EOFError, OSError):
+            pass
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting, self._waiting = self._waiting, {}
+        for slot in waiting.values():
+            slot[1] = (False, ("error", 503, "the shim's device process is gone; retry", 1.0))
+            slot[0].set()
+        if self._on_close is not None:
+            self._on_close()
+
+    def close(self) -> None:
+        _hang_up(self._conn)
+        self._close_all()
+
+
+class LinkServer:
+    """The device's end: accepts workers at ``address`` and runs their calls on ``handlers``.
+
+    Args:
+        handlers: method name -> function; a call runs ``handlers[method](*args)`` on a pool thread.
+        threads: calls that may run (or wait in a batcher) at once, over all workers.
+    """
+
+    def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int) -> None:
+        self.address = address
+        self._handlers = handlers
+        self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
+        self._conns: list[Connection] = []
+        self._closing = False
+        self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn = self._listener.accept()
+            except (OSError, EOFError, AuthenticationError) as exc:  # closed, or a peer without the key
+                if self._closing:
+                    return
+                log.warning("refused a request worker connection: %s", exc)
+                continue
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="link-conn", daemon=True).start()
+
+    def _serve(self, conn: Connection) -> None:
+        send_lock = threading.Lock()
+
+        def run(call_id: int, method: str, args: tuple[Any, ...]) -> None:
+            try:
+                handler = self._handlers.get(method)
+                if handler is None:
+                    raise InternalError(f"the device process has no method {method!r}")
+                reply: tuple[int, bool, Any] = (call_id, True, handler(*args))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+                reply = (call_id, False, _as_reply(exc))
+            if call_id:
+                try:
+                    with send_lock:
+                        conn.send(reply)
+                except (OSError, ValueError):
+                    pass  # the worker is gone; its caller is gone with it
+            elif not reply[1]:
+                log.warning("notification %s failed: %s", method, reply[2][2])
+
+        try:
+            while True:
+                call_id, method, args = conn.recv()
+                self._pool.submit(run, call_id, method, args)
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        _hang_up(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
+        self._listener.close()
+        for conn in list(self._conns):
+            _hang_up(conn)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _hang_up(end: Connection | socket.socket) -> None:
+    """Shut a socket down, then close it: a thread blocked reading it wakes up (close alone does not
+    wake it, and the peer would not see the end)."""
+    try:
+        sock = end if isinstance(end, socket.socket) else socket.socket(fileno=os.dup(end.fileno()))
+        sock.shutdown(socket.SHUT_RDWR)
+        if sock is not end:
+            sock.close()
+    except OSError:
+        pass
+    end.close()
+

@@ -1,0 +1,81 @@
+"""A request worker's backend: the device process's, over the link.
+
+The worker runs the CPU half of each op (HTTP, decoding, validation, image decode and the
+pipeline's ``prepare``, top-k) in its own interpreter; what needs the device (a GEMM, a model run,
+a batch of prepared images) is one call to the device process, where the dynamic batchers mix
+the requests of every worker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..kernels.resample import pillow_preprocess, rgb_pixels
+from ..modelrepo import ModelConfig
+from .link import LinkClient
+
+
+class RemoteRunner:
+    """A model of the device process (``run`` goes through its batcher there)."""
+
+    def __init__(self, link: LinkClient, name: str) -> None:
+        self._link = link
+        self.name = name
+        self.inputs, self.outputs, self.device = link.call("model_specs", name)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._link.call("run_model", self.name, feeds)
+
+
+class RemotePipeline:
+    """classify's image pipeline: ``prepare`` here, as the device's pipeline would (pixels for the
+    GPU's resize, or Pillow's preprocessing for a CPU pipeline); ``logits`` there."""
+
+    def __init__(self, link: LinkClient, config: ModelConfig) -> None:
+        assert config.preprocessing is not None
+        self._link = link
+        self._model = config.name
+        self._pre = config.preprocessing
+        self.device: str = link.call("pipeline_device", config.name)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return rgb_pixels(image) if self.device == "cuda" else pillow_preprocess(image, self._pre)
+
+    def logits(self, items: Sequence[Any]) -> np.ndarray:
+        return self._link.call("logits", self._model, list(items))
+
+
+class RemoteBackend:
+    """The device process's backend, as the worker's ops see it."""
+
+    def __init__(self, link: LinkClient, name: str, description: dict[str, object]) -> None:
+        self._link = link
+        self.name = name
+        self._described = description
+
+    def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
+             precision: str = "default", out: np.ndarray | None = None) -> np.ndarray:
+        result = self._link.call("gemm", a, b, c, alpha, beta, precision)
+        if out is None:
+            return result
+        np.copyto(out, result)
+        return out
+
+    def load_model(self, path: Path) -> RemoteRunner:
+        return RemoteRunner(self._link, path.parent.name)
+
+    def register_host(self, address: int, nbytes: int) -> None:
+        """Workers do not map shared memory: requests that use it go to the device process."""
+
+    def unregister_host(self, address: int) -> None:
+        """Nothing was registered here."""
+
+    def image_pipeline(self, config: ModelConfig) -> RemotePipeline:
+        return RemotePipeline(self._link, config)
+
+    def describe(self) -> dict[str, object]:
+        return dict(self._described)
+

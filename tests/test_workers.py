@@ -1,0 +1,268 @@
+"""Request workers (``accelshim serve --workers N``): N processes in front of the device process.
+
+The link alone (errors, out-of-order replies, a device that goes away), then a live shim with two
+workers on the CPU backend: the same answers as a single process, the state that lives in the
+device process (metrics, statistics, shared memory, KaaS buffers), tokens, a worker killed under
+load, and SIGTERM.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import accel
+from accel.errors import InvalidInput, NotReady, Unauthorized
+from shim.auth import hash_token
+from shim.faults import DeviceLost
+from shim.workers.link import LinkClient, LinkClosed, LinkServer
+
+from .conftest import CAT_LABELS, LiveShim, encode
+
+
+# --- the link --------------------------------------------------------------------------------
+@pytest.fixture()
+def link(tmp_path):
+    release = threading.Event()
+
+    def slow(x: int) -> int:
+        release.wait(10)
+        return x * 10
+
+    def fail(kind: str) -> None:
+        if kind == "input":
+            raise InvalidInput("bad tensor 'A'")
+        if kind == "lost":
+            raise DeviceLost("CUDA error 700")
+        raise KeyError("a bug")
+
+    recorded: list[tuple] = []
+    handlers = {"echo": lambda *a: a, "slow": slow, "fail": fail, "record": lambda *a: recorded.append(a)}
+    key = os.urandom(16)
+    server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
+    closed = threading.Event()
+    client = LinkClient(server.address, key, on_close=closed.set)
+    yield client, server, release, recorded, closed
+    release.set()
+    client.close()
+    server.close()
+
+
+def test_link_returns_results_and_arrays(link):
+    client, *_ = link
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = client.call("echo", a, {"k": [1, 2]})
+    np.testing.assert_array_equal(got[0], a)
+    assert got[1] == {"k": [1, 2]}
+
+
+def test_link_answers_out_of_order(link):
+    client, _server, release, *_ = link
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.call, "slow", 4)
+        time.sleep(0.1)
+        assert client.call("echo", 1) == (1,)  # not stuck behind the slow call
+        assert not slow.done()
+        release.set()
+        assert slow.result(5) == 40
+
+
+def test_link_carries_errors_by_class(link):
+    client, *_ = link
+    with pytest.raises(InvalidInput, match="bad tensor 'A'"):
+        client.call("fail", "input")
+    with pytest.raises(DeviceLost, match="CUDA error 700"):
+        client.call("fail", "lost")
+    with pytest.raises(accel.errors.InternalError, match="KeyError"):
+        client.call("fail", "bug")
+    with pytest.raises(accel.errors.InternalError, match="no method 'nope'"):
+        client.call("nope")
+
+
+def test_link_notify_and_a_refused_key(link, tmp_path):
+    client, server, _release, recorded, _closed = link
+    client.notify("record", "classify", 200)
+    client.call("echo")  # after the notification on the same connection
+    assert recorded == [("classify", 200)]
+    from multiprocessing import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        LinkClient(server.address, b"wrong key")
+    assert client.call("echo", 2) == (2,)  # the server goes on
+
+
+def test_link_closing_fails_waiting_calls_with_503(link):
+    client, server, _release, _recorded, closed = link
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.call, "slow", 1)
+        time.sleep(0.1)
+        server.close()
+        with pytest.raises(NotReady):
+            waiting.result(5)
+    assert closed.wait(5)
+    with pytest.raises(LinkClosed):
+        client.call("echo")
+
+
+# --- a live shim with two workers --------------------------------------------------------------
+TOKEN = "workers-test-token"
+
+
+@pytest.fixture(scope="module")
+def shim(models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workers")
+    tokens = tmp / "tokens"
+    tokens.write_text(f"alice: {hash_token(TOKEN)}\n")
+    live = LiveShim(models_dir, tmp, "--workers", "2", "--tokens", str(tokens))
+    try:
+        live.wait_ready(90)
+        yield live
+    finally:
+        live.stop()
+
+
+def _client(url: str) -> accel.Client:
+    return accel.Client(url, timeout=60, token=TOKEN)
+
+
+def _workers(live: LiveShim) -> list[int]:
+    """The pids of the shim's request workers (children running ``-m shim.workers``)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == live.proc.pid and b"shim.workers" in cmd:
+            out.append(int(pid))
+    return sorted(out)
+
+
+def test_workers_answer_as_a_single_process(shim, inproc_client, chelsea, coffee):
+    cat, cup = encode(chelsea, "JPEG", quality=90), encode(coffee, "PNG")
+    client = _client(shim.unix_url)
+    assert len(_workers(shim)) == 2
+    for image in (cat, cup):
+        here, there = inproc_client.classify(image, top_k=5), client.classify(image, top_k=5)
+        assert [p.label for p in there] == [p.label for p in here]
+        np.testing.assert_allclose([p.score for p in there], [p.score for p in here], rtol=1e-5)
+    assert client.classify(cat)[0].label in CAT_LABELS
+    assert client.classify(cup)[0].label == "espresso"
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((70, 40), dtype=np.float32), rng.standard_normal((40, 30), dtype=np.float32)
+    np.testing.assert_allclose(client.gemm(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    x = rng.standard_normal((3, 3, 224, 224), dtype=np.float32)  # the raw model, through its batcher
+    out = client.infer("efficientnet-lite0", {"input": x})
+    ref = inproc_client.infer("efficientnet-lite0", {"input": x})
+    name = next(iter(ref))
+    np.testing.assert_allclose(out[name], ref[name], rtol=1e-4, atol=1e-4)
+    assert client.metadata("classify")["backend"] == "cpu"  # metadata: from the device process
+
+
+def test_bad_input_is_a_clear_400_and_the_worker_goes_on(shim, chelsea):
+    client = _client(shim.tcp_url)
+    with pytest.raises(InvalidInput, match="not an image"):
+        client.classify(b"not an image at all")
+    with pytest.raises(InvalidInput, match="columns must equal"):
+        client.gemm(np.ones((3, 4), np.float32), np.ones((5, 2), np.float32))
+    assert client.classify(encode(chelsea, "JPEG"))[0].label in CAT_LABELS
+
+
+def test_tokens_are_checked_by_workers_and_device(shim):
+    anonymous = accel.Client(shim.unix_url, timeout=10, token="")
+    with pytest.raises(Unauthorized):
+        anonymous.gemm(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # a worker answers
+    with pytest.raises(Unauthorized):
+        anonymous.metadata("gemm")  # forwarded: the device process answers
+    assert anonymous.live()
+
+
+def test_metrics_and_statistics_count_what_workers_served(shim, chelsea):
+    client = _client(shim.tcp_url)
+    jpeg = encode(chelsea, "JPEG")
+
+    def success_count() -> int:
+        import json
+
+        raw = client._call("GET", "/v2/models/classify/stats").body  # noqa: SLF001
+        return int(json.loads(raw)["model_stats"][0]["inference_stats"]["success"]["count"])
+
+    start = success_count()
+    with ThreadPoolExecutor(8) as pool:
+        labels = list(pool.map(lambda _: _client(shim.unix_url).classify(jpeg)[0].label, range(24)))
+    assert set(labels) <= CAT_LABELS
+    deadline = time.monotonic() + 5  # the workers' reports are one-way messages
+    while success_count() < start + 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert success_count() == start + 24
+    metrics = client._call("GET", "/metrics").body.decode()  # noqa: SLF001
+    assert 'accelshim_requests_total{op="classify",status="200"}' in metrics
+    assert 'accelshim_batch_size_count{op="classify"}' in metrics
+
+
+def test_shared_memory_and_kaas_buffers_live_in_the_device_process(shim):
+    rng = np.random.default_rng(5)
+    with _client(shim.unix_url) as one, accel.SharedMemory("wk-gemm", 1 << 20) as region:
+        a = region.array((50, 40), np.float32)
+        b = region.array((40, 20), np.float32)
+        a[:], b[:] = rng.standard_normal(a.shape), rng.standard_normal(b.shape)
+        for _ in range(4):  # each call may land on either worker: the region is known to all
+            c = one.gemm(a, b, shm=region)
+            np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
+            assert region.offset_of(c) is not None
+        one.unregister_shm()
+        del a, b, c
+    data = np.arange(10, dtype=np.float64)
+    _client(shim.tcp_url).put_buffer("wk-buf", data)
+    for _ in range(3):
+        np.testing.assert_array_equal(_client(shim.unix_url).get_buffer("wk-buf", np.float64), data)
+
+
+def test_a_killed_worker_is_replaced_and_requests_go_on(shim, chelsea):
+    jpeg = encode(chelsea, "JPEG")
+    victim, survivor = _workers(shim)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(10):  # new connections reach the worker that is left
+        assert _client(shim.unix_url).classify(jpeg)[0].label in CAT_LABELS
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (len(_workers(shim)) < 2 or not _client(shim.tcp_url).ready()):
+        time.sleep(0.1)
+    now = _workers(shim)
+    assert len(now) == 2 and survivor in now and victim not in now
+    assert _client(shim.tcp_url).classify(jpeg)[0].label in CAT_LABELS
+
+
+def test_sigterm_stops_device_and_workers(models_dir, tmp_path, chelsea):
+    live = LiveShim(models_dir, tmp_path, "--workers", "2")
+    live.wait_ready(90)
+    workers = _workers(live)
+    assert len(workers) == 2
+    client = accel.Client(live.unix_url, timeout=60)
+    results: list[str] = []
+    slow = threading.Thread(target=lambda: results.append(
+        client.classify([encode(chelsea, "PNG")] * 16)[0][0].label))
+    slow.start()
+    time.sleep(0.2)  # in flight when the signal comes: it is finished, not dropped
+    assert live.stop() == 0
+    slow.join(30)
+    assert results and results[0] in CAT_LABELS
+    assert not live.sock.exists()
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_workers_flag_is_checked():
+    from shim.config import Settings
+
+    with pytest.raises(ValueError, match="workers must be positive"):
+        Settings(workers=0).validate()
