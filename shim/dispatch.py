@@ -5,9 +5,11 @@ import time
 
 from accel.codec import InferRequest, InferResponse
 from accel.errors import InvalidInput
+from accel.tensor import Tensor
 
 from .backends.base import TensorSpec
 from .metrics import Metrics, Outcome
+from .ops.base import Destinations, Op
 from .registry import Registry
 from .stats import Statistics
 
@@ -20,8 +22,13 @@ class Dispatcher:
         self.metrics = metrics
         self.stats = stats or Statistics()
 
-    def infer(self, op_name: str, request: InferRequest) -> InferResponse:
+    def infer(self, op_name: str, request: InferRequest, destinations: Destinations | None = None) -> InferResponse:
         """Run ``request`` on op ``op_name``.
+
+        Args:
+            destinations: output name -> memory to write it into (its shared-memory region); an op
+                that can compute an output there (``Op.direct_outputs``) does, others leave it to
+                the caller, whose copy of an output that already is its destination is no copy.
 
         Raises:
             OpNotFound, NotReady: no such op, or not warmed up yet.
@@ -36,7 +43,7 @@ class Dispatcher:
                 op = self.registry.get(op_name)
                 _check_inputs(op_name, op.inputs, request)
                 compute_start = time.perf_counter_ns()
-                outputs = op.run_tensors(request.inputs, request.parameters)
+                outputs = _run(op, request, destinations)
                 compute_ns = time.perf_counter_ns() - compute_start
                 if request.outputs is not None:
                     by_name = {t.name: t for t in outputs}
@@ -60,6 +67,15 @@ class Dispatcher:
             self.metrics.items.labels(op_name).inc(items)
         if status != 404:
             self.stats.record(op_name, status == 200, elapsed_ns, items, compute_ns=compute_ns)
+
+
+def _run(op: Op, request: InferRequest, destinations: Destinations | None) -> list[Tensor]:
+    """The op's outputs, computed into the destinations it can take (only ops that declare
+    ``direct_outputs`` get the keyword at all)."""
+    usable = {k: v for k, v in (destinations or {}).items() if k in op.direct_outputs}
+    if usable:
+        return op.run_tensors(request.inputs, request.parameters, destinations=usable)
+    return op.run_tensors(request.inputs, request.parameters)
 
 
 def _check_inputs(op_name: str, specs: list[TensorSpec], request: InferRequest) -> None:

@@ -183,6 +183,46 @@ def test_registered_host_memory_goes_up_by_dma_and_computes_the_same(cuda):
     del a, b, view
 
 
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 1e-2)])
+@pytest.mark.parametrize("m,k,n", [(300, 200, 100), (3072, 1024, 3072)], ids=["small", "over-16MiB"])
+def test_gemm_writes_its_result_by_dma_straight_into_registered_memory(cuda, dtype, tolerance, m, k, n):
+    """``out`` inside memory registered with register_host (a client's region): the result comes down by
+    DMA straight into it and is the CPU twin's; also over the input C itself, and into memory that is
+    not registered (the staged or pageable path, then into ``out``)."""
+    import mmap
+
+    from shim.backends.cpu import gemm_reference
+
+    shapes = {"a": (m, k), "b": (k, n), "c": (m, n), "out": (m, n)}
+    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    region = mmap.mmap(-1, sum(sizes.values()) * np.dtype(dtype).itemsize)
+    view = np.frombuffer(region, dtype)
+    arrays, start = {}, 0
+    for name, shape in shapes.items():
+        arrays[name] = view[start:start + sizes[name]].reshape(shape)
+        start += sizes[name]
+    a, b, c, out = arrays["a"], arrays["b"], arrays["c"], arrays["out"]
+    rng = np.random.default_rng(m + n)
+    for x in (a, b, c):
+        x[:] = rng.standard_normal(x.shape)
+    want = gemm_reference(a, b, c, 0.5, -1.5)
+    address = view.__array_interface__["data"][0]
+    cuda.register_host(address, view.nbytes)
+    try:
+        assert cuda.pinned.contains(out)
+        assert cuda.gemm(a, b, c, 0.5, -1.5, out=out) is out
+        assert rel_error(out, want) <= tolerance
+        assert cuda.gemm(a, b, c, 0.5, -1.5, out=c) is c  # C = alpha A @ B + beta C in place
+        assert rel_error(c, want) <= tolerance
+    finally:
+        cuda.unregister_host(address)
+    elsewhere = np.full((m, n), np.nan, dtype)
+    assert not cuda.pinned.contains(elsewhere)
+    assert cuda.gemm(a, b, None, 1.0, 0.0, out=elsewhere) is elsewhere
+    assert rel_error(elsewhere, gemm_reference(a, b, None, 1.0, 0.0)) <= tolerance
+    del a, b, c, out, view, arrays
+
+
 def test_gemm_through_a_shared_memory_region_is_pinned_and_correct(cuda_service):
     """A region registered with the shim is pinned by the CUDA backend (cudaHostRegister) and the
     product computed from it equals the CPU twin's."""

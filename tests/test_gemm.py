@@ -56,3 +56,27 @@ def test_cpu_backend_fp16_accumulates_in_fp32():
     a = np.ones((1, 4096), dtype=np.float16)
     b = np.ones((4096, 1), dtype=np.float16)
     assert gemm_reference(a, b, None, 1.0, 0.0)[0, 0] == 4096
+
+
+@pytest.mark.parametrize("dtype,precision", [(np.float16, "default"), (np.float32, "default"), (np.float32, "tf32"),
+                                             (np.float64, "default")])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.5, 2.0)])
+def test_cpu_gemm_into_out_computes_the_same_values(dtype, precision, alpha, beta):
+    """``out=`` (the shared-memory destination) changes where the result goes, never its values: the
+    same bits as without it, into an aligned array, a misaligned one, and over the input C itself."""
+    from shim.backends.cpu import CpuBackend
+
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((45, 70)).astype(dtype), rng.standard_normal((70, 33)).astype(dtype)
+    c = rng.standard_normal((45, 33)).astype(dtype)
+    want = CpuBackend().gemm(a, b, c, alpha, beta, precision)
+    assert np.array_equal(want, gemm_reference(a, b, c, alpha, beta, precision))
+    aligned = np.full((45, 33), np.nan, dtype)
+    raw = bytearray(aligned.nbytes + 1)
+    misaligned = np.frombuffer(memoryview(raw)[1:], dtype).reshape(45, 33)
+    assert not misaligned.flags.aligned
+    in_place = c.copy()  # C = alpha A @ B + beta C, written over C while C is still being read
+    for out in (aligned, misaligned, in_place):
+        got = CpuBackend().gemm(a, b, in_place if out is in_place else c, alpha, beta, precision, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, want)

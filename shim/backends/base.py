@@ -56,9 +56,14 @@ class Backend(Protocol):
     name: str
 
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
-             precision: str = "default") -> np.ndarray:
+             precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:
         """``alpha * a @ b + beta * c`` in the dtype of ``a`` (FP16 accumulates in FP32);
         ``precision="tf32"`` lets FP32 products use TF32 (10-bit mantissa) inputs.
+
+        Args:
+            out: a C-contiguous host array of the result's shape and dtype to write the result into
+                (e.g. a client's shared-memory region; it may overlap the operands); returned. The
+                CUDA backend copies the result into it by DMA when it is registered memory.
 
         Raises:
             InsufficientStorage: the operands cannot fit the device's memory limit.

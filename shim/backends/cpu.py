@@ -26,8 +26,8 @@ class CpuBackend:
         self.threads = threads
 
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
-             precision: str = "default") -> np.ndarray:
-        return gemm_reference(a, b, c, alpha, beta, precision)
+             precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:
+        return gemm_reference(a, b, c, alpha, beta, precision, out=out)
 
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
@@ -76,15 +76,29 @@ def round_to_tf32(x: np.ndarray) -> np.ndarray:
 
 
 def gemm_reference(a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
-                   precision: str = "default") -> np.ndarray:
+                   precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:
     """``alpha * a @ b + beta * c`` in ``a``'s dtype; FP16 accumulates in FP32 as cuBLAS does, and
-    ``precision="tf32"`` rounds FP32 inputs to TF32 first, as the tensor cores do."""
-    if precision == "tf32" and a.dtype == np.float32:
+    ``precision="tf32"`` rounds FP32 inputs to TF32 first, as the tensor cores do. Into ``out``
+    (returned) when given: the same values, computed in place where ``out`` can hold the product."""
+    dtype = a.dtype
+    if precision == "tf32" and dtype == np.float32:
         a, b = round_to_tf32(a), round_to_tf32(b)
-    work = np.float32 if a.dtype == np.float16 else a.dtype
-    out = np.matmul(a.astype(work, copy=False), b.astype(work, copy=False))
+    work = np.float32 if dtype == np.float16 else dtype
+    a, b = a.astype(work, copy=False), b.astype(work, copy=False)
+    result = np.matmul(a, b, out=out if _can_compute_in(out, work, a, b, c) else None)
     if alpha != 1.0:
-        out *= np.asarray(alpha, dtype=out.dtype)
+        result *= np.asarray(alpha, dtype=result.dtype)
     if c is not None and beta != 0.0:
-        out += np.asarray(beta, dtype=out.dtype) * c.astype(out.dtype, copy=False)
-    return out.astype(a.dtype, copy=False)
+        result += np.asarray(beta, dtype=result.dtype) * c.astype(result.dtype, copy=False)
+    if out is None:
+        return result.astype(dtype, copy=False)
+    if result is not out:
+        np.copyto(out, result, casting="same_kind")
+    return out
+
+
+def _can_compute_in(out: np.ndarray | None, work: np.dtype, *operands: np.ndarray | None) -> bool:
+    """Whether the product can be accumulated in ``out`` itself: the working dtype, aligned, and
+    sharing no memory with an operand (writing there would change what is still to be read)."""
+    return (out is not None and out.dtype == work and out.flags.c_contiguous and out.flags.aligned
+            and not any(x is not None and np.may_share_memory(out, x) for x in operands))

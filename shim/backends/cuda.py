@@ -96,21 +96,22 @@ class CudaBackend:
 
     # --- ops ---------------------------------------------------------------------------------
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
-             precision: str = "default") -> np.ndarray:
+             precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:
         m, n = a.shape[0], b.shape[1]
         self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
         with device_errors(self._pool):
-            return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision))
+            return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision, out))
 
     @staticmethod
     def _gemm_on(worker: "_Worker", a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
-                 precision: str) -> np.ndarray:
+                 precision: str, out: np.ndarray | None = None) -> np.ndarray:
         da, db = worker.upload(a, 0), worker.upload(b, 1)
         use_c = c is not None and beta != 0.0
-        out = worker.upload(c, 2) if use_c else cp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-        worker.gemm(da, db, out, alpha, beta if use_c else 0.0, tf32=precision == "tf32")
-        return worker.download(out, 3)
+        dc = worker.upload(c, 2) if use_c else cp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        worker.gemm(da, db, dc, alpha, beta if use_c else 0.0, tf32=precision == "tf32")
+        # the stream orders this download after the uploads: out may overlap the operands
+        return worker.download(dc, 3, out)
 
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent."""
@@ -256,17 +257,24 @@ class _Worker:
         device.set(staged, stream=self.stream)
         return device
 
-    def download(self, device: cp.ndarray, slot: int) -> np.ndarray:
-        """``device`` on the host (a fresh array), through pinned buffer ``slot``; synchronizes.
+    def download(self, device: cp.ndarray, slot: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``device`` on the host, in ``out`` (C-contiguous, its shape and dtype) or else a fresh
+        array; synchronizes. Into registered memory (a client's region) by DMA, straight there;
+        small results through pinned buffer ``slot``.
 
-        Large results go straight to a fresh pageable array: there, DMA into pinned memory plus
-        a copy out of it costs more than the slower pageable transfer alone."""
-        if device.nbytes > PINNED_DOWNLOAD_MAX_BYTES:
-            return cp.asnumpy(device, stream=self.stream)
+        Large results go straight to pageable memory: there, DMA into pinned memory plus a copy
+        out of it costs more than the slower pageable transfer alone."""
+        if device.nbytes > PINNED_DOWNLOAD_MAX_BYTES or (out is not None and self.pinned.contains(out)):
+            host = device.get(stream=self.stream, out=out)
+            self.stream.synchronize()
+            return host
         staged = self._pinned_view(slot, device.shape, device.dtype)
         device.get(stream=self.stream, out=staged)
         self.stream.synchronize()
-        return staged.copy()
+        if out is None:
+            return staged.copy()
+        np.copyto(out, staged)
+        return out
 
 
 @contextmanager

@@ -12,12 +12,19 @@ from accel.tensor import Tensor
 
 from ..backends.base import TensorSpec
 
+#: output name -> writable memory to compute that output into (e.g. its shared-memory region)
+Destinations = Mapping[str, memoryview]
+
 
 class Op(ABC):
     """One "model" of the Open Inference Protocol.
 
     Subclasses declare ``inputs``/``outputs`` (TensorSpecs) and implement ``run`` on numpy arrays;
     the dispatcher has already checked names, datatypes and ranks against the specs.
+
+    An op that can compute outputs straight into memory the caller holds (a client's shared-memory
+    region) names them in ``direct_outputs`` and takes ``destinations`` in ``run``; the dispatcher
+    gives destinations to such ops only, for those outputs only, and other ops never see the keyword.
     """
 
     name: str
@@ -27,6 +34,8 @@ class Op(ABC):
     #: names of the request parameters the op reads, with a one-line description each
     parameters: dict[str, str] = {}
     backend: str = "cpu"
+    #: outputs that ``run(..., destinations=...)`` writes into the memory given for them
+    direct_outputs: frozenset[str] = frozenset()
 
     def load(self) -> None:
         """Acquire what the op needs (models, kernels). Called once, before ``warmup``."""
@@ -39,12 +48,23 @@ class Op(ABC):
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Compute the outputs. Raises InvalidInput for inputs the specs cannot express."""
+        """Compute the outputs. Raises InvalidInput for inputs the specs cannot express.
 
-    def run_tensors(self, inputs: list[Tensor], parameters: Mapping[str, Any]) -> list[Tensor]:
-        """Protocol tensors in and out; converts through numpy by default."""
+        An op with ``direct_outputs`` also takes ``destinations`` (a keyword, given only when not empty).
+        """
+
+    def run_tensors(self, inputs: list[Tensor], parameters: Mapping[str, Any],
+                    destinations: Destinations | None = None) -> list[Tensor]:
+        """Protocol tensors in and out; converts through numpy by default.
+
+        Args:
+            destinations: for ``direct_outputs`` only (see the class docstring); passed on to ``run``.
+        """
         arrays = {t.name: t.numpy() for t in inputs}
-        outputs = self.run(arrays, parameters)
+        if destinations:
+            outputs = self.run(arrays, parameters, destinations=destinations)  # type: ignore[call-arg]
+        else:
+            outputs = self.run(arrays, parameters)
         types = {s.name: s.datatype for s in self.outputs}
         return [Tensor.from_numpy(name, value, types.get(name)) for name, value in outputs.items()]
 
@@ -58,6 +78,25 @@ class Op(ABC):
         if self.parameters:
             meta["parameters"] = dict(self.parameters)
         return meta
+
+
+def destination_array(destinations: Destinations | None, name: str, shape: tuple[int, ...],
+                      dtype: np.dtype) -> np.ndarray | None:
+    """Output ``name``'s destination as a C-contiguous array of ``shape`` and ``dtype`` over its
+    first bytes (None when it has none), for an op to compute into; check it before the work.
+
+    Raises:
+        InvalidInput: the destination is smaller than the output.
+    """
+    memory = destinations.get(name) if destinations else None
+    if memory is None:
+        return None
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    if nbytes > memory.nbytes:
+        raise InvalidInput(f"output {name!r} is {nbytes} bytes but its shared_memory_byte_size is "
+                           f"{memory.nbytes}: register or ask for a larger region")
+    return np.frombuffer(memory, dtype, count).reshape(shape)
 
 
 # --- parameter readers shared by the ops --------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``gemm``: C = alpha * A @ B + beta * C, on the selected backend."""
+"""``gemm``: C = alpha * A @ B + beta * C, on the selected backend (straight into the caller's
+shared-memory region when C is asked for there)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -8,7 +9,7 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, TensorSpec
-from .base import Op, float_param
+from .base import Destinations, Op, destination_array, float_param
 
 DATATYPES = ("FP16", "FP32", "FP64")
 PRECISIONS = ("default", "tf32")
@@ -23,6 +24,7 @@ class GemmOp(Op):
     outputs = [TensorSpec("C", None, (-1, -1))]
     parameters = {"alpha": "scale of A @ B (default 1.0)", "beta": "scale of the input C (default 0.0)",
                   "precision": '"default", or "tf32" to let FP32 products use TF32 tensor cores (GPU)'}
+    direct_outputs = frozenset({"C"})
 
     def __init__(self, backend: Backend, max_elements: int) -> None:
         self._backend = backend
@@ -36,7 +38,9 @@ class GemmOp(Op):
             spec["datatypes"] = list(DATATYPES)
         return meta
 
-    def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any],
+            destinations: Destinations | None = None) -> dict[str, np.ndarray]:
+        """The product; into ``destinations["C"]`` when given (checked before any work)."""
         a, b, c = inputs["A"], inputs["B"], inputs.get("C")
         alpha = float_param(parameters, "alpha", 1.0)
         beta = float_param(parameters, "beta", 0.0)
@@ -59,7 +63,8 @@ class GemmOp(Op):
             raise InvalidInput(f"gemm: C is {c.shape[0]}x{c.shape[1]} but A @ B is {m_}x{n}")
         if m_ * n > self._max_elements:
             raise InvalidInput(f"gemm: the result would have {m_ * n} elements, over the limit of {self._max_elements}")
-        return {"C": self._backend.gemm(a, b, c, alpha, beta, precision)}
+        out = destination_array(destinations, "C", (m_, n), a.dtype)
+        return {"C": self._backend.gemm(a, b, c, alpha, beta, precision, out=out)}
 
     def warmup(self) -> None:
         for dtype in (np.float16, np.float32, np.float64):

@@ -106,7 +106,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
             raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
         with ShmScope(shm) as regions:  # inputs read from, outputs written to shared memory regions
             infer_request = decode_request(body, int(length) if length is not None else None, regions.input)
-            response = dispatcher.infer(name, infer_request)
+            response = dispatcher.infer(name, infer_request, regions.destinations(infer_request))
             regions.place_outputs(infer_request, response)
             binary = {t.name: infer_request.binary_output(t.name) for t in response.outputs}
             payload, headers = encode_response(response, binary)

@@ -1,8 +1,9 @@
 """HTTP face of the system shared memory extension (Triton's ``system_shared_memory``).
 
 The endpoints (``/v2/systemsharedmemory/...``: status, register, unregister) and ``ShmScope``, the
-step of an infer request between decode and dispatch (inputs read from regions, no copy) and
-between dispatch and encode (requested outputs written into regions). Regions belong to the
+step of an infer request between decode and dispatch (inputs read from regions, no copy; the
+requested outputs' places in their regions resolved, for ops that compute straight into them) and
+between dispatch and encode (the other outputs copied into their regions). Regions belong to the
 request's tenant (``guard.current_tenant``); errors are ``accel.errors``, answered by the app's one
 error handler.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
 from accel.codec import InferRequest, InferResponse
@@ -87,33 +89,45 @@ class ShmScope:
         self._registry = registry
         self._tenant = tenant or current_tenant()
         self._pinned: dict[str, Region] = {}
-        self._given: dict[int, tuple[memoryview, str, int]] = {}  # id(view) -> (view, region, offset)
 
     def __enter__(self) -> "ShmScope":
         return self
 
     def __exit__(self, *exc: object) -> None:
         pinned, self._pinned = self._pinned, {}
-        self._given.clear()
         for region in pinned.values():
             self._registry.release(region)  # type: ignore[union-attr]
 
     def input(self, tensor: str, ref: SharedMemoryRef) -> memoryview:
         """The bytes of input ``tensor`` in its region, read-only and not copied (the codec's resolver)."""
-        region = self._pin(ref.region, tensor)
-        view = SharedMemoryRegistry.view(region, ref.offset, ref.byte_size, tensor).toreadonly()
-        self._given[id(view)] = (view, ref.region, ref.offset)
-        return view
+        return self._view(tensor, ref, ref.byte_size).toreadonly()
 
-    def place_outputs(self, request: InferRequest, response: InferResponse) -> None:
-        """Write the outputs that ``request`` asked for in shared memory into their regions; they are
-        answered with the region parameters and no data (the actual ``shared_memory_byte_size``).
+    def destinations(self, request: InferRequest) -> dict[str, memoryview]:
+        """Where the outputs that ``request`` asks for in shared memory go: writable views of their
+        regions (``shared_memory_byte_size`` bytes at their offset), for ``Dispatcher.infer``, so that
+        an op can compute into them; resolved before the work, so that a bad place costs none.
 
+        Raises:
+            InvalidInput: a place outside its region, or shared memory asked of a shim that serves none.
+            OpNotFound: an unknown region.
+        """
+        wanted = [o for o in request.outputs or () if o.shm is not None]
+        return {o.name: self._view(o.name, o.shm, o.shm.byte_size) for o in wanted}
+
+    def place_outputs(self, request: InferRequest, response: InferResponse) -> list[str]:
+        """Write the outputs that ``request`` asked for in shared memory into their regions, unless
+        they already are there (an op computed into its destination, or noop echoed an input where
+        its output goes); they are answered with the region parameters and no data (the actual
+        ``shared_memory_byte_size``).
+
+        Returns:
+            The names of the outputs copied into their regions.
         Raises:
             InvalidInput: a region too small for its output (the output is named), or shared memory
                 asked of a shim that serves none.
             OpNotFound: an unknown region.
         """
+        copied = []
         wanted = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
         for tensor in response.outputs:
             ref = wanted.get(tensor.name)
@@ -127,11 +141,16 @@ class ShmScope:
             if nbytes > ref.byte_size:
                 raise InvalidInput(f"output {tensor.name!r} is {nbytes} bytes but its shared_memory_byte_size "
                                    f"is {ref.byte_size}: register or ask for a larger region")
-            region = self._pin(ref.region, tensor.name)
-            target = SharedMemoryRegistry.view(region, ref.offset, nbytes, tensor.name)
-            if not self._is_same(tensor.raw, ref):  # noop into the input's own bytes: nothing to move
+            target = self._view(tensor.name, ref, nbytes)
+            if _address(raw) != _address(target):  # else the op computed it there: nothing to move
                 target[:] = raw if raw.format == "B" and raw.ndim == 1 else raw.cast("B")
+                copied.append(tensor.name)
             tensor.parameters = {**params, **SharedMemoryRef(ref.region, nbytes, ref.offset).parameters()}
+        return copied
+
+    def _view(self, tensor: str, ref: SharedMemoryRef, nbytes: int) -> memoryview:
+        """``nbytes`` bytes at ``ref``'s offset of its region, pinned for this request (writable)."""
+        return SharedMemoryRegistry.view(self._pin(ref.region, tensor), ref.offset, nbytes, tensor)
 
     def _pin(self, name: str, tensor: str) -> Region:
         if self._registry is None:
@@ -142,6 +161,7 @@ class ShmScope:
             region = self._pinned[name] = self._registry.pin(name, self._tenant, tensor)
         return region
 
-    def _is_same(self, raw: Any, ref: SharedMemoryRef) -> bool:
-        given = self._given.get(id(raw))
-        return given is not None and given[0] is raw and given[1:] == (ref.region, ref.offset)
+
+def _address(view: memoryview) -> int:
+    """The address of ``view``'s first byte (0 when it has none)."""
+    return int(np.frombuffer(view, np.uint8).ctypes.data) if view.nbytes else 0
