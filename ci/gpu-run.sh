@@ -2,7 +2,7 @@
 # On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
 # copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
-#   bash ci/gpu-run.sh [tests|bench|kaas|all]...   (default: all)
+#   bash ci/gpu-run.sh [tests|bench|single|kaas|all]...   (default: all; SHIM_WORKERS=N, default 8)
 # Prepared here, before the device calls (both git-ignored):
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,17 +24,22 @@ export PYTHONPATH=/tmp/site:$root:$root/template/python3-accel PYTHONUNBUFFERED=
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import onnxruntime as o, cupy as c; print('ort', o.__version__, o.get_available_providers()); print('cupy', c.__version__)" | tee -a "$OUT/gpu.txt"
 what=${*:-all}
+workers=${SHIM_WORKERS:-8}
 for step in $what; do
   case $step in
     tests|all)
-      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py \
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_workers.py \
         $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
     bench|all)
-      timeout 330 python3 -m bench gpu --device cuda --out "$OUT/bench" 2>&1 | tee "$OUT/bench-gpu.log" | tail -60 ;;&
+      timeout 480 python3 -m bench gpu --device cuda --shim-workers "$workers" --out "$OUT/bench" 2>&1 \
+        | tee "$OUT/bench-gpu.log" | tail -60 ;;&
+    single|all)  # the throughput section again, the shim as one process (no request workers)
+      timeout 200 python3 -m bench gpu --device cuda --sections throughput --no-plots --out "$OUT/bench-single" 2>&1 \
+        | tee "$OUT/bench-single.log" | tail -20 ;;&
     kaas|all)
       [ -f bench/kaas.py ] && timeout 60 python3 -m bench kaas --device cuda --out "$OUT/bench" 2>&1 \
         | tee "$OUT/bench-kaas.log" | tail -30 ;;
   esac
 done
-tar czf "$OUT/bench.tgz" -C "$OUT" bench 2>/dev/null && rm -rf "$OUT/bench"
+for d in bench bench-single; do [ -d "$OUT/$d" ] && tar czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"; done
 ls -la "$OUT"

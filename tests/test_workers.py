@@ -266,3 +266,31 @@ def test_workers_flag_is_checked():
 
     with pytest.raises(ValueError, match="workers must be positive"):
         Settings(workers=0).validate()
+
+
+@pytest.mark.gpu
+def test_workers_in_front_of_the_gpu_match_the_cpu_twin(models_dir, tmp_path, inproc_client, chelsea, coffee):
+    """On the GPU machine: two workers in front of a CUDA device process (GPU resize, ORT CUDA
+    provider, cross-worker batches) answer as the CPU shim does, under concurrent callers."""
+    pytest.importorskip("cupy")
+    live = LiveShim(models_dir, tmp_path, "--workers", "2", "--device", "cuda")
+    try:
+        live.wait_ready(180)
+        assert accel.Client(live.tcp_url).metadata("classify")["backend"] == "cuda"
+        images = [encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=90)]
+        want = [inproc_client.classify(image, top_k=3) for image in images]
+
+        def check(i: int) -> None:
+            got = accel.Client(live.unix_url, timeout=60).classify(images[i % 2], top_k=3)
+            assert [p.label for p in got] == [p.label for p in want[i % 2]]
+            np.testing.assert_allclose([p.score for p in got], [p.score for p in want[i % 2]], atol=1e-3)
+
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(check, range(128)))
+        rng = np.random.default_rng(7)
+        a, b = rng.standard_normal((256, 128), dtype=np.float32), rng.standard_normal((128, 64), dtype=np.float32)
+        got = accel.Client(live.unix_url).gemm(a, b)
+        ref = a.astype(np.float64) @ b
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+    finally:
+        assert live.stop() == 0

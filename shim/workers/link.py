@@ -104,6 +104,7 @@ class LinkClient:
                     slot[0].set()
         except (EOFError, OSError):
             pass
+        self._conn.close()  # here, by the thread that reads it: never under a reader's feet
         self._close_all()
 
     def _close_all(self) -> None:
@@ -119,8 +120,8 @@ class LinkClient:
             self._on_close()
 
     def close(self) -> None:
-        _hang_up(self._conn)
-        self._close_all()
+        _shut_down(self._conn)  # the reader wakes up, closes the connection and fails what waits
+        self._reader.join(5)
 
 
 class LinkServer:
@@ -145,13 +146,14 @@ class LinkServer:
         while not self._closing:
             try:
                 conn = self._listener.accept()
-            except (OSError, EOFError, AuthenticationError) as exc:  # closed, or a peer without the key
+            except (OSError, EOFError, AuthenticationError) as exc:  # shut down, or a peer without the key
                 if self._closing:
-                    return
+                    break
                 log.warning("refused a request worker connection: %s", exc)
                 continue
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), name="link-conn", daemon=True).start()
+        self._listener.close()
 
     def _serve(self, conn: Connection) -> None:
         send_lock = threading.Lock()
@@ -186,22 +188,22 @@ class LinkServer:
         if self._closing:
             return
         self._closing = True
-        _hang_up(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
-        self._listener.close()
+        # shut down, not closed: each thread that reads a socket wakes up and closes it itself (a
+        # close under a blocked reader neither wakes it nor tells the peer, and frees the fd number)
+        _shut_down(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
         for conn in list(self._conns):
-            _hang_up(conn)
+            _shut_down(conn)
+        self._acceptor.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _hang_up(end: Connection | socket.socket) -> None:
-    """Shut a socket down, then close it: a thread blocked reading it wakes up (close alone does not
-    wake it, and the peer would not see the end)."""
+def _shut_down(end: Connection | socket.socket) -> None:
+    """Shut a socket down (both ways) without closing it: a thread blocked reading it wakes up."""
     try:
-        sock = end if isinstance(end, socket.socket) else socket.socket(fileno=os.dup(end.fileno()))
-        sock.shutdown(socket.SHUT_RDWR)
-        if sock is not end:
-            sock.close()
+        if isinstance(end, socket.socket):
+            end.shutdown(socket.SHUT_RDWR)
+            return
+        with socket.socket(fileno=os.dup(end.fileno())) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
     except OSError:
-        pass
-    end.close()
-
+        pass  # already closed
