@@ -7,6 +7,10 @@ itself with ``incoming()`` before its CPU work (decoding images) and submits thr
 worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest arrived, and never for traffic that does
 not exist: a lone request runs at once. Results are split back out per request.
 
+With ``concurrency`` above 1 (a model's ``instance_count``), that many batches may be in flight
+at once, as Triton's model instances: while one batch is on the device the next one is gathered
+and prepared. One worker gathers at a time, so concurrency never splits a batch that could form.
+
 If a batch of several requests fails, each request is run again alone, so that one request's
 failure (say, out of memory for its size) fails that request only.
 """
@@ -47,13 +51,16 @@ class Batcher(Generic[Item, Result]):
         max_queue_delay_us: how long the oldest request may wait for others on their way.
         batch_sizes, queue_seconds, batch_seconds: histograms (label ``op``) of rows per run, time
             queued and time per run.
+        concurrency: batches that may run at once (worker threads).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
                  max_queue_delay_us: int, batch_sizes: Histogram | None = None,
-                 queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None) -> None:
-        if max_batch_size < 1 or max_queue_delay_us < 0:
-            raise ValueError(f"model {name}: max_batch_size must be >= 1 and max_queue_delay_us >= 0")
+                 queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None,
+                 concurrency: int = 1) -> None:
+        if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1:
+            raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
+                             "max_queue_delay_us >= 0")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_us / 1e6
@@ -65,8 +72,11 @@ class Batcher(Generic[Item, Result]):
         self._incoming = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._gathering = False  # a worker is gathering a batch: the others wait their turn
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                         for i in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
 
     @contextmanager
     def incoming(self) -> Iterator[Callable[[Item, int], Result]]:
@@ -111,28 +121,38 @@ class Batcher(Generic[Item, Result]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     # --- the worker ---------------------------------------------------------------------------
     def _take(self) -> list[_Job[Item, Result]] | None:
         with self._cond:
-            while not self._queue:
+            while not self._queue or self._gathering:
                 if self._closed:
                     return None
                 self._cond.wait()
-            batch = [self._queue.popleft()]
-            rows = batch[0].rows
-            deadline = batch[0].arrived + self.max_delay
-            while rows < self.max_batch_size:
-                while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
-                    job = self._queue.popleft()
-                    batch.append(job)
-                    rows += job.rows
-                left = deadline - time.perf_counter()
-                if self._queue or self._incoming == 0 or left <= 0 or self._closed:
-                    break  # full (the next does not fit), nobody else coming, or waited enough
-                self._cond.wait(left)
-            return batch
+            self._gathering = True
+            try:
+                return self._gather()
+            finally:
+                self._gathering = False
+                self._cond.notify_all()
+
+    def _gather(self) -> list[_Job[Item, Result]]:
+        """The oldest job and those that join it (called holding the condition's lock)."""
+        batch = [self._queue.popleft()]
+        rows = batch[0].rows
+        deadline = batch[0].arrived + self.max_delay
+        while rows < self.max_batch_size:
+            while self._queue and rows + self._queue[0].rows <= self.max_batch_size:
+                job = self._queue.popleft()
+                batch.append(job)
+                rows += job.rows
+            left = deadline - time.perf_counter()
+            if self._queue or self._incoming == 0 or left <= 0 or self._closed:
+                break  # full (the next does not fit), nobody else coming, or waited enough
+            self._cond.wait(left)
+        return batch
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
@@ -172,6 +192,6 @@ class BatchingFactory:
         self._batch_sizes, self._queue_seconds, self._batch_seconds = batch_sizes, queue_seconds, batch_seconds
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
-             max_queue_delay_us: int) -> Batcher[Item, Result]:
+             max_queue_delay_us: int, concurrency: int = 1) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
-                       self._batch_seconds)
+                       self._batch_seconds, concurrency)

@@ -38,7 +38,13 @@ class ModelConfig:
     sha256: str | None = None
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
+    instance_count: int | None = None  # batches in flight at once (None: 2 on a GPU, 1 on the CPU)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def instances(self, device: str) -> int:
+        """How many batches of this model may run at once on ``device``: on a GPU, one is gathered and
+        prepared while another runs."""
+        return self.instance_count or (2 if device == "cuda" else 1)
 
 
 def file_sha256(path: Path) -> str:
@@ -78,7 +84,8 @@ class ModelRepository:
             name=name, path=folder, onnx=folder / "model.onnx", labels=labels,
             preprocessing=Preprocessing(**pre) if pre else None, sha256=meta.get("sha256"),
             max_batch_size=int(meta.get("max_batch_size", 32)),
-            max_queue_delay_us=int(meta.get("max_queue_delay_us", 2000)), raw=meta,
+            max_queue_delay_us=int(meta.get("max_queue_delay_us", 2000)),
+            instance_count=int(meta["instance_count"]) if meta.get("instance_count") is not None else None, raw=meta,
         )
         if verify and config.sha256 and file_sha256(config.onnx) != config.sha256:
             raise ValueError(f"model {name}: {config.onnx} does not match the sha256 in model.json")

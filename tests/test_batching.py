@@ -94,6 +94,52 @@ def test_a_failing_item_fails_only_its_own_request():
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher("m", _doubler([]), max_batch_size=0, max_queue_delay_us=10)
+    with pytest.raises(ValueError, match="instance_count"):
+        Batcher("m", _doubler([]), max_batch_size=4, max_queue_delay_us=10, concurrency=0)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_instances_run_batches_at_once(concurrency):
+    """With two instances a second batch runs while the first is still on the device; with one
+    it waits for it."""
+    both = threading.Barrier(2, timeout=2)
+    overlapped: list[bool] = []
+
+    def run(items):
+        try:
+            both.wait()
+            overlapped.append(True)
+        except threading.BrokenBarrierError:
+            overlapped.append(False)
+        return [[2 * x for x in item] for item in items]
+
+    batcher = Batcher("m", run, max_batch_size=1, max_queue_delay_us=0, concurrency=concurrency)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda i: batcher.submit([i], 1), [3, 4]))
+    finally:
+        batcher.close()
+    assert results == [[6], [8]]
+    assert overlapped == ([True, True] if concurrency == 2 else [False, False])
+
+
+def test_instances_do_not_split_a_batch_that_is_gathering():
+    calls: list[list[int]] = []
+    batcher = Batcher("m", _doubler(calls), max_batch_size=32, max_queue_delay_us=5_000_000, concurrency=3)
+    gate = threading.Barrier(8)
+
+    def call(i: int) -> np.ndarray:
+        with batcher.incoming() as submit:
+            gate.wait()  # all 8 announced before the first submits: one gatherer takes them all
+            return submit([i], 1)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(8)))
+    finally:
+        batcher.close()
+    assert [r.tolist() for r in results] == [[2 * i] for i in range(8)]
+    assert calls == [[1] * 8]  # one run of all eight requests
 
 
 def test_classify_under_64_concurrent_callers_with_mixed_batch_sizes(service, chelsea, coffee):

@@ -46,14 +46,15 @@ class ClassifyOp(Op):
         self.backend = self._pipeline.device
         if self._batching is not None:
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us)
+                                                self.config.max_queue_delay_us, self.config.instances(self.backend))
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta["model"] = self.config.name
         meta["max_batch_size"] = self.config.max_batch_size
         meta["dynamic_batching"] = {"enabled": self._batcher is not None,
-                                    "max_queue_delay_us": self.config.max_queue_delay_us}
+                                    "max_queue_delay_us": self.config.max_queue_delay_us,
+                                    "instance_count": self.config.instances(self.backend)}
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:

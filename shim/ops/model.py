@@ -45,13 +45,14 @@ class ModelOp(Op):
         self._batchable = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
         if self._batching is not None and self._batchable:
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us)
+                                                self.config.max_queue_delay_us, self.config.instances(self.backend))
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta["max_batch_size"] = self.config.max_batch_size
         meta["dynamic_batching"] = {"enabled": self._batcher is not None,
-                                    "max_queue_delay_us": self.config.max_queue_delay_us}
+                                    "max_queue_delay_us": self.config.max_queue_delay_us,
+                                    "instance_count": self.config.instances(self.backend)}
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
