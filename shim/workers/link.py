@@ -2,7 +2,9 @@
 per worker (``multiprocessing.connection``, authenticated with a per-run key).
 
 A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
-thread hands every reply to the thread that waits for it. On the device side a reader thread per
+thread hands every reply to the thread that waits for it. Messages are pickles (protocol 5) whose
+arrays travel out of band: written from where they lie, read straight into the buffers they are
+rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated pieces). On the device side a reader thread per
 worker hands each call to a pool of threads (a call may wait in a batcher) and replies as each
 finishes. Errors travel as (status, message): the worker raises the same ``accel.errors`` class,
 and a lost device stays a ``DeviceLost``.
@@ -12,7 +14,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 import socket
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import AuthenticationError
@@ -47,12 +51,49 @@ def _raise_reply(kind: str, status: int, message: str, retry_after: float | None
     raise error_for_status(status, message, retry_after)
 
 
+class _Channel:
+    """Messages over the socket of an authenticated ``Connection`` (which it takes over)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        self._send_lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        buffers: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+        try:
+            raws = [b.raw() for b in buffers]
+        except BufferError:  # a non-contiguous buffer: everything in band
+            data, raws = pickle.dumps(message, protocol=5), []
+        header = struct.pack(f"!IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
+        with self._send_lock:
+            self.sock.sendall(header + data)
+            for raw in raws:
+                self.sock.sendall(raw)
+
+    def recv(self) -> Any:
+        count, size = struct.unpack("!IQ", self._exactly(12))
+        lengths = struct.unpack(f"!{count}Q", self._exactly(8 * count)) if count else ()
+        data = self._exactly(size)
+        return pickle.loads(data, buffers=[self._exactly(n) for n in lengths])
+
+    def _exactly(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            read = self.sock.recv_into(view[got:])
+            if not read:
+                raise EOFError("the link was closed")
+            got += read
+        return buf
+
+
 class LinkClient:
     """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
 
     def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None) -> None:
-        self._conn: Connection = Client(address, family="AF_UNIX", authkey=authkey)
-        self._send_lock = threading.Lock()
+        self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
         self._lock = threading.Lock()
@@ -87,8 +128,7 @@ class LinkClient:
 
     def _send(self, message: tuple[int, str, tuple[Any, ...]]) -> None:
         try:
-            with self._send_lock:
-                self._conn.send(message)
+            self._chan.send(message)
         except (OSError, ValueError) as exc:
             self._close_all()
             raise LinkClosed(f"the shim's device process is gone ({exc}); retry", retry_after=1.0) from None
@@ -96,7 +136,7 @@ class LinkClient:
     def _read(self) -> None:
         try:
             while True:
-                call_id, ok, payload = self._conn.recv()
+                call_id, ok, payload = self._chan.recv()
                 with self._lock:
                     slot = self._waiting.pop(call_id, None)
                 if slot is not None:
@@ -104,7 +144,7 @@ class LinkClient:
                     slot[0].set()
         except (EOFError, OSError):
             pass
-        self._conn.close()  # here, by the thread that reads it: never under a reader's feet
+        self._chan.sock.close()  # here, by the thread that reads it: never under a reader's feet
         self._close_all()
 
     def _close_all(self) -> None:
@@ -120,7 +160,7 @@ class LinkClient:
             self._on_close()
 
     def close(self) -> None:
-        _shut_down(self._conn)  # the reader wakes up, closes the connection and fails what waits
+        _shut_down(self._chan.sock)  # the reader wakes up, closes the connection and fails what waits
         self._reader.join(5)
 
 
@@ -137,7 +177,7 @@ class LinkServer:
         self._handlers = handlers
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
-        self._conns: list[Connection] = []
+        self._conns: list[_Channel] = []
         self._closing = False
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
         self._acceptor.start()
@@ -151,13 +191,12 @@ class LinkServer:
                     break
                 log.warning("refused a request worker connection: %s", exc)
                 continue
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="link-conn", daemon=True).start()
+            chan = _Channel(conn)
+            self._conns.append(chan)
+            threading.Thread(target=self._serve, args=(chan,), name="link-conn", daemon=True).start()
         self._listener.close()
 
-    def _serve(self, conn: Connection) -> None:
-        send_lock = threading.Lock()
-
+    def _serve(self, chan: _Channel) -> None:
         def run(call_id: int, method: str, args: tuple[Any, ...]) -> None:
             try:
                 handler = self._handlers.get(method)
@@ -168,8 +207,7 @@ class LinkServer:
                 reply = (call_id, False, _as_reply(exc))
             if call_id:
                 try:
-                    with send_lock:
-                        conn.send(reply)
+                    chan.send(reply)
                 except (OSError, ValueError):
                     pass  # the worker is gone; its caller is gone with it
             elif not reply[1]:
@@ -177,12 +215,12 @@ class LinkServer:
 
         try:
             while True:
-                call_id, method, args = conn.recv()
+                call_id, method, args = chan.recv()
                 self._pool.submit(run, call_id, method, args)
         except (EOFError, OSError):
             pass
         finally:
-            conn.close()
+            chan.sock.close()
 
     def close(self) -> None:
         if self._closing:
@@ -191,19 +229,15 @@ class LinkServer:
         # shut down, not closed: each thread that reads a socket wakes up and closes it itself (a
         # close under a blocked reader neither wakes it nor tells the peer, and frees the fd number)
         _shut_down(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
-        for conn in list(self._conns):
-            _shut_down(conn)
+        for chan in list(self._conns):
+            _shut_down(chan.sock)
         self._acceptor.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _shut_down(end: Connection | socket.socket) -> None:
+def _shut_down(sock: socket.socket) -> None:
     """Shut a socket down (both ways) without closing it: a thread blocked reading it wakes up."""
     try:
-        if isinstance(end, socket.socket):
-            end.shutdown(socket.SHUT_RDWR)
-            return
-        with socket.socket(fileno=os.dup(end.fileno())) as dup:
-            dup.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed
