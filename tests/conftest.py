@@ -58,6 +58,28 @@ class WSGITransport:
         pass
 
 
+def tenant_service(tmp: Path, tokens: Mapping[str, str], options: Mapping[str, str] | None = None,
+                   extra_ops=(), **settings):
+    """A loaded CPU shim in this process whose tenants are ``tokens`` (tenant -> token, with each
+    tenant's ``options``, e.g. ``"max_body_bytes=1000"``, in the tokens file); no classify model
+    unless ``settings`` name one, an empty model repository unless they give ``models_dir``."""
+    from shim.auth import hash_token
+    from shim.config import Settings
+    from shim.service import build_service
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokens_file = tmp / "tokens"
+    tokens_file.write_text("".join(f"{name}: {hash_token(token)} {(options or {}).get(name, '')}\n"
+                                   for name, token in tokens.items()))
+    if "models_dir" not in settings:
+        settings["models_dir"] = tmp / "models"
+        settings["models_dir"].mkdir(exist_ok=True)
+    settings.setdefault("classify_model", "")
+    svc = build_service(Settings(device="cpu", tokens_file=tokens_file, **settings), extra_ops=extra_ops)
+    svc.load()
+    return svc
+
+
 @pytest.fixture()
 def inproc_client(service) -> Client:
     return Client("http://in-process", transport=WSGITransport(service.app))

@@ -123,6 +123,23 @@ def test_instances_run_batches_at_once(concurrency):
     assert overlapped == ([True, True] if concurrency == 2 else [False, False])
 
 
+def test_instance_count_comes_from_model_json(tmp_path, models_dir):
+    import json
+    import shutil
+
+    from shim.modelrepo import ModelRepository
+
+    folder = tmp_path / "efficientnet-lite0"
+    shutil.copytree(models_dir / "efficientnet-lite0", folder)
+    config = ModelRepository(tmp_path).load("efficientnet-lite0")
+    assert (config.instances("cuda"), config.instances("cpu")) == (2, 1)  # defaults: one gathering, one running
+    meta = json.loads((folder / "model.json").read_text())
+    meta["instance_count"] = 3
+    (folder / "model.json").write_text(json.dumps(meta))
+    config = ModelRepository(tmp_path).load("efficientnet-lite0")
+    assert (config.instances("cuda"), config.instances("cpu")) == (3, 3)
+
+
 def test_instances_do_not_split_a_batch_that_is_gathering():
     calls: list[list[int]] = []
     batcher = Batcher("m", _doubler(calls), max_batch_size=32, max_queue_delay_us=5_000_000, concurrency=3)

@@ -13,9 +13,8 @@ import pytest
 import accel
 from accel.codec import DEADLINE_HEADER
 from shim.admission import Admission, Limits
-from shim.auth import hash_token
 from shim.faults import DeviceLost, FaultMonitor
-from tests.conftest import WSGITransport
+from tests.conftest import WSGITransport, tenant_service
 from tests.shim_test_ops import test_ops
 
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210xx", "carol": "carol-token-555555555x"}
@@ -28,19 +27,10 @@ def auth(tenant: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     """2 slots, a queue of 3, each tenant 1 slot and 2 queued; carol's body limit 1000 bytes."""
-    from shim.config import Settings
-    from shim.service import build_service
-
-    tmp = tmp_path_factory.mktemp("limits")
-    (tmp / "models").mkdir()
-    tokens = tmp / "tokens"
-    tokens.write_text(f"alice: {hash_token(TOKENS['alice'])}\nbob: {hash_token(TOKENS['bob'])}\n"
-                      f"carol: {hash_token(TOKENS['carol'])} max_body_bytes=1000 max_inflight=2\n")
-    svc = build_service(Settings(device="cpu", models_dir=tmp / "models", classify_model="", tokens_file=tokens,
-                                 threads=2, max_queue=3, tenant_max_inflight=1, tenant_max_queue=2,
-                                 tenant_max_body_bytes=50_000, max_body_bytes=100_000), extra_ops=test_ops())
-    svc.load()
-    return svc
+    return tenant_service(tmp_path_factory.mktemp("limits"), TOKENS,
+                          {"carol": "max_body_bytes=1000 max_inflight=2"}, extra_ops=test_ops(),
+                          threads=2, max_queue=3, tenant_max_inflight=1, tenant_max_queue=2,
+                          tenant_max_body_bytes=50_000, max_body_bytes=100_000)
 
 
 def sleep_body(seconds: float) -> dict:

@@ -11,9 +11,9 @@ import pytest
 
 import accel
 from accel.tensor import Tensor
-from shim.auth import hash_token
 from shim.ops import Op
 from tests.conftest import WSGITransport
+from tests.conftest import tenant_service as make_tenant_service
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 tshm = pytest.importorskip("tritonclient.utils.shared_memory")
@@ -273,17 +273,11 @@ class PointerOp(Op):
 
 @pytest.fixture(scope="module")
 def tenant_service(models_dir, tmp_path_factory):
-    from shim.config import Settings
-    from shim.service import build_service
-
-    tokens = tmp_path_factory.mktemp("shm") / "tokens"
-    tokens.write_text(f"alice: {hash_token(ALICE)}\nbob: {hash_token(BOB)}\n")
+    svc = make_tenant_service(tmp_path_factory.mktemp("shm"), {"alice": ALICE, "bob": BOB}, extra_ops=[PointerOp()],
+                              models_dir=models_dir, shm_max_regions=3, shm_max_bytes=1 << 16)
     hooks: list[tuple[str, int, int]] = []
-    svc = build_service(Settings(device="cpu", models_dir=models_dir, tokens_file=tokens, classify_model="",
-                                 shm_max_regions=3, shm_max_bytes=1 << 16), extra_ops=[PointerOp()])
     svc.shm.on_register = lambda address, nbytes: hooks.append(("register", address, nbytes))
     svc.shm.on_unregister = lambda address, nbytes: hooks.append(("unregister", address, nbytes))
-    svc.load()
     svc.hooks = hooks
     return svc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.auth import hash_token
+from tests.conftest import tenant_service
 
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-9876543210xx"}
 
@@ -16,18 +16,8 @@ def auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    from shim.config import Settings
-    from shim.service import build_service
-
-    tmp = tmp_path_factory.mktemp("tenants")
-    (tmp / "models").mkdir()
-    tokens = tmp / "tokens"
-    tokens.write_text(f"alice: {hash_token(TOKENS['alice'])} max_buffer_bytes=1000\n"
-                      f"bob: {hash_token(TOKENS['bob'])}\n")
-    svc = build_service(Settings(device="cpu", models_dir=tmp / "models", classify_model="", tokens_file=tokens,
-                                 tenant_max_buffer_bytes=300, state_dir=tmp / "state"))
-    svc.load()
-    return svc
+    return tenant_service(tmp_path_factory.mktemp("tenants"), TOKENS, {"alice": "max_buffer_bytes=1000"},
+                          tenant_max_buffer_bytes=300, state_dir=tmp_path_factory.mktemp("state"))
 
 
 def test_another_tenants_buffer_is_out_of_reach(shim):

@@ -7,6 +7,7 @@ load, and SIGTERM.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -192,8 +193,6 @@ def test_metrics_and_statistics_count_what_workers_served(shim, chelsea):
     jpeg = encode(chelsea, "JPEG")
 
     def success_count() -> int:
-        import json
-
         raw = client._call("GET", "/v2/models/classify/stats").body  # noqa: SLF001
         return int(json.loads(raw)["model_stats"][0]["inference_stats"]["success"]["count"])
 

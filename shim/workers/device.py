@@ -27,6 +27,8 @@ class DeviceEndpoint:
         self._ready_workers: set[int] = set()
         self._lock = threading.Lock()
         self._registry.add_gate(self.workers_ready)
+        ops = [self._registry.lookup(name) for name in self._registry.names()]
+        self._classify_ops = {op.config.name: op for op in ops if isinstance(op, ClassifyOp)}
 
     def workers_ready(self) -> bool:
         with self._lock:
@@ -79,9 +81,7 @@ class DeviceEndpoint:
         return list(op.inputs), list(op.outputs), op.backend
 
     def _classify(self, model: str) -> ClassifyOp:
-        for name in self._registry.names():
-            op = self._registry.lookup(name)
-            if isinstance(op, ClassifyOp) and op.config.name == model:
-                return op
-        raise LookupError(f"no classify op serves model {model!r} in the device process")
-
+        op = self._classify_ops.get(model)
+        if op is None:
+            raise LookupError(f"no classify op serves model {model!r} in the device process")
+        return op
