@@ -4,9 +4,10 @@
                         [--shim-workers N] [--client-processes P]
 
 1. cold start (classify one photo; one 1024x1024 FP32 gemm, operands in the HTTP body or in a
-   shared-memory region): (a) the first call in a running function process, (b) a fresh function
-   process end to end; naive (bench/naive.py in a child) vs a child that calls the warm shim over
-   its unix socket.
+   shared-memory region, built with numpy or read as raw bytes without it): (a) the first call in a
+   running function process, (b) a fresh function process end to end; naive (bench/naive.py in a
+   child) vs a child that calls the warm shim over its unix socket, in an interpreter with nothing
+   installed, as a function image has (procs.function_python).
 2. warm latency: noop, gemm n=64..4096 FP16/FP32 (HTTP body; shared memory), classify batch 1;
    shim vs in-process.
 3. throughput: 1/8/32/128 concurrent clients classifying; the shim's clients in up to P processes
@@ -39,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, environment, write_results  # noqa: E402
-from bench.procs import LoggedShim, cat_jpeg, child_env, gpu_memory  # noqa: E402
+from bench.procs import LoggedShim, cat_jpeg, child_env, function_python, gpu_memory, write_gemm_inputs  # noqa: E402
 from bench.sections import SECTION_KEYS, SECTIONS, Bench  # noqa: E402
 
 
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             data["shim_backends"] = {op: meta.metadata(op).get("backend") for op in ("noop", "gemm", "classify")}
         except Exception as exc:  # noqa: BLE001
             data["shim_server"] = {"error": str(exc)}
-        b = Bench(args, device, shim, jpeg, jpeg_path, child_env(), data, [header])
+        fn_python, fn_what = function_python(workdir)
+        data["function_interpreter"] = fn_what
+        b = Bench(args, device, shim, jpeg, jpeg_path, child_env(), data, write_gemm_inputs(workdir / "ab.f32", 1024),
+                  fn_python, [header])
         b.markdown.append(f"shim: `{' '.join(shim.cmd[1:])}`, ready in {shim.ready_seconds:.2f} s, backends "
                           f"{data.get('shim_backends')}, GPU memory held "
                           f"{data['shim_gpu_memory']['added_mib'] if mem_before else 'n/a'} MiB\n")

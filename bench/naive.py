@@ -3,7 +3,7 @@
 As a child process (what a fresh function instance does), timed in phases::
 
     python bench/naive.py classify --device cuda|cpu --model DIR --image PATH [--hold]
-    python bench/naive.py gemm --device cuda|cpu --n 1024 [--hold]
+    python bench/naive.py gemm --device cuda|cpu --n 1024 [--inputs FILE] [--hold]
 
 It imports its libraries (numpy + cupy for gemm; numpy + onnxruntime + PIL for classify), then
 creates its GPU context / ORT session, loads the model, preprocesses, computes and copies the
@@ -162,6 +162,7 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--image", type=Path)
     parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--inputs", type=Path, help="gemm: A and B, raw FP32 n x n each (else made here)")
     parser.add_argument("--hold", action="store_true", help="after the result, wait for stdin to close")
     args = parser.parse_args(argv)
 
@@ -181,7 +182,10 @@ def _child(argv: list[str]) -> int:
     else:
         np, cp = import_gemm_libs(args.device)
         t1 = time.perf_counter()
-        a, b = gemm_inputs(np, args.n)  # the function's input: not timed
+        if args.inputs is not None:  # A and B as a function is given them (procs.write_gemm_inputs)
+            a, b = np.fromfile(args.inputs, dtype="<f4").reshape(2, args.n, args.n)
+        else:
+            a, b = gemm_inputs(np, args.n)  # the function's input: not timed
         t1b = time.perf_counter()
         create_context(cp)
         t2 = time.perf_counter()

@@ -19,18 +19,21 @@ from bench.common import ShimProcess
 NAIVE = Path(__file__).resolve().parent / "naive.py"
 CHILD_TIMEOUT_S = 180.0
 
-# A function instance that uses accelshim: imports accel (numpy too for gemm), makes a Client,
-# then its first call. argv: op url (image path | n) [hold], op classify | gemm | gemm-shm.
-# gemm-shm is the function that passes its operands through shared memory: it makes an
-# accel.SharedMemory region, builds A and B in it, and its first call (which registers the region)
-# passes shm=region; making the region counts as part of that first call. Prints "BENCH {...}"
-# like naive.py; on its way out it unregisters and unlinks its region, as a function would.
+# A function instance that uses accelshim: imports accel, makes a Client, then its first call.
+# argv: op url (image path | n | inputs path) [hold], op classify | gemm | gemm-shm | gemm-raw.
+# gemm and gemm-shm build their operands with numpy; gemm-shm passes them through shared memory:
+# it makes an accel.SharedMemory region, builds A and B in it, and its first call (which registers
+# the region) passes shm=region. gemm-raw is a gemm function without numpy, as one that forwards
+# the bytes of its request is: it makes a region, reads A and B (raw FP32, as write_gemm_inputs
+# lays them out) into region.tensor()s and passes them with shm=region; the result is a Tensor in
+# the region. Making the region counts as part of the first call; filling it does not. Prints
+# "BENCH {...}" like naive.py; on its way out it unregisters and unlinks its region, as a function would.
 ACCEL_CHILD = r"""
 import os, sys, time
 t0 = time.perf_counter()
 import accel
 op, url, arg = sys.argv[1:4]
-if op != "classify":
+if op in ("gemm", "gemm-shm"):
     import numpy as np
 client = accel.Client(url, timeout=120)
 t1 = time.perf_counter()
@@ -40,6 +43,19 @@ try:
         data = open(arg, "rb").read()
         t2 = time.perf_counter()
         extra = {"top1": client.classify(data, top_k=5)[0].label}
+    elif op == "gemm-raw":
+        import struct
+        n = int((os.stat(arg).st_size // 8) ** 0.5)
+        region = accel.SharedMemory(f"cold-{os.getpid()}", 3 * n * n * 4 + 4096)
+        a, b = region.tensor("A", (n, n)), region.tensor("B", (n, n))
+        region_s = time.perf_counter() - t1
+        with open(arg, "rb", buffering=0) as f:
+            f.readinto(a.raw)
+            f.readinto(b.raw)
+        t2 = time.perf_counter()
+        c = client.gemm(a, b, shm=region)
+        extra = {"c00": struct.unpack_from("<f", c.raw)[0], "numpy_imported": "numpy" in sys.modules}
+        del a, b, c
     else:
         n, rng = int(arg), np.random.default_rng(0)
         if op == "gemm-shm":
@@ -67,6 +83,31 @@ finally:
         client.unregister_shm(region.name)
         region.close()
 """
+
+
+def write_gemm_inputs(path: Path, n: int) -> Path:
+    """A and B of ``naive.gemm_inputs(n)``, raw FP32 one after the other: what a gemm function is given."""
+    import numpy as np
+
+    from bench.naive import gemm_inputs
+
+    with open(path, "wb") as f:
+        for m in gemm_inputs(np, n):
+            f.write(np.ascontiguousarray(m, dtype="<f4").tobytes())
+    return path
+
+
+def function_python(workdir: Path) -> tuple[str, str]:
+    """The interpreter of an accelshim function instance: a venv of this Python with nothing installed
+    (a function image holds the standard library and ``accel``, no CUDA stack); ``(path, what)``.
+    Where no venv can be made, this interpreter."""
+    target = workdir / "function-venv"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True, timeout=120,
+                       capture_output=True)
+        return str(target / "bin" / "python"), "a venv with nothing installed (accel on PYTHONPATH)"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return sys.executable, f"the benchmark's own interpreter (no venv: {exc})"
 
 
 def cat_jpeg() -> bytes:

@@ -31,6 +31,8 @@ class Bench:
     jpeg_path: Path
     env: dict[str, str]
     data: dict[str, Any]
+    gemm_inputs: Path  # A and B for the cold gemm children (procs.write_gemm_inputs)
+    function_python: str  # the interpreter of accelshim function instances (procs.function_python)
     markdown: list[str] = field(default_factory=list)
     sections_md: dict[str, str] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
@@ -42,13 +44,23 @@ class Bench:
     def naive_cmd(self, op: str, hold: bool = False) -> list[str]:
         cmd = [sys.executable, str(NAIVE), op, "--device", self.device]
         cmd += (["--model", str(self.args.models / "efficientnet-lite0"), "--image", str(self.jpeg_path)]
-                if op == "classify" else ["--n", "1024"])
+                if op == "classify" else ["--n", "1024", "--inputs", str(self.gemm_inputs)])
         return cmd + (["--hold"] if hold else [])
 
     def accel_cmd(self, op: str, hold: bool = False) -> list[str]:
-        """A function instance calling the shim; ``op``: classify, gemm or gemm-shm (procs.ACCEL_CHILD)."""
-        arg = str(self.jpeg_path) if op == "classify" else "1024"
-        return [sys.executable, "-c", ACCEL_CHILD, op, self.shim.unix_url, arg] + (["hold"] if hold else [])
+        """A function instance calling the shim; ``op``: classify, gemm, gemm-shm or gemm-raw (procs.ACCEL_CHILD)."""
+        arg = {"classify": str(self.jpeg_path), "gemm-raw": str(self.gemm_inputs)}.get(op, "1024")
+        return [self.function_python, "-c", ACCEL_CHILD, op, self.shim.unix_url, arg] + (["hold"] if hold else [])
+
+    def child_env(self, who: str, op: str) -> dict[str, str]:
+        """The environment of a child: an accelshim function that builds its operands with numpy has
+        numpy in its image, so the function interpreter is given where this one's numpy lies."""
+        if who == "naive" or op not in ("gemm", "gemm-shm"):
+            return self.env
+        import numpy
+
+        site = str(Path(numpy.__file__).resolve().parents[1])
+        return {**self.env, "PYTHONPATH": os.pathsep.join([self.env.get("PYTHONPATH", ""), site]).strip(os.pathsep)}
 
     def save(self) -> None:
         """Rewrite the JSON + Markdown with what is done so far (sections in their numbered order)."""

@@ -397,3 +397,42 @@ def mmap_page() -> int:
     import mmap
 
     return mmap.ALLOCATIONGRANULARITY
+
+
+# --- the region object itself -----------------------------------------------------------------------
+def test_a_region_is_unlinked_on_close_at_exit_and_when_collected(tmp_path):
+    import gc
+    import subprocess
+    import sys
+
+    region = accel.SharedMemory("life", 4096)
+    path = Path("/dev/shm") / region.key
+    assert path.stat().st_size == 4096 and (path.stat().st_mode & 0o777) & ~0o660 == 0
+    region.close()
+    assert not path.exists()
+    region.close()  # twice is fine
+    collected = accel.SharedMemory("life", 4096)
+    path = Path("/dev/shm") / collected.key
+    del collected
+    gc.collect()
+    assert not path.exists()
+    child = "import accel, sys; r = accel.SharedMemory('left', 64); print(r.key)"  # never closed
+    key = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip()
+    assert key.startswith("accel_left_") and not (Path("/dev/shm") / key).exists()
+
+
+def test_attaching_to_a_region_and_the_errors_of_making_one():
+    with accel.SharedMemory("owner", 8192) as owner:
+        owner.view(0, 4)[:] = b"abcd"
+        attached = accel.SharedMemory("other", 0, key=owner.key, create=False)
+        assert attached.byte_size == 8192 and bytes(attached.view(0, 4)) == b"abcd"
+        attached.close()  # an attached region does not unlink the object
+        assert (Path("/dev/shm") / owner.key).exists()
+        with pytest.raises(accel.InvalidInput, match="exists already"):
+            accel.SharedMemory("dup", 64, key=owner.key)
+    with pytest.raises(accel.InvalidInput, match="no shared memory object"):
+        accel.SharedMemory("gone", 0, key=owner.key, create=False)
+    with pytest.raises(accel.InvalidInput, match="at least 1 byte"):
+        accel.SharedMemory("empty", 0)
+    with pytest.raises(accel.InvalidInput, match="invalid shared memory region name"):
+        accel.SharedMemory("../x", 64)

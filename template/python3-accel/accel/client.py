@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from . import datatypes as dt
 from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, RequestedOutput, decode_response, encode_request
 from .errors import AccelError, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
 from .shm import SharedMemory, place_request, resolver
@@ -173,46 +174,51 @@ class Client:
         Returns:
             output name -> numpy array (outputs in ``shm``: views of it, valid until it is reused).
         """
+        return {name: t.numpy() for name, t in self._infer(model, inputs, parameters, shm, outputs).items()}
+
+    def _infer(self, model: str, inputs: Mapping[str, Any], parameters: Mapping[str, Any] | None,
+               shm: SharedMemory | None, outputs: Mapping[str, Any] | None) -> dict[str, Tensor]:
+        """``infer``'s work, outputs left as tensors (numpy only where the inputs are numpy arrays)."""
         if shm is None:
             tensors = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
-            return {name: t.numpy() for name, t in self.infer_tensors(model, tensors, parameters).items()}
+            return self.infer_tensors(model, tensors, parameters)
         tensors, requested = place_request(shm, inputs, outputs)
         self._ensure_shm(shm)
         try:
-            out = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+            return self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
         except OpNotFound as exc:  # the shim restarted and forgot the region: register it again, once
             if "shared memory region" not in exc.message:
                 raise
             self._shm_registered.pop(shm.name, None)
             self._ensure_shm(shm)
-            out = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
-        return {name: t.numpy() for name, t in out.items()}
+            return self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
 
     def noop(self, **arrays: Any) -> dict[str, "np.ndarray"]:
         """Send ``arrays`` through the shim and back, unchanged (measures the path itself)."""
         return self.infer("noop", arrays)
 
     def gemm(self, a: Any, b: Any, c: Any = None, alpha: float = 1.0, beta: float = 0.0, *,
-             shm: SharedMemory | None = None, out: Any = None) -> "np.ndarray":
+             shm: SharedMemory | None = None, out: Any = None) -> Any:
         """``alpha * a @ b + beta * c`` on the shim's device (FP16, FP32 or FP64, one dtype).
 
+        ``a``, ``b``, ``c`` are numpy arrays, or ``accel.Tensor`` s for a function that has no numpy:
+        the result is then a Tensor too (``.raw`` its bytes, ``.numpy()`` if wanted), else an array.
         With ``shm``, operands and result pass through that shared memory region (see ``infer``): build
-        ``a`` and ``b`` with ``shm.array(...)`` and nothing is copied on this side; the result is a view
-        of the region (``out``, a view of it, says where; else free space after the operands).
+        ``a`` and ``b`` with ``shm.array(...)`` or ``shm.tensor(...)`` and nothing is copied on this side;
+        the result is a view of the region (``out``, a view of it, says where; else free space after
+        the operands).
         """
         inputs = {"A": a, "B": b}
         if c is not None:
             inputs["C"] = c
         params = {"alpha": float(alpha), "beta": float(beta)}
-        if shm is None:
-            return self.infer("gemm", inputs, params)["C"]
         where = out
-        if where is None:
-            a_shape, b_shape = getattr(a, "shape", ()), getattr(b, "shape", ())
-            itemsize = getattr(getattr(a, "dtype", None), "itemsize", 0)
+        if shm is not None and where is None:
             # a result of unknown size (malformed operands: the shim says why) comes in the body
-            where = a_shape[0] * b_shape[1] * itemsize if len(a_shape) == 2 and len(b_shape) == 2 and itemsize else None
-        return self.infer("gemm", inputs, params, shm=shm, outputs={"C": where})["C"]
+            rows, cols, itemsize = _gemm_shape(a, b)
+            where = rows * cols * itemsize if itemsize else None
+        result = self._infer("gemm", inputs, params, shm, None if shm is None else {"C": where})["C"]
+        return result if isinstance(a, Tensor) else result.numpy()
 
     # --- system shared memory (docs/shared-memory.md) ----------------------------------------
     def register_shm(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
@@ -338,6 +344,19 @@ class _HeaderScope:
     def __exit__(self, *exc: object) -> None:
         if self._token is not None:
             _extra_headers.reset(self._token)
+
+
+def _gemm_shape(a: Any, b: Any) -> tuple[int, int, int]:
+    """``(rows of a, columns of b, item size)`` of two 2-D operands (arrays or Tensors); item size 0
+    when they are not both 2-D or their element size is unknown."""
+    a_shape, b_shape = tuple(getattr(a, "shape", ())), tuple(getattr(b, "shape", ()))
+    if isinstance(a, Tensor):
+        itemsize = dt.FIXED[a.datatype][1] if a.datatype in dt.FIXED else 0
+    else:
+        itemsize = getattr(getattr(a, "dtype", None), "itemsize", 0)
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return 0, 0, 0
+    return int(a_shape[0]), int(b_shape[1]), int(itemsize)
 
 
 def _segment(name: str) -> str:

@@ -3,13 +3,14 @@
 A tensor travels in a registered region instead of the HTTP body when its ``parameters`` carry
 ``shared_memory_region`` and ``shared_memory_byte_size`` (and optionally ``shared_memory_offset``).
 ``SharedMemoryRef`` is that triple as the codec reads and writes it; ``SharedMemory`` is a POSIX
-shared memory object this process creates, whose ``array()`` views let a function build its inputs
-in place, so that nothing is copied on the way to the shim. ``multiprocessing.shared_memory`` and
-numpy are imported only when a ``SharedMemory`` is made or viewed.
+shared memory object this process creates, whose ``array()`` (numpy) and ``tensor()`` (no numpy)
+views let a function build its inputs in place, so that nothing is copied on the way to the shim.
+Making a region costs system calls only; numpy is imported only by ``array()`` views.
 """
 from __future__ import annotations
 
 import os
+import weakref
 
 from ._record import Record
 from .errors import InvalidInput
@@ -20,11 +21,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import numpy as np
 
+    from .tensor import Tensor
+
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
 #: placement of tensors copied into a region: what numpy and SIMD kernels like
 ALIGN = 64
+#: where POSIX shared memory objects live (shm_open's namespace on Linux)
+SHM_DIR = "/dev/shm"
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")  # no ``re``: ~5 ms
 
 
@@ -83,34 +88,51 @@ class SharedMemory:
         create: create (and later unlink) the object; False: attach to an existing one.
 
     ``close()`` (or leaving a ``with`` block) unmaps it and, when this object created it, unlinks it;
-    views from ``array()`` must be gone by then.
+    views from ``array()`` must be gone by then. A region never closed is unlinked when it is collected
+    or the interpreter exits; a process killed outright (SIGKILL) leaves its object in ``/dev/shm``.
+
+    Raises:
+        InvalidInput: a bad name or size, the object exists already (create) or not at all (attach).
     """
 
     def __init__(self, name: str, byte_size: int, *, key: str | None = None, create: bool = True) -> None:
-        from multiprocessing import shared_memory  # noqa: PLC0415  (lazily: keeps ``import accel`` light)
-
         if not isinstance(name, str) or not 0 < len(name) <= 128 or not _NAME_CHARS.issuperset(name) \
                 or name[0] in "_.-" or ".." in name:
             raise InvalidInput(f"invalid shared memory region name {name!r}: use 1 to 128 of A-Z a-z 0-9 _ . -")
-        if int(byte_size) < 1:
+        if create and int(byte_size) < 1:
             raise InvalidInput(f"a shared memory region needs at least 1 byte, not {byte_size}")
         self.name = name
         self.key = key or f"accel_{name}_{os.getpid()}_{os.urandom(4).hex()}"
         self._owner = create
-        import mmap  # noqa: PLC0415
-
-        # multiprocessing creates, unlinks and (at exit, if leaked) cleans up the object; the views come
-        # from a mapping of our own, which unmaps when its last view goes instead of failing to close
-        self._shm = shared_memory.SharedMemory(self.key, create=create, size=int(byte_size) if create else 0)
-        self.byte_size = int(byte_size) if create else self._shm.size
-        fd = os.open(f"/dev/shm/{self.key.lstrip('/')}", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        path = f"{SHM_DIR}/{self.key.lstrip('/')}"
+        # shm_open is open() under /dev/shm on Linux; multiprocessing.shared_memory would cost ~12 ms of
+        # imports and a resource-tracker process, a large part of a function's first call
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
+            fd = os.open(path, flags, 0o660)
+        except FileExistsError:
+            raise InvalidInput(f"shared memory object {self.key!r} exists already") from None
+        except FileNotFoundError:
+            raise InvalidInput(f"no shared memory object {self.key!r}") from None
+        try:
+            if create:
+                os.ftruncate(fd, int(byte_size))
+                # unlinked when closed, collected, or at exit, whichever comes first
+                self._unlink = weakref.finalize(self, _unlink, path)
+            self.byte_size = int(byte_size) if create else os.fstat(fd).st_size
+            if self.byte_size < 1:
+                raise InvalidInput(f"shared memory object {self.key!r} is empty")
+            import mmap  # noqa: PLC0415
+
             self._map = mmap.mmap(fd, self.byte_size)
+        except BaseException:
+            if create:
+                self._unlink()
+            raise
         finally:
             os.close(fd)
-        self._shm.close()
         self.buf: memoryview | None = memoryview(self._map)
-        self.held: list[tuple[int, int]] = []  # [start, end) of what array() handed out
+        self.held: list[tuple[int, int]] = []  # [start, end) of what array() and tensor() handed out
 
     # --- views ------------------------------------------------------------------------------
     def array(self, shape: Sequence[int] | int, dtype: Any = "float32", offset: int | None = None) -> "np.ndarray":
@@ -123,14 +145,37 @@ class SharedMemory:
 
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset = self._hold(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, offset)
+        return self._array(shape, dtype, offset)
+
+    def tensor(self, name: str, shape: Sequence[int], datatype: str = "FP32", offset: int | None = None) -> Tensor:
+        """A protocol tensor whose bytes *are* the region's memory, for functions without numpy.
+
+        Fill ``tensor.raw`` (a writable memoryview) in place, e.g. ``body.readinto(t.raw)`` or
+        ``t.raw[:] = data``, and pass the tensor to ``Client.gemm``/``infer_tensors``: it travels as a
+        reference to this region. Space is held as by ``array()``.
+        """
+        from . import datatypes as dt  # noqa: PLC0415
+        from .tensor import Tensor  # noqa: PLC0415  (tensor imports this module's names lazily too)
+
+        if dt.check(datatype, f"tensor {name!r}") == dt.BYTES:
+            raise InvalidInput(f"tensor {name!r}: BYTES tensors travel in the request body, not in shared memory")
+        shape = tuple(int(d) for d in shape)
+        dt.check_shape(shape, f"tensor {name!r}")
+        nbytes = dt.element_count(shape) * dt.FIXED[datatype][1]
+        offset = self._hold(nbytes, offset)
+        return Tensor(name, datatype, shape, self.view(offset, nbytes),
+                      SharedMemoryRef(self.name, nbytes, offset).parameters())
+
+    def _hold(self, nbytes: int, offset: int | None) -> int:
+        """Hold ``nbytes`` at ``offset`` (None: the next free, ALIGN-aligned space); returns the offset."""
         if offset is None:
             offset = -(-max((end for _, end in self.held), default=0) // ALIGN) * ALIGN
         if offset < 0 or offset + nbytes > self.byte_size:
-            raise InvalidInput(f"an array of {nbytes} bytes at offset {offset} does not fit region {self.name!r} "
+            raise InvalidInput(f"{nbytes} bytes at offset {offset} do not fit region {self.name!r} "
                                f"of {self.byte_size} bytes")
         self.held.append((offset, offset + nbytes))
-        return self._array(shape, dtype, offset)
+        return offset
 
     def _array(self, shape: tuple[int, ...], dtype: Any, offset: int) -> "np.ndarray":
         import numpy as np  # noqa: PLC0415
@@ -180,10 +225,7 @@ class SharedMemory:
         except BufferError:  # arrays still view it: the mapping goes with the last of them
             pass
         if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+            self._unlink()
 
     def __enter__(self) -> "SharedMemory":
         return self
@@ -233,16 +275,14 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
         inputs: name -> numpy array (or ``Tensor``, sent as it is). Arrays that are views of the region
             (``region.array(...)``) are referenced where they lie; others are copied into free space.
             BYTES arrays travel in the request body.
-        outputs: name -> where the shim writes it: a byte size (placed in free space), an array view of
-            the region (written exactly there), or None (in the response body). None: every output in
+        outputs: name -> where the shim writes it: a byte size (placed in free space), an array view or
+            a ``region.tensor(...)`` of the region (written exactly there), or None (in the response body). None: every output in
             the response body.
     Returns:
         (tensors, requested outputs or None) for ``InferRequest``.
     Raises:
         InvalidInput: no room in the region, or an output array that is not a view of it.
     """
-    import numpy as np  # noqa: PLC0415
-
     from . import datatypes as dt  # noqa: PLC0415
     from .codec import RequestedOutput  # noqa: PLC0415  (the codec imports this module)
     from .tensor import Tensor  # noqa: PLC0415
@@ -250,8 +290,13 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
     layout = Layout(region)
     arrays: dict[str, tuple[Any, int | None]] = {}
     for name, value in inputs.items():
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor):  # sent as it is; one that lies in this region keeps its space
+            ref = SharedMemoryRef.from_parameters(value.parameters, f"input {name!r}")
+            if ref is not None and ref.region == region.name:
+                layout.claim(ref.offset, ref.byte_size)
             continue
+        import numpy as np  # noqa: PLC0415  (only for arrays: Tensors need none)
+
         array = np.asarray(value)
         datatype = dt.from_numpy_dtype(array.dtype)
         if datatype == dt.BYTES:
@@ -266,6 +311,13 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
         if spec is None or isinstance(spec, int):
             where[name] = None if spec is None else SharedMemoryRef(region.name, spec, -1)
             continue
+        if isinstance(spec, Tensor):
+            ref = SharedMemoryRef.from_parameters(spec.parameters, f"output {name!r}")
+            if ref is None or ref.region != region.name:
+                raise InvalidInput(f"output {name!r}: the tensor given for it does not lie in region {region.name!r} "
+                                   "(make it with region.tensor(...))")
+            where[name] = SharedMemoryRef(region.name, ref.byte_size, layout.claim(ref.offset, ref.byte_size))
+            continue
         offset = region.offset_of(spec)
         if offset is None:
             raise InvalidInput(f"output {name!r}: the array given for it is not a C-contiguous view of region "
@@ -277,6 +329,8 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
             tensors.append(value if isinstance(value, Tensor) else Tensor.from_numpy(name, value))
             continue
         array, offset = arrays[name]
+        import numpy as np  # noqa: PLC0415
+
         if offset is None:
             offset = layout.place(array.nbytes, f"input {name!r}")
             region._array(array.shape, np.dtype(dt.FIXED[dt.from_numpy_dtype(array.dtype)][2]), offset)[...] = array
@@ -302,3 +356,10 @@ def resolver(region: SharedMemory) -> Any:
         return region.view(ref.offset, ref.byte_size)
 
     return resolve
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
