@@ -11,7 +11,8 @@
 2. warm latency: noop, gemm n=64..4096 FP16/FP32 (HTTP body; shared memory), classify batch 1;
    shim vs in-process.
 3. throughput: 1/8/32/128 concurrent clients classifying; the shim's clients in up to P processes
-   of their own vs in-process batch-1 sessions in one process.
+   of their own vs in-process batch-1 sessions in one process, and vs naive function instances (one
+   batch-1 session per client in the same P processes, each with its own GPU context).
 4. density: GPU memory added per function instance, naive vs accelshim (nvidia-smi).
 
 Sections that fail record their error and the rest go on. JSON + Markdown are rewritten after
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                              "one GPU process); default: not passed")
     parser.add_argument("--shim-arg", action="append", default=[],
                         help="extra argument for `accelshim serve` (repeat; e.g. --shim-arg=--threads=64)")
+    parser.add_argument("--no-naive-functions", action="store_true",
+                        help="throughput: leave out the naive function processes (one session per client)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     for flag in ("inproc_sessions", "client_processes", "shim_workers"):

@@ -115,12 +115,15 @@ def shares(clients: int, processes: int) -> list[int]:
     return [clients // processes + (i < clients % processes) for i in range(processes)]
 
 
-def process_closed_loop(url: str, image: bytes, clients: int, duration: float, processes: int) -> dict[str, Any]:
+def process_closed_loop(caller: tuple[Any, ...], image: bytes, clients: int, duration: float,
+                        processes: int) -> dict[str, Any]:
     """``clients`` threads classifying ``image`` back to back, spread over ``processes`` fresh processes.
 
-    Each thread has its own ``accel.Client(url)``. The processes are spawned (nothing of this
-    process's GPU context or sessions comes along), start one common window of ``duration`` s, and
-    send back what their threads did; images/s = all images / ``duration``.
+    ``caller`` says what each thread classifies with (``make_caller``): ``("accel", url)``, its own
+    ``accel.Client(url)``, or ``("naive", device, model_dir)``, its own batch-1 ORT session (a naive
+    function instance: the process holds its own GPU context). The processes are spawned (nothing of
+    this process's GPU context or sessions comes along), make their callers, start one common window
+    of ``duration`` s, and send back what their threads did; images/s = all images / ``duration``.
 
     Returns:
         ``LoopRun.summary`` of all the threads, plus ``client_processes`` and ``threads_per_process``.
@@ -134,7 +137,7 @@ def process_closed_loop(url: str, image: bytes, clients: int, duration: float, p
     try:
         for n in counts:
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_client_process, args=(theirs, url, image, n, duration), daemon=True)
+            proc = ctx.Process(target=_client_process, args=(theirs, caller, image, n, duration), daemon=True)
             proc.start()
             theirs.close()
             conns.append(mine)
@@ -159,6 +162,24 @@ def process_closed_loop(url: str, image: bytes, clients: int, duration: float, p
     return out
 
 
+def make_caller(caller: tuple[Any, ...], image: bytes) -> Callable[[], Any]:
+    """One client thread's call (see ``process_closed_loop``), ready and warmed up."""
+    if caller[0] == "accel":
+        import accel
+
+        client = accel.Client(caller[1], timeout=120)  # one per function instance (thread)
+        return lambda: client.classify(image)
+    if caller[0] == "naive":
+        from pathlib import Path
+
+        from bench.naive import Classifier
+
+        clf = Classifier(caller[1], Path(caller[2]))
+        clf.classify(image)  # the session's first run (convolution plans) is not part of the window
+        return lambda: clf.classify(image)
+    raise ValueError(f"unknown caller {caller!r}")
+
+
 def _receive(conn: Connection, kind: str, deadline: float) -> Any:
     """The payload of the next message from a client process, which must be of ``kind`` and come by
     ``deadline`` (``time.monotonic``)."""
@@ -173,20 +194,14 @@ def _receive(conn: Connection, kind: str, deadline: float) -> Any:
     return payload
 
 
-def _client_process(conn: Connection, url: str, image: bytes, clients: int, duration: float) -> None:
-    """A client process: ``clients`` threads, each with its own ``accel.Client``, in the parent's window."""
-    import accel
-
-    def caller(_i: int) -> Callable[[], Any]:
-        client = accel.Client(url, timeout=120)  # one per function instance (thread)
-        return lambda: client.classify(image)
-
+def _client_process(conn: Connection, caller: tuple[Any, ...], image: bytes, clients: int, duration: float) -> None:
+    """A client process: ``clients`` threads, each with its own caller, in the parent's window."""
     def start() -> float:
         conn.send(("ready", None))
         return float(conn.recv())  # EOFError: the parent called the run off
 
     try:
-        conn.send(("done", drive(caller, clients, duration, start)))
+        conn.send(("done", drive(lambda _i: make_caller(caller, image), clients, duration, start)))
     except Exception as exc:  # noqa: BLE001 - the parent says why
         try:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))

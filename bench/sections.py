@@ -223,7 +223,7 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
     for clients in levels:
         procs = min(clients, proc_cap)
         scrape = batch_histogram(metrics_text(b.shim.tcp_url))
-        shim = process_closed_loop(b.shim.unix_url, b.jpeg, clients, duration, procs)
+        shim = process_closed_loop(("accel", b.shim.unix_url), b.jpeg, clients, duration, procs)
         shim["mean_batch_size"], shim["batches"] = mean_batch(scrape, batch_histogram(metrics_text(b.shim.tcp_url)))
         want = min(clients, cap)
         while len(sessions) < want:
@@ -232,18 +232,30 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
             sessions.append(clf)
         inproc = closed_loop(lambda i: (lambda s=sessions[i % want]: s.classify(b.jpeg)), clients, duration)
         inproc["sessions"] = want
-        results.append({"clients": clients, "shim": shim, "in_process": inproc,
-                        "speedup": shim["images_per_s"] / inproc["images_per_s"] if inproc["images_per_s"] else None})
+        level: dict[str, Any] = {"clients": clients, "shim": shim, "in_process": inproc,
+                                 "speedup": ratio(shim, inproc)}
+        naive: dict[str, Any] = {}
+        if not b.args.no_naive_functions:
+            try:  # the naive functions themselves: C sessions in P processes, each with its own GPU context
+                naive = process_closed_loop(("naive", b.device, str(b.args.models / "efficientnet-lite0")), b.jpeg,
+                                            clients, duration, procs)
+            except RuntimeError as exc:  # e.g. out of GPU memory: recorded, the shim's numbers stand
+                naive = {"error": str(exc), "images_per_s": 0.0, "errors": 0}
+            level.update(naive_functions=naive, speedup_vs_naive_functions=ratio(shim, naive))
+        results.append(level)
         rows.append([clients, f"{shim['images_per_s']:.1f} ({procs} proc.)", shim.get("p50_ms", "-"),
                      shim.get("p99_ms", "-"),
                      f"{inproc['images_per_s']:.1f} ({want} sess.)", inproc.get("p50_ms", "-"),
-                     inproc.get("p99_ms", "-"), "-" if results[-1]["speedup"] is None else f"{results[-1]['speedup']:.2f}x",
+                     inproc.get("p99_ms", "-"), times(level["speedup"]),
+                     "-" if not naive else naive.get("error", f"{naive['images_per_s']:.1f}")[:60],
+                     "-" if not naive else naive.get("p99_ms", "-"), times(level.get("speedup_vs_naive_functions")),
                      "-" if shim["mean_batch_size"] is None else f"{shim['mean_batch_size']:.1f}",
-                     shim["errors"] + inproc["errors"]])
+                     shim["errors"] + inproc["errors"] + naive.get("errors", 0)])
         print(f"throughput {clients:4d} clients: shim ({procs} client processes) {shim['images_per_s']:8.1f} img/s "
               f"p50 {shim.get('p50_ms', 0):.2f} "
               f"p99 {shim.get('p99_ms', 0):.2f} ms | in-process ({want} sessions) {inproc['images_per_s']:8.1f} img/s "
-              f"p50 {inproc.get('p50_ms', 0):.2f} p99 {inproc.get('p99_ms', 0):.2f} ms", flush=True)
+              f"p50 {inproc.get('p50_ms', 0):.2f} p99 {inproc.get('p99_ms', 0):.2f} ms | naive functions "
+              f"{naive.get('images_per_s', 0):8.1f} img/s p99 {naive.get('p99_ms', 0):.2f} ms", flush=True)
     providers = sessions[0].providers if sessions else None
     after = batch_histogram(metrics_text(b.shim.tcp_url))
     mean, batches = mean_batch(before, after)
@@ -257,6 +269,9 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
                    "accel.Client per thread) over the shim's unix socket, one common window after a start barrier",
            "in_process": f"C client threads over min(C, {cap}) ORT sessions (batch 1, providers {providers}) "
                          "in one process (one CUDA context: kinder to the baseline than one process per client)",
+           "naive_functions": None if b.args.no_naive_functions else
+               f"C naive function instances: one batch-1 ORT session per client, the clients spread over min(C, "
+               f"{proc_cap}) spawned processes (each its own CUDA context), the same window and photo",
            "shim_dynamic_batching_config (model.json)": batching,
            "batch_metrics_before": before, "batch_metrics_after": after,
            "accelshim_batch_size_present": any(k.startswith("accelshim_batch_size") for k in after),
@@ -265,14 +280,26 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
           f"{duration:.0f} s each. accelshim: the clients are functions, so they run as P = min(C, {proc_cap}) "
           "separate client processes (C/P threads each, one accel.Client per thread) over the shim's unix socket; "
           "all start together after a barrier, img/s = all images / the common window, latencies over all requests. "
-          f"In-process: C threads over min(C, {cap}) batch-1 ORT sessions (providers {providers}; one process, one context).\n\n"
+          f"In-process: C threads over min(C, {cap}) batch-1 ORT sessions (providers {providers}; one process, one "
+          "context). Naive functions: one batch-1 ORT session per client, the clients spread over the same P "
+          "processes as the shim's, each process with its own GPU context, decoding and preprocessing itself.\n\n"
           + md_table(["clients", "shim img/s", "shim p50 ms", "shim p99 ms", "in-process img/s", "in-process p50 ms",
-                      "in-process p99 ms", "shim / in-process", "shim mean batch", "errors"], rows)
+                      "in-process p99 ms", "shim / in-process", "naive functions img/s", "naive p99 ms",
+                      "shim / naive functions", "shim mean batch", "errors"], rows)
           + f"\n- dynamic batching configured in model.json: {batching}\n"
           + (f"- `accelshim_batch_size` from /metrics over this run: mean batch {mean:.2f} "
              f"({batches:.0f} batches; per level in the JSON)\n" if mean is not None
              else "- the shim's /metrics has no `accelshim_batch_size` samples (no dynamic batching observed)\n"))
     return out, md
+
+
+def ratio(shim: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """Images/s of the shim over another setup's (None when that one did none)."""
+    return shim["images_per_s"] / other["images_per_s"] if other.get("images_per_s") else None
+
+
+def times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 SECTIONS: dict[str, Callable[[Bench], tuple[dict[str, Any], str]]] = {

@@ -21,11 +21,19 @@ def test_shares_spread_clients_evenly() -> None:
 
 
 def test_process_closed_loop_counts_every_process(live_shim, chelsea) -> None:
-    out = process_closed_loop(live_shim.unix_url, encode(chelsea, "JPEG"), clients=3, duration=0.5, processes=2)
+    out = process_closed_loop(("accel", live_shim.unix_url), encode(chelsea, "JPEG"), clients=3, duration=0.5,
+                              processes=2)
     assert out["client_processes"] == 2 and out["threads_per_process"] == [2, 1]
     assert out["errors"] == 0, out["first_errors"]
     assert out["completed"] == out["n"] > 0
     assert out["images_per_s"] == pytest.approx(out["completed"] / 0.5)
+
+
+def test_naive_function_processes_classify_with_their_own_sessions(models_dir, chelsea) -> None:
+    out = process_closed_loop(("naive", "cpu", str(models_dir / "efficientnet-lite0")), encode(chelsea, "JPEG"),
+                              clients=2, duration=0.5, processes=2)
+    assert out["threads_per_process"] == [1, 1] and out["errors"] == 0, out["first_errors"]
+    assert out["completed"] > 0
 
 
 def test_closed_loop_threads() -> None:
@@ -39,6 +47,21 @@ def test_cold_gemm_child(live_shim, op: str) -> None:
     assert timings["first_result_s"] == timings["first_call_s"] > 0
     assert ("region_s" in timings) == (op == "gemm-shm")
     assert timings["first_call_s"] >= timings.get("region_s", 0.0)
+
+
+def test_cold_gemm_child_without_numpy_matches_the_naive_product(live_shim, tmp_path) -> None:
+    """The no-numpy function and the naive one read the same operands and get the same product."""
+    from bench.naive import _child as naive_child  # noqa: F401 - the naive child runs as a script below
+    from bench.procs import NAIVE, function_python, write_gemm_inputs
+
+    inputs = write_gemm_inputs(tmp_path / "ab.f32", 64)
+    python, what = function_python(tmp_path)
+    assert "venv" in what
+    _, timings = run_child([python, "-c", ACCEL_CHILD, "gemm-raw", live_shim.unix_url, str(inputs)], child_env())
+    assert timings["numpy_imported"] is False and timings["first_call_s"] >= timings["region_s"] > 0
+    _, naive = run_child([sys.executable, str(NAIVE), "gemm", "--device", "cpu", "--n", "64", "--inputs", str(inputs)],
+                         child_env())
+    assert timings["c00"] == pytest.approx(naive["c00"], rel=1e-5)
 
 
 def test_cold_shm_child_cleans_up_after_holding(live_shim) -> None:
