@@ -293,3 +293,47 @@ def test_workers_in_front_of_the_gpu_match_the_cpu_twin(models_dir, tmp_path, in
         assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
     finally:
         assert live.stop() == 0
+
+
+def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models_dir, tmp_path, chelsea):
+    """Worker-side batching: requests that a worker serves at once reach the device process as one
+    ``logits`` call (the device's batchers then mix the calls of all workers), each answered right."""
+    from shim.config import Settings
+    from shim.service import build_service
+    from shim.workers.device import DeviceEndpoint
+    from shim.workers.front import WorkerConfig, build_front
+
+    from .conftest import WSGITransport
+
+    settings = Settings(device="cpu", models_dir=models_dir)
+    device = build_service(settings)
+    device.load()
+    handlers = DeviceEndpoint(device, workers=1).handlers()
+    calls: list[int] = []
+    inner = handlers["logits"]
+
+    def logits(model: str, items: list) -> np.ndarray:
+        calls.append(len(items))
+        time.sleep(0.3)  # the device is busy: what arrives meanwhile queues in the worker
+        return inner(model, items)
+
+    handlers["logits"] = logits
+    key = os.urandom(16)
+    server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
+    front = build_front(WorkerConfig(settings, server.address, key, str(tmp_path / "device.sock"), [],
+                                     device.backend.name, device.backend.describe()))
+    try:
+        front.load()
+        calls.clear()  # the worker's warm-up went through too
+        jpeg = encode(chelsea, "JPEG")
+        with ThreadPoolExecutor(8) as pool:
+            labels = list(pool.map(lambda _: accel.Client("http://worker", transport=WSGITransport(front.app),
+                                                          retries=0).classify(jpeg)[0].label, range(8)))
+        assert set(labels) <= CAT_LABELS
+        assert sum(calls) == 8 and len(calls) < 8, calls
+    finally:
+        assert front.link is not None
+        front.link.close()  # the worker hears that its device process is gone: a log line, nothing more here
+        front.registry.close()
+        server.close()
+        device.registry.close()

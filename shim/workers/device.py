@@ -48,7 +48,7 @@ class DeviceEndpoint:
             "gemm": self._service.backend.gemm,
         }
         handlers = {name: self._guarded(fn) for name, fn in device_calls.items()}
-        handlers["record"] = self._service.dispatcher.record
+        handlers["records"] = self._records
         handlers["worker_ready"] = self._worker_ready
         return handlers
 
@@ -71,6 +71,11 @@ class DeviceEndpoint:
                 metrics.inflight.dec()
 
         return call
+
+    def _records(self, bundle: list[tuple[str, int, int, int, int]]) -> None:
+        """A worker's reports of the requests it finished (``ReportingDispatcher``)."""
+        for report in bundle:
+            self._service.dispatcher.record(*report)
 
     def _worker_ready(self, pid: int) -> None:
         with self._lock:

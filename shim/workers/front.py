@@ -24,6 +24,7 @@ from flask import Flask, Response, request
 
 from accel.codec import HEADER_LENGTH
 
+from ..batching import BatchingFactory
 from ..config import Settings
 from ..dispatch import Dispatcher
 from ..faults import DeviceLost
@@ -141,17 +142,39 @@ def install_proxy(app: Flask, proxy: DeviceProxy) -> None:
 
 
 class ReportingDispatcher(Dispatcher):
-    """Counts each finished request in the device process (its /metrics and statistics are the shim's)."""
+    """Counts each finished request in the device process (its /metrics and statistics are the shim's).
 
-    def __init__(self, registry: Registry, metrics: Metrics, link: LinkClient) -> None:
+    Reports go in bundles, at most every ``interval`` seconds: one link message per request would
+    cost the device process about as much as the device call itself once requests are batched here.
+    """
+
+    def __init__(self, registry: Registry, metrics: Metrics, link: LinkClient, interval: float = 0.02) -> None:
         super().__init__(registry, metrics)
         self._link = link
+        self._interval = interval
+        self._pending: list[tuple[str, int, int, int, int]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        threading.Thread(target=self._flush_loop, name="report-flush", daemon=True).start()
 
     def record(self, op_name: str, status: int, elapsed_ns: int, items: int = 0, compute_ns: int = 0) -> None:
-        try:
-            self._link.notify("record", op_name, status, elapsed_ns, items, compute_ns)
-        except LinkClosed:
-            pass  # the worker is stopping with its device process
+        with self._lock:
+            self._pending.append((op_name, status, elapsed_ns, items, compute_ns))
+        self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self._interval)  # let the reports of the requests finishing now join this bundle
+            self._wake.clear()
+            with self._lock:
+                bundle, self._pending = self._pending, []
+            if not bundle:
+                continue
+            try:
+                self._link.notify("records", bundle)
+            except LinkClosed:
+                return  # the worker is stopping with its device process
 
 
 class FrontService(Service):
@@ -173,7 +196,9 @@ def build_front(config: WorkerConfig) -> FrontService:
     link = LinkClient(config.link_address, config.authkey,
                       on_close=lambda: guard.monitor.trip(DeviceLost("the shim's device process exited")))
     backend = RemoteBackend(link, config.backend_name, config.backend_description)
-    registry = Registry(build_ops(settings, backend))  # batching happens in the device process
+    # the worker batches too: the requests it decodes at once go to the device in one call, where the
+    # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there)
+    registry = Registry(build_ops(settings, backend, BatchingFactory() if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
     app = create_app(settings, dispatcher, metrics)
     install_proxy(app, DeviceProxy(config.device_socket))
