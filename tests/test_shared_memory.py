@@ -419,6 +419,13 @@ def test_a_region_is_unlinked_on_close_at_exit_and_when_collected(tmp_path):
     child = "import accel, sys; r = accel.SharedMemory('left', 64); print(r.key)"  # never closed
     key = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip()
     assert key.startswith("accel_left_") and not (Path("/dev/shm") / key).exists()
+    # a forked child that exits normally leaves its parent's region alone
+    forker = ("import accel, os, sys; r = accel.SharedMemory('fork', 64)\n"
+              "pid = os.fork()\n"
+              "if pid == 0: sys.exit(0)\n"
+              "os.waitpid(pid, 0); print(os.path.exists('/dev/shm/' + r.key))")
+    assert subprocess.run([sys.executable, "-c", forker], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
 
 
 def test_attaching_to_a_region_and_the_errors_of_making_one():

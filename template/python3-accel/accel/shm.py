@@ -118,7 +118,7 @@ class SharedMemory:
             if create:
                 os.ftruncate(fd, int(byte_size))
                 # unlinked when closed, collected, or at exit, whichever comes first
-                self._unlink = weakref.finalize(self, _unlink, path)
+                self._unlink = weakref.finalize(self, _unlink, path, os.getpid())
             self.byte_size = int(byte_size) if create else os.fstat(fd).st_size
             if self.byte_size < 1:
                 raise InvalidInput(f"shared memory object {self.key!r} is empty")
@@ -358,7 +358,11 @@ def resolver(region: SharedMemory) -> Any:
     return resolve
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str, creator: int) -> None:
+    """Unlink the object at ``path``, only in the process that made it (a forked child that exits
+    must not take its parent's object away)."""
+    if os.getpid() != creator:
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
