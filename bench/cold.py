@@ -132,7 +132,7 @@ def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
           "given, as one serving binary requests does: it reads A and B into `region.tensor(...)`s and never "
           "imports numpy. Every gemm row shares the same naive runs; the naive and no-numpy children read A and B "
           "from one file, the other two make the same values with numpy's generator. (b) a fresh function process end to end, timed by the parent; the naive function runs in "
-          "the benchmark's interpreter (its CUDA stack installed), the accelshim one in "
+          "the benchmark's interpreter (where what it imports is installed), the accelshim one in "
           f"{b.data.get('function_interpreter', 'the same interpreter')}, as its image would be. Medians of {reps}.\n\n"
           + md_table(["workload", "naive (a) ms", "naive (a') ms", "accelshim (a) ms", "reduction (a)",
                       "reduction (a')", "naive (b) ms", "accelshim (b) ms", "reduction (b)"], rows)
