@@ -3,9 +3,9 @@
 One Python process tops out at a few hundred requests per second: HTTP parsing, decoding and every
 op's CPU work share one interpreter lock. With workers, N processes accept on the public sockets
 and do that work in parallel; the device process keeps the GPU, the models, the dynamic batchers
-(which now mix the requests of every worker) and all shared state (shared memory regions, the KaaS
-store, metrics, statistics), and serves the requests that need that state itself, forwarded by the
-workers over a private unix socket.
+(which mix the calls of every worker; each worker batches the requests it decodes at once into one
+call) and all shared state (shared memory regions, the KaaS store, metrics, statistics), and serves
+the requests that need that state itself, forwarded by the workers over a private unix socket.
 """
 from __future__ import annotations
 
