@@ -116,8 +116,9 @@ def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
             c00 = [r["c00"] for r in naive["runs"] + shim["runs"] if "c00" in r]
             entry["c00_spread"] = (max(c00) - min(c00)) / max(abs(max(c00)), 1e-30) if c00 else None
         out["workloads"][key] = entry
-        rows.append([label, ms(naive_ai), ms(naive_a), ms(shim_a), "-" if naive_ai is None else reduction(naive_ai, shim_a),
-                     reduction(naive_a, shim_a), ms(naive_b), ms(shim_b), reduction(naive_b, shim_b)])
+        rows.append([label, ms(naive_ai), ms(naive_a), ms(shim_a),
+                     "-" if naive_ai is None else reduction(naive_ai, shim_a), reduction(naive_a, shim_a),
+                     ms(naive_b), ms(shim_b), reduction(naive_b, shim_b)])
         breakdown += [breakdown_row(label, who, naive_op, entry[who], bare[who]) for who in ("naive", "accelshim")]
         print(f"cold {label}: naive first call {naive_a * 1e3:.1f} ms / fresh {naive_b * 1e3:.1f} ms; "
               f"accelshim first call {shim_a * 1e3:.1f} ms / fresh {shim_b * 1e3:.1f} ms", flush=True)
@@ -131,7 +132,8 @@ def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
           "`Client(...)` except filling A and B). 'no numpy' is a gemm function that forwards the bytes it is "
           "given, as one serving binary requests does: it reads A and B into `region.tensor(...)`s and never "
           "imports numpy. Every gemm row shares the same naive runs; the naive and no-numpy children read A and B "
-          "from one file, the other two make the same values with numpy's generator. (b) a fresh function process end to end, timed by the parent; the naive function runs in "
+          "from one file, the other two make the same values with numpy's generator. (b) a fresh function "
+          "process end to end, timed by the parent; the naive function runs in "
           "the benchmark's interpreter (where what it imports is installed), the accelshim one in "
           f"{b.data.get('function_interpreter', 'the same interpreter')}, as its image would be. Medians of {reps}.\n\n"
           + md_table(["workload", "naive (a) ms", "naive (a') ms", "accelshim (a) ms", "reduction (a)",

@@ -223,7 +223,8 @@ def test_gemm_of_region_tensors_returns_a_tensor_lying_in_the_region(region):
     c = shm.tensor("C", (48, 24))  # the result exactly where the function asks for it
     got = client.gemm(ta, tb, shm=shm, out=c)
     assert got.parameters == c.parameters
-    np.testing.assert_array_equal(np.frombuffer(c.raw, np.float32).reshape(48, 24), gemm_reference(a, b, None, 1.0, 0.0))
+    np.testing.assert_array_equal(np.frombuffer(c.raw, np.float32).reshape(48, 24),
+                                  gemm_reference(a, b, None, 1.0, 0.0))
 
 
 def test_gemm_of_tensors_in_the_body_returns_a_tensor(region):

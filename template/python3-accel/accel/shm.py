@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import weakref
 
+from . import datatypes as dt
 from ._record import Record
 from .errors import InvalidInput
+from .tensor import Tensor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping, Sequence
 
     import numpy as np
-
-    from .tensor import Tensor
 
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
@@ -114,11 +114,11 @@ class SharedMemory:
             raise InvalidInput(f"shared memory object {self.key!r} exists already") from None
         except FileNotFoundError:
             raise InvalidInput(f"no shared memory object {self.key!r}") from None
+        if create:  # unlinked when closed, collected, or at exit, whichever comes first
+            self._unlink = weakref.finalize(self, _unlink, path, os.getpid())
         try:
             if create:
                 os.ftruncate(fd, int(byte_size))
-                # unlinked when closed, collected, or at exit, whichever comes first
-                self._unlink = weakref.finalize(self, _unlink, path, os.getpid())
             self.byte_size = int(byte_size) if create else os.fstat(fd).st_size
             if self.byte_size < 1:
                 raise InvalidInput(f"shared memory object {self.key!r} is empty")
@@ -155,9 +155,6 @@ class SharedMemory:
         ``t.raw[:] = data``, and pass the tensor to ``Client.gemm``/``infer_tensors``: it travels as a
         reference to this region. Space is held as by ``array()``.
         """
-        from . import datatypes as dt  # noqa: PLC0415
-        from .tensor import Tensor  # noqa: PLC0415  (tensor imports this module's names lazily too)
-
         if dt.check(datatype, f"tensor {name!r}") == dt.BYTES:
             raise InvalidInput(f"tensor {name!r}: BYTES tensors travel in the request body, not in shared memory")
         shape = tuple(int(d) for d in shape)
@@ -276,16 +273,14 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
             (``region.array(...)``) are referenced where they lie; others are copied into free space.
             BYTES arrays travel in the request body.
         outputs: name -> where the shim writes it: a byte size (placed in free space), an array view or
-            a ``region.tensor(...)`` of the region (written exactly there), or None (in the response body). None: every output in
-            the response body.
+            a ``region.tensor(...)`` of the region (written exactly there), or None (in the response
+            body). None: every output in the response body.
     Returns:
         (tensors, requested outputs or None) for ``InferRequest``.
     Raises:
         InvalidInput: no room in the region, or an output array that is not a view of it.
     """
-    from . import datatypes as dt  # noqa: PLC0415
     from .codec import RequestedOutput  # noqa: PLC0415  (the codec imports this module)
-    from .tensor import Tensor  # noqa: PLC0415
 
     layout = Layout(region)
     arrays: dict[str, tuple[Any, int | None]] = {}
