@@ -162,19 +162,24 @@ class ReportingDispatcher(Dispatcher):
             self._pending.append((op_name, status, elapsed_ns, items, compute_ns))
         self._wake.set()
 
+    def flush(self) -> bool:
+        """Send the reports not sent yet; False once the link is closed."""
+        with self._lock:
+            bundle, self._pending = self._pending, []
+        if bundle:
+            try:
+                self._link.notify("records", bundle)
+            except LinkClosed:
+                return False  # the worker is stopping with its device process
+        return True
+
     def _flush_loop(self) -> None:
         while True:
             self._wake.wait()
             time.sleep(self._interval)  # let the reports of the requests finishing now join this bundle
             self._wake.clear()
-            with self._lock:
-                bundle, self._pending = self._pending, []
-            if not bundle:
-                continue
-            try:
-                self._link.notify("records", bundle)
-            except LinkClosed:
-                return  # the worker is stopping with its device process
+            if not self.flush():
+                return
 
 
 class FrontService(Service):
@@ -218,5 +223,9 @@ def main() -> int:
     from ..server.serving import Server  # noqa: PLC0415
 
     sockets = [socket.socket(fileno=fd) for fd in config.fds]
-    return Server(build_front(config), sockets, unlink_unix=False).run()
+    front = build_front(config)
+    code = Server(front, sockets, unlink_unix=False).run()
+    if isinstance(front.dispatcher, ReportingDispatcher):
+        front.dispatcher.flush()  # the requests drained last are counted too
+    return code
 
