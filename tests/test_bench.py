@@ -51,7 +51,6 @@ def test_cold_gemm_child(live_shim, op: str) -> None:
 
 def test_cold_gemm_child_without_numpy_matches_the_naive_product(live_shim, tmp_path) -> None:
     """The no-numpy function and the naive one read the same operands and get the same product."""
-    from bench.naive import _child as naive_child  # noqa: F401 - the naive child runs as a script below
     from bench.procs import NAIVE, function_python, write_gemm_inputs
 
     inputs = write_gemm_inputs(tmp_path / "ab.f32", 64)
