@@ -122,11 +122,11 @@ def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
         breakdown += [breakdown_row(label, who, naive_op, entry[who], bare[who]) for who in ("naive", "accelshim")]
         print(f"cold {label}: naive first call {naive_a * 1e3:.1f} ms / fresh {naive_b * 1e3:.1f} ms; "
               f"accelshim first call {shim_a * 1e3:.1f} ms / fresh {shim_b * 1e3:.1f} ms", flush=True)
-    md = ("## 1. Cold start\n\n(a) first call in a running function process: naive = import cupy / onnxruntime, "
-          "create the GPU context / ORT session, load the model, preprocess, compute, result on the host, as the "
-          "issue defines it; (a') the same with the imports done before the clock (stricter); "
-          "accelshim = the first call of a process that imported `accel` and made a Client, to a warm shim over "
-          "its unix socket. Gemm through the HTTP body sends A and B in the request; through shared memory the "
+    md = ("## 1. Cold start\n\n(a) first call in a running function process, as the issue defines it: naive = the "
+          "handler imports cupy / onnxruntime in its first call, creates the GPU context / ORT session, loads the "
+          "model, preprocesses, computes, result on the host; accelshim = the first call of a process that "
+          "imported `accel` (and numpy, where it uses it) when it started and made a Client, to a warm shim over "
+          "its unix socket. (a') is stricter: the naive imports too are done before the clock. Gemm through the HTTP body sends A and B in the request; through shared memory the "
           "function makes an `accel.SharedMemory` region, builds A and B in it and passes `shm=region`, and its "
           "first call includes making the region and registering it with the shim (all it does after "
           "`Client(...)` except filling A and B). 'no numpy' is a gemm function that forwards the bytes it is "

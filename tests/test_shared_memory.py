@@ -407,7 +407,7 @@ def test_a_region_is_unlinked_on_close_at_exit_and_when_collected(tmp_path):
 
     region = accel.SharedMemory("life", 4096)
     path = Path("/dev/shm") / region.key
-    assert path.stat().st_size == 4096 and (path.stat().st_mode & 0o777) & ~0o660 == 0
+    assert path.stat().st_size == 4096 and path.stat().st_mode & 0o777 == 0o600  # the shim's user only
     region.close()
     assert not path.exists()
     region.close()  # twice is fine
@@ -443,3 +443,12 @@ def test_attaching_to_a_region_and_the_errors_of_making_one():
         accel.SharedMemory("empty", 0)
     with pytest.raises(accel.InvalidInput, match="invalid shared memory region name"):
         accel.SharedMemory("../x", 64)
+    for key in ("../../tmp/escape", "a/b", "/", "..", "x" * 256):  # one object of /dev/shm, nothing else
+        with pytest.raises(accel.InvalidInput, match="invalid shared memory key"):
+            accel.SharedMemory("k", 64, key=key)
+    umask = os.umask(0o022)
+    try:
+        with accel.SharedMemory("grp", 64, key=f"/accel_grp_{os.getpid()}", mode=0o660) as shared:
+            assert (Path("/dev/shm") / shared.key.lstrip("/")).stat().st_mode & 0o777 == 0o640  # less the umask
+    finally:
+        os.umask(umask)

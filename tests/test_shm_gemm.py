@@ -228,11 +228,15 @@ def test_gemm_of_region_tensors_returns_a_tensor_lying_in_the_region(region):
 
 
 def test_gemm_of_tensors_in_the_body_returns_a_tensor(region):
-    client, _ = region
+    """Operands go as A, B, C whatever the tensors were called."""
+    client, shm = region
     a, b, c = operands("float64", 5, 4, 3)
-    got = client.gemm(Tensor.from_numpy("A", a), Tensor.from_numpy("B", b), Tensor.from_numpy("C", c), beta=2.0)
+    got = client.gemm(Tensor.from_numpy("a", a), Tensor.from_numpy("x", b), Tensor.from_numpy("C", c), beta=2.0)
     assert isinstance(got, Tensor) and got.datatype == "FP64"
     np.testing.assert_array_equal(got.numpy(), gemm_reference(a, b, c, 1.0, 2.0))
+    ta, tb = shm.tensor("left", a.shape, "FP64"), shm.tensor("right", b.shape, "FP64")
+    ta.raw[:], tb.raw[:] = a.tobytes(), b.tobytes()
+    np.testing.assert_array_equal(client.gemm(ta, tb, shm=shm).numpy(), gemm_reference(a, b, None, 1.0, 0.0))
 
 
 def test_region_tensors_are_checked_and_hold_their_space(region):
@@ -247,6 +251,10 @@ def test_region_tensors_are_checked_and_hold_their_space(region):
         shm.tensor("x", (1,), "FP8")
     with pytest.raises(accel.InvalidInput, match="do not fit region"):
         shm.tensor("x", (REGION_BYTES,), "FP32")
+    held = list(shm.held)
+    with pytest.raises(accel.InvalidInput, match="negative dimension"):
+        shm.tensor("x", (-1, -4), "FP32")
+    assert shm.held == held  # a refused tensor holds no space
     other = Tensor("C", "FP32", (1,), bytes(4), {"shared_memory_region": "elsewhere", "shared_memory_byte_size": 4})
     with pytest.raises(accel.InvalidInput, match="does not lie in region"):
         accel.shm.place_request(shm, {"A": first}, {"C": other})

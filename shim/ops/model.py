@@ -44,7 +44,10 @@ class ModelOp(Op):
         self.backend = self._runner.device
         self._batchable = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
         if self._batching is not None and self._batchable:
-            self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
+            # never merge past what one request may carry: a request worker's merged batch is one request
+            # to the device process
+            self._batcher = self._batching.make(self.name, self._run_batch, min(self.config.max_batch_size,
+                                                                                  self._max_batch),
                                                 self.config.max_queue_delay_us, self.config.instances(self.backend))
 
     def metadata(self) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class Client:
                shm: SharedMemory | None, outputs: Mapping[str, Any] | None) -> dict[str, Tensor]:
         """``infer``'s work, outputs left as tensors (numpy only where the inputs are numpy arrays)."""
         if shm is None:
-            tensors = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
+            tensors = [v.renamed(k) if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
             return self.infer_tensors(model, tensors, parameters)
         tensors, requested = place_request(shm, inputs, outputs)
         self._ensure_shm(shm)

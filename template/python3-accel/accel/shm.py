@@ -86,6 +86,8 @@ class SharedMemory:
         byte_size: its size in bytes.
         key: the shared memory object's name (``/dev/shm/<key>``); default ``accel_<name>_<pid>_<random>``.
         create: create (and later unlink) the object; False: attach to an existing one.
+        mode: the new object's permissions (less the umask); 0o600: the shim must run as the same user;
+            0o660 lets a shim of the same group in (docs/shared-memory.md).
 
     ``close()`` (or leaving a ``with`` block) unmaps it and, when this object created it, unlinks it;
     views from ``array()`` must be gone by then. A region never closed is unlinked when it is collected
@@ -95,7 +97,8 @@ class SharedMemory:
         InvalidInput: a bad name or size, the object exists already (create) or not at all (attach).
     """
 
-    def __init__(self, name: str, byte_size: int, *, key: str | None = None, create: bool = True) -> None:
+    def __init__(self, name: str, byte_size: int, *, key: str | None = None, create: bool = True,
+                 mode: int = 0o600) -> None:
         if not isinstance(name, str) or not 0 < len(name) <= 128 or not _NAME_CHARS.issuperset(name) \
                 or name[0] in "_.-" or ".." in name:
             raise InvalidInput(f"invalid shared memory region name {name!r}: use 1 to 128 of A-Z a-z 0-9 _ . -")
@@ -103,16 +106,22 @@ class SharedMemory:
             raise InvalidInput(f"a shared memory region needs at least 1 byte, not {byte_size}")
         self.name = name
         self.key = key or f"accel_{name}_{os.getpid()}_{os.urandom(4).hex()}"
+        bare = self.key.lstrip("/")
+        if not bare or "/" in bare or bare in (".", "..") or len(bare) > 255 or "\0" in bare:
+            raise InvalidInput(f"invalid shared memory key {self.key!r}: one name (an optional leading '/', "
+                               "then up to 255 characters, no other '/')")
         self._owner = create
-        path = f"{SHM_DIR}/{self.key.lstrip('/')}"
+        path = f"{SHM_DIR}/{bare}"
         # shm_open is open() under /dev/shm on Linux; multiprocessing.shared_memory would cost ~12 ms of
         # imports and a resource-tracker process, a large part of a function's first call
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            fd = os.open(path, flags, 0o660)
+            fd = os.open(path, flags, mode)
         except FileExistsError:
             raise InvalidInput(f"shared memory object {self.key!r} exists already") from None
         except FileNotFoundError:
+            if create:
+                raise  # no /dev/shm here: not the caller's input
             raise InvalidInput(f"no shared memory object {self.key!r}") from None
         if create:  # unlinked when closed, collected, or at exit, whichever comes first
             self._unlink = weakref.finalize(self, _unlink, path, os.getpid())
@@ -152,12 +161,14 @@ class SharedMemory:
         """A protocol tensor whose bytes *are* the region's memory, for functions without numpy.
 
         Fill ``tensor.raw`` (a writable memoryview) in place, e.g. ``body.readinto(t.raw)`` or
-        ``t.raw[:] = data``, and pass the tensor to ``Client.gemm``/``infer_tensors``: it travels as a
-        reference to this region. Space is held as by ``array()``.
+        ``t.raw[:] = data``, and pass it to ``Client.gemm``/``infer`` with ``shm=`` this region (which
+        they register): it travels as a reference to the region. Space is held as by ``array()``.
         """
         if dt.check(datatype, f"tensor {name!r}") == dt.BYTES:
             raise InvalidInput(f"tensor {name!r}: BYTES tensors travel in the request body, not in shared memory")
         shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
         dt.check_shape(shape, f"tensor {name!r}")
         nbytes = dt.element_count(shape) * dt.FIXED[datatype][1]
         offset = self._hold(nbytes, offset)
@@ -221,6 +232,7 @@ class SharedMemory:
             self._map.close()
         except BufferError:  # arrays still view it: the mapping goes with the last of them
             pass
+        self._map = None  # type: ignore[assignment]  (ours was the last reference but the views')
         if self._owner:
             self._unlink()
 
@@ -321,7 +333,7 @@ def place_request(region: SharedMemory, inputs: Mapping[str, Any], outputs: Mapp
     tensors: list[Any] = []
     for name, value in inputs.items():
         if name not in arrays:
-            tensors.append(value if isinstance(value, Tensor) else Tensor.from_numpy(name, value))
+            tensors.append(value.renamed(name) if isinstance(value, Tensor) else Tensor.from_numpy(name, value))
             continue
         array, offset = arrays[name]
         import numpy as np  # noqa: PLC0415

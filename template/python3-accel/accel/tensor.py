@@ -103,6 +103,10 @@ class Tensor(Record):
             raise InvalidInput(f"tensor {name!r}: data does not fit {datatype}: {exc}") from None
         return cls(name, datatype, shape, raw)
 
+    def renamed(self, name: str) -> "Tensor":
+        """This tensor under ``name`` (the same bytes and parameters, nothing copied)."""
+        return self if name == self.name else Tensor(name, self.datatype, self.shape, self.raw, self.parameters)
+
     # --- reading --------------------------------------------------------------------------
     def numpy(self) -> "np.ndarray":
         """The tensor as a numpy array (zero-copy and read-only for fixed-size datatypes)."""
