@@ -154,6 +154,7 @@ class ReportingDispatcher(Dispatcher):
         self._interval = interval
         self._pending: list[tuple[str, int, int, int, int]] = []
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one bundle on its way at a time
         self._wake = threading.Event()
         threading.Thread(target=self._flush_loop, name="report-flush", daemon=True).start()
 
@@ -163,14 +164,16 @@ class ReportingDispatcher(Dispatcher):
         self._wake.set()
 
     def flush(self) -> bool:
-        """Send the reports not sent yet; False once the link is closed."""
-        with self._lock:
-            bundle, self._pending = self._pending, []
-        if bundle:
-            try:
-                self._link.notify("records", bundle)
-            except LinkClosed:
-                return False  # the worker is stopping with its device process
+        """Send the reports not sent yet (when this returns, every report recorded before is sent);
+        False once the link is closed."""
+        with self._flushing:
+            with self._lock:
+                bundle, self._pending = self._pending, []
+            if bundle:
+                try:
+                    self._link.notify("records", bundle)
+                except LinkClosed:
+                    return False  # the worker is stopping with its device process
         return True
 
     def _flush_loop(self) -> None:
