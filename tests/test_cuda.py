@@ -100,6 +100,29 @@ def test_gpu_preprocessing_is_pillow_exactly(cuda_service, chelsea, coffee):
         assert np.array_equal(got, pillow_preprocess(Image.fromarray(pixels), pre)), pixels.shape
 
 
+def test_runs_of_same_size_images_are_resized_together_exactly(cuda_service, chelsea, coffee):
+    """One launch per pass for each run of same-size images (as a batch lays them out), every slot
+    still Pillow's bytes; runs of one, of several, and sizes that come back later."""
+    from shim.backends.cuda_imaging import same_shape_runs
+    from shim.kernels.resample import normalize, resize_reference
+
+    op = cuda_service.registry.get("classify")
+    pipeline, pre = op._pipeline, op.config.preprocessing
+    rng = np.random.default_rng(6)
+    odd = [rng.integers(0, 256, (641, 481, 3), dtype=np.uint8) for _ in range(3)]
+    items = [chelsea, chelsea[::-1].copy(), *odd, coffee, chelsea[:, ::-1].copy(), rng.integers(0, 256, (3, 5, 3),
+                                                                                               dtype=np.uint8)]
+    shapes = [p.shape for p in items]
+    assert [count for _, count in same_shape_runs(shapes)] == [2, 3, 1, 1, 1]
+    flat = cp.asarray(np.concatenate([p.reshape(-1) for p in items]))
+    out = cp.full((len(items) + 1, 3, pre.size, pre.size), 7.0, dtype=cp.float32)
+    pipeline.preprocess_batch(flat, shapes, out)
+    got = cp.asnumpy(out)
+    for i, pixels in enumerate(items):
+        assert np.array_equal(got[i], normalize(resize_reference(pixels, pre), pre)), (i, pixels.shape)
+    assert (got[len(items)] == 7.0).all()  # nothing past the images is written
+
+
 def test_classify_and_raw_model_match_the_cpu_twin(cuda_service, service, chelsea, coffee):
     from accel.codec import InferRequest
     from accel.tensor import Tensor

@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 _THREADS_PER_BLOCK = 256
 
 
+def same_shape_runs(shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
+    """``(shape, count)`` of each run of equal consecutive shapes, in order."""
+    runs: list[tuple[tuple[int, ...], int]] = []
+    for shape in shapes:
+        if runs and runs[-1][0] == shape:
+            runs[-1] = (shape, runs[-1][1] + 1)
+        else:
+            runs.append((shape, 1))
+    return runs
+
+
 class CudaImagePipeline:
     """Decoded RGB pixels up to the GPU, Pillow's resize + normalisation there (bit-exact with the
     CPU twin), and the batch straight into the model through I/O binding."""
@@ -52,10 +63,7 @@ class CudaImagePipeline:
                 batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
                 # every image of the chunk goes up in one copy, through the worker's pinned buffer
                 flat = state.upload_concatenated([p.reshape(-1) for p in chunk], 4)
-                offset = 0
-                for i, pixels in enumerate(chunk):
-                    self._preprocess(flat[offset:offset + pixels.size], pixels.shape, batch[i])
-                    offset += pixels.size
+                self.preprocess_batch(flat, [p.shape for p in chunk], batch)
                 batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
                 state.stream.synchronize()  # onnxruntime runs on its own stream
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
@@ -68,38 +76,51 @@ class CudaImagePipeline:
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
         def run(state: _Worker) -> np.ndarray:
-            out = cp.empty((3, self._pre.size, self._pre.size), dtype=cp.float32)
+            out = cp.empty((1, 3, self._pre.size, self._pre.size), dtype=cp.float32)
             self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out)
-            return cp.asnumpy(out, stream=state.stream)
+            return cp.asnumpy(out[0], stream=state.stream)
 
         with device_errors():
             return self._backend.on_device(run)
 
+    def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray) -> None:
+        """Images of ``shapes`` laid end to end in ``flat`` (uint8 on the device) into ``out[:len(shapes)]``;
+        each run of same-size images is resized with one launch per pass."""
+        offset = row = 0
+        for shape, count in same_shape_runs(shapes):
+            span = count * int(np.prod(shape))
+            self._preprocess(flat[offset:offset + span], shape, out[row:row + count])
+            offset, row = offset + span, row + count
+
     def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray) -> None:
-        """Resize + normalise one uint8 HWC image (``src``: its bytes on the device) into ``out``."""
+        """Resize + normalise ``len(out)`` uint8 HWC images of one ``shape``, laid end to end in ``src``
+        (their bytes on the device), into ``out`` [n, C, size, size]: one launch per pass for all."""
         height, width, channels = shape
-        src_w = width
+        count = out.shape[0]
+        src_w, src_stride = width, height * width * channels
         mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
-        null = np.uint64(0)
+        null, out_stride = np.uint64(0), np.int64(out[0].size)
         steps = self._plan(width, height)
         for index, (step, bounds, weights) in enumerate(steps):
             last = index == len(steps) - 1
             out_n = len(step.bounds)
             if step.axis == 1:
                 rows = step.last - step.first
-                dst = None if last else cp.empty((rows, out_n, channels), dtype=cp.uint8)
+                per_image = rows * out_n * channels
                 args = (src, np.int32(src_w), np.int32(channels), np.int32(step.first), np.int32(rows),
                         bounds, weights, np.int32(step.weights.shape[1]), np.int32(out_n))
-                total, kernel, src_w = rows * out_n * channels, self._h, out_n
+                kernel, src_w = self._h, out_n
             else:
-                dst = None if last else cp.empty((out_n, src_w, channels), dtype=cp.uint8)
+                per_image = out_n * src_w * channels
                 args = (src, np.int32(src_w), np.int32(channels), bounds, weights,
                         np.int32(step.weights.shape[1]), np.int32(out_n))
-                total, kernel = out_n * src_w * channels, self._v
-            kernel(((total + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK,), (_THREADS_PER_BLOCK,),
-                   args + (dst if dst is not None else null, out if last else null, mean, std))
+                kernel = self._v
+            dst = None if last else cp.empty(count * per_image, dtype=cp.uint8)
+            kernel(((per_image + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK, count), (_THREADS_PER_BLOCK,),
+                   args + (dst if dst is not None else null, out if last else null, mean, std,
+                           np.int64(src_stride), np.int64(per_image), out_stride))
             if dst is not None:
-                src = dst
+                src, src_stride = dst, per_image
 
     def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
         """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
