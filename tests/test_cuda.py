@@ -75,11 +75,14 @@ def test_memory_limit_refuses_what_cannot_fit_and_keeps_serving():
     from shim.backends.cuda import CudaBackend
 
     small = CudaBackend(memory_limit=64 << 20)
-    big = np.ones((4096, 4096), np.float32)  # 3 x 64 MiB
-    with pytest.raises(InsufficientStorage, match="--gpu-memory-limit"):
-        small.gemm(big, big, None, 1.0, 0.0)
-    x = np.eye(256, dtype=np.float32)
-    assert np.array_equal(small.gemm(x, x, None, 1.0, 0.0), x)
+    try:
+        big = np.ones((4096, 4096), np.float32)  # 3 x 64 MiB
+        with pytest.raises(InsufficientStorage, match="--gpu-memory-limit"):
+            small.gemm(big, big, None, 1.0, 0.0)
+        x = np.eye(256, dtype=np.float32)
+        assert np.array_equal(small.gemm(x, x, None, 1.0, 0.0), x)
+    finally:  # the limit is on cupy's process-wide pool: the tests after this one get the GPU back
+        cp.get_default_memory_pool().set_limit(size=0)
 
 
 def test_gpu_preprocessing_is_pillow_exactly(cuda_service, chelsea, coffee):
