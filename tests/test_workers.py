@@ -196,7 +196,19 @@ def test_metrics_and_statistics_count_what_workers_served(shim, chelsea):
         raw = client._call("GET", "/v2/models/classify/stats").body  # noqa: SLF001
         return int(json.loads(raw)["model_stats"][0]["inference_stats"]["success"]["count"])
 
-    start = success_count()
+    def settled() -> int:
+        """The count once the reports still on their way from earlier tests are in (workers send
+        them in bundles, one per 20 ms)."""
+        last, deadline = success_count(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = success_count()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    start = settled()
     with ThreadPoolExecutor(8) as pool:
         labels = list(pool.map(lambda _: _client(shim.unix_url).classify(jpeg)[0].label, range(24)))
     assert set(labels) <= CAT_LABELS
