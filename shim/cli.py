@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                             "shorter lets the batch and device threads back in sooner under load")
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
+    serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                       help="run models on the GPU node by node instead of replaying a CUDA graph per batch size")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
     serve.add_argument("--threads", type=int, help="requests served at once (default 32; per worker with --workers)")
     serve.add_argument("--workers", type=int, metavar="N",

@@ -143,6 +143,28 @@ def test_classify_and_raw_model_match_the_cpu_twin(cuda_service, service, chelse
     assert np.abs(got - want).max() <= 1e-3
 
 
+def test_models_replay_cuda_graphs_that_match_node_by_node_and_the_cpu(cuda, models_dir):
+    from shim.backends.cpu import CpuBackend
+    from shim.backends.onnx import OnnxRunner
+
+    path = models_dir / "efficientnet-lite0" / "model.onnx"
+    graphed = cuda.load_model(path)
+    node_by_node = OnnxRunner(path, [("CUDAExecutionProvider", {"use_tf32": 0})])
+    cpu = CpuBackend().load_model(path)
+    rng = np.random.default_rng(11)
+    results = []
+    for rows in (1, 3, 8, 5):
+        x = rng.standard_normal((rows, 3, 224, 224)).astype(np.float32)
+        got = graphed.run({"input": x})["logits"]
+        assert got.shape == (rows, 1000)
+        assert np.abs(got - node_by_node.run({"input": x})["logits"]).max() <= 1e-4
+        assert np.abs(got - cpu.run({"input": x})["logits"]).max() <= 1e-3
+        results.append((x, got))
+    assert graphed.fixed and graphed.graphs  # captured for every size, none fell back
+    x, got = results[0]
+    assert np.array_equal(got, graphed.run({"input": x})["logits"])  # replays are deterministic
+
+
 def test_metadata_says_cuda(cuda_service):
     for op in ("gemm", "classify", "efficientnet-lite0"):
         assert cuda_service.registry.get(op).metadata()["backend"] == "cuda", op

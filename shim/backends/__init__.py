@@ -10,8 +10,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Backend", "ImagePipeline", "ModelRunner", "TensorSpec", "select_backend"]
 
 
-def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0) -> Backend:
-    """The backend for ``device`` (auto|cpu|cuda); the reason for the choice is logged.
+def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cuda_graphs: bool = True) -> Backend:
+    """The backend for ``device`` (auto|cpu|cuda); the reason for the choice is logged. ``cuda_graphs``:
+    the CUDA backend's models replay captured CUDA graphs (``OnnxRunner``).
 
     Raises:
         RuntimeError: ``cuda`` was asked for and no usable GPU is there.
@@ -26,7 +27,7 @@ def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0) -> 
         from .cuda import CudaBackend  # noqa: PLC0415 - imports cupy
 
         log.info("backend: cuda (%s)", "asked for" if device == "cuda" else "auto: cupy sees a GPU")
-        return CudaBackend(threads, memory_limit=gpu_memory_limit or None)
+        return CudaBackend(threads, memory_limit=gpu_memory_limit or None, graphs=cuda_graphs)
     if device == "cuda":
         raise RuntimeError(f"--device cuda, but no usable GPU: {reason}")
     log.info("backend: cpu (auto: %s)", reason)

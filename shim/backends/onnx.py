@@ -1,6 +1,7 @@
 """ONNX models through onnxruntime (CPU provider here; the CUDA backend passes its provider)."""
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,10 @@ import onnxruntime as ort
 from .base import TensorSpec
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+#: copies ``nbytes`` from one device address to another, on the calling thread, done when it returns
+DeviceCopy = Callable[[int, int, int], None]
+GRAPH_WARMUP_RUNS = 3  # onnxruntime captures the CUDA graph in the first runs: before any request
 
 _ORT_TYPES = {
     "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
@@ -26,6 +31,62 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, _ORT_TYPES.get(arg.type), shape)
 
 
+class FixedSession:
+    """A session for one batch size whose inputs and outputs stay at fixed addresses on the runner's
+    device: what a CUDA graph replays (onnxruntime captures one when the provider is asked to).
+
+    Every call runs on the session's own thread (``OnnxRunner._on_gpu``), so the buffers are never
+    shared between two runs.
+    """
+
+    def __init__(self, session: Any, device: str, device_id: int) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.inputs: dict[str, Any] = {}
+        self.outputs: list[Any] = []
+        for arg in session.get_inputs():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _NUMPY[arg.type], device, device_id)
+            self.binding.bind_ortvalue_input(arg.name, value)
+            self.inputs[arg.name] = value
+        for arg in session.get_outputs():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _NUMPY[arg.type], device, device_id)
+            self.binding.bind_ortvalue_output(arg.name, value)
+            self.outputs.append(value)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Host arrays (exactly the session's shapes) in, host arrays out."""
+        for name, array in feeds.items():
+            value = self.inputs[name]
+            value.update_inplace(np.ascontiguousarray(array, dtype=_dtype(value)))
+        return self._run()
+
+    def run_device(self, name: str, pointer: int, copy: DeviceCopy) -> np.ndarray:
+        """The first output of the input ``name`` copied from the device address ``pointer``."""
+        value = self.inputs[name]
+        copy(value.data_ptr(), pointer, int(np.prod(value.shape())) * _dtype(value).itemsize)
+        return self._run()[0]
+
+    def warm_up(self, runs: int) -> None:
+        for name, value in self.inputs.items():
+            value.update_inplace(np.zeros(value.shape(), _dtype(value)))
+        for _ in range(runs):
+            self._run()
+
+    def _run(self) -> list[np.ndarray]:
+        self.session.run_with_iobinding(self.binding)
+        return [np.array(value.numpy()) for value in self.outputs]  # a copy: the buffers are reused
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+          "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+          "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+          "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+
+
+def _dtype(value: Any) -> np.dtype:
+    return np.dtype(_NUMPY[value.data_type()])
+
+
 class OnnxRunner:
     """An onnxruntime session, thread-safe, with its inputs and outputs as protocol specs.
 
@@ -34,15 +95,18 @@ class OnnxRunner:
     thread of its own (cuDNN state is per thread too): batches are padded to a power of two
     (``padded_batch``), so a model has a handful of sessions, each warmed up at start and never
     seeing another shape.
+
+    With ``fixed`` (and a model whose only free dimension is a named batch axis), each batch size's
+    session is built for exactly that size and bound to fixed buffers (``FixedSession``); with
+    ``graphs`` too, onnxruntime's CUDA provider captures the whole model as one CUDA graph and
+    replays it: one launch instead of one per node, which is most of a small batch's time. A model
+    that cannot be captured (a node off the GPU, say) runs without graphs, logged.
     """
 
-    def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0) -> None:
+    def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0, *,
+                 fixed: bool = False, graphs: bool = False, device_copy: DeviceCopy | None = None) -> None:
         self._path, self._providers, self.device_id = Path(path), list(providers), device_id
-        self._options = ort.SessionOptions()
-        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self._options.intra_op_num_threads = threads
-        self._options.log_severity_level = 3
+        self._threads = threads
         self.session = self._new_session()
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
@@ -50,22 +114,61 @@ class OnnxRunner:
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self._names = [o.name for o in self.outputs]
         self._batched = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
+        self._batch_axis = _batch_axis_name(self.session) if fixed and self._batched else None
+        self.graphs = graphs and self.device == "cuda" and self._batch_axis is not None
+        self._device_copy = device_copy
         self._by_batch: dict[int, tuple[Any, ThreadPoolExecutor]] = {}
         self._lock = threading.Lock()
 
-    def _new_session(self) -> Any:
-        return ort.InferenceSession(str(self._path), sess_options=self._options, providers=self._providers)
+    @property
+    def fixed(self) -> bool:
+        """Whether each batch size runs on a session of fixed shapes and buffers."""
+        return self._batch_axis is not None
+
+    def _new_session(self, batch: int | None = None, graph: bool = False) -> Any:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.log_severity_level = 3
+        providers = self._providers
+        if batch is not None:
+            options.add_free_dimension_override_by_name(self._batch_axis, batch)
+        if graph:
+            providers = [(p[0], {**p[1], "enable_cuda_graph": "1"}) if isinstance(p, tuple) and
+                         p[0] == "CUDAExecutionProvider" else p for p in providers]
+        return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
 
     def _session_for(self, batch: int) -> tuple[Any, ThreadPoolExecutor]:
         with self._lock:
             entry = self._by_batch.get(batch)
-            if entry is None and not self._by_batch:  # the first batch size takes the session made at load
+            if entry is None and (batch == 0 or not (self._by_batch or self.fixed)):  # the session made at load
                 entry = self._by_batch[batch] = (self.session, self._new_thread(batch))
         if entry is not None:
             return entry
-        session = self._new_session()  # seconds: outside the lock, so other batch sizes go on
+        thread = self._new_thread(batch)  # seconds: outside the lock, so other batch sizes go on
+        session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
         with self._lock:
-            return self._by_batch.setdefault(batch, (session, self._new_thread(batch)))
+            entry = self._by_batch.setdefault(batch, (session, thread))
+        if entry[1] is not thread:
+            thread.shutdown(wait=False)
+        return entry
+
+    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor) -> FixedSession:
+        """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be."""
+        device = "cuda" if self.device == "cuda" else "cpu"
+        if self.graphs:
+            try:
+                fixed = FixedSession(self._new_session(batch, graph=True), device, self.device_id)
+                thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
+                return fixed
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
+                self.graphs = False
+                log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
+                            type(exc).__name__, str(exc).splitlines()[0][:200])
+        fixed = FixedSession(self._new_session(batch), device, self.device_id)
+        thread.submit(fixed.warm_up, 1).result()
+        return fixed
 
     def _new_thread(self, batch: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}")
@@ -77,18 +180,21 @@ class OnnxRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), the
-        batch padded to a power of two."""
-        if self.device != "cuda":
-            return dict(zip(self._names, self.session.run(self._names, feeds)))
+        batch padded to a power of two (with ``fixed``, on the CPU too)."""
         rows = {a.shape[0] for a in feeds.values() if a.ndim}
         batched = self._batched and len(rows) == 1
+        if self.device != "cuda" and not (self.fixed and batched):
+            return dict(zip(self._names, self.session.run(self._names, feeds)))
         batch = rows.pop() if batched else 0
-        size = padded_batch(batch) if batched else 1  # the session to use (0 rows: that of 1)
+        # the session to use: 0 rows, that of 1; unbatched, that of 1 or, when fixed, the one made at load
+        size = padded_batch(batch) if batched else (0 if self.fixed else 1)
         pad = size - batch if batched else 0
         if pad:
             feeds = {name: np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for name, a in feeds.items()}
 
         def run(session: Any) -> list[np.ndarray]:
+            if isinstance(session, FixedSession):
+                return session.run(feeds)
             binding = session.io_binding()
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
@@ -106,6 +212,9 @@ class OnnxRunner:
         """Run on an FP32 input already on the GPU (no host round trip; its batch a power of two,
         its producer synchronized); the first output, on the host."""
         def run(session: Any) -> np.ndarray:
+            if isinstance(session, FixedSession):
+                assert self._device_copy is not None, "a fixed CUDA runner needs its device_copy"
+                return session.run_device(name, pointer, self._device_copy)
             binding = session.io_binding()
             binding.bind_input(name, "cuda", device_id, np.float32, list(shape), pointer)
             binding.bind_output(self._names[0], "cuda", device_id)
@@ -113,6 +222,18 @@ class OnnxRunner:
             return binding.copy_outputs_to_cpu()[0]
 
         return self._on_gpu(shape[0], run)
+
+
+def _batch_axis_name(session: Any) -> str | None:
+    """The name of the batch axis when it is every input's only free dimension (and the outputs'
+    other dimensions are fixed), else None: what a session of fixed shapes needs."""
+    names = set()
+    for arg in [*session.get_inputs(), *session.get_outputs()]:
+        first, rest = arg.shape[0] if arg.shape else None, arg.shape[1:]
+        if not isinstance(first, str) or not all(isinstance(d, int) and d >= 0 for d in rest):
+            return None
+        names.add(first)
+    return names.pop() if len(names) == 1 else None
 
 
 def padded_batch(rows: int) -> int:

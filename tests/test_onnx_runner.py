@@ -1,0 +1,65 @@
+"""OnnxRunner's sessions of fixed shapes (what the CUDA backend replays as CUDA graphs), on the CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shim.backends.onnx import FixedSession, OnnxRunner
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def model(models_dir):
+    return models_dir / "efficientnet-lite0" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def fixed(model):
+    return OnnxRunner(model, CPU, fixed=True, graphs=True)  # graphs: asked for, but not on the CPU
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    return OnnxRunner(model, CPU)
+
+
+def test_a_batch_axis_makes_fixed_sessions_and_the_cpu_never_graphs(fixed):
+    assert fixed.fixed and not fixed.graphs
+    assert fixed.inputs[0].shape == (-1, 3, 224, 224)  # the specs keep the free batch axis
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 8])
+def test_fixed_sessions_compute_what_the_plain_session_does(fixed, plain, rows):
+    x = np.random.default_rng(rows).standard_normal((rows, 3, 224, 224)).astype(np.float32)
+    got = fixed.run({"input": x})["logits"]
+    want = plain.run({"input": x})["logits"]
+    assert got.shape == (rows, 1000)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_each_padded_size_has_one_session_of_exactly_that_shape(fixed):
+    for rows in (2, 3, 4):  # 3 pads to 4: the session of 4 serves it
+        fixed.run({"input": np.zeros((rows, 3, 224, 224), np.float32)})
+    sessions = {size: entry[0] for size, entry in fixed._by_batch.items()}  # noqa: SLF001 - what was built
+    assert isinstance(sessions[4], FixedSession) and isinstance(sessions[2], FixedSession)
+    assert sessions[4].session.get_inputs()[0].shape == [4, 3, 224, 224]
+    assert sessions[4].outputs[0].shape() == [4, 1000]
+
+
+def test_results_are_copies_the_next_run_does_not_overwrite(fixed, plain):
+    rng = np.random.default_rng(9)
+    a, b = (rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(2))
+    first = fixed.run({"input": a})["logits"]
+    kept = first.copy()
+    second = fixed.run({"input": b})["logits"]
+    assert np.array_equal(first, kept)
+    assert not np.allclose(first, second)
+    assert np.abs(second - plain.run({"input": b})["logits"]).max() <= 1e-4 * float(np.abs(second).max())
+
+
+def test_inputs_of_another_dtype_are_converted_not_refused(fixed, plain):
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224))  # float64
+    got = fixed.run({"input": x})["logits"]
+    want = plain.run({"input": x.astype(np.float32)})["logits"]
+    assert np.abs(got - want).max() <= 1e-4 * float(np.abs(want).max())
