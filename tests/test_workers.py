@@ -332,7 +332,7 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
     handlers["logits"] = logits
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
-    front = build_front(WorkerConfig(settings, server.address, key, str(tmp_path / "device.sock"), [],
+    front = build_front(WorkerConfig(settings, server.address, key, [],
                                      device.backend.name, device.backend.describe()))
     try:
         front.load()

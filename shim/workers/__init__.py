@@ -4,8 +4,8 @@ One Python process tops out at a few hundred requests per second: HTTP parsing, 
 op's CPU work share one interpreter lock. With workers, N processes accept on the public sockets
 and do that work in parallel; the device process keeps the GPU, the models, the dynamic batchers
 (which mix the calls of every worker; each worker batches the requests it decodes at once into one
-call) and all shared state (shared memory regions, the KaaS store, metrics, statistics), and serves
-the requests that need that state itself, forwarded by the workers over a private unix socket.
+call) and all shared state (shared memory regions, the KaaS store, metrics, statistics), and runs
+the requests that need that state through its own app, forwarded by the workers over the link.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
     settings = service.settings
     with tempfile.TemporaryDirectory(prefix="accelshim-") as private:  # 0700: this user alone
         device_path, link_path = os.path.join(private, "device.sock"), os.path.join(private, "link.sock")
-        internal = bind_sockets(None, 0, device_path)
+        internal = bind_sockets(None, 0, device_path)  # the device process's own server: it runs the
+        # process (warm-up, signals, draining); the workers reach its app over the link instead
         endpoint = DeviceEndpoint(service, settings.workers)
         authkey = os.urandom(32)
         link = LinkServer(link_path, authkey, endpoint.handlers(),
@@ -38,7 +39,7 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()
-        config = WorkerConfig(settings, link_path, authkey, device_path, [s.fileno() for s in sockets],
+        config = WorkerConfig(settings, link_path, authkey, [s.fileno() for s in sockets],
                               service.backend.name, description)
         pool = WorkerPool(settings.workers, config, endpoint.worker_gone)
         server = Server(service, internal, before_drain=pool.stop)

@@ -5,6 +5,9 @@ process's fault monitor (it stops, and its workers with it), as it would for its
 """
 from __future__ import annotations
 
+import io
+import pickle
+import sys
 import threading
 from typing import Any, Callable
 
@@ -48,6 +51,7 @@ class DeviceEndpoint:
             "gemm": self._service.backend.gemm,
         }
         handlers = {name: self._guarded(fn) for name, fn in device_calls.items()}
+        handlers["http"] = self._http
         handlers["records"] = self._records
         handlers["worker_ready"] = self._worker_ready
         return handlers
@@ -71,6 +75,24 @@ class DeviceEndpoint:
                 metrics.inflight.dec()
 
         return call
+
+    def _http(self, fields: dict[str, Any], body: bytes | bytearray) -> tuple[int, list[tuple[str, str]], Any]:
+        """A request a worker forwards as it is (``LinkProxy``): through this process's app, as its
+        own server would run it (the app authenticates, admits and answers errors itself)."""
+        environ = {**fields, "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "wsgi.input_terminated": True}
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            started[:] = [int(status.split(" ", 1)[0]), headers]
+
+        chunks = self._service.app(environ, start_response)
+        try:
+            data = b"".join(chunks)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+        return started[0], started[1], pickle.PickleBuffer(data)
 
     def _records(self, bundle: list[tuple[str, int, int, int, int]]) -> None:
         """A worker's reports of the requests it finished (``ReportingDispatcher``)."""

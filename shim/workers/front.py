@@ -4,12 +4,11 @@ It answers ``POST /v2/models/{op}/infer`` itself: HTTP, authentication and admis
 validation, the CPU half of the op (image decoding, top-k), encoding, with the device half one
 link call to the device process. Every other request (health, metadata, statistics, metrics,
 shared memory, KaaS, and infer requests that use shared memory or a compressed body) goes as it
-is to the device process's own server, which keeps the state those need in one place.
+is over the link to the device process's app, which keeps the state those need in one place.
 Run as ``python -m shim.workers`` with its ``WorkerConfig`` pickled on stdin.
 """
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import pickle
@@ -38,12 +37,8 @@ from .remote import RemoteBackend
 
 log = logging.getLogger(__name__)
 
-#: request headers not to forward (hop by hop, or set anew by http.client / the worker's waitress)
-_HOP_REQUEST = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "expect",
-                "proxy-authorization", "proxy-connection", "content-length"}
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 _SHM_MARK = b'"shared_memory_region"'
-IDLE_RECONNECT_S = 30.0  # the device server closes idle connections after 120 s: never reuse one that old
 
 
 @dataclass
@@ -53,61 +48,26 @@ class WorkerConfig:
     settings: Settings
     link_address: str
     authkey: bytes
-    device_socket: str          # the device process's own server (a unix socket in a private folder)
     fds: list[int]              # the public listening sockets, inherited
     backend_name: str
     backend_description: dict[str, object]
 
 
-class DeviceProxy:
-    """Forwards a request as it is to the device process's server (one kept-alive connection per thread)."""
+class LinkProxy:
+    """Forwards a request as it is to the device process's app, over the link: the device runs it
+    through its WSGI app directly, with no second HTTP pass (parsing, a socket and its threads)."""
 
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._local = threading.local()
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn, used = getattr(self._local, "conn", None), getattr(self._local, "used", 0.0)
-        if conn is None or time.monotonic() - used > IDLE_RECONNECT_S:
-            if conn is not None:
-                conn.close()
-            conn = _UnixHTTPConnection(self._path)
-            self._local.conn = conn
-        self._local.used = time.monotonic()
-        return conn
+    def __init__(self, link: LinkClient) -> None:
+        self._link = link
 
     def forward(self, environ: dict[str, Any]) -> Response:
         """The device's answer to the request of ``environ``; 503 when the device cannot be reached."""
-        target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(length) if length else None
-        headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
-                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in _HOP_REQUEST}
-        if environ.get("CONTENT_TYPE"):
-            headers["Content-Type"] = environ["CONTENT_TYPE"]
-        conn = self._connection()
-        try:
-            conn.request(environ["REQUEST_METHOD"], target, body, headers)
-            answer = conn.getresponse()
-            data = answer.read()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            self._local.conn = None
-            raise LinkClosed(f"the shim's device process did not answer ({type(exc).__name__}); retry",
-                             retry_after=1.0) from None
-        return Response(data, status=answer.status,
-                        headers=[(k, v) for k, v in answer.getheaders() if k.lower() not in _HOP_RESPONSE])
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=None)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self._path)
-        self.sock = sock
+        body = environ["wsgi.input"].read(length) if length else b""
+        fields = {key: value for key, value in environ.items()
+                  if isinstance(value, (str, int, float)) and not key.startswith(("wsgi.", "waitress."))}
+        status, headers, data = self._link.call("http", fields, pickle.PickleBuffer(body))
+        return Response(bytes(data), status=status, headers=[(k, v) for k, v in headers if k.lower() not in _HOP_RESPONSE])
 
 
 def served_here(environ: dict[str, Any]) -> bool:
@@ -131,7 +91,7 @@ def served_here(environ: dict[str, Any]) -> bool:
     return _SHM_MARK not in head
 
 
-def install_proxy(app: Flask, proxy: DeviceProxy) -> None:
+def install_proxy(app: Flask, proxy: LinkProxy) -> None:
     """Send what the worker does not answer itself to the device process (before the guard runs:
     the device process authenticates and admits those)."""
     @app.before_request
@@ -209,7 +169,7 @@ def build_front(config: WorkerConfig) -> FrontService:
     registry = Registry(build_ops(settings, backend, BatchingFactory() if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
     app = create_app(settings, dispatcher, metrics)
-    install_proxy(app, DeviceProxy(config.device_socket))
+    install_proxy(app, LinkProxy(link))
     install_guard(app, guard)
     service = FrontService(settings, backend, registry, dispatcher, metrics, app, guard)
     service.link = link
