@@ -117,8 +117,7 @@ def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | No
     return SharedMemoryRegistry(settings.shm_dir, max_regions=settings.shm_max_regions,
                                 max_bytes=settings.shm_max_bytes, tenant_dirs=settings.shm_tenant_dirs,
                                 on_register=backend.register_host,
-                                on_unregister=lambda address, _nbytes: backend.unregister_host(address),
-                                on_used=lambda address, _nbytes: backend.used_host(address))
+                                on_unregister=lambda address, _nbytes: backend.unregister_host(address))
 
 
 def _buffer_quota(guard: Guard, default: int = 0) -> Callable[[str], int | None]:

@@ -16,9 +16,7 @@ uploads from them are DMA): the composition root passes ``on_register(address, n
 the region itself starts ``offset % PAGESIZE`` bytes later) and ``nbytes`` its length; both
 callbacks get exactly the same pair for one mapping. ``on_register`` runs before the region can
 be used (an exception from it fails the registration, 507); ``on_unregister`` runs once no request
-uses the region any more, just before it is unmapped; ``on_used(address, nbytes)`` once, when the
-first request that used the region ends (the CUDA backend pins it then, not before a region is used).
-None runs under the registry's lock.
+uses the region any more, just before it is unmapped. Neither runs under the registry's lock.
 """
 from __future__ import annotations
 
@@ -58,7 +56,6 @@ class Region:
     _fd: int = field(repr=False)           # kept open to see a truncation before touching the pages
     address: int = field(repr=False, default=0)
     users: int = field(repr=False, default=0)
-    used: bool = field(repr=False, default=False)  # a request has used it (and released it)
     removed: bool = field(repr=False, default=False)
 
     @property
@@ -79,15 +76,15 @@ class SharedMemoryRegistry:
         max_bytes: mapped bytes per tenant (507 above).
         tenant_dirs: resolve a tenant's keys in ``shm_dir/<tenant>/`` instead (a tenant can only name
             objects that its own functions can create there; see docs/shared-memory.md).
-        on_register, on_unregister, on_used: the device backend's hook (see the module docstring).
+        on_register, on_unregister: the device backend's hook (see the module docstring).
     """
 
     def __init__(self, shm_dir: Path = Path("/dev/shm"), *, max_regions: int = 64, max_bytes: int = 1 << 32,
                  tenant_dirs: bool = False, on_register: MappingHook | None = None,
-                 on_unregister: MappingHook | None = None, on_used: MappingHook | None = None) -> None:
+                 on_unregister: MappingHook | None = None) -> None:
         self.shm_dir = Path(shm_dir)
         self.max_regions, self.max_bytes, self.tenant_dirs = max_regions, max_bytes, tenant_dirs
-        self.on_register, self.on_unregister, self.on_used = on_register, on_unregister, on_used
+        self.on_register, self.on_unregister = on_register, on_unregister
         self._regions: dict[tuple[str, str], Region] = {}
         self._pending: dict[tuple[str, str], Region] = {}  # mapped, the backend not yet told
         self._lock = threading.Lock()
@@ -195,18 +192,12 @@ class SharedMemoryRegistry:
         return region
 
     def release(self, region: Region) -> None:
-        """End one use of ``region`` (from ``pin``); after the first, ``on_used`` hears of it."""
+        """End one use of ``region`` (from ``pin``)."""
         with self._lock:
             region.users -= 1
             done = region.removed and region.users == 0
-            first, region.used = not region.used and not region.removed, True
         if done:
             self._finish(region)
-        elif first and self.on_used is not None:
-            try:
-                self.on_used(region.address, region.mapped_bytes)
-            except Exception:  # only an optimisation is lost; the backend logs its own trouble
-                log.exception("on_used failed for shared memory region %r", region.name)
 
     @staticmethod
     def view(region: Region, offset: int, nbytes: int, tensor: str) -> memoryview:

@@ -35,9 +35,6 @@ class CpuBackend:
     def register_host(self, address: int, nbytes: int) -> None:
         """Nothing to pin: the CPU reads host memory where it is."""
 
-    def used_host(self, address: int) -> None:
-        """Nothing to pin."""
-
     def unregister_host(self, address: int) -> None:
         """Nothing was pinned."""
 

@@ -136,9 +136,6 @@ class CudaBackend:
     def register_host(self, address: int, nbytes: int) -> None:
         self.pinned.register(address, nbytes)
 
-    def used_host(self, address: int) -> None:
-        self.pinned.start(address)
-
     def unregister_host(self, address: int) -> None:
         self.pinned.unregister(address)
 
@@ -175,32 +172,22 @@ class PinnedRanges:
     """Host memory registered with CUDA (cudaHostRegister), e.g. shared-memory regions of clients:
     operands that lie inside go to the GPU by DMA straight from there, with no staging copy.
 
-    Pinning takes milliseconds (5-8 ms for 12 MiB on an H200) and, while the driver walks the pages,
-    holds up whatever else in the process maps memory: so ``register`` only notes the range, and the
-    pin starts, on a thread of its own, once a request has used it (``start``), while the function
-    is between calls. A range used once is never pinned; until a pin is done ``contains`` says no and
-    copies from the range take the staged path, after it DMA. ``unregister`` waits for a pin in
-    flight, so nothing stays pinned once its mapping goes.
+    Pinning takes milliseconds (5-8 ms for 12 MiB on an H200), which a function's first call through
+    a new region would wait for: ``register`` starts it on a thread of its own and returns. Until it
+    is done ``contains`` says no and copies from the range take the staged path, after it DMA.
+    ``unregister`` waits for a pin in flight, so nothing stays pinned once its mapping goes.
     """
 
     def __init__(self, device_id: int = 0) -> None:
         self._ranges: dict[int, int] = {}
-        self._waiting: dict[int, int] = {}  # registered, not used yet
         self._pending: dict[int, Future[None]] = {}
         self._lock = threading.Lock()
         self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-pin",
                                           initializer=lambda: cp.cuda.Device(device_id).use())
 
     def register(self, address: int, nbytes: int) -> None:
-        with self._lock:
-            self._waiting[address] = nbytes
-
-    def start(self, address: int) -> None:
-        """Pin the registered range at ``address`` in the background (once; later calls do nothing)."""
         with self._lock:  # held until the future is stored: the pin cannot finish before that
-            nbytes = self._waiting.pop(address, None)
-            if nbytes is not None:
-                self._pending[address] = self._pinner.submit(self._pin, address, nbytes)
+            self._pending[address] = self._pinner.submit(self._pin, address, nbytes)
 
     def _pin(self, address: int, nbytes: int) -> None:
         try:
@@ -226,16 +213,15 @@ class PinnedRanges:
     def unregister(self, address: int) -> None:
         self.wait(address)
         with self._lock:
-            self._waiting.pop(address, None)
             known = self._ranges.pop(address, None)
         if known is not None:
             with device_errors():
                 cp.cuda.runtime.hostUnregister(address)
 
     def __len__(self) -> int:
-        """Ranges registered: pinned, being pinned, or not used yet."""
+        """Ranges registered: pinned, or being pinned."""
         with self._lock:
-            return len(self._ranges) + len(self._pending) + len(self._waiting)
+            return len(self._ranges) + len(self._pending)
 
     def contains(self, array: np.ndarray) -> bool:
         if not array.flags.c_contiguous:

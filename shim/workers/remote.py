@@ -70,9 +70,6 @@ class RemoteBackend:
     def register_host(self, address: int, nbytes: int) -> None:
         """Workers do not map shared memory: requests that use it go to the device process."""
 
-    def used_host(self, address: int) -> None:
-        """Nothing was registered here."""
-
     def unregister_host(self, address: int) -> None:
         """Nothing was registered here."""
 
