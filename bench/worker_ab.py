@@ -3,6 +3,10 @@
     python bench/worker_ab.py throughput LABEL   # the shim with --workers 8: 1, 32, 128 clients, 5 s each
     python bench/worker_ab.py latency LABEL N    # the shim with --workers N (1: one process): classify
                                                  # batch 1 p50/p99, and a 12 MiB region's register and gemms
+    python bench/worker_ab.py cpu N C [FLAG...]  # the shim with --workers N (and FLAGs), C clients for 6 s:
+                                                 # cores busy and CPU ms per image in the device process,
+                                                 # the workers (each) and the rest (clients, kernel);
+                                                 # PROBE_DEVICE=cpu runs it on a machine without a GPU
 
 An A/B run starts the probe once on the code as it is and once on a variant (for worker-side
 batching: ``shim/workers/front.py`` building its ops without a BatchingFactory), minutes apart on
@@ -10,6 +14,8 @@ the same machine; bench/results/NOTES.md records which.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,10 +76,42 @@ def latency(label: str, workers: int) -> None:
               [round(1e3 * x, 2) for x in first], "second", [round(1e3 * x, 2) for x in second], flush=True)
 
 
+def _cpu_seconds(pid: int | str) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def cpu(workers: int, clients: int, flags: list[str]) -> None:
+    jpeg, seconds = cat_jpeg(), 6.0
+    with ShimProcess(os.environ.get("PROBE_DEVICE", "cuda"), ROOT / "models", *flags, workers=workers) as shim:
+        device = shim.proc.pid
+        kids = subprocess.run(["pgrep", "-P", str(device)], capture_output=True, text=True).stdout.split()
+        process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
+        before = [_cpu_seconds(device), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
+        out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds, min(clients, 16))
+        after = [_cpu_seconds(device), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
+    wall, images = after[2] - before[2], out["images_per_s"] * seconds
+    used = [a - b for a, b in zip(after[0], before[0])]
+    rest = after[1] - before[1] - sum(used)
+    print(f"workers={workers} clients={clients} {' '.join(flags)}: {out['images_per_s']:.0f} img/s, "
+          f"p50 {out.get('p50_ms', 0):.1f} p99 {out.get('p99_ms', 0):.1f} ms, errors {out['errors']}")
+    print(f"  cores busy: device {used[0] / wall:.2f}, workers {sum(used[1:]) / wall:.2f} "
+          f"({', '.join(f'{u / wall:.2f}' for u in used[1:])}), rest {rest / wall:.2f}")
+    print(f"  CPU ms per image: device {1e3 * used[0] / images:.2f}, workers {1e3 * sum(used[1:]) / images:.2f}, "
+          f"rest {1e3 * rest / images:.2f}", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["throughput"]:
         throughput(sys.argv[2])
     elif sys.argv[1:2] == ["latency"]:
         latency(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["cpu"]:
+        cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
         sys.exit(__doc__)
