@@ -63,3 +63,26 @@ def test_inputs_of_another_dtype_are_converted_not_refused(fixed, plain):
     got = fixed.run({"input": x})["logits"]
     want = plain.run({"input": x.astype(np.float32)})["logits"]
     assert np.abs(got - want).max() <= 1e-4 * float(np.abs(want).max())
+
+
+def _args(*shapes):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(shape=list(shape)) for shape in shapes]
+
+
+@pytest.mark.parametrize("inputs,outputs,axis", [
+    ((["batch", 3, 224, 224],), (["batch", 1000],), "batch"),
+    ((["n", 8], ["n", 2]), (["n"],), "n"),
+    ((["batch", 3, "height", "width"],), (["batch", 1000],), None),  # another free dimension
+    ((["batch", 8],), (["rows", 4],), None),                        # the outputs' axis has another name
+    (([1, 8],), ([1, 4],), None),                                   # no free batch axis at all
+    (([None, 8],), ([None, 4],), None),                             # a free axis without a name
+])
+def test_fixed_shapes_need_one_named_batch_axis_and_nothing_else_free(inputs, outputs, axis):
+    from types import SimpleNamespace
+
+    from shim.backends.onnx import _batch_axis_name
+
+    session = SimpleNamespace(get_inputs=lambda: _args(*inputs), get_outputs=lambda: _args(*outputs))
+    assert _batch_axis_name(session) == axis
