@@ -239,6 +239,25 @@ def test_shared_memory_and_kaas_buffers_live_in_the_device_process(shim):
         np.testing.assert_array_equal(_client(shim.unix_url).get_buffer("wk-buf", np.float64), data)
 
 
+def test_large_bodies_cross_the_link_both_ways_whole(shim):
+    """What a worker forwards (a KaaS buffer of 24 MiB up, then down; a gzip-compressed infer) reaches
+    the device process's app and comes back byte for byte."""
+    import gzip
+    import json
+
+    import requests
+
+    data = np.random.default_rng(8).standard_normal(3 << 20)  # 24 MiB of float64
+    _client(shim.unix_url).put_buffer("wk-big", data)
+    for _ in range(2):
+        np.testing.assert_array_equal(_client(shim.unix_url).get_buffer("wk-big", np.float64), data)
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1.5, 2.5, -3]}]})
+    answer = requests.post(f"{shim.tcp_url}/v2/models/noop/infer", data=gzip.compress(body.encode()), timeout=30,
+                           headers={"Content-Encoding": "gzip", "Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == [1.5, 2.5, -3]
+
+
 def test_a_killed_worker_is_replaced_and_requests_go_on(shim, chelsea):
     jpeg = encode(chelsea, "JPEG")
     victim, survivor = _workers(shim)
