@@ -258,6 +258,68 @@ def test_large_bodies_cross_the_link_both_ways_whole(shim):
     assert answer.json()["outputs"][0]["data"] == [1.5, 2.5, -3]
 
 
+def test_the_connection_board_sends_new_connections_to_the_least_loaded_worker(tmp_path):
+    from shim.workers.balance import ConnectionBoard
+
+    board = ConnectionBoard(3)
+    assert board.counts() == [None, None, None]  # no worker yet: none holds the fewest
+    assert board.may_accept(0, 0) and board.may_accept(1, 0)
+    assert board.may_accept(0, 1) is False  # slot 1 holds fewer
+    assert board.may_accept(1, 1)  # ties accept together
+    worker_view = ConnectionBoard(3, board.fd)  # what a worker maps from the inherited fd
+    assert worker_view.counts() == [1, 1, None]
+    assert worker_view.may_accept(2, 0) and board.may_accept(0, 1) is False
+    board.gone(2)  # that worker exited: its slot no longer holds the others back
+    assert board.may_accept(0, 1)
+    (gauge,) = board.collect()
+    assert {tuple(s.labels.values()): s.value for s in gauge.samples} == {("0",): 1, ("1",): 1}
+
+
+def _open_connections(shim, count: int) -> list:
+    """``count`` connections that stay open, each served one request (so its worker counted it)."""
+    import socket
+
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(shim.sock))
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: shim\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sockets.append(sock)
+    return sockets
+
+
+def _connections_per_worker(shim) -> list[float]:
+    with _client(shim.tcp_url) as client:
+        text = client._call("GET", "/metrics").body.decode()  # noqa: SLF001
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("accelshim_worker_connections{")]
+
+
+def test_a_restarted_worker_takes_new_connections_until_it_holds_as_many(shim):
+    """Functions keep their connections; the worker that holds the fewest takes the next one. After
+    a worker is killed, its replacement starts with none and takes the new connections until it
+    has caught up with the other (left alone, the kernel would split them about evenly)."""
+    held = _open_connections(shim, 12)
+    try:
+        before = _connections_per_worker(shim)
+        assert len(before) == 2 and max(before) - min(before) <= 2, before
+        victim = _workers(shim)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (victim in _workers(shim) or len(_workers(shim)) < 2
+                                               or not _client(shim.tcp_url).ready()):
+            time.sleep(0.1)
+        counts = _connections_per_worker(shim)
+        assert len(counts) == 2 and max(counts) >= 5, counts  # the survivor keeps its share
+        held += _open_connections(shim, int(max(counts) - min(counts)) + 4)
+        after = _connections_per_worker(shim)
+        assert max(after) - min(after) <= 2, (counts, after)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_killed_worker_is_replaced_and_requests_go_on(shim, chelsea):
     jpeg = encode(chelsea, "JPEG")
     victim, survivor = _workers(shim)

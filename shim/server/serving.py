@@ -105,6 +105,7 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+ACCEPT_DEFER_S = 0.005  # how long a worker leaves a waiting connection to a less loaded one
 EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
 
 
@@ -177,11 +178,15 @@ class Server:
     """A shim being served: the waitress server plus the warm-up thread."""
 
     def __init__(self, service: Service, sockets: list[socket.socket], *, unlink_unix: bool = True,
-                 before_drain: Callable[[], None] | None = None) -> None:
+                 before_drain: Callable[[], None] | None = None,
+                 accept_gate: Callable[[int], bool] | None = None) -> None:
         """Args:
             unlink_unix: remove the unix sockets' paths on exit (not when other processes serve them too).
             before_drain: runs, on a thread of its own, once the shim stops accepting; the event loop
                 keeps serving open connections until it returns (request workers drain first).
+            accept_gate: told the connections open now when one is waiting; it is taken while the gate
+                says yes, else left to another process for up to ``ACCEPT_DEFER_S`` (request workers:
+                ``ConnectionBoard``).
         """
         settings = service.settings
         self._unlink_unix = unlink_unix
@@ -215,10 +220,40 @@ class Server:
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
         for server in self._servers:
             server.channel_class = channel
+        if accept_gate is not None:
+            self._gate_accepts(accept_gate)
         self._stopping = threading.Event()
         self._warmup = threading.Thread(target=self._load, name="warmup", daemon=True)
         if service.guard is not None:
             service.guard.monitor.on_trip(self._device_lost)
+
+    def _gate_accepts(self, gate: Callable[[int], bool]) -> None:
+        """Take a waiting connection only while ``gate(open connections)`` says so, else leave it to
+        another process that listens on the same socket: every one of them is woken for it, so one
+        that may take it does, at once. If none has for ``ACCEPT_DEFER_S``, this one takes it."""
+        servers = self._servers
+
+        def connections() -> int:
+            return sum(len(s.active_channels) for s in servers)
+
+        def gated(accept: Callable[[], None]) -> Callable[[], None]:
+            episode = [0.0, 0.0]  # since when this worker has left waiting connections, last time it did
+
+            def handle_accept() -> None:
+                now = time.monotonic()
+                if not gate(connections()):
+                    if now - episode[1] > ACCEPT_DEFER_S:
+                        episode[0] = now
+                    episode[1] = now
+                    if now - episode[0] < ACCEPT_DEFER_S:
+                        return
+                accept()
+                gate(connections())  # the board sees this connection before the next one comes
+
+            return handle_accept
+
+        for server in servers:
+            server.handle_accept = gated(server.handle_accept)  # type: ignore[method-assign]
 
     def _device_lost(self, fault: DeviceLost) -> None:
         """Stop accepting and exit EXIT_DEVICE_LOST once the requests in flight have failed (503)."""

@@ -15,6 +15,7 @@ import socket
 import tempfile
 
 from ..service import Service
+from .balance import ConnectionBoard
 from .device import DeviceEndpoint
 from .front import WorkerConfig
 from .link import LinkServer
@@ -39,9 +40,11 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()
+        board = ConnectionBoard(settings.workers)  # least-connections accepting (``balance``)
+        service.metrics.registry.register(board)
         config = WorkerConfig(settings, link_path, authkey, [s.fileno() for s in sockets],
-                              service.backend.name, description)
-        pool = WorkerPool(settings.workers, config, endpoint.worker_gone)
+                              service.backend.name, description, board.fd)
+        pool = WorkerPool(settings.workers, config, endpoint.worker_gone, board)
         server = Server(service, internal, before_drain=pool.stop)
         pool.start()
         log.info("%d request workers serving %s", settings.workers, " ".join(Server.describe_sockets(sockets)))

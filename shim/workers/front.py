@@ -9,6 +9,7 @@ Run as ``python -m shim.workers`` with its ``WorkerConfig`` pickled on stdin.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -32,6 +33,7 @@ from ..registry import Registry
 from ..server import create_app
 from ..server.guard import install_guard
 from ..service import Service, build_guard, build_ops
+from .balance import ConnectionBoard
 from .link import LinkClient, LinkClosed
 from .remote import RemoteBackend
 
@@ -51,6 +53,7 @@ class WorkerConfig:
     fds: list[int]              # the public listening sockets, inherited
     backend_name: str
     backend_description: dict[str, object]
+    board_fd: int | None = None  # the ConnectionBoard's memory, inherited (None: accept whenever woken)
 
 
 class LinkProxy:
@@ -177,8 +180,10 @@ def build_front(config: WorkerConfig) -> FrontService:
 
 
 def main() -> int:
-    """A worker process: its config from stdin, then serve the inherited sockets until SIGTERM."""
+    """A worker process: its config from stdin, its slot (0..workers-1) as its argument, then serve
+    the inherited sockets until SIGTERM."""
     config: WorkerConfig = pickle.load(sys.stdin.buffer)
+    slot = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     logging.basicConfig(level=config.settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
     if config.settings.gil_switch_us:
@@ -187,7 +192,11 @@ def main() -> int:
 
     sockets = [socket.socket(fileno=fd) for fd in config.fds]
     front = build_front(config)
-    code = Server(front, sockets, unlink_unix=False).run()
+    gate = None
+    if config.board_fd is not None:
+        board = ConnectionBoard(config.settings.workers, config.board_fd)
+        gate = functools.partial(board.may_accept, slot)
+    code = Server(front, sockets, unlink_unix=False, accept_gate=gate).run()
     if isinstance(front.dispatcher, ReportingDispatcher):
         front.dispatcher.flush()  # the requests drained last are counted too
     return code

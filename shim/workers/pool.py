@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable
 
+from .balance import ConnectionBoard
 from .front import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -18,17 +19,21 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a worker that keeps dying is r
 
 
 class WorkerPool:
-    """``count`` worker processes (``python -m shim.workers``) serving ``config.fds``.
+    """``count`` worker processes (``python -m shim.workers SLOT``) serving ``config.fds``.
 
     Args:
+        board: the workers' ConnectionBoard (its fd is passed on to each; a dead worker's slot is
+            cleared).
         on_exit: told the pid of each worker that exited (the device process is not ready again
             until its replacement is).
     """
 
-    def __init__(self, count: int, config: WorkerConfig, on_exit: Callable[[int], None]) -> None:
+    def __init__(self, count: int, config: WorkerConfig, on_exit: Callable[[int], None],
+                 board: ConnectionBoard | None = None) -> None:
         self._count = count
         self._payload = pickle.dumps(config)
-        self._fds = tuple(config.fds)
+        self._fds = tuple(config.fds) + ((board.fd,) if board is not None else ())
+        self._board = board
         self._on_exit = on_exit
         self._procs: list[subprocess.Popen[bytes]] = []
         self._failures = [0] * count
@@ -43,12 +48,12 @@ class WorkerPool:
 
     def start(self) -> None:
         with self._lock:
-            self._procs = [self._spawn() for _ in range(self._count)]
+            self._procs = [self._spawn(slot) for slot in range(self._count)]
         log.info("started %d request workers (pids %s)", self._count, " ".join(map(str, self.pids)))
         self._watcher.start()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "shim.workers"], stdin=subprocess.PIPE,
+    def _spawn(self, slot: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "shim.workers", str(slot)], stdin=subprocess.PIPE,
                                 pass_fds=self._fds)
         assert proc.stdin is not None
         proc.stdin.write(self._payload)
@@ -64,13 +69,15 @@ class WorkerPool:
                 if code is None or self._stopping.is_set():
                     continue
                 self._on_exit(proc.pid)
+                if self._board is not None:
+                    self._board.gone(slot)  # its connections died with it: others take new ones now
                 delay = RESTART_BACKOFF_S[min(self._failures[slot], len(RESTART_BACKOFF_S) - 1)]
                 self._failures[slot] += 1
                 log.warning("request worker %d exited with %d; starting another in %.1f s", proc.pid, code, delay)
                 if self._stopping.wait(delay):
                     return
                 with self._lock:
-                    self._procs[slot] = self._spawn()
+                    self._procs[slot] = self._spawn(slot)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker (each drains its requests in flight), SIGKILL what is left after ``timeout``."""

@@ -1,0 +1,64 @@
+"""Least-connections accepting across request workers.
+
+A function keeps its connection to the worker that accepted it, and the kernel hands each new
+connection to whichever worker wakes first: with a few busy clients one worker can be saturated
+(its interpreter lock) while another idles. So the workers share a board of how many connections
+each holds (memory of the device process's, inherited as a file descriptor), and a worker takes a
+waiting connection only while it holds no more than the fewest (ties take it together: the first
+wins). All of them are woken for each connection, so the one that may take it does, at once; one
+that may not leaves it, at most a few milliseconds (``serving.ACCEPT_DEFER_S``), then takes it.
+A worker writes its count when a connection waits and after it took one; a count lowered by closed
+connections shows at the next one.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+
+GONE = 1 << 62  # a slot whose worker is not running: never the fewest
+
+
+class ConnectionBoard:
+    """Open connections per worker slot, in shared memory.
+
+    Args:
+        slots: how many workers.
+        fd: the board's memory, inherited from the device process (None: make it, in that process).
+    """
+
+    def __init__(self, slots: int, fd: int | None = None) -> None:
+        made = fd is None
+        if fd is None:
+            fd = os.memfd_create("accelshim-connections")  # the workers get it through pass_fds
+            os.ftruncate(fd, 8 * slots)
+        self.fd, self.slots = fd, slots
+        self._map = mmap.mmap(fd, 8 * slots)
+        self._counts = memoryview(self._map).cast("q")
+        if made:
+            for slot in range(slots):
+                self._counts[slot] = GONE
+
+    def may_accept(self, slot: int, connections: int) -> bool:
+        """Record that worker ``slot`` holds ``connections``; whether it should take a new one."""
+        self._counts[slot] = connections
+        return connections <= min(self._counts)
+
+    def gone(self, slot: int) -> None:
+        """Worker ``slot`` exited: its connections went with it."""
+        self._counts[slot] = GONE
+
+    def counts(self) -> list[int | None]:
+        """Connections per slot (None: no worker there)."""
+        return [None if c >= GONE else c for c in self._counts]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Prometheus: ``accelshim_worker_connections{worker}``, for the device process's registry."""
+        gauge = GaugeMetricFamily("accelshim_worker_connections", "Open client connections per request worker",
+                                  labels=["worker"])
+        for slot, count in enumerate(self.counts()):
+            if count is not None:
+                gauge.add_metric([str(slot)], count)
+        yield gauge
