@@ -184,6 +184,12 @@ class Batcher(Generic[Item, Result]):
             job.done.set()
 
 
+def padded_batch(rows: int) -> int:
+    """The batch size a GPU run of ``rows`` rows uses: the next power of two, so that batches of any
+    size run as one of a few shapes, each with a warmed session; the padding rows are zeros, dropped."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 class BatchingFactory:
     """What the composition root hands the ops: whether to batch, and the metrics to report to."""
 

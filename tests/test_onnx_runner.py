@@ -65,10 +65,10 @@ def test_inputs_of_another_dtype_are_converted_not_refused(fixed, plain):
     assert np.abs(got - want).max() <= 1e-4 * float(np.abs(want).max())
 
 
-def _args(*shapes):
+def _args(*shapes, kind="tensor(float)"):
     from types import SimpleNamespace
 
-    return [SimpleNamespace(shape=list(shape)) for shape in shapes]
+    return [SimpleNamespace(shape=list(shape), type=kind) for shape in shapes]
 
 
 @pytest.mark.parametrize("inputs,outputs,axis", [
@@ -86,3 +86,6 @@ def test_fixed_shapes_need_one_named_batch_axis_and_nothing_else_free(inputs, ou
 
     session = SimpleNamespace(get_inputs=lambda: _args(*inputs), get_outputs=lambda: _args(*outputs))
     assert _batch_axis_name(session) == axis
+    strings = SimpleNamespace(get_inputs=lambda: _args(*inputs, kind="tensor(string)"),
+                              get_outputs=lambda: _args(*outputs))
+    assert _batch_axis_name(strings) is None  # no fixed buffer for strings: such a model runs as it is

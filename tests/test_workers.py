@@ -259,7 +259,7 @@ def test_large_bodies_cross_the_link_both_ways_whole(shim):
 
 
 def test_the_connection_board_sends_new_connections_to_the_least_loaded_worker(tmp_path):
-    from shim.workers.balance import ConnectionBoard
+    from shim.workers.balance import ConnectionBoard, WorkerGate
 
     board = ConnectionBoard(3)
     assert board.counts() == [None, None, None]  # no worker yet: none holds the fewest
@@ -273,6 +273,38 @@ def test_the_connection_board_sends_new_connections_to_the_least_loaded_worker(t
     assert board.may_accept(0, 1)
     (gauge,) = board.collect()
     assert {tuple(s.labels.values()): s.value for s in gauge.samples} == {("0",): 1, ("1",): 1}
+    warm = [False]
+    gate = WorkerGate(board, 2, lambda: warm[0])
+    gate.note(0)
+    assert board.counts()[2] is None and gate.may_accept(0) is False  # not warm: absent, takes nothing
+    warm[0] = True
+    gate.note(0)
+    assert board.counts()[2] == 0 and gate.may_accept(0)
+
+
+def test_new_connections_are_not_held_back_by_the_balancing(shim):
+    """A worker that leaves a connection to a less loaded one never makes it wait long: with the
+    connections unevenly held, fresh connections are still answered at once."""
+    import socket
+
+    held = _open_connections(shim, 5)
+    waits = []
+    try:
+        for i in range(30):  # two of three stay open: the counts grow, one worker ahead at times
+            started = time.perf_counter()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(shim.sock))
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: shim\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            waits.append(time.perf_counter() - started)
+            if i % 3:
+                held.append(sock)
+            else:
+                sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert sorted(waits)[-2] < 0.1, waits  # a deferral lasts 5 ms at most
 
 
 def _open_connections(shim, count: int) -> list:
@@ -310,6 +342,8 @@ def test_a_restarted_worker_takes_new_connections_until_it_holds_as_many(shim):
         while time.monotonic() < deadline and (victim in _workers(shim) or len(_workers(shim)) < 2
                                                or not _client(shim.tcp_url).ready()):
             time.sleep(0.1)
+        while time.monotonic() < deadline and len(_connections_per_worker(shim)) < 2:
+            time.sleep(0.1)  # the replacement shows on the board once it is warm
         counts = _connections_per_worker(shim)
         assert len(counts) == 2 and max(counts) >= 5, counts  # the survivor keeps its share
         held += _open_connections(shim, int(max(counts) - min(counts)) + 4)

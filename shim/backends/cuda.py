@@ -131,6 +131,7 @@ class CudaBackend:
                                      device_copy=copy_on_device)
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
+            return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)  # unpadded, one session
         return runner
 
     def register_host(self, address: int, nbytes: int) -> None:

@@ -10,7 +10,10 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from ..batching import padded_batch
 from .base import TensorSpec
+
+__all__ = ["FixedSession", "OnnxRunner", "padded_batch", "version", "has_cuda_provider"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ class FixedSession:
     """
 
     def __init__(self, session: Any, device: str, device_id: int) -> None:
-        self.session = session
+        self.session, self.device = session, device
         self.binding = session.io_binding()
         self.inputs: dict[str, Any] = {}
         self.outputs: list[Any] = []
@@ -60,11 +63,15 @@ class FixedSession:
             value.update_inplace(np.ascontiguousarray(array, dtype=_dtype(value)))
         return self._run()
 
-    def run_device(self, name: str, pointer: int, copy: DeviceCopy) -> np.ndarray:
-        """The first output of the input ``name`` copied from the device address ``pointer``."""
+    def run_device(self, name: str, pointer: int, shape: tuple[int, ...], copy: DeviceCopy) -> np.ndarray:
+        """The first output, of the FP32 input ``name`` of ``shape`` copied from the device address
+        ``pointer``."""
         value = self.inputs[name]
-        copy(value.data_ptr(), pointer, int(np.prod(value.shape())) * _dtype(value).itemsize)
-        return self._run()[0]
+        if tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32:
+            raise ValueError(f"input {name!r} is {_dtype(value)} {tuple(value.shape())} here, not float32 {shape}")
+        copy(value.data_ptr(), pointer, int(np.prod(shape)) * 4)
+        self.session.run_with_iobinding(self.binding)
+        return self._host(self.outputs[0])
 
     def warm_up(self, runs: int) -> None:
         for name, value in self.inputs.items():
@@ -74,7 +81,13 @@ class FixedSession:
 
     def _run(self) -> list[np.ndarray]:
         self.session.run_with_iobinding(self.binding)
-        return [np.array(value.numpy()) for value in self.outputs]  # a copy: the buffers are reused
+        return [self._host(value) for value in self.outputs]
+
+    def _host(self, value: Any) -> np.ndarray:
+        """A host array of its own (the buffers are reused): ``numpy()`` copies a device buffer and
+        views a host one."""
+        array = value.numpy()
+        return array.copy() if self.device == "cpu" else array
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -119,6 +132,7 @@ class OnnxRunner:
         self._device_copy = device_copy
         self._by_batch: dict[int, tuple[Any, ThreadPoolExecutor]] = {}
         self._lock = threading.Lock()
+        self._building = threading.Lock()
 
     @property
     def fixed(self) -> bool:
@@ -146,13 +160,19 @@ class OnnxRunner:
                 entry = self._by_batch[batch] = (self.session, self._new_thread(batch))
         if entry is not None:
             return entry
-        thread = self._new_thread(batch)  # seconds: outside the lock, so other batch sizes go on
-        session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
-        with self._lock:
-            entry = self._by_batch.setdefault(batch, (session, thread))
-        if entry[1] is not thread:
-            thread.shutdown(wait=False)
-        return entry
+        with self._building:  # seconds, outside the lock: requests of other sizes go on; one build at a time
+            with self._lock:
+                entry = self._by_batch.get(batch)
+            if entry is not None:  # built meanwhile by another request
+                return entry
+            thread = self._new_thread(batch)
+            try:
+                session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
+            except BaseException:
+                thread.shutdown(wait=False)
+                raise
+            with self._lock:
+                return self._by_batch.setdefault(batch, (session, thread))
 
     def _new_fixed(self, batch: int, thread: ThreadPoolExecutor) -> FixedSession:
         """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be."""
@@ -165,7 +185,7 @@ class OnnxRunner:
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
-                            type(exc).__name__, str(exc).splitlines()[0][:200])
+                            type(exc).__name__, (str(exc).splitlines() or [""])[0][:200])
         fixed = FixedSession(self._new_session(batch), device, self.device_id)
         thread.submit(fixed.warm_up, 1).result()
         return fixed
@@ -214,7 +234,7 @@ class OnnxRunner:
         def run(session: Any) -> np.ndarray:
             if isinstance(session, FixedSession):
                 assert self._device_copy is not None, "a fixed CUDA runner needs its device_copy"
-                return session.run_device(name, pointer, self._device_copy)
+                return session.run_device(name, pointer, shape, self._device_copy)
             binding = session.io_binding()
             binding.bind_input(name, "cuda", device_id, np.float32, list(shape), pointer)
             binding.bind_output(self._names[0], "cuda", device_id)
@@ -226,20 +246,17 @@ class OnnxRunner:
 
 def _batch_axis_name(session: Any) -> str | None:
     """The name of the batch axis when it is every input's only free dimension (and the outputs'
-    other dimensions are fixed), else None: what a session of fixed shapes needs."""
+    other dimensions are fixed, and every tensor has a fixed-size element type), else None: what a
+    session of fixed shapes needs."""
     names = set()
     for arg in [*session.get_inputs(), *session.get_outputs()]:
         first, rest = arg.shape[0] if arg.shape else None, arg.shape[1:]
         if not isinstance(first, str) or not all(isinstance(d, int) and d >= 0 for d in rest):
             return None
+        if getattr(arg, "type", None) not in _NUMPY:  # strings, maps, sequences: no fixed buffer for them
+            return None
         names.add(first)
     return names.pop() if len(names) == 1 else None
-
-
-def padded_batch(rows: int) -> int:
-    """The batch size a GPU run of ``rows`` rows uses: the next power of two, so that batches of any
-    size run as one of a few shapes, each with a warmed session; the padding rows are zeros, dropped."""
-    return 1 << max(0, rows - 1).bit_length()
 
 
 def version() -> str:

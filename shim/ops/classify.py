@@ -8,7 +8,7 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ImagePipeline, TensorSpec
-from ..batching import Batcher, BatchingFactory
+from ..batching import Batcher, BatchingFactory, padded_batch
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
@@ -97,7 +97,7 @@ class ClassifyOp(Op):
         png = sample_png()
         top = self.config.max_batch_size if self.backend == "cuda" else 2
         n = 1
-        while n <= max(1, top):
+        while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
             self.run({"image": np.array([png] * min(n, self._max_batch), dtype=object)}, {})
             n *= 2
 

@@ -9,7 +9,7 @@ from accel.datatypes import FIXED
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ModelRunner
-from ..batching import Batcher, BatchingFactory
+from ..batching import Batcher, BatchingFactory, padded_batch
 from ..modelrepo import ModelConfig
 from .base import Op
 
@@ -106,7 +106,7 @@ class ModelOp(Op):
         assert self._runner is not None, f"model {self.name} warmed up before load()"
         top = self.config.max_batch_size if self.backend == "cuda" else 1
         n = 1
-        while n <= max(1, top):
+        while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
             feeds = {}
             for spec in self.inputs:
                 if spec.datatype is None or spec.datatype == "BYTES" or spec.shape is None:

@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
@@ -106,6 +106,18 @@ class _JsonErrorTask(ErrorTask):
 
 
 ACCEPT_DEFER_S = 0.005  # how long a worker leaves a waiting connection to a less loaded one
+ACCEPT_DEFER_POLL_S = 0.0005  # how often it looks again meanwhile
+ACCEPT_NEW_GAP_S = 0.002  # looks further apart than this are about another connection
+
+
+class AcceptGate(Protocol):
+    """Which connections a server takes (request workers: ``workers.balance.WorkerGate``)."""
+
+    def note(self, connections: int) -> None:
+        """The connections open now."""
+
+    def may_accept(self, connections: int) -> bool:
+        """Whether to take a waiting connection, holding ``connections``."""
 EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
 
 
@@ -179,14 +191,13 @@ class Server:
 
     def __init__(self, service: Service, sockets: list[socket.socket], *, unlink_unix: bool = True,
                  before_drain: Callable[[], None] | None = None,
-                 accept_gate: Callable[[int], bool] | None = None) -> None:
+                 accept_gate: AcceptGate | None = None) -> None:
         """Args:
             unlink_unix: remove the unix sockets' paths on exit (not when other processes serve them too).
             before_drain: runs, on a thread of its own, once the shim stops accepting; the event loop
                 keeps serving open connections until it returns (request workers drain first).
-            accept_gate: told the connections open now when one is waiting; it is taken while the gate
-                says yes, else left to another process for up to ``ACCEPT_DEFER_S`` (request workers:
-                ``ConnectionBoard``).
+            accept_gate: told the connections open at each turn of the event loop; a waiting one is
+                taken while it says so, else left to another process for up to ``ACCEPT_DEFER_S``.
         """
         settings = service.settings
         self._unlink_unix = unlink_unix
@@ -227,32 +238,44 @@ class Server:
         if service.guard is not None:
             service.guard.monitor.on_trip(self._device_lost)
 
-    def _gate_accepts(self, gate: Callable[[int], bool]) -> None:
-        """Take a waiting connection only while ``gate(open connections)`` says so, else leave it to
-        another process that listens on the same socket: every one of them is woken for it, so one
-        that may take it does, at once. If none has for ``ACCEPT_DEFER_S``, this one takes it."""
+    def _gate_accepts(self, gate: AcceptGate) -> None:
+        """Tell ``gate`` the connections open at each turn of the event loop, and take a waiting one
+        only while it says so, else leave it to another process that listens on the same socket:
+        every one of them is woken for it, so one that may take it does, at once. This one looks
+        again every ``ACCEPT_DEFER_POLL_S`` (not spinning: the socket stays readable meanwhile),
+        and takes the connection itself after ``ACCEPT_DEFER_S``."""
         servers = self._servers
 
         def connections() -> int:
             return sum(len(s.active_channels) for s in servers)
 
-        def gated(accept: Callable[[], None]) -> Callable[[], None]:
-            episode = [0.0, 0.0]  # since when this worker has left waiting connections, last time it did
+        episode: list[float | None] = [None, 0.0]  # since when a connection has been left, last look
 
+        def noted(readable: Callable[[], bool]) -> Callable[[], bool]:
+            def read() -> bool:
+                gate.note(connections())
+                return readable()
+            return read
+
+        def gated(accept: Callable[[], None]) -> Callable[[], None]:
             def handle_accept() -> None:
                 now = time.monotonic()
-                if not gate(connections()):
-                    if now - episode[1] > ACCEPT_DEFER_S:
-                        episode[0] = now
+                if not gate.may_accept(connections()):
+                    since = episode[0]
+                    if since is None or now - episode[1] > ACCEPT_NEW_GAP_S:
+                        since = episode[0] = now  # a connection not seen before
                     episode[1] = now
-                    if now - episode[0] < ACCEPT_DEFER_S:
+                    if now - since < ACCEPT_DEFER_S:
+                        time.sleep(ACCEPT_DEFER_POLL_S)
                         return
+                episode[0] = None
                 accept()
-                gate(connections())  # the board sees this connection before the next one comes
+                gate.note(connections())
 
             return handle_accept
 
         for server in servers:
+            server.readable = noted(server.readable)  # type: ignore[method-assign]
             server.handle_accept = gated(server.handle_accept)  # type: ignore[method-assign]
 
     def _device_lost(self, fault: DeviceLost) -> None:

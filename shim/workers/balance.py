@@ -6,15 +6,15 @@ connection to whichever worker wakes first: with a few busy clients one worker c
 each holds (memory of the device process's, inherited as a file descriptor), and a worker takes a
 waiting connection only while it holds no more than the fewest (ties take it together: the first
 wins). All of them are woken for each connection, so the one that may take it does, at once; one
-that may not leaves it, at most a few milliseconds (``serving.ACCEPT_DEFER_S``), then takes it.
-A worker writes its count when a connection waits and after it took one; a count lowered by closed
-connections shows at the next one.
+that may not leaves it, pausing between looks, at most ``serving.ACCEPT_DEFER_S``, then takes it.
+A worker writes its count at each turn of its event loop; one that is not warm yet (its ops would
+answer 503) counts as absent and takes no connection that another could.
 """
 from __future__ import annotations
 
 import mmap
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -41,6 +41,10 @@ class ConnectionBoard:
             for slot in range(slots):
                 self._counts[slot] = GONE
 
+    def note(self, slot: int, connections: int) -> None:
+        """Worker ``slot`` holds ``connections``."""
+        self._counts[slot] = connections
+
     def may_accept(self, slot: int, connections: int) -> bool:
         """Record that worker ``slot`` holds ``connections``; whether it should take a new one."""
         self._counts[slot] = connections
@@ -62,3 +66,22 @@ class ConnectionBoard:
             if count is not None:
                 gauge.add_metric([str(slot)], count)
         yield gauge
+
+
+class WorkerGate:
+    """One worker's view of the board, for ``serving.Server(accept_gate=...)``: absent until ``ready``."""
+
+    def __init__(self, board: ConnectionBoard, slot: int, ready: Callable[[], bool]) -> None:
+        self._board, self._slot, self._ready = board, slot, ready
+
+    def note(self, connections: int) -> None:
+        if self._ready():
+            self._board.note(self._slot, connections)
+        else:
+            self._board.gone(self._slot)
+
+    def may_accept(self, connections: int) -> bool:
+        if self._ready():
+            return self._board.may_accept(self._slot, connections)
+        self._board.gone(self._slot)
+        return False

@@ -9,7 +9,6 @@ Run as ``python -m shim.workers`` with its ``WorkerConfig`` pickled on stdin.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pickle
@@ -33,7 +32,7 @@ from ..registry import Registry
 from ..server import create_app
 from ..server.guard import install_guard
 from ..service import Service, build_guard, build_ops
-from .balance import ConnectionBoard
+from .balance import ConnectionBoard, WorkerGate
 from .link import LinkClient, LinkClosed
 from .remote import RemoteBackend
 
@@ -194,8 +193,7 @@ def main() -> int:
     front = build_front(config)
     gate = None
     if config.board_fd is not None:
-        board = ConnectionBoard(config.settings.workers, config.board_fd)
-        gate = functools.partial(board.may_accept, slot)
+        gate = WorkerGate(ConnectionBoard(config.settings.workers, config.board_fd), slot, front.registry.is_ready)
     code = Server(front, sockets, unlink_unix=False, accept_gate=gate).run()
     if isinstance(front.dispatcher, ReportingDispatcher):
         front.dispatcher.flush()  # the requests drained last are counted too
