@@ -163,15 +163,20 @@ def build_front(config: WorkerConfig) -> FrontService:
     settings = config.settings
     metrics = Metrics()
     guard = build_guard(settings, metrics)
-    link = LinkClient(config.link_address, config.authkey,
-                      on_close=lambda: guard.monitor.trip(DeviceLost("the shim's device process exited")))
+    def lost() -> None:
+        guard.monitor.trip(DeviceLost("the shim's device process exited"))
+
+    link = LinkClient(config.link_address, config.authkey, on_close=lost)
+    # forwarded requests get a connection of their own: a big KaaS buffer crossing it does not hold
+    # up the device calls of the requests this worker serves itself
+    forwarded = LinkClient(config.link_address, config.authkey, on_close=lost)
     backend = RemoteBackend(link, config.backend_name, config.backend_description)
     # the worker batches too: the requests it decodes at once go to the device in one call, where the
     # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there)
     registry = Registry(build_ops(settings, backend, BatchingFactory() if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
     app = create_app(settings, dispatcher, metrics)
-    install_proxy(app, LinkProxy(link))
+    install_proxy(app, LinkProxy(forwarded))
     install_guard(app, guard)
     service = FrontService(settings, backend, registry, dispatcher, metrics, app, guard)
     service.link = link
