@@ -29,7 +29,8 @@ class Registry:
         self.warmup_seconds: dict[str, float] = {}
 
     def add_gate(self, gate: Callable[[], bool]) -> None:
-        """One more condition of the shim's readiness (its request workers have started)."""
+        """One more condition of the shim's readiness (KaaS has compiled its kernels, the request
+        workers have started)."""
         self._gates.append(gate)
 
     def names(self) -> list[str]:

@@ -45,9 +45,11 @@ class Service:
 
     def load(self) -> None:
         """Load and warm up every op; the shim answers ready afterwards."""
-        if self.kaas is not None:
-            self.kaas.load()  # compile the KaaS kernels before the ops make the shim ready
+        # the ops first: on the GPU their models capture CUDA graphs, which needs the device to
+        # themselves; the shim is ready once KaaS has compiled its kernels too (a registry gate)
         self.registry.load_all()
+        if self.kaas is not None:
+            self.kaas.load()
         for name, seconds in self.registry.warmup_seconds.items():
             self.metrics.warmup.labels(name).set(seconds)
         self.metrics.ready.set(1)
@@ -106,6 +108,7 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
                       store_bytes=settings.buffer_store_bytes, cache_bytes=settings.gpu_cache_bytes,
                       state_dir=settings.state_dir, quota=_buffer_quota(guard, settings.tenant_max_buffer_bytes))
     guard.buffer_usage = lambda tenant: kaas.usage(tenant)["tenant_bytes"]
+    registry.add_gate(lambda: kaas.ready)
     shm = build_shm(settings, backend)
     app = create_app(settings, dispatcher, metrics, kaas, shm)
     install_guard(app, guard)
