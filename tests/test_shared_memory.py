@@ -452,3 +452,22 @@ def test_attaching_to_a_region_and_the_errors_of_making_one():
             assert (Path("/dev/shm") / shared.key.lstrip("/")).stat().st_mode & 0o777 == 0o640  # less the umask
     finally:
         os.umask(umask)
+
+
+def test_registering_waits_until_the_shim_is_ready(models_dir):
+    """A region registered while the shim warms up would be pinned beside a model's CUDA-graph
+    capture on a GPU: until the shim is ready the answer is 503 (retry), then it registers."""
+    from shim.config import Settings
+    from shim.service import build_service
+
+    svc = build_service(Settings(device="cpu", models_dir=models_dir, classify_model=""))
+    http = svc.app.test_client()
+    with accel.SharedMemory("early", 4096) as region:
+        body = {"key": region.key, "offset": 0, "byte_size": 4096}
+        reply = http.post("/v2/systemsharedmemory/region/early/register", json=body)
+        assert reply.status_code == 503 and "warming up" in reply.get_json()["error"]
+        assert http.get("/v2/systemsharedmemory/status").get_json() == []  # nothing was mapped
+        svc.load()
+        assert http.post("/v2/systemsharedmemory/region/early/register", json=body).status_code == 200
+        assert [r["name"] for r in http.get("/v2/systemsharedmemory/status").get_json()] == ["early"]
+        assert http.post("/v2/systemsharedmemory/unregister").status_code == 200

@@ -10,13 +10,13 @@ error handler.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
 from accel.codec import InferRequest, InferResponse
-from accel.errors import InvalidInput, PayloadTooLarge
+from accel.errors import InvalidInput, NotReady, PayloadTooLarge
 from accel.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRef
 
 from ..shm import Region, SharedMemoryRegistry
@@ -27,8 +27,10 @@ MAX_REGISTER_BODY = 64 * 1024
 _SHM_KEYS = (REGION, BYTE_SIZE, OFFSET)
 
 
-def shm_blueprint(registry: SharedMemoryRegistry) -> Blueprint:
-    """The blueprint of the ``/v2/systemsharedmemory`` endpoints over ``registry``."""
+def shm_blueprint(registry: SharedMemoryRegistry, ready: Callable[[], bool] = lambda: True) -> Blueprint:
+    """The blueprint of the ``/v2/systemsharedmemory`` endpoints over ``registry``; registering waits
+    (503) until the shim is ``ready`` (a GPU backend pins regions, which must not run beside the
+    capture of a model's CUDA graph at warm-up)."""
     bp = Blueprint("system_shared_memory", __name__)
 
     @bp.get("/v2/systemsharedmemory/status")
@@ -41,6 +43,8 @@ def shm_blueprint(registry: SharedMemoryRegistry) -> Blueprint:
 
     @bp.post("/v2/systemsharedmemory/region/<region>/register")
     def register(region: str) -> Any:
+        if not ready():
+            raise NotReady("the shim is warming up: register the region once it is ready")
         doc = _register_request()
         registry.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"], current_tenant())
         return Response(status=200)  # as Triton: success is the status alone
