@@ -62,15 +62,16 @@ class Registry:
         return all(gate() for gate in self._gates)
 
     def load_all(self) -> None:
-        """Load and warm up every op, in order; an op is ready as soon as its warm-up ran."""
+        """Load and warm up every op, in order; they are ready together once every one has warmed up
+        (on a GPU a model's warm-up captures CUDA graphs, which no other op's work may run beside)."""
         for name, op in self._ops.items():
             start = time.perf_counter()
             op.load()
             op.warmup()
             self.warmup_seconds[name] = time.perf_counter() - start
-            with self._lock:
-                self._ready.add(name)
-            log.info("op %s ready (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
+            log.info("op %s warm (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
+        with self._lock:
+            self._ready.update(self._ops)
         self.loaded.set()
 
     def close(self) -> None:

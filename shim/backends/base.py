@@ -81,6 +81,11 @@ class Backend(Protocol):
 
     def image_pipeline(self, config: ModelConfig) -> ImagePipeline: ...
 
+    def warmed(self) -> None:
+        """Every op has warmed up: the CUDA backend captures no more CUDA graphs from now on (a batch
+        size first seen later runs node by node: a capture beside live work would break)."""
+        ...
+
     def describe(self) -> dict[str, object]:
         """Device name and library versions, for metadata and benchmarks."""
         ...

@@ -38,6 +38,9 @@ class CpuBackend:
     def unregister_host(self, address: int) -> None:
         """Nothing was pinned."""
 
+    def warmed(self) -> None:
+        """Nothing to seal."""
+
     def image_pipeline(self, config: ModelConfig) -> "CpuImagePipeline":
         return CpuImagePipeline(self.load_model(config.onnx), config)
 

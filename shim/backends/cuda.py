@@ -56,6 +56,7 @@ class CudaBackend:
         self.threads = threads
         self.device_id = device_id
         self.graphs = graphs
+        self._runners: list[onnx.OnnxRunner] = []  # to seal once warm (``warmed``)
         cp.cuda.Device(device_id).use()
         self._pool = cp.get_default_memory_pool()
         self.memory_limit = memory_limit
@@ -132,7 +133,12 @@ class CudaBackend:
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)  # unpadded, one session
+        self._runners.append(runner)
         return runner
+
+    def warmed(self) -> None:
+        for runner in self._runners:
+            runner.graphs = False  # the sizes captured at warm-up keep replaying theirs
 
     def register_host(self, address: int, nbytes: int) -> None:
         self.pinned.register(address, nbytes)

@@ -92,13 +92,15 @@ class ClassifyOp(Op):
         return np.split(logits, bounds)
 
     def warmup(self) -> None:
-        """Every batch size the batcher makes on a GPU is a shape to warm: powers of two up to the
-        model's batch size there, 1 and 2 on the CPU."""
+        """The whole path once, then every batch size the batcher makes on a GPU: powers of two up to
+        the padded model batch size there (through ``logits``, which merged requests take: a batch
+        may hold more images than one request may send), 1 and 2 on the CPU."""
         png = sample_png()
+        self.run({"image": np.array([png], dtype=object)}, {})
         top = self.config.max_batch_size if self.backend == "cuda" else 2
-        n = 1
+        n = 2
         while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
-            self.run({"image": np.array([png] * min(n, self._max_batch), dtype=object)}, {})
+            self.logits(self._prepare(np.array([png] * n, dtype=object)))
             n *= 2
 
     def close(self) -> None:

@@ -102,7 +102,8 @@ class ModelOp(Op):
 
     def warmup(self) -> None:
         """One run with zeros; on a GPU, one per batch shape the runner pads to (1, 2, 4, ... up to
-        ``max_batch_size``), so that no request pays for a new shape."""
+        the padded ``max_batch_size``), so that no request pays for a new shape. No run is over the
+        request limit (``--max-batch``): a worker's warm-up goes through the device's checks."""
         assert self._runner is not None, f"model {self.name} warmed up before load()"
         top = self.config.max_batch_size if self.backend == "cuda" else 1
         n = 1
@@ -111,7 +112,8 @@ class ModelOp(Op):
             for spec in self.inputs:
                 if spec.datatype is None or spec.datatype == "BYTES" or spec.shape is None:
                     return  # nothing sensible to make up; the first request warms it
-                shape = tuple((n if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+                rows = min(n, self._max_batch)
+                shape = tuple((rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
                 feeds[spec.name] = np.zeros(shape, dtype=FIXED[spec.datatype][2])
             self._runner.run(feeds)
             n *= 2

@@ -43,7 +43,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
 
         app.register_blueprint(kaas_blueprint(kaas))
     if shm is not None:
-        app.register_blueprint(shm_blueprint(shm, dispatcher.registry.is_ready))
+        app.register_blueprint(shm_blueprint(shm, dispatcher.registry.loaded.is_set))
     extensions = [e for e in EXTENSIONS if shm is not None or e != "system_shared_memory"]
     registry = dispatcher.registry
 

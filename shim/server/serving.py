@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
@@ -106,8 +106,7 @@ class _JsonErrorTask(ErrorTask):
 
 
 ACCEPT_DEFER_S = 0.005  # how long a worker leaves a waiting connection to a less loaded one
-ACCEPT_DEFER_POLL_S = 0.0005  # how often it looks again meanwhile
-ACCEPT_NEW_GAP_S = 0.002  # looks further apart than this are about another connection
+ACCEPT_DEFER_POLL_S = 0.0005  # its pause per turn of its event loop meanwhile
 
 
 class AcceptGate(Protocol):
@@ -118,6 +117,9 @@ class AcceptGate(Protocol):
 
     def may_accept(self, connections: int) -> bool:
         """Whether to take a waiting connection, holding ``connections``."""
+
+    def closed(self) -> None:
+        """This server takes no more connections (it is stopping)."""
 EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
 
 
@@ -231,6 +233,7 @@ class Server:
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
         for server in self._servers:
             server.channel_class = channel
+        self._gate: AcceptGate | None = None
         if accept_gate is not None:
             self._gate_accepts(accept_gate)
         self._stopping = threading.Event()
@@ -241,42 +244,45 @@ class Server:
     def _gate_accepts(self, gate: AcceptGate) -> None:
         """Tell ``gate`` the connections open at each turn of the event loop, and take a waiting one
         only while it says so, else leave it to another process that listens on the same socket:
-        every one of them is woken for it, so one that may take it does, at once. This one looks
-        again every ``ACCEPT_DEFER_POLL_S`` (not spinning: the socket stays readable meanwhile),
-        and takes the connection itself after ``ACCEPT_DEFER_S``."""
+        every one of them is woken for it, so one that may take it does, at once. While leaving it,
+        this one pauses ``ACCEPT_DEFER_POLL_S`` per turn (the socket stays readable: no spinning),
+        and takes it itself once it has waited ``ACCEPT_DEFER_S``. A turn in which nothing waited
+        ends the wait (another process took the connection)."""
         servers = self._servers
+        wait: dict[str, Any] = {"since": None, "left": False}  # since when a connection waits; left this turn
 
         def connections() -> int:
             return sum(len(s.active_channels) for s in servers)
 
-        episode: list[float | None] = [None, 0.0]  # since when a connection has been left, last look
-
-        def noted(readable: Callable[[], bool]) -> Callable[[], bool]:
-            def read() -> bool:
+        def turn(readable: Callable[[], bool]) -> Callable[[], bool]:
+            def read() -> bool:  # the first server's, once per turn of the loop
+                if not wait["left"]:
+                    wait["since"] = None
+                wait["left"] = False
                 gate.note(connections())
                 return readable()
             return read
 
         def gated(accept: Callable[[], None]) -> Callable[[], None]:
             def handle_accept() -> None:
-                now = time.monotonic()
                 if not gate.may_accept(connections()):
-                    since = episode[0]
-                    if since is None or now - episode[1] > ACCEPT_NEW_GAP_S:
-                        since = episode[0] = now  # a connection not seen before
-                    episode[1] = now
-                    if now - since < ACCEPT_DEFER_S:
+                    now = time.monotonic()
+                    wait["left"] = True
+                    if wait["since"] is None:
+                        wait["since"] = now
+                    if now - wait["since"] < ACCEPT_DEFER_S:
                         time.sleep(ACCEPT_DEFER_POLL_S)
                         return
-                episode[0] = None
+                wait["since"] = None
                 accept()
                 gate.note(connections())
 
             return handle_accept
 
+        servers[0].readable = turn(servers[0].readable)  # type: ignore[method-assign]
         for server in servers:
-            server.readable = noted(server.readable)  # type: ignore[method-assign]
             server.handle_accept = gated(server.handle_accept)  # type: ignore[method-assign]
+        self._gate = gate
 
     def _device_lost(self, fault: DeviceLost) -> None:
         """Stop accepting and exit EXIT_DEVICE_LOST once the requests in flight have failed (503)."""
@@ -334,6 +340,8 @@ class Server:
                 first.start()
                 while first.is_alive():
                     wasyncore.loop(timeout=0.05, map=self._map, count=1)
+            if self._gate is not None:
+                self._gate.closed()  # before the listeners go: others take the new connections
             for server in self._servers:
                 # the listener alone: server.close() would also close the trigger that the worker
                 # threads pull when a response is ready, and the requests in flight must be answered

@@ -29,8 +29,8 @@ _SHM_KEYS = (REGION, BYTE_SIZE, OFFSET)
 
 def shm_blueprint(registry: SharedMemoryRegistry, ready: Callable[[], bool] = lambda: True) -> Blueprint:
     """The blueprint of the ``/v2/systemsharedmemory`` endpoints over ``registry``; registering waits
-    (503) until the shim is ``ready`` (a GPU backend pins regions, which must not run beside the
-    capture of a model's CUDA graph at warm-up)."""
+    (503) until the ops have warmed up (``ready``: a GPU backend pins regions, which must not run
+    beside the capture of a model's CUDA graph at warm-up)."""
     bp = Blueprint("system_shared_memory", __name__)
 
     @bp.get("/v2/systemsharedmemory/status")

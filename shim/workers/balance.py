@@ -7,6 +7,7 @@ each holds (memory of the device process's, inherited as a file descriptor), and
 waiting connection only while it holds no more than the fewest (ties take it together: the first
 wins). All of them are woken for each connection, so the one that may take it does, at once; one
 that may not leaves it, pausing between looks, at most ``serving.ACCEPT_DEFER_S``, then takes it.
+A stopping worker leaves the board before it closes its listeners.
 A worker writes its count at each turn of its event loop; one that is not warm yet (its ops would
 answer 503) counts as absent and takes no connection that another could.
 """
@@ -73,15 +74,20 @@ class WorkerGate:
 
     def __init__(self, board: ConnectionBoard, slot: int, ready: Callable[[], bool]) -> None:
         self._board, self._slot, self._ready = board, slot, ready
+        self._closed = False
 
     def note(self, connections: int) -> None:
-        if self._ready():
+        if self._ready() and not self._closed:
             self._board.note(self._slot, connections)
         else:
             self._board.gone(self._slot)
 
     def may_accept(self, connections: int) -> bool:
-        if self._ready():
+        if self._ready() and not self._closed:
             return self._board.may_accept(self._slot, connections)
         self._board.gone(self._slot)
         return False
+
+    def closed(self) -> None:
+        self._closed = True
+        self._board.gone(self._slot)

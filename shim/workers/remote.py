@@ -73,6 +73,9 @@ class RemoteBackend:
     def unregister_host(self, address: int) -> None:
         """Nothing was registered here."""
 
+    def warmed(self) -> None:
+        """The device process seals its own runners."""
+
     def image_pipeline(self, config: ModelConfig) -> RemotePipeline:
         return RemotePipeline(self._link, config)
 

@@ -1,0 +1,83 @@
+"""The accept gate of ``Server`` (request workers' least-connections accepting): a connection the gate
+leaves to others is still taken within ``ACCEPT_DEFER_S``, even by a busy process."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from waitress import wasyncore
+
+from shim.server.serving import ACCEPT_DEFER_S, Server, bind_sockets
+
+
+class Refusing:
+    """A gate that never lets this server take a connection (no other process ever does either)."""
+
+    def __init__(self) -> None:
+        self.asked, self.noted = 0, []
+
+    def note(self, connections: int) -> None:
+        self.noted.append(connections)
+
+    def may_accept(self, connections: int) -> bool:
+        self.asked += 1
+        return False
+
+    def closed(self) -> None:
+        pass
+
+
+@pytest.fixture
+def gated(service, tmp_path):
+    gate = Refusing()
+    sockets = bind_sockets(None, 0, str(tmp_path / "gated.sock"))
+    server = Server(service, sockets, accept_gate=gate, unlink_unix=False)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.2, map=server._map, count=1)  # noqa: SLF001 - the server's own loop
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield tmp_path / "gated.sock", gate
+    stop.set()
+    thread.join(5)
+    for s in server._servers:  # noqa: SLF001
+        s.close()
+    server._tasks.shutdown()  # noqa: SLF001
+
+
+def _health(path) -> float:
+    started = time.perf_counter()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "a CPU-bound thread beside"])
+def test_a_connection_left_to_others_is_taken_after_the_deferral(gated, busy):
+    path, gate = gated
+    spinning = threading.Event()
+
+    def spin() -> None:  # holds the interpreter lock between switches, as a loaded worker's requests do
+        while not spinning.is_set():
+            sum(range(10_000))
+
+    _health(path)  # the server's threads start (under a busy thread, that alone takes a while)
+    if busy:
+        threading.Thread(target=spin, daemon=True).start()
+    asked = gate.asked
+    try:
+        waits = [_health(path) for _ in range(5)]
+    finally:
+        spinning.set()
+    assert gate.asked >= asked + 5  # every connection was first left to others
+    assert all(w >= ACCEPT_DEFER_S * 0.9 for w in waits), waits
+    assert max(waits) < 0.25, waits  # then taken: a few turns of the loop at most
+    assert gate.noted and gate.noted[-1] >= 0
