@@ -61,15 +61,18 @@ class Registry:
                 return False
         return all(gate() for gate in self._gates)
 
-    def load_all(self) -> None:
+    def load_all(self, warmed: Callable[[], None] | None = None) -> None:
         """Load and warm up every op, in order; they are ready together once every one has warmed up
-        (on a GPU a model's warm-up captures CUDA graphs, which no other op's work may run beside)."""
+        (on a GPU a model's warm-up captures CUDA graphs, which no other op's work may run beside),
+        after ``warmed()`` (the backend's: no capture from then on)."""
         for name, op in self._ops.items():
             start = time.perf_counter()
             op.load()
             op.warmup()
             self.warmup_seconds[name] = time.perf_counter() - start
             log.info("op %s warm (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
+        if warmed is not None:
+            warmed()
         with self._lock:
             self._ready.update(self._ops)
         self.loaded.set()

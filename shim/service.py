@@ -47,8 +47,7 @@ class Service:
         """Load and warm up every op; the shim answers ready afterwards."""
         # the ops first: on the GPU their models capture CUDA graphs, which needs the device to
         # themselves; the shim is ready once KaaS has compiled its kernels too (a registry gate)
-        self.registry.load_all()
-        self.backend.warmed()
+        self.registry.load_all(self.backend.warmed)
         if self.kaas is not None:
             self.kaas.load()
         for name, seconds in self.registry.warmup_seconds.items():

@@ -34,6 +34,7 @@ def gated(service, tmp_path):
     gate = Refusing()
     sockets = bind_sockets(None, 0, str(tmp_path / "gated.sock"))
     server = Server(service, sockets, accept_gate=gate, unlink_unix=False)
+    gate.listener = sockets[0]
     stop = threading.Event()
 
     def loop() -> None:
@@ -81,3 +82,25 @@ def test_a_connection_left_to_others_is_taken_after_the_deferral(gated, busy):
     assert all(w >= ACCEPT_DEFER_S * 0.9 for w in waits), waits
     assert max(waits) < 0.25, waits  # then taken: a few turns of the loop at most
     assert gate.noted and gate.noted[-1] >= 0
+
+
+def test_a_connection_another_process_took_ends_the_wait_and_the_next_one_waits_anew(gated):
+    """The wait belongs to one connection: once another process took it, the next connection is left
+    to others again for the whole deferral, not taken at once because the old wait ran out."""
+    import os
+
+    path, gate = gated
+    _health(path)
+    other = socket.socket(fileno=os.dup(gate.listener.fileno()))  # another worker on the same socket
+    try:
+        for _ in range(3):
+            first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            first.connect(str(path))
+            time.sleep(0.002)  # this server has left it meanwhile
+            taken, _ = other.accept()
+            taken.close()
+            first.close()
+            time.sleep(0.05)  # a while later, another connection
+            assert _health(path) >= ACCEPT_DEFER_S * 0.9
+    finally:
+        other.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,8 @@ class CudaBackend:
         self.threads = threads
         self.device_id = device_id
         self.graphs = graphs
-        self._runners: list[onnx.OnnxRunner] = []  # to seal once warm (``warmed``)
+        self._runners: weakref.WeakSet[onnx.OnnxRunner] = weakref.WeakSet()  # to seal once warm (``warmed``)
+        self._sealed = False
         cp.cuda.Device(device_id).use()
         self._pool = cp.get_default_memory_pool()
         self.memory_limit = memory_limit
@@ -128,15 +130,16 @@ class CudaBackend:
         with device_errors():
             # each batch size on a session of fixed shapes, replaying a CUDA graph (one launch for
             # the whole model: a batch of 1 runs in about a third of the time node by node takes)
-            runner = onnx.OnnxRunner(path, providers, self.threads, self.device_id, fixed=True, graphs=self.graphs,
-                                     device_copy=copy_on_device)
+            runner = onnx.OnnxRunner(path, providers, self.threads, self.device_id, fixed=True,
+                                     graphs=self.graphs and not self._sealed, device_copy=copy_on_device)
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)  # unpadded, one session
-        self._runners.append(runner)
+        self._runners.add(runner)
         return runner
 
     def warmed(self) -> None:
+        self._sealed = True
         for runner in self._runners:
             runner.graphs = False  # the sizes captured at warm-up keep replaying theirs
 

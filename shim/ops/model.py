@@ -109,13 +109,15 @@ class ModelOp(Op):
         n = 1
         while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
             feeds = {}
+            rows = min(n, self._max_batch)
             for spec in self.inputs:
                 if spec.datatype is None or spec.datatype == "BYTES" or spec.shape is None:
                     return  # nothing sensible to make up; the first request warms it
-                rows = min(n, self._max_batch)
                 shape = tuple((rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
                 feeds[spec.name] = np.zeros(shape, dtype=FIXED[spec.datatype][2])
             self._runner.run(feeds)
+            if rows < n:  # capped by --max-batch: larger sizes would repeat this run
+                break
             n *= 2
 
     def close(self) -> None:

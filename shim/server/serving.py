@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -249,14 +250,21 @@ class Server:
         and takes it itself once it has waited ``ACCEPT_DEFER_S``. A turn in which nothing waited
         ends the wait (another process took the connection)."""
         servers = self._servers
+        listeners = [server.socket for server in servers]
         wait: dict[str, Any] = {"since": None, "left": False}  # since when a connection waits; left this turn
 
         def connections() -> int:
             return sum(len(s.active_channels) for s in servers)
 
+        def still_waiting() -> bool:
+            try:
+                return bool(select.select(listeners, [], [], 0)[0])
+            except (OSError, ValueError):  # a listener closed: stopping
+                return False
+
         def turn(readable: Callable[[], bool]) -> Callable[[], bool]:
             def read() -> bool:  # the first server's, once per turn of the loop
-                if not wait["left"]:
+                if not wait["left"] or not still_waiting():  # taken by another process meanwhile
                     wait["since"] = None
                 wait["left"] = False
                 gate.note(connections())
