@@ -22,8 +22,6 @@ class Registry:
             if op.name in self._ops:
                 raise ValueError(f"two ops are named {op.name!r}")
             self._ops[op.name] = op
-        self._ready: set[str] = set()
-        self._lock = threading.Lock()
         self._gates: list[Callable[[], bool]] = []
         self.loaded = threading.Event()  # set once every op is warmed up
         self.warmup_seconds: dict[str, float] = {}
@@ -41,7 +39,7 @@ class Registry:
         op = self._ops.get(name)
         if op is None:
             raise OpNotFound(f"unknown op or model {name!r}; available: {', '.join(self._ops)}")
-        if name not in self._ready:
+        if not self.loaded.is_set():
             raise NotReady(f"op {name!r} is warming up")
         return op
 
@@ -53,13 +51,11 @@ class Registry:
         return op
 
     def is_ready(self, name: str | None = None) -> bool:
-        """Whether op ``name`` (or, with None, every op, and the gates) is ready."""
-        with self._lock:
-            if name:
-                return name in self._ready
-            if len(self._ready) != len(self._ops):
-                return False
-        return all(gate() for gate in self._gates)
+        """Whether op ``name`` (or, with None, every op, and the gates) is ready: the ops are ready
+        together, once ``load_all`` has warmed them all."""
+        if not self.loaded.is_set():
+            return False
+        return bool(name) or all(gate() for gate in self._gates)
 
     def load_all(self, warmed: Callable[[], None] | None = None) -> None:
         """Load and warm up every op, in order; they are ready together once every one has warmed up
@@ -73,8 +69,6 @@ class Registry:
             log.info("op %s warm (%s backend, load + warm-up %.3f s)", name, op.backend, self.warmup_seconds[name])
         if warmed is not None:
             warmed()
-        with self._lock:
-            self._ready.update(self._ops)
         self.loaded.set()
 
     def close(self) -> None:

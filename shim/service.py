@@ -56,25 +56,21 @@ class Service:
 
 
 def build_ops(settings: Settings, backend: Backend, batching: BatchingFactory | None = None) -> list[Op]:
-    """classify (on ``settings.classify_model``), every model of the repository, noop and gemm;
-    classify and the models batch dynamically when ``batching`` is given.
-
-    The models come first: the registry warms the ops in this order and each serves once warm, and
-    on the GPU a model's warm-up captures CUDA graphs, which needs the device to itself (onnxruntime
-    captures in the global mode, where another thread's allocation breaks the capture)."""
+    """noop, gemm, classify (on ``settings.classify_model``) and every model of the repository;
+    classify and the models batch dynamically when ``batching`` is given."""
     repo = ModelRepository(settings.models_dir)
     names = repo.names()
     if settings.classify_model and settings.classify_model not in names:
         raise FileNotFoundError(
             f"model {settings.classify_model!r} is not in {settings.models_dir}: run `accelshim models build "
             f"--dir {settings.models_dir}` (or `make models`)")
-    ops: list[Op] = []
+    ops: list[Op] = [NoopOp(), GemmOp(backend, settings.max_gemm_elements)]
     if settings.classify_model:
         ops.append(ClassifyOp(backend, repo.load(settings.classify_model), settings.max_image_pixels,
                               settings.max_batch, batching))
-    reserved = {"noop", "gemm", *(op.name for op in ops)}
+    reserved = {op.name for op in ops}
     ops += [ModelOp(backend, repo.load(n), settings.max_batch, batching) for n in names if n not in reserved]
-    return ops + [NoopOp(), GemmOp(backend, settings.max_gemm_elements)]
+    return ops
 
 
 def build_guard(settings: Settings, metrics: Metrics) -> Guard:

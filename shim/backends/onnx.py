@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from accel.datatypes import FIXED
+
 from ..batching import padded_batch
 from .base import TensorSpec
 
@@ -90,10 +92,9 @@ class FixedSession:
         return array.copy() if self.device == "cpu" else array
 
 
-_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-          "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-          "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-          "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+#: onnxruntime element type -> numpy scalar type, for the fixed-size ones (what a fixed buffer can hold)
+_NUMPY = {ort_type: np.dtype(FIXED[datatype][2]).type for ort_type, datatype in _ORT_TYPES.items()
+          if datatype in FIXED}
 
 
 def _dtype(value: Any) -> np.dtype:
@@ -176,17 +177,16 @@ class OnnxRunner:
 
     def _new_fixed(self, batch: int, thread: ThreadPoolExecutor) -> FixedSession:
         """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be."""
-        device = "cuda" if self.device == "cuda" else "cpu"
         if self.graphs:
             try:
-                fixed = FixedSession(self._new_session(batch, graph=True), device, self.device_id)
+                fixed = FixedSession(self._new_session(batch, graph=True), self.device, self.device_id)
                 thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
                             type(exc).__name__, (str(exc).splitlines() or [""])[0][:200])
-        fixed = FixedSession(self._new_session(batch), device, self.device_id)
+        fixed = FixedSession(self._new_session(batch), self.device, self.device_id)
         thread.submit(fixed.warm_up, 1).result()
         return fixed
 

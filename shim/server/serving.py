@@ -121,6 +121,8 @@ class AcceptGate(Protocol):
 
     def closed(self) -> None:
         """This server takes no more connections (it is stopping)."""
+
+
 EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
 
 

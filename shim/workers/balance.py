@@ -35,7 +35,7 @@ class ConnectionBoard:
         if fd is None:
             fd = os.memfd_create("accelshim-connections")  # the workers get it through pass_fds
             os.ftruncate(fd, 8 * slots)
-        self.fd, self.slots = fd, slots
+        self.fd = fd
         self._map = mmap.mmap(fd, 8 * slots)
         self._counts = memoryview(self._map).cast("q")
         if made:
@@ -48,7 +48,7 @@ class ConnectionBoard:
 
     def may_accept(self, slot: int, connections: int) -> bool:
         """Record that worker ``slot`` holds ``connections``; whether it should take a new one."""
-        self._counts[slot] = connections
+        self.note(slot, connections)
         return connections <= min(self._counts)
 
     def gone(self, slot: int) -> None:
@@ -77,10 +77,7 @@ class WorkerGate:
         self._closed = False
 
     def note(self, connections: int) -> None:
-        if self._ready() and not self._closed:
-            self._board.note(self._slot, connections)
-        else:
-            self._board.gone(self._slot)
+        self.may_accept(connections)
 
     def may_accept(self, connections: int) -> bool:
         if self._ready() and not self._closed:

@@ -69,7 +69,8 @@ class LinkProxy:
         fields = {key: value for key, value in environ.items()
                   if isinstance(value, (str, int, float)) and not key.startswith(("wsgi.", "waitress."))}
         status, headers, data = self._link.call("http", fields, pickle.PickleBuffer(body))
-        return Response(bytes(data), status=status, headers=[(k, v) for k, v in headers if k.lower() not in _HOP_RESPONSE])
+        kept = [(k, v) for k, v in headers if k.lower() not in _HOP_RESPONSE]
+        return Response(bytes(data), status=status, headers=kept)
 
 
 def served_here(environ: dict[str, Any]) -> bool:
@@ -163,6 +164,7 @@ def build_front(config: WorkerConfig) -> FrontService:
     settings = config.settings
     metrics = Metrics()
     guard = build_guard(settings, metrics)
+
     def lost() -> None:
         guard.monitor.trip(DeviceLost("the shim's device process exited"))
 
