@@ -46,7 +46,7 @@ def latency(label: str, workers: int) -> None:
     import accel
 
     jpeg, n = cat_jpeg(), 1024
-    with ShimProcess("cuda", ROOT / "models", workers=workers) as shim:
+    with ShimProcess(os.environ.get("PROBE_DEVICE", "cuda"), ROOT / "models", workers=workers) as shim:
         client = accel.Client(shim.unix_url)
         for _ in range(50):
             client.classify(jpeg)
