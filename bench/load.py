@@ -39,11 +39,16 @@ def metrics_text(url: str) -> str:
         return resp.read().decode("utf-8", "replace")
 
 
+#: the dynamic batchers' histograms in /metrics: rows per device run, seconds per device run, and
+#: how long an item waited for its batch (all labelled by op)
+BATCH_METRICS = ("accelshim_batch_size", "accelshim_batch_seconds", "accelshim_queue_seconds")
+
+
 def batch_histogram(text: str) -> dict[str, float]:
-    """The samples of any metric with "batch" in its name (e.g. accelshim_batch_size's buckets/sum/count)."""
+    """The samples (buckets, sums, counts) of the batchers' histograms (``BATCH_METRICS``)."""
     out = {}
     for line in text.splitlines():
-        if not line.startswith("#") and "batch" in line.split("{")[0].split(" ")[0]:
+        if not line.startswith("#") and line.split("{")[0].split(" ")[0].startswith(BATCH_METRICS):
             key, _, value = line.rpartition(" ")
             try:
                 out[key] = float(value)
@@ -52,11 +57,11 @@ def batch_histogram(text: str) -> dict[str, float]:
     return out
 
 
-def mean_batch(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, float]:
-    """Mean ``accelshim_batch_size`` between two scrapes (summed over labels), and the batch count."""
+def histogram_mean(before: dict[str, float], after: dict[str, float],
+                   metric: str = "accelshim_batch_size") -> tuple[float | None, float]:
+    """The mean of histogram ``metric`` between two scrapes (summed over labels), and its count."""
     def total(suffix: str) -> float:
-        return sum(v - before.get(k, 0.0) for k, v in after.items()
-                   if k.split("{")[0] == f"accelshim_batch_size{suffix}")
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0] == f"{metric}{suffix}")
 
     count = total("_count")
     return (total("_sum") / count if count > 0 else None), count

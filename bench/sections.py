@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from bench.common import ShimProcess, md_table, percentiles, time_calls, write_results
 from bench.cold import section_cold
-from bench.load import batch_histogram, mean_batch, metrics_text
+from bench.load import batch_histogram, histogram_mean, metrics_text
 from bench.loop import closed_loop, process_closed_loop
 from bench.procs import ACCEL_CHILD, CHILD_TIMEOUT_S, NAIVE, gpu_memory, hold_children, release, rss_mib
 
@@ -224,7 +224,7 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
         procs = min(clients, proc_cap)
         scrape = batch_histogram(metrics_text(b.shim.tcp_url))
         shim = process_closed_loop(("accel", b.shim.unix_url), b.jpeg, clients, duration, procs)
-        shim["mean_batch_size"], shim["batches"] = mean_batch(scrape, batch_histogram(metrics_text(b.shim.tcp_url)))
+        shim.update(device_batching(scrape, batch_histogram(metrics_text(b.shim.tcp_url))))
         want = min(clients, cap)
         while len(sessions) < want:
             clf = InProcessClassifier(b.device, b.args.models / "efficientnet-lite0")
@@ -253,12 +253,13 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
                      shim["errors"] + inproc["errors"] + naive.get("errors", 0)])
         print(f"throughput {clients:4d} clients: shim ({procs} client processes) {shim['images_per_s']:8.1f} img/s "
               f"p50 {shim.get('p50_ms', 0):.2f} "
-              f"p99 {shim.get('p99_ms', 0):.2f} ms | in-process ({want} sessions) {inproc['images_per_s']:8.1f} img/s "
+              f"p99 {shim.get('p99_ms', 0):.2f} ms (device batch run {_ms(shim['mean_batch_run_ms'])} ms, "
+              f"wait {_ms(shim['mean_batch_wait_ms'])} ms) | in-process ({want} sessions) {inproc['images_per_s']:8.1f} img/s "
               f"p50 {inproc.get('p50_ms', 0):.2f} p99 {inproc.get('p99_ms', 0):.2f} ms | naive functions "
               f"{naive.get('images_per_s', 0):8.1f} img/s p99 {naive.get('p99_ms', 0):.2f} ms", flush=True)
     providers = sessions[0].providers if sessions else None
     after = batch_histogram(metrics_text(b.shim.tcp_url))
-    mean, batches = mean_batch(before, after)
+    mean, batches = histogram_mean(before, after)
     try:
         config = json.loads((b.args.models / "efficientnet-lite0" / "model.json").read_text())
         batching = {k: config.get(k) for k in ("max_batch_size", "max_queue_delay_us")}
@@ -287,15 +288,33 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
                       "in-process p99 ms", "shim / in-process", "naive functions img/s", "naive p99 ms",
                       "shim / naive functions", "shim mean batch", "errors"], rows)
           + f"\n- dynamic batching configured in model.json: {batching}\n"
+          + "- the device process's batchers per level (/metrics): mean time of one device run of a batch / mean "
+            "wait of an item for its batch, ms: " + "; ".join(
+              f"{r['clients']} clients {_ms(r['shim'].get('mean_batch_run_ms'))} / "
+              f"{_ms(r['shim'].get('mean_batch_wait_ms'))}" for r in results) + "\n"
           + (f"- `accelshim_batch_size` from /metrics over this run: mean batch {mean:.2f} "
              f"({batches:.0f} batches; per level in the JSON)\n" if mean is not None
              else "- the shim's /metrics has no `accelshim_batch_size` samples (no dynamic batching observed)\n"))
     return out, md
 
 
+def device_batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the device process's batchers did between two scrapes of /metrics: batches, their mean
+    size, the mean time of one device run of a batch and the mean wait of an item for its batch."""
+    size, batches = histogram_mean(before, after, "accelshim_batch_size")
+    run, _ = histogram_mean(before, after, "accelshim_batch_seconds")
+    wait, _ = histogram_mean(before, after, "accelshim_queue_seconds")
+    return {"mean_batch_size": size, "batches": batches, "mean_batch_run_ms": None if run is None else 1e3 * run,
+            "mean_batch_wait_ms": None if wait is None else 1e3 * wait}
+
+
 def ratio(shim: dict[str, Any], other: dict[str, Any]) -> float | None:
     """Images/s of the shim over another setup's (None when that one did none)."""
     return shim["images_per_s"] / other["images_per_s"] if other.get("images_per_s") else None
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def times(x: float | None) -> str:

@@ -77,3 +77,19 @@ def test_cold_shm_child_cleans_up_after_holding(live_shim) -> None:
     with accel.Client(live_shim.unix_url) as client:
         assert name not in [r["name"] for r in client.shm_status()]
     assert not [k for k in os.listdir("/dev/shm") if k.startswith(f"accel_{name}_")]
+
+
+def test_device_batching_reads_the_batchers_histograms(live_shim, chelsea) -> None:
+    from bench.load import batch_histogram, metrics_text
+    from bench.sections import device_batching
+
+    client = accel.Client(live_shim.unix_url)
+    before = batch_histogram(metrics_text(live_shim.tcp_url))
+    for _ in range(3):
+        client.classify(encode(chelsea, "JPEG"))
+    client.classify([encode(chelsea, "JPEG")] * 2)
+    out = device_batching(before, batch_histogram(metrics_text(live_shim.tcp_url)))
+    assert out["batches"] == 4 and out["mean_batch_size"] == pytest.approx(5 / 4)
+    assert out["mean_batch_run_ms"] is not None and 0 < out["mean_batch_run_ms"] < 10_000
+    assert out["mean_batch_wait_ms"] is not None and 0 <= out["mean_batch_wait_ms"] < out["mean_batch_run_ms"] * 100
+    assert device_batching(before, before)["mean_batch_size"] is None
