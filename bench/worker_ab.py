@@ -7,6 +7,8 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
+    python bench/worker_ab.py pipeline           # classify's device pipeline alone (no shim, no link): ms
+                                                 # per batch on one thread, images/s on 2 and 4 threads
 
 An A/B run starts the probe once on the code as it is and once on a variant (for worker-side
 batching: ``shim/workers/front.py`` building its ops without a BatchingFactory), minutes apart on
@@ -106,11 +108,58 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
           f"rest {1e3 * rest / images:.2f}", flush=True)
 
 
+def pipeline() -> None:
+    import io
+    import statistics
+    import threading
+
+    from PIL import Image
+
+    from shim.backends.cuda import CudaBackend
+    from shim.modelrepo import ModelRepository
+
+    backend = CudaBackend()
+    pipe = backend.image_pipeline(ModelRepository(ROOT / "models").load("efficientnet-lite0"))
+    pixels = pipe.prepare(Image.open(io.BytesIO(cat_jpeg())))
+    for n in (1, 2, 4, 8, 16, 32):  # warm-up: each padded size captured, as in the shim
+        pipe.logits([pixels] * n)
+    backend.warmed()
+
+    def median_ms(n: int, reps: int = 60) -> float:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            pipe.logits([pixels] * n)
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    print("one thread, median ms per logits():", {n: round(median_ms(n), 3) for n in (1, 2, 4, 6, 8, 16)}, flush=True)
+    for threads in (2, 4):
+        done, stop = [0] * threads, time.perf_counter() + 3
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < stop:
+                pipe.logits([pixels] * 6)
+                done[i] += 1
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.perf_counter() - start
+        print(f"{threads} threads, batches of 6: {sum(done) / wall:.0f} batches/s = {6 * sum(done) / wall:.0f} "
+              f"images/s, {1e3 * wall * threads / sum(done):.2f} ms per batch per thread", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["throughput"]:
         throughput(sys.argv[2])
     elif sys.argv[1:2] == ["latency"]:
         latency(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["pipeline"]:
+        pipeline()
     elif sys.argv[1:2] == ["cpu"]:
         cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
