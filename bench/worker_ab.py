@@ -7,6 +7,8 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
+    python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each),
+                                                 # over the socket and lent through the arena: ms, CPU ms
     python bench/worker_ab.py pipeline           # classify's device pipeline alone (no shim, no link): ms
                                                  # per batch on one thread, images/s on 2 and 4 threads
 
@@ -108,6 +110,36 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
           f"rest {1e3 * rest / images:.2f}", flush=True)
 
 
+def link() -> None:
+    import resource
+    import tempfile
+
+    import numpy as np
+
+    from shim.workers.arena import Arena
+    from shim.workers.link import LinkClient, LinkServer
+
+    def cpu_seconds() -> float:  # both ends run in this process
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    address = tempfile.mktemp(suffix=".sock")  # noqa: S306 - the listener creates it at once
+    server = LinkServer(address, b"probe", {"size": lambda items: sum(a.nbytes for a in items)}, threads=16)
+    for label, arena in (("socket", None), ("arena", Arena())):
+        client = LinkClient(address, b"probe", arena=arena)
+        for n in (1, 4):
+            items, reps = [np.zeros((300, 451, 3), np.uint8) for _ in range(n)], 1000
+            for _ in range(100):
+                client.call("size", items)
+            cpu, start = cpu_seconds(), time.perf_counter()
+            for _ in range(reps):
+                client.call("size", items)
+            print(f"{label}: {n} x 406 KB per call: {1e3 * (time.perf_counter() - start) / reps:.3f} ms, "
+                  f"{1e3 * (cpu_seconds() - cpu) / reps:.3f} ms of CPU (both ends)", flush=True)
+        client.close()
+    server.close()
+
+
 def pipeline() -> None:
     import io
     import statistics
@@ -158,6 +190,8 @@ if __name__ == "__main__":
         throughput(sys.argv[2])
     elif sys.argv[1:2] == ["latency"]:
         latency(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["link"]:
+        link()
     elif sys.argv[1:2] == ["pipeline"]:
         pipeline()
     elif sys.argv[1:2] == ["cpu"]:

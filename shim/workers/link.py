@@ -3,11 +3,13 @@ per worker (``multiprocessing.connection``, authenticated with a per-run key).
 
 A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
 thread hands every reply to the thread that waits for it. Messages are pickles (protocol 5) whose
-arrays travel out of band: written from where they lie, read straight into the buffers they are
-rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated pieces). On the device side a reader thread per
-worker hands each call to a pool of threads (a call may wait in a batcher) and replies as each
-finishes. Errors travel as (status, message): the worker raises the same ``accel.errors`` class,
-and a lost device stays a ``DeviceLost``.
+arrays travel out of band: a call's large buffers are lent through the worker's shared-memory
+``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
+once the reply is in), the others written from where they lie and read straight into the buffers
+they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
+pieces). On the device side a reader thread per worker hands each call to a pool of threads (a
+call may wait in a batcher) and replies as each finishes. Errors travel as (status, message): the
+worker raises the same ``accel.errors`` class, and a lost device stays a ``DeviceLost``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Any, Callable
 from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
+from .arena import MIN_LENT_BYTES, Arena, PeerArena
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +54,77 @@ def _raise_reply(kind: str, status: int, message: str, retry_after: float | None
     raise error_for_status(status, message, retry_after)
 
 
+Lent = list[tuple[int, int]]  # (offset, bytes) of the arena slots a message took
+
+
 class _Channel:
-    """Messages over the socket of an authenticated ``Connection`` (which it takes over)."""
+    """Messages over the socket of an authenticated ``Connection`` (which it takes over).
+
+    A message is a header (buffer count, pickle size, then per out-of-band buffer its size and where
+    it is: 0 on the socket after the pickle, else 1 + its offset in the sender's arena), the pickle,
+    then the buffers that go on the socket.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         conn.close()
         self._send_lock = threading.Lock()
+        self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, arena: Arena | None = None) -> Lent:
+        """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
+        caller gives them back once the peer has done with them)."""
         buffers: list[pickle.PickleBuffer] = []
         data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
         try:
             raws = [b.raw() for b in buffers]
         except BufferError:  # a non-contiguous buffer: everything in band
             data, raws = pickle.dumps(message, protocol=5), []
-        header = struct.pack(f"!IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
-        with self._send_lock:
-            self.sock.sendall(header + data)
-            for raw in raws:
-                self.sock.sendall(raw)
+        lent: Lent = []
+        places = []
+        for raw in raws:
+            offset = arena.lend(raw) if arena is not None and raw.nbytes >= MIN_LENT_BYTES else None
+            if offset is not None:
+                lent.append((offset, raw.nbytes))
+            places += [raw.nbytes, 0 if offset is None else offset + 1]
+        header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
+        try:
+            with self._send_lock:
+                self.sock.sendall(header + data)
+                for raw, where in zip(raws, places[1::2]):
+                    if not where:
+                        self.sock.sendall(raw)
+        except BaseException:
+            for offset, nbytes in lent:
+                arena.give_back(offset, nbytes)  # type: ignore[union-attr]  # lent implies an arena
+            raise
+        return lent
 
     def recv(self) -> Any:
         count, size = struct.unpack("!IQ", self._exactly(12))
-        lengths = struct.unpack(f"!{count}Q", self._exactly(8 * count)) if count else ()
+        places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
         data = self._exactly(size)
-        return pickle.loads(data, buffers=[self._exactly(n) for n in lengths])
+        buffers: list[Any] = []
+        for nbytes, where in zip(places[::2], places[1::2]):
+            if not where:
+                buffers.append(self._exactly(nbytes))
+            elif self.peer_arena is None:
+                raise EOFError("a link message names an arena that was never sent")
+            else:
+                buffers.append(self.peer_arena.view(where - 1, nbytes))
+        return pickle.loads(data, buffers=buffers)
+
+    def send_arena(self, arena: Arena | None) -> None:
+        """The first thing a client sends: its arena's fd (or none), beside one byte."""
+        socket.send_fds(self.sock, [b"A" if arena else b"-"], [arena.fd] if arena else [])
+
+    def recv_arena(self) -> None:
+        """The first thing a server reads: the client's arena, mapped here."""
+        tag, fds, _flags, _addr = socket.recv_fds(self.sock, 1, 1)
+        if not tag:
+            raise EOFError("the link was closed")
+        if fds:
+            self.peer_arena = PeerArena(fds[0])
 
     def _exactly(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -92,8 +140,11 @@ class _Channel:
 class LinkClient:
     """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
 
-    def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None,
+                 arena: Arena | None = None) -> None:
         self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
+        self._arena = arena
+        self._chan.send_arena(arena)
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
         self._lock = threading.Lock()
@@ -115,8 +166,13 @@ class LinkClient:
             if self._closed:
                 raise LinkClosed("the shim's device process is gone; retry", retry_after=1.0)
             self._waiting[call_id] = slot
-        self._send((call_id, method, args))
-        slot[0].wait()
+        lent = self._send((call_id, method, args), self._arena)
+        try:
+            slot[0].wait()
+        finally:  # answered (or the device is gone): it reads these slots no more
+            if lent and self._arena is not None:
+                for offset, nbytes in lent:
+                    self._arena.give_back(offset, nbytes)
         ok, payload = slot[1]
         if not ok:
             _raise_reply(*payload)
@@ -126,9 +182,9 @@ class LinkClient:
         """Send ``method(*args)`` without waiting (nothing comes back, errors are the device's to log)."""
         self._send((0, method, args))
 
-    def _send(self, message: tuple[int, str, tuple[Any, ...]]) -> None:
+    def _send(self, message: tuple[int, str, tuple[Any, ...]], arena: Arena | None = None) -> Lent:
         try:
-            self._chan.send(message)
+            return self._chan.send(message, arena)
         except (OSError, ValueError) as exc:
             self._close_all()
             raise LinkClosed(f"the shim's device process is gone ({exc}); retry", retry_after=1.0) from None
@@ -214,13 +270,18 @@ class LinkServer:
                 log.warning("notification %s failed: %s", method, reply[2][2])
 
         try:
+            chan.recv_arena()
             while True:
                 call_id, method, args = chan.recv()
                 self._pool.submit(run, call_id, method, args)
         except (EOFError, OSError):
             pass
+        except ValueError as exc:  # an arena it may not map, or a buffer outside it
+            log.warning("dropped a request worker's link: %s", exc)
         finally:
             chan.sock.close()
+            if chan.peer_arena is not None:
+                chan.peer_arena.close()  # unmapped now, or when the last call using it is done
 
     def close(self) -> None:
         if self._closing:

@@ -1,0 +1,111 @@
+"""Shared memory through which a request worker lends the large buffers of its link calls.
+
+A worker's ``LinkClient`` owns one ``Arena``: a sealed memfd (it can grow, never shrink), mapped
+in the worker and, once its fd has crossed the link's socket, in the device process. A large
+out-of-band buffer of a call (decoded pixels, an operand) is copied into a slot of the arena, and
+the message carries the slot's place instead of the bytes; the device reads the buffer where it
+lies, with no socket transfer and no allocation. The worker frees the slots of a call when the
+call's reply has arrived: by then the device has done with them (handlers copy what they keep).
+A buffer that finds no room goes over the socket as before.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+
+ARENA_BYTES = 64 << 20      # per link connection; pages are only taken where slots have been used
+MIN_LENT_BYTES = 32 << 10   # smaller buffers go over the socket: a slot would cost more than it saves
+_ALIGN = 64
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+class Arena:
+    """First-fit slots (64-byte aligned) of one shared mapping; thread-safe."""
+
+    def __init__(self, size: int = ARENA_BYTES) -> None:
+        self.size = size
+        self.fd = os.memfd_create("accelshim-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            self._map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._view = memoryview(self._map)
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset, never adjacent
+        self._lock = threading.Lock()
+
+    def lend(self, data: memoryview) -> int | None:
+        """Copy ``data`` (contiguous bytes) into a free slot; its offset, or None when none fits."""
+        need = -(-data.nbytes // _ALIGN) * _ALIGN
+        with self._lock:
+            for i, (offset, length) in enumerate(self._free):
+                if length >= need:
+                    self._free[i:i + 1] = [(offset + need, length - need)] if length > need else []
+                    break
+            else:
+                return None
+        self._view[offset:offset + data.nbytes] = data.cast("B")
+        return offset
+
+    def give_back(self, offset: int, nbytes: int) -> None:
+        """Free the slot at ``offset`` that ``lend`` gave for ``nbytes`` bytes."""
+        start, end = offset, offset + -(-nbytes // _ALIGN) * _ALIGN
+        with self._lock:
+            free = self._free
+            i = 0
+            while i < len(free) and free[i][0] < start:
+                i += 1
+            if i > 0 and free[i - 1][0] + free[i - 1][1] == start:  # joins the free slot before it
+                i -= 1
+                start = free[i][0]
+                del free[i]
+            if i < len(free) and free[i][0] == end:  # and the one after it
+                end += free[i][1]
+                del free[i]
+            free.insert(i, (start, end - start))
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(length for _, length in self._free)
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+class PeerArena:
+    """The device's side: a worker's arena, mapped from the fd it sent, read where it lies."""
+
+    def __init__(self, fd: int) -> None:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & _SEALS != _SEALS:  # an arena that could shrink could fault this process (SIGBUS)
+                raise ValueError(f"the link arena is not sealed against shrinking (seals {seals:#x})")
+            self.size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """Bytes ``[offset, offset + nbytes)`` of the arena.
+
+        Raises:
+            ValueError: outside the arena.
+        """
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"a link buffer at {offset} of {nbytes} bytes lies outside the arena of {self.size}")
+        return self._view[offset:offset + nbytes]
+
+    def close(self) -> None:
+        """Unmap, unless buffers of it are still in use (then when the last one goes)."""
+        try:
+            self._view.release()
+            self._map.close()
+        except BufferError:
+            pass

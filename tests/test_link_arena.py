@@ -1,0 +1,112 @@
+"""The link's shared-memory arena: slots, the device's mapping of it, and calls that lend through it."""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
+from shim.workers.link import LinkClient, LinkServer
+
+
+def test_slots_are_aligned_apart_and_coalesce_when_given_back() -> None:
+    arena = Arena(1 << 20)
+    try:
+        a = arena.lend(memoryview(b"a" * 100))
+        b = arena.lend(memoryview(b"b" * 1000))
+        c = arena.lend(memoryview(b"c" * 10))
+        assert (a, b, c) == (0, 128, 1152)
+        assert arena.free_bytes() == (1 << 20) - 1152 - 64
+        arena.give_back(b, 1000)  # a hole in the middle, then its neighbours: one free run again
+        assert arena.lend(memoryview(b"d" * 2000)) == 1216  # first fit: the hole is too small
+        arena.give_back(1216, 2000)
+        arena.give_back(a, 100)
+        arena.give_back(c, 10)
+        assert arena.free_bytes() == 1 << 20
+        assert arena.lend(memoryview(bytes(1 << 20))) == 0  # all of it, in one piece
+        assert arena.lend(memoryview(b"x")) is None  # full
+    finally:
+        arena.close()
+
+
+def test_the_peer_reads_what_was_lent_and_nothing_outside() -> None:
+    arena = Arena(1 << 20)
+    peer = PeerArena(os.dup(arena.fd))
+    try:
+        data = np.arange(50_000, dtype=np.float32)
+        offset = arena.lend(memoryview(data).cast("B"))
+        assert offset is not None
+        seen = np.frombuffer(peer.view(offset, data.nbytes), np.float32)
+        np.testing.assert_array_equal(seen, data)
+        with pytest.raises(ValueError, match="outside the arena"):
+            peer.view((1 << 20) - 8, 16)
+    finally:
+        peer.close()
+        arena.close()
+
+
+def test_the_peer_refuses_an_arena_that_could_shrink() -> None:
+    fd = os.memfd_create("not-sealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 16)
+    with pytest.raises(ValueError, match="not sealed"):
+        PeerArena(fd)
+    with pytest.raises(OSError):  # it took the fd over, and closed it
+        os.fstat(fd)
+
+
+@pytest.fixture()
+def arena_link(tmp_path):
+    key = os.urandom(16)
+    seen: list[str] = []  # what each array "total" got is built on
+
+    def total(x: np.ndarray) -> tuple[float, np.ndarray]:
+        root = x
+        while isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        seen.append(type(getattr(root, "obj", root)).__name__)
+        return float(x.sum(dtype=np.float64)), x[:3].copy()
+
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"total": total, "echo": lambda x: x}, threads=8)
+    arena = Arena(4 << 20)
+    client = LinkClient(server.address, key, arena=arena)
+    yield client, arena, seen
+    client.close()
+    server.close()
+    arena.close()
+
+
+def test_large_buffers_cross_in_the_arena_and_their_slots_come_back(arena_link) -> None:
+    client, arena, seen = arena_link
+    x = np.random.default_rng(0).random(MIN_LENT_BYTES // 4, dtype=np.float32)  # just big enough to be lent
+    total, head = client.call("total", x)
+    assert total == pytest.approx(float(x.sum(dtype=np.float64)))
+    np.testing.assert_array_equal(head, x[:3])
+    np.testing.assert_array_equal(client.call("echo", x), x)
+    assert seen == ["mmap"]  # rebuilt on the arena's bytes where they lie, not on a copy
+    assert arena.free_bytes() == 4 << 20  # every slot given back once answered
+    small = np.ones(100, np.float32)
+    assert client.call("total", small)[0] == 100.0
+    assert seen[-1] == "bytearray"  # a small buffer crossed the socket
+
+
+def test_concurrent_calls_each_get_their_own_bytes_and_a_full_arena_falls_back(arena_link) -> None:
+    client, arena, _seen = arena_link
+    rng = np.random.default_rng(1)
+    # 16 callers of 1 MiB each through a 4 MiB arena: some are lent, the others cross the socket
+    arrays = [rng.random(1 << 18, dtype=np.float32) for _ in range(16)]
+    start = threading.Barrier(16)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        start.wait(5)
+        return client.call("echo", x)
+
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(3):
+            for sent, got in zip(arrays, list(pool.map(call, arrays))):
+                np.testing.assert_array_equal(got, sent)
+    assert arena.free_bytes() == 4 << 20
+    too_big = rng.random(2 << 20, dtype=np.float32)  # 8 MiB: never fits
+    np.testing.assert_array_equal(client.call("echo", too_big), too_big)
