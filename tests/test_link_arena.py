@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from accel.errors import InvalidInput, NotReady
 from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
 from shim.workers.link import LinkClient, LinkServer
 
@@ -53,39 +55,60 @@ def test_the_peer_refuses_an_arena_that_could_shrink() -> None:
     os.ftruncate(fd, 1 << 16)
     with pytest.raises(ValueError, match="not sealed"):
         PeerArena(fd)
-    with pytest.raises(OSError):  # it took the fd over, and closed it
-        os.fstat(fd)
+
+
+def built_on(x: np.ndarray) -> str:
+    """What an array's bytes belong to: 'mmap' (the arena) or 'bytearray' (read off the socket)."""
+    root = x
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    return type(getattr(root, "obj", root)).__name__
+
+
+def arena_mappings() -> int:
+    return sum("accelshim-link" in line for line in open("/proc/self/maps", encoding="utf-8"))
 
 
 @pytest.fixture()
 def arena_link(tmp_path):
     key = os.urandom(16)
-    seen: list[str] = []  # what each array "total" got is built on
+    seen: list[str] = []  # what each argument was built on
+    release = threading.Event()
 
     def total(x: np.ndarray) -> tuple[float, np.ndarray]:
-        root = x
-        while isinstance(root, np.ndarray) and root.base is not None:
-            root = root.base
-        seen.append(type(getattr(root, "obj", root)).__name__)
+        seen.append(built_on(x))
         return float(x.sum(dtype=np.float64)), x[:3].copy()
 
-    server = LinkServer(str(tmp_path / "link.sock"), key, {"total": total, "echo": lambda x: x}, threads=8)
+    def echo(x: np.ndarray) -> np.ndarray:
+        seen.append(built_on(x))
+        return x
+
+    def fail(x: np.ndarray) -> None:
+        raise InvalidInput(f"no good: {x.nbytes} bytes")
+
+    def slow(x: np.ndarray) -> int:
+        release.wait(10)
+        return x.nbytes
+
+    handlers = {"total": total, "echo": echo, "fail": fail, "slow": slow}
+    server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=32)
     arena = Arena(4 << 20)
     client = LinkClient(server.address, key, arena=arena)
-    yield client, arena, seen
+    yield client, arena, seen, server, release
+    release.set()
     client.close()
     server.close()
     arena.close()
 
 
 def test_large_buffers_cross_in_the_arena_and_their_slots_come_back(arena_link) -> None:
-    client, arena, seen = arena_link
+    client, arena, seen, *_ = arena_link
     x = np.random.default_rng(0).random(MIN_LENT_BYTES // 4, dtype=np.float32)  # just big enough to be lent
     total, head = client.call("total", x)
     assert total == pytest.approx(float(x.sum(dtype=np.float64)))
     np.testing.assert_array_equal(head, x[:3])
     np.testing.assert_array_equal(client.call("echo", x), x)
-    assert seen == ["mmap"]  # rebuilt on the arena's bytes where they lie, not on a copy
+    assert seen == ["mmap", "mmap"]  # rebuilt on the arena's bytes where they lie, not on a copy
     assert arena.free_bytes() == 4 << 20  # every slot given back once answered
     small = np.ones(100, np.float32)
     assert client.call("total", small)[0] == 100.0
@@ -93,7 +116,7 @@ def test_large_buffers_cross_in_the_arena_and_their_slots_come_back(arena_link) 
 
 
 def test_concurrent_calls_each_get_their_own_bytes_and_a_full_arena_falls_back(arena_link) -> None:
-    client, arena, _seen = arena_link
+    client, arena, seen, *_ = arena_link
     rng = np.random.default_rng(1)
     # 16 callers of 1 MiB each through a 4 MiB arena: some are lent, the others cross the socket
     arrays = [rng.random(1 << 18, dtype=np.float32) for _ in range(16)]
@@ -108,5 +131,44 @@ def test_concurrent_calls_each_get_their_own_bytes_and_a_full_arena_falls_back(a
             for sent, got in zip(arrays, list(pool.map(call, arrays))):
                 np.testing.assert_array_equal(got, sent)
     assert arena.free_bytes() == 4 << 20
+    assert {"mmap", "bytearray"} <= set(seen)  # both ways were taken
+    seen.clear()
     too_big = rng.random(2 << 20, dtype=np.float32)  # 8 MiB: never fits
     np.testing.assert_array_equal(client.call("echo", too_big), too_big)
+    assert seen == ["bytearray"]
+
+
+def test_slots_come_back_after_an_error_and_when_the_link_closes(arena_link) -> None:
+    client, arena, _seen, server, _release = arena_link
+    x = np.ones(1 << 16, np.float32)
+    with pytest.raises(InvalidInput, match="262144 bytes"):
+        client.call("fail", x)
+    assert arena.free_bytes() == 4 << 20
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.call, "slow", x)
+        time.sleep(0.2)
+        assert arena.free_bytes() < 4 << 20  # lent while the call is on the device
+        server.close()
+        with pytest.raises(NotReady):
+            waiting.result(5)
+    assert arena.free_bytes() == 4 << 20
+
+
+def test_a_gone_workers_arena_is_unmapped_by_the_device(tmp_path) -> None:
+    key = os.urandom(16)
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: x}, threads=4)
+    try:
+        before = arena_mappings()
+        arena = Arena(1 << 20)
+        client = LinkClient(server.address, key, arena=arena)
+        x = np.ones(1 << 16, np.float32)
+        np.testing.assert_array_equal(client.call("echo", x), x)  # its last call lent a slot
+        assert arena_mappings() == before + 2  # the worker's mapping and the device's
+        client.close()
+        arena.close()
+        deadline = time.monotonic() + 5
+        while arena_mappings() > before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert arena_mappings() == before
+    finally:
+        server.close()

@@ -15,6 +15,8 @@ import mmap
 import os
 import threading
 
+import numpy as np
+
 ARENA_BYTES = 64 << 20      # per link connection; pages are only taken where slots have been used
 MIN_LENT_BYTES = 32 << 10   # smaller buffers go over the socket: a slot would cost more than it saves
 _ALIGN = 64
@@ -34,7 +36,6 @@ class Arena:
         except BaseException:
             os.close(self.fd)
             raise
-        self._view = memoryview(self._map)
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset, never adjacent
         self._lock = threading.Lock()
 
@@ -48,7 +49,8 @@ class Arena:
                     break
             else:
                 return None
-        self._view[offset:offset + data.nbytes] = data.cast("B")
+        # numpy copies without the interpreter lock (a memoryview assignment would hold it)
+        np.copyto(np.frombuffer(self._map, np.uint8, data.nbytes, offset), np.frombuffer(data, np.uint8))
         return offset
 
     def give_back(self, offset: int, nbytes: int) -> None:
@@ -69,11 +71,12 @@ class Arena:
             free.insert(i, (start, end - start))
 
     def free_bytes(self) -> int:
+        """Bytes in free slots (all of them once every lent slot is back)."""
         with self._lock:
             return sum(length for _, length in self._free)
 
     def close(self) -> None:
-        self._view.release()
+        """Unmap and close (the worker is stopping; no call may be in flight)."""
         self._map.close()
         os.close(self.fd)
 
@@ -87,10 +90,13 @@ class PeerArena:
             if seals & _SEALS != _SEALS:  # an arena that could shrink could fault this process (SIGBUS)
                 raise ValueError(f"the link arena is not sealed against shrinking (seals {seals:#x})")
             self.size = os.fstat(fd).st_size
-            self._map = mmap.mmap(fd, self.size)
+            mapping = mmap.mmap(fd, self.size)
+        except OSError as exc:  # not a memfd, say
+            raise ValueError(f"the link arena cannot be mapped: {exc}") from None
         finally:
             os.close(fd)
-        self._view = memoryview(self._map)
+        # only views hold the mapping: it is unmapped when the last of them goes (after ``close``)
+        self._view: memoryview | None = memoryview(mapping)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         """Bytes ``[offset, offset + nbytes)`` of the arena.
@@ -99,13 +105,14 @@ class PeerArena:
             ValueError: outside the arena.
         """
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
-            raise ValueError(f"a link buffer at {offset} of {nbytes} bytes lies outside the arena of {self.size}")
+            raise ValueError(f"a link buffer at {offset} of {nbytes} bytes lies outside the arena "
+                             f"of {self.size}")
+        if self._view is None:
+            raise ValueError("the link arena is closed")
         return self._view[offset:offset + nbytes]
 
     def close(self) -> None:
-        """Unmap, unless buffers of it are still in use (then when the last one goes)."""
-        try:
+        """Let go of the mapping: unmapped now, or when the last view a call still holds goes."""
+        if self._view is not None:
             self._view.release()
-            self._map.close()
-        except BufferError:
-            pass
+            self._view = None

@@ -76,7 +76,8 @@ class DeviceEndpoint:
 
         return call
 
-    def _http(self, fields: dict[str, Any], body: bytes | bytearray) -> tuple[int, list[tuple[str, str]], Any]:
+    def _http(self, fields: dict[str, Any], body: bytes | bytearray | memoryview
+              ) -> tuple[int, list[tuple[str, str]], Any]:
         """A request a worker forwards as it is (``LinkProxy``): through this process's app, as its
         own server would run it (the app authenticates, admits and answers errors itself)."""
         environ = {**fields, "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),

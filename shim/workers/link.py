@@ -33,6 +33,7 @@ from .arena import MIN_LENT_BYTES, Arena, PeerArena
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
+Lent = list[tuple[int, int]]  # (offset, bytes) of the arena slots a message took
 _LOST = "device_lost"
 
 
@@ -52,9 +53,6 @@ def _raise_reply(kind: str, status: int, message: str, retry_after: float | None
     if kind == _LOST:
         raise DeviceLost(message, retry_after=retry_after)
     raise error_for_status(status, message, retry_after)
-
-
-Lent = list[tuple[int, int]]  # (offset, bytes) of the arena slots a message took
 
 
 class _Channel:
@@ -81,14 +79,14 @@ class _Channel:
         except BufferError:  # a non-contiguous buffer: everything in band
             data, raws = pickle.dumps(message, protocol=5), []
         lent: Lent = []
-        places = []
-        for raw in raws:
-            offset = arena.lend(raw) if arena is not None and raw.nbytes >= MIN_LENT_BYTES else None
-            if offset is not None:
-                lent.append((offset, raw.nbytes))
-            places += [raw.nbytes, 0 if offset is None else offset + 1]
-        header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
+        places: list[int] = []
         try:
+            for raw in raws:
+                offset = arena.lend(raw) if arena is not None and raw.nbytes >= MIN_LENT_BYTES else None
+                if offset is not None:
+                    lent.append((offset, raw.nbytes))
+                places += [raw.nbytes, 0 if offset is None else offset + 1]
+            header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
             with self._send_lock:
                 self.sock.sendall(header + data)
                 for raw, where in zip(raws, places[1::2]):
@@ -119,12 +117,21 @@ class _Channel:
         socket.send_fds(self.sock, [b"A" if arena else b"-"], [arena.fd] if arena else [])
 
     def recv_arena(self) -> None:
-        """The first thing a server reads: the client's arena, mapped here."""
-        tag, fds, _flags, _addr = socket.recv_fds(self.sock, 1, 1)
+        """The first thing a server reads: the client's arena, mapped here.
+
+        Raises:
+            EOFError: the link was closed. ValueError: an arena announced that did not arrive whole.
+        """
+        tag, fds, flags, _addr = socket.recv_fds(self.sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
         if not tag:
             raise EOFError("the link was closed")
-        if fds:
-            self.peer_arena = PeerArena(fds[0])
+        if tag != b"A" or not fds or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            if tag == b"-" and not fds:
+                return  # a client without an arena: everything crosses the socket
+            raise ValueError(f"the link arena did not arrive (tag {tag!r}, {len(fds)} fds, flags {flags:#x})")
+        self.peer_arena = PeerArena(fds[0])
 
     def _exactly(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -223,6 +230,9 @@ class LinkClient:
 class LinkServer:
     """The device's end: accepts workers at ``address`` and runs their calls on ``handlers``.
 
+    A handler's array and bytes arguments may lie in the worker's arena, which the worker reuses once
+    the reply is sent: a handler copies what it keeps past its return.
+
     Args:
         handlers: method name -> function; a call runs ``handlers[method](*args)`` on a pool thread.
         threads: calls that may run (or wait in a batcher) at once, over all workers.
@@ -266,14 +276,15 @@ class LinkServer:
                     chan.send(reply)
                 except (OSError, ValueError):
                     pass  # the worker is gone; its caller is gone with it
+                except Exception as exc:  # noqa: BLE001 - a result that cannot be pickled: say so
+                    chan.send((call_id, False, _as_reply(exc)))
             elif not reply[1]:
                 log.warning("notification %s failed: %s", method, reply[2][2])
 
         try:
             chan.recv_arena()
             while True:
-                call_id, method, args = chan.recv()
-                self._pool.submit(run, call_id, method, args)
+                self._pool.submit(run, *chan.recv())  # no message kept here: its arena views die with its call
         except (EOFError, OSError):
             pass
         except ValueError as exc:  # an arena it may not map, or a buffer outside it
@@ -281,7 +292,8 @@ class LinkServer:
         finally:
             chan.sock.close()
             if chan.peer_arena is not None:
-                chan.peer_arena.close()  # unmapped now, or when the last call using it is done
+                chan.peer_arena.close()  # unmapped once no call of it holds a view
+            self._conns.remove(chan)
 
     def close(self) -> None:
         if self._closing:
