@@ -6,8 +6,8 @@
 1. cold start (classify one photo; one 1024x1024 FP32 gemm, operands in the HTTP body or in a
    shared-memory region, built with numpy or read as raw bytes without it): (a) the first call in a
    running function process, (b) a fresh function process end to end; naive (bench/naive.py in a
-   child) vs a child that calls the warm shim over its unix socket, in an interpreter with nothing
-   installed, as a function image has (procs.function_python).
+   child) vs a child that calls the warm shim over its unix socket, in an interpreter with only
+   accel installed, byte-compiled, as a function image has it (procs.function_python).
 2. warm latency: noop, gemm n=64..4096 FP16/FP32 (HTTP body; shared memory), classify batch 1;
    shim vs in-process.
 3. throughput: 1/8/32/128 concurrent clients classifying; the shim's clients in up to P processes
@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             data["shim_backends"] = {op: meta.metadata(op).get("backend") for op in ("noop", "gemm", "classify")}
         except Exception as exc:  # noqa: BLE001
             data["shim_server"] = {"error": str(exc)}
-        fn_python, fn_what = function_python(workdir)
+        fn_python, fn_what, fn_has_accel = function_python(workdir)
         data["function_interpreter"] = fn_what
         b = Bench(args, device, shim, jpeg, jpeg_path, child_env(), data, write_gemm_inputs(workdir / "ab.f32", 1024),
-                  fn_python, [header])
+                  fn_python, fn_has_accel, [header])
         b.markdown.append(f"shim: `{' '.join(shim.cmd[1:])}`, ready in {shim.ready_seconds:.2f} s, backends "
                           f"{data.get('shim_backends')}, GPU memory held "
                           f"{data['shim_gpu_memory']['added_mib'] if mem_before else 'n/a'} MiB\n")

@@ -99,17 +99,26 @@ def write_gemm_inputs(path: Path, n: int) -> Path:
     return path
 
 
-def function_python(workdir: Path) -> tuple[str, str]:
-    """The interpreter of an accelshim function instance: a venv of this Python with nothing installed
-    (a function image holds the standard library and ``accel``, no CUDA stack); ``(path, what)``.
-    Where no venv can be made, this interpreter."""
+def function_python(workdir: Path) -> tuple[str, str, bool]:
+    """The interpreter of an accelshim function instance: a venv of this Python with only ``accel``
+    in it, byte-compiled, as the template's image holds it (no CUDA stack); ``(path, what, whether
+    accel is installed there)``. Where no venv can be made, this interpreter (accel on PYTHONPATH)."""
+    import accel
+
     target = workdir / "function-venv"
+    python = target / "bin" / "python"
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True, timeout=120,
                        capture_output=True)
-        return str(target / "bin" / "python"), "a venv with nothing installed (accel on PYTHONPATH)"
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, timeout=60, capture_output=True, text=True).stdout.strip()
+        package = Path(site) / "accel"
+        shutil.copytree(Path(accel.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([str(python), "-m", "compileall", "-q", str(package)], check=True, timeout=120,
+                       capture_output=True)
+        return str(python), "a venv with only accel in it, byte-compiled as in the template's image", True
     except (OSError, subprocess.SubprocessError) as exc:
-        return sys.executable, f"the benchmark's own interpreter (no venv: {exc})"
+        return sys.executable, f"the benchmark's own interpreter (no venv: {exc})", False
 
 
 def cat_jpeg() -> bytes:
@@ -123,12 +132,22 @@ def cat_jpeg() -> bytes:
 
 def child_env() -> dict[str, str]:
     """The environment for children: ours, plus where ``accel`` is (it may be on sys.path only)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([accel_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def accel_root() -> str:
+    """The folder that holds the ``accel`` package this interpreter imports."""
     import accel
 
-    env = dict(os.environ)
-    extra = [str(Path(accel.__file__).resolve().parents[1])]
-    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+    return str(Path(accel.__file__).resolve().parents[1])
+
+
+def without_accel(env: dict[str, str]) -> dict[str, str]:
+    """``env`` minus our accel's folder on PYTHONPATH: for an interpreter with accel of its own."""
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != accel_root()]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def parse_bench_line(stdout: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from bench.common import ShimProcess, md_table, percentiles, time_calls, write_r
 from bench.cold import section_cold
 from bench.load import batch_histogram, histogram_mean, metrics_text
 from bench.loop import closed_loop, process_closed_loop
-from bench.procs import ACCEL_CHILD, CHILD_TIMEOUT_S, NAIVE, gpu_memory, hold_children, release, rss_mib
+from bench.procs import (ACCEL_CHILD, CHILD_TIMEOUT_S, NAIVE, gpu_memory, hold_children, release, rss_mib,
+                         without_accel)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -33,6 +34,7 @@ class Bench:
     data: dict[str, Any]
     gemm_inputs: Path  # A and B for the cold gemm children (procs.write_gemm_inputs)
     function_python: str  # the interpreter of accelshim function instances (procs.function_python)
+    function_has_accel: bool = False  # accel installed there (else it comes from our PYTHONPATH)
     markdown: list[str] = field(default_factory=list)
     sections_md: dict[str, str] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
@@ -53,14 +55,18 @@ class Bench:
         return [self.function_python, "-c", ACCEL_CHILD, op, self.shim.unix_url, arg] + (["hold"] if hold else [])
 
     def child_env(self, who: str, op: str) -> dict[str, str]:
-        """The environment of a child: an accelshim function that builds its operands with numpy has
-        numpy in its image, so the function interpreter is given where this one's numpy lies."""
-        if who == "naive" or op not in ("gemm", "gemm-shm"):
+        """The environment of a child. An accelshim function imports the accel installed in its
+        interpreter (byte-compiled, as in its image), not ours; one that builds its operands with
+        numpy has numpy in its image, so it is given where this interpreter's numpy lies."""
+        if who == "naive":
             return self.env
+        env = without_accel(self.env) if self.function_has_accel else self.env
+        if op not in ("gemm", "gemm-shm"):
+            return env
         import numpy
 
         site = str(Path(numpy.__file__).resolve().parents[1])
-        return {**self.env, "PYTHONPATH": os.pathsep.join([self.env.get("PYTHONPATH", ""), site]).strip(os.pathsep)}
+        return {**env, "PYTHONPATH": os.pathsep.join([env.get("PYTHONPATH", ""), site]).strip(os.pathsep)}
 
     def save(self) -> None:
         """Rewrite the JSON + Markdown with what is done so far (sections in their numbered order)."""
@@ -81,7 +87,7 @@ def section_density(b: Bench) -> tuple[dict[str, Any], str]:
         for k in ks:
             cmd = b.naive_cmd("classify", hold=True) if who == "naive" else b.accel_cmd("classify", hold=True)
             before = gpu_memory()
-            procs, results = hold_children([cmd] * k, b.env, CHILD_TIMEOUT_S)
+            procs, results = hold_children([cmd] * k, b.child_env(who, "classify"), CHILD_TIMEOUT_S)
             try:
                 time.sleep(0.5)  # let the driver's accounting settle
                 after = gpu_memory()
@@ -254,7 +260,8 @@ def section_throughput(b: Bench) -> tuple[dict[str, Any], str]:
         print(f"throughput {clients:4d} clients: shim ({procs} client processes) {shim['images_per_s']:8.1f} img/s "
               f"p50 {shim.get('p50_ms', 0):.2f} "
               f"p99 {shim.get('p99_ms', 0):.2f} ms (device batch run {_ms(shim['mean_batch_run_ms'])} ms, "
-              f"wait {_ms(shim['mean_batch_wait_ms'])} ms) | in-process ({want} sessions) {inproc['images_per_s']:8.1f} img/s "
+              f"wait {_ms(shim['mean_batch_wait_ms'])} ms) | in-process ({want} sessions) "
+              f"{inproc['images_per_s']:8.1f} img/s "
               f"p50 {inproc.get('p50_ms', 0):.2f} p99 {inproc.get('p99_ms', 0):.2f} ms | naive functions "
               f"{naive.get('images_per_s', 0):8.1f} img/s p99 {naive.get('p99_ms', 0):.2f} ms", flush=True)
     providers = sessions[0].providers if sessions else None

@@ -2,7 +2,11 @@
 and no GPU library anywhere in a function image."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,24 @@ def test_template_is_self_contained():
     """``faas-cli template pull`` copies this folder alone: nothing in it may import the shim."""
     for path in TEMPLATE.rglob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+shim\b", path.read_text(), re.MULTILINE), path
+
+
+def test_the_code_is_byte_compiled_in_the_image(tmp_path):
+    """A function instance starts with PYTHONDONTWRITEBYTECODE and code it cannot write: the image
+    must hold the bytecode of accel and the handler, or each cold start compiles them again."""
+    lines = _instructions()
+    run = next(l for l in lines if "compileall" in l)
+    assert lines.index(run) > next(i for i, l in enumerate(lines) if l.startswith("COPY function/ function/"))
+    assert lines.index(run) < next(i for i, l in enumerate(lines) if l.startswith("USER "))
+    app = tmp_path / "app"
+    shutil.copytree(TEMPLATE, app, ignore=shutil.ignore_patterns("__pycache__"))
+    for command in run.removeprefix("RUN ").split(" && "):  # as the image build runs them, in /home/app
+        subprocess.run([sys.executable if word == "python" else word for word in command.split()], cwd=app,
+                       check=True)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(app)}
+    out = subprocess.run([sys.executable, "-v", "-c", "import accel, function.handler"], cwd=app, env=env,
+                         capture_output=True, text=True, check=True).stderr
+    loaded = re.findall(rf"# code object from '?{re.escape(str(app))}/(\S+?)'?$", out, re.MULTILINE)
+    assert {"accel/__pycache__/client", "function/__pycache__/handler"} <= {p.split(".cpython")[0] for p in loaded}
+    compiled_at_start = [p for p in loaded if p.endswith(".py")]
+    assert not compiled_at_start
