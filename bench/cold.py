@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import md_table
@@ -71,7 +72,17 @@ def run_children(b: Bench, reps: int) -> dict[tuple[str, str], list[dict[str, An
                 wall, timings = run_child(cmd, b.child_env(who, op))
                 timings["process_wall_s"] = wall
                 runs.setdefault((who, op), []).append(timings)
+                check_accel(b, timings)
     return runs
+
+
+def check_accel(b: Bench, timings: dict[str, Any]) -> None:
+    """An accelshim function must have imported the accel of its own interpreter (byte-compiled, as
+    in its image), not ours: else its import time would not be the image's."""
+    if "accel_file" in timings and b.function_has_accel:
+        home = Path(b.function_python).parents[1]
+        if not Path(timings["accel_file"]).resolve().is_relative_to(home.resolve()):
+            raise RuntimeError(f"an accelshim function imported {timings['accel_file']}, not the accel in {home}")
 
 
 def breakdown_row(label: str, who: str, naive_op: str, entry: dict[str, Any], bare: float) -> list[Any]:

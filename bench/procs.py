@@ -73,7 +73,7 @@ try:
     t3 = time.perf_counter()
     first = t3 - t2 + region_s
     out = {"op": op, "imports_s": t1 - t0, "inputs_s": t2 - t1 - region_s, "first_call_s": first,
-           "first_result_s": first}
+           "first_result_s": first, "accel_file": accel.__file__}
     if region is not None:
         out["region_s"] = region_s
     out.update(extra)
@@ -113,6 +113,7 @@ def function_python(workdir: Path) -> tuple[str, str, bool]:
         site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, timeout=60, capture_output=True, text=True).stdout.strip()
         package = Path(site) / "accel"
+        shutil.rmtree(package, ignore_errors=True)  # a workdir used before
         shutil.copytree(Path(accel.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run([str(python), "-m", "compileall", "-q", str(package)], check=True, timeout=120,
                        capture_output=True)
@@ -133,20 +134,18 @@ def cat_jpeg() -> bytes:
 def child_env() -> dict[str, str]:
     """The environment for children: ours, plus where ``accel`` is (it may be on sys.path only)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([accel_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    import accel
+
+    ours = str(Path(accel.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([ours] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
-def accel_root() -> str:
-    """The folder that holds the ``accel`` package this interpreter imports."""
-    import accel
-
-    return str(Path(accel.__file__).resolve().parents[1])
-
-
 def without_accel(env: dict[str, str]) -> dict[str, str]:
-    """``env`` minus our accel's folder on PYTHONPATH: for an interpreter with accel of its own."""
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != accel_root()]
+    """``env`` minus every PYTHONPATH folder that holds an ``accel`` package (by whatever path it is
+    named): for an interpreter with accel of its own."""
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not (Path(p) / "accel" / "__init__.py").is_file()]
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 

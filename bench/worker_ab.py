@@ -7,8 +7,12 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
-    python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each),
+    python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
+                                                 # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
+    python bench/worker_ab.py compiled           # a fresh interpreter importing accel from a copy with its
+                                                 # bytecode and from one without (as a function image
+                                                 # without compileall): 20 each, interleaved
     python bench/worker_ab.py pipeline           # classify's device pipeline alone (no shim, no link): ms
                                                  # per batch on one thread, images/s on 2 and 4 threads
 
@@ -123,12 +127,16 @@ def link() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
+    def touch(items: list[np.ndarray]) -> int:  # reads a byte of every page, as a copy onwards would
+        return sum(int(a.reshape(-1)[::4096].sum()) for a in items)
+
     address = tempfile.mktemp(suffix=".sock")  # noqa: S306 - the listener creates it at once
-    server = LinkServer(address, b"probe", {"size": lambda items: sum(a.nbytes for a in items)}, threads=16)
+    server = LinkServer(address, b"probe", {"size": touch}, threads=16)
+    rng = np.random.default_rng(0)
     for label, arena in (("socket", None), ("arena", Arena())):
         client = LinkClient(address, b"probe", arena=arena)
         for n in (1, 4):
-            items, reps = [np.zeros((300, 451, 3), np.uint8) for _ in range(n)], 1000
+            items, reps = [rng.integers(0, 256, (300, 451, 3), np.uint8) for _ in range(n)], 1000
             for _ in range(100):
                 client.call("size", items)
             cpu, start = cpu_seconds(), time.perf_counter()
@@ -138,6 +146,36 @@ def link() -> None:
                   f"{1e3 * (cpu_seconds() - cpu) / reps:.3f} ms of CPU (both ends)", flush=True)
         client.close()
     server.close()
+
+
+def compiled() -> None:
+    import shutil
+    import statistics
+    import tempfile
+
+    import accel
+
+    probe = "import time; t = time.perf_counter(); import accel; print(time.perf_counter() - t)"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # as in the image: nothing is written at start
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = {}
+        for label in ("without bytecode", "with bytecode"):
+            root = Path(tmp) / label.replace(" ", "-")
+            shutil.copytree(Path(accel.__file__).parent, root / "accel", ignore=shutil.ignore_patterns("__pycache__"))
+            if label == "with bytecode":  # as the template's Dockerfile does
+                subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+                                str(root / "accel")], check=True)
+            copies[label] = root
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label in copies}
+        for _ in range(20):
+            for label, root in copies.items():
+                start = time.perf_counter()
+                out = subprocess.run([sys.executable, "-c", probe], env={**env, "PYTHONPATH": str(root)},
+                                     capture_output=True, text=True, check=True).stdout
+                times[label].append((float(out), time.perf_counter() - start))
+        for label, pairs in times.items():
+            print(f"{label}: import accel {1e3 * statistics.median(p[0] for p in pairs):.1f} ms, the process "
+                  f"{1e3 * statistics.median(p[1] for p in pairs):.1f} ms (medians of {len(pairs)})", flush=True)
 
 
 def pipeline() -> None:
@@ -192,6 +230,8 @@ if __name__ == "__main__":
         latency(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1:2] == ["link"]:
         link()
+    elif sys.argv[1:2] == ["compiled"]:
+        compiled()
     elif sys.argv[1:2] == ["pipeline"]:
         pipeline()
     elif sys.argv[1:2] == ["cpu"]:

@@ -57,12 +57,13 @@ def test_cold_gemm_child_without_numpy_matches_the_naive_product(live_shim, tmp_
     inputs = write_gemm_inputs(tmp_path / "ab.f32", 64)
     python, what, has_accel = function_python(tmp_path)
     assert "venv" in what and has_accel
-    env = without_accel(child_env())
+    env = without_accel({**child_env(), "PYTHONDONTWRITEBYTECODE": "1"})  # a .pyc found is the venv's own
     # the function's own accel, byte-compiled beside its sources, as in the template's image
     probe = "import accel, os; print(accel.__file__); print(os.path.exists(accel.__cached__))"
     where = subprocess.run([python, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert Path(where[0]).is_relative_to(tmp_path) and where[1] == "True"
     _, timings = run_child([python, "-c", ACCEL_CHILD, "gemm-raw", live_shim.unix_url, str(inputs)], env)
+    assert Path(timings["accel_file"]).is_relative_to(tmp_path)
     assert timings["numpy_imported"] is False and timings["first_call_s"] >= timings["region_s"] > 0
     _, naive = run_child([sys.executable, str(NAIVE), "gemm", "--device", "cpu", "--n", "64", "--inputs", str(inputs)],
                          child_env())

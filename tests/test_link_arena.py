@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from accel.errors import InvalidInput, NotReady
+from accel.errors import InternalError, InvalidInput, NotReady
 from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
 from shim.workers.link import LinkClient, LinkServer
 
@@ -171,4 +171,51 @@ def test_a_gone_workers_arena_is_unmapped_by_the_device(tmp_path) -> None:
             time.sleep(0.02)
         assert arena_mappings() == before
     finally:
+        server.close()
+
+
+def test_a_burst_beyond_the_kept_bytes_goes_back_to_the_system() -> None:
+    arena = Arena(4 << 20, keep=1 << 20)
+    try:
+        small = arena.lend(memoryview(np.ones(1 << 20, np.uint8)))
+        big = arena.lend(memoryview(np.ones(2 << 20, np.uint8)))
+        assert (small, big) == (0, 1 << 20)
+        assert os.fstat(arena.fd).st_blocks * 512 >= 3 << 20  # both slots' pages are taken
+        arena.give_back(big, 2 << 20)
+        assert os.fstat(arena.fd).st_blocks * 512 <= (1 << 20) + (64 << 10)  # the burst's pages went back
+        assert arena.lend(memoryview(np.full(2 << 20, 7, np.uint8))) == 1 << 20  # and the run is usable again
+    finally:
+        arena.close()
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise ValueError("not today")
+
+
+def test_a_refused_arena_and_an_unpicklable_result(tmp_path, caplog) -> None:
+    key = os.urandom(16)
+    seen: list[str] = []
+    handlers = {"echo": lambda x: (seen.append(built_on(x)), x)[1], "odd": lambda: _Unpicklable(),
+                "lock": lambda: threading.Lock()}
+    server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=4)
+    arena = Arena(1 << 20)
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(unsealed, 1 << 20)
+    sealed, arena.fd = arena.fd, unsealed  # an arena the device may not map
+    try:
+        client = LinkClient(server.address, key, arena=arena)
+        x = np.arange(1 << 16, dtype=np.float32)
+        np.testing.assert_array_equal(client.call("echo", x), x)
+        assert seen == ["bytearray"]  # the link went on over its socket alone
+        assert "without its arena" in caplog.text and "not sealed" in caplog.text
+        with pytest.raises(InternalError, match="not today"):  # answered, not left waiting
+            client.call("odd")
+        with pytest.raises(InternalError, match="pickle"):
+            client.call("lock")
+        client.close()
+    finally:
+        arena.fd = sealed
+        arena.close()
+        os.close(unsealed)
         server.close()

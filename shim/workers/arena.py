@@ -11,6 +11,7 @@ A buffer that finds no room goes over the socket as before.
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import threading
@@ -19,14 +20,28 @@ import numpy as np
 
 ARENA_BYTES = 64 << 20      # per link connection; pages are only taken where slots have been used
 MIN_LENT_BYTES = 32 << 10   # smaller buffers go over the socket: a slot would cost more than it saves
+KEEP_BYTES = 16 << 20       # the first bytes stay resident; freed runs beyond go back to the system
 _ALIGN = 64
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
+log = logging.getLogger(__name__)
+
 
 class Arena:
-    """First-fit slots (64-byte aligned) of one shared mapping; thread-safe."""
+    """First-fit slots (64-byte aligned) of one shared mapping; thread-safe. What a burst used beyond
+    the first ``keep`` bytes is given back to the system once free (a 12 MP photo takes 36 MB)."""
 
-    def __init__(self, size: int = ARENA_BYTES) -> None:
+    @classmethod
+    def or_none(cls) -> "Arena | None":
+        """An arena, or None (logged) where none can be made: the link then uses its socket alone."""
+        try:
+            return cls()
+        except OSError as exc:
+            log.warning("no link arena (%s): large buffers cross the socket", exc)
+            return None
+
+    def __init__(self, size: int = ARENA_BYTES, keep: int = KEEP_BYTES) -> None:
+        self.keep = keep
         self.size = size
         self.fd = os.memfd_create("accelshim-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -69,6 +84,10 @@ class Arena:
                 end += free[i][1]
                 del free[i]
             free.insert(i, (start, end - start))
+            low = -(-max(start, self.keep) // mmap.PAGESIZE) * mmap.PAGESIZE
+            high = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if high - low >= 1 << 20:  # under the lock: nobody may take part of the run meanwhile
+                self._map.madvise(mmap.MADV_REMOVE, low, high - low)
 
     def free_bytes(self) -> int:
         """Bytes in free slots (all of them once every lent slot is back)."""

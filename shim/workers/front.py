@@ -169,10 +169,10 @@ def build_front(config: WorkerConfig) -> FrontService:
     def lost() -> None:
         guard.monitor.trip(DeviceLost("the shim's device process exited"))
 
-    link = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena())
+    link = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none())
     # forwarded requests get a connection of their own: a big KaaS buffer crossing it does not hold
     # up the device calls of the requests this worker serves itself
-    forwarded = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena())
+    forwarded = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none())
     backend = RemoteBackend(link, config.backend_name, config.backend_description)
     # the worker batches too: the requests it decodes at once go to the device in one call, where the
     # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there)

@@ -55,6 +55,10 @@ def _raise_reply(kind: str, status: int, message: str, retry_after: float | None
     raise error_for_status(status, message, retry_after)
 
 
+class _Unencodable(Exception):
+    """A message that cannot be pickled (its cause says why)."""
+
+
 class _Channel:
     """Messages over the socket of an authenticated ``Connection`` (which it takes over).
 
@@ -73,11 +77,14 @@ class _Channel:
         """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
         caller gives them back once the peer has done with them)."""
         buffers: list[pickle.PickleBuffer] = []
-        data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
         try:
-            raws = [b.raw() for b in buffers]
-        except BufferError:  # a non-contiguous buffer: everything in band
-            data, raws = pickle.dumps(message, protocol=5), []
+            data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            try:
+                raws = [b.raw() for b in buffers]
+            except BufferError:  # a non-contiguous buffer: everything in band
+                data, raws = pickle.dumps(message, protocol=5), []
+        except Exception as exc:
+            raise _Unencodable(f"{type(exc).__name__}: {exc}") from exc
         lent: Lent = []
         places: list[int] = []
         try:
@@ -112,26 +119,35 @@ class _Channel:
                 buffers.append(self.peer_arena.view(where - 1, nbytes))
         return pickle.loads(data, buffers=buffers)
 
-    def send_arena(self, arena: Arena | None) -> None:
-        """The first thing a client sends: its arena's fd (or none), beside one byte."""
+    def offer_arena(self, arena: Arena | None) -> bool:
+        """The first thing a client does: send its arena's fd (or none) beside one byte, and read
+        whether the server mapped it (b"1") or will read everything off the socket (b"0")."""
         socket.send_fds(self.sock, [b"A" if arena else b"-"], [arena.fd] if arena else [])
+        answer = self._exactly(1)
+        return bytes(answer) == b"1"
 
-    def recv_arena(self) -> None:
-        """The first thing a server reads: the client's arena, mapped here.
+    def accept_arena(self) -> None:
+        """The first thing a server does: map the client's arena, if it sent one, and say whether it
+        did; an arena that cannot be mapped is refused (logged), the link goes on without it.
 
         Raises:
-            EOFError: the link was closed. ValueError: an arena announced that did not arrive whole.
+            EOFError: the link was closed.
         """
         tag, fds, flags, _addr = socket.recv_fds(self.sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
         if not tag:
             raise EOFError("the link was closed")
-        if tag != b"A" or not fds or flags & socket.MSG_CTRUNC:
+        try:
+            if tag == b"A" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
+                self.peer_arena = PeerArena(fds.pop())
+            elif tag != b"-" or fds:
+                raise ValueError(f"the link arena did not arrive whole (tag {tag!r}, {len(fds)} fds, "
+                                 f"flags {flags:#x})")
+        except ValueError as exc:
+            log.warning("a request worker's link goes without its arena: %s", exc)
+        finally:
             for fd in fds:
                 os.close(fd)
-            if tag == b"-" and not fds:
-                return  # a client without an arena: everything crosses the socket
-            raise ValueError(f"the link arena did not arrive (tag {tag!r}, {len(fds)} fds, flags {flags:#x})")
-        self.peer_arena = PeerArena(fds[0])
+        self.sock.sendall(b"1" if self.peer_arena is not None else b"0")
 
     def _exactly(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -150,8 +166,8 @@ class LinkClient:
     def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None,
                  arena: Arena | None = None) -> None:
         self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
-        self._arena = arena
-        self._chan.send_arena(arena)
+        # the arena is used only once the device process has mapped it
+        self._arena = arena if self._chan.offer_arena(arena) and arena is not None else None
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
         self._lock = threading.Lock()
@@ -273,21 +289,22 @@ class LinkServer:
                 reply = (call_id, False, _as_reply(exc))
             if call_id:
                 try:
-                    chan.send(reply)
+                    try:
+                        chan.send(reply)
+                    except _Unencodable as exc:  # a result that cannot be pickled: say so
+                        chan.send((call_id, False, _as_reply(exc)))
                 except (OSError, ValueError):
                     pass  # the worker is gone; its caller is gone with it
-                except Exception as exc:  # noqa: BLE001 - a result that cannot be pickled: say so
-                    chan.send((call_id, False, _as_reply(exc)))
             elif not reply[1]:
                 log.warning("notification %s failed: %s", method, reply[2][2])
 
         try:
-            chan.recv_arena()
+            chan.accept_arena()
             while True:
                 self._pool.submit(run, *chan.recv())  # no message kept here: its arena views die with its call
         except (EOFError, OSError):
             pass
-        except ValueError as exc:  # an arena it may not map, or a buffer outside it
+        except ValueError as exc:  # a buffer outside the arena
             log.warning("dropped a request worker's link: %s", exc)
         finally:
             chan.sock.close()
