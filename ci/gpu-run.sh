@@ -2,7 +2,8 @@
 # On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
 # copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
-#   bash ci/gpu-run.sh [tests|bench|single|kaas|all]...   (default: all; SHIM_WORKERS=N, default 8)
+#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|all]...   (default: all; SHIM_WORKERS=N, default 8)
+#   (probes, not in all: the device pipeline alone, and CPU per image at 32 clients with 4, 8 and 16 workers)
 # Prepared here, before the device calls (both git-ignored):
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -38,7 +39,11 @@ for step in $what; do
         | tee "$OUT/bench-single.log" | tail -20 ;;&
     kaas|all)
       [ -f bench/kaas.py ] && timeout 60 python3 -m bench kaas --device cuda --out "$OUT/bench" 2>&1 \
-        | tee "$OUT/bench-kaas.log" | tail -30 ;;
+        | tee "$OUT/bench-kaas.log" | tail -30 ;;&
+    probes)
+      { timeout 90 python3 bench/worker_ab.py pipeline
+        for n in 4 8 16; do timeout 90 python3 bench/worker_ab.py cpu "$n" 32; done
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/probes.log" | tail -20 ;;
   esac
 done
 for d in bench bench-single; do [ -d "$OUT/$d" ] && tar czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"; done
