@@ -103,8 +103,6 @@ def function_python(workdir: Path) -> tuple[str, str, bool]:
     """The interpreter of an accelshim function instance: a venv of this Python with only ``accel``
     in it, byte-compiled, as the template's image holds it (no CUDA stack); ``(path, what, whether
     accel is installed there)``. Where no venv can be made, this interpreter (accel on PYTHONPATH)."""
-    import accel
-
     target = workdir / "function-venv"
     python = target / "bin" / "python"
     try:
@@ -112,14 +110,24 @@ def function_python(workdir: Path) -> tuple[str, str, bool]:
                        capture_output=True)
         site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, timeout=60, capture_output=True, text=True).stdout.strip()
-        package = Path(site) / "accel"
-        shutil.rmtree(package, ignore_errors=True)  # a workdir used before
-        shutil.copytree(Path(accel.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
-        subprocess.run([str(python), "-m", "compileall", "-q", str(package)], check=True, timeout=120,
-                       capture_output=True)
+        install_accel(Path(site), str(python))
         return str(python), "a venv with only accel in it, byte-compiled as in the template's image", True
     except (OSError, subprocess.SubprocessError) as exc:
         return sys.executable, f"the benchmark's own interpreter (no venv: {exc})", False
+
+
+def install_accel(folder: Path, python: str | None = sys.executable) -> Path:
+    """Our ``accel`` copied into ``folder`` and, unless ``python`` is None, byte-compiled by it as the
+    template's Dockerfile does (checked by hash); the package's path."""
+    import accel
+
+    package = folder / "accel"
+    shutil.rmtree(package, ignore_errors=True)  # a folder used before
+    shutil.copytree(Path(accel.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    if python is not None:
+        subprocess.run([python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(package)],
+                       check=True, timeout=120, capture_output=True)
+    return package
 
 
 def cat_jpeg() -> bytes:
@@ -133,11 +141,11 @@ def cat_jpeg() -> bytes:
 
 def child_env() -> dict[str, str]:
     """The environment for children: ours, plus where ``accel`` is (it may be on sys.path only)."""
-    env = dict(os.environ)
     import accel
 
-    ours = str(Path(accel.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([ours] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ)
+    extra = [str(Path(accel.__file__).resolve().parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 

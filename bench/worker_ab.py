@@ -149,22 +149,18 @@ def link() -> None:
 
 
 def compiled() -> None:
-    import shutil
     import statistics
     import tempfile
 
-    import accel
+    from bench.procs import install_accel
 
     probe = "import time; t = time.perf_counter(); import accel; print(time.perf_counter() - t)"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # as in the image: nothing is written at start
     with tempfile.TemporaryDirectory() as tmp:
         copies = {}
-        for label in ("without bytecode", "with bytecode"):
+        for label, compiler in (("without bytecode", None), ("with bytecode", sys.executable)):
             root = Path(tmp) / label.replace(" ", "-")
-            shutil.copytree(Path(accel.__file__).parent, root / "accel", ignore=shutil.ignore_patterns("__pycache__"))
-            if label == "with bytecode":  # as the template's Dockerfile does
-                subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
-                                str(root / "accel")], check=True)
+            install_accel(root, compiler)  # with bytecode: as the template's Dockerfile does
             copies[label] = root
         times: dict[str, list[tuple[float, float]]] = {label: [] for label in copies}
         for _ in range(20):

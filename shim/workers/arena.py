@@ -24,6 +24,8 @@ KEEP_BYTES = 16 << 20       # the first bytes stay resident; freed runs beyond g
 _ALIGN = 64
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
+Lent = list[tuple[int, int]]  # (offset, bytes) of the slots a message took
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,6 @@ class Arena:
 
     def __init__(self, size: int = ARENA_BYTES, keep: int = KEEP_BYTES) -> None:
         self.keep = keep
-        self.size = size
         self.fd = os.memfd_create("accelshim-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
@@ -56,7 +57,7 @@ class Arena:
 
     def lend(self, data: memoryview) -> int | None:
         """Copy ``data`` (contiguous bytes) into a free slot; its offset, or None when none fits."""
-        need = -(-data.nbytes // _ALIGN) * _ALIGN
+        need = _slot_bytes(data.nbytes)
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
                 if length >= need:
@@ -70,7 +71,7 @@ class Arena:
 
     def give_back(self, offset: int, nbytes: int) -> None:
         """Free the slot at ``offset`` that ``lend`` gave for ``nbytes`` bytes."""
-        start, end = offset, offset + -(-nbytes // _ALIGN) * _ALIGN
+        start, end = offset, offset + _slot_bytes(nbytes)
         with self._lock:
             free = self._free
             i = 0
@@ -89,6 +90,11 @@ class Arena:
             if high - low >= 1 << 20:  # under the lock: nobody may take part of the run meanwhile
                 self._map.madvise(mmap.MADV_REMOVE, low, high - low)
 
+    def give_back_all(self, lent: Lent) -> None:
+        """Free every slot of ``lent`` (what one message took)."""
+        for offset, nbytes in lent:
+            self.give_back(offset, nbytes)
+
     def free_bytes(self) -> int:
         """Bytes in free slots (all of them once every lent slot is back)."""
         with self._lock:
@@ -98,6 +104,11 @@ class Arena:
         """Unmap and close (the worker is stopping; no call may be in flight)."""
         self._map.close()
         os.close(self.fd)
+
+
+def _slot_bytes(nbytes: int) -> int:
+    """The bytes a slot for ``nbytes`` takes (whole alignment units)."""
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 class PeerArena:

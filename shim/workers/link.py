@@ -28,12 +28,11 @@ from typing import Any, Callable
 from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
-from .arena import MIN_LENT_BYTES, Arena, PeerArena
+from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
-Lent = list[tuple[int, int]]  # (offset, bytes) of the arena slots a message took
 _LOST = "device_lost"
 
 
@@ -100,8 +99,8 @@ class _Channel:
                     if not where:
                         self.sock.sendall(raw)
         except BaseException:
-            for offset, nbytes in lent:
-                arena.give_back(offset, nbytes)  # type: ignore[union-attr]  # lent implies an arena
+            if arena is not None:
+                arena.give_back_all(lent)
             raise
         return lent
 
@@ -193,9 +192,8 @@ class LinkClient:
         try:
             slot[0].wait()
         finally:  # answered (or the device is gone): it reads these slots no more
-            if lent and self._arena is not None:
-                for offset, nbytes in lent:
-                    self._arena.give_back(offset, nbytes)
+            if self._arena is not None:
+                self._arena.give_back_all(lent)
         ok, payload = slot[1]
         if not ok:
             _raise_reply(*payload)
