@@ -13,16 +13,25 @@ and prepared. One worker gathers at a time, so concurrency never splits a batch 
 
 If a batch of several requests fails, each request is run again alone, so that one request's
 failure (say, out of memory for its size) fails that request only.
+
+``submit_later`` queues an item without waiting: its result comes as a Future, set (and its
+callbacks run) on the batcher's thread as the batch ends, with no thread woken per request. Each
+batcher thread first runs ``thread_start`` (a device pipeline binding the thread to a CUDA stream
+of its own, so that a batch runs where it was gathered), before the batcher is returned.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from prometheus_client import Histogram
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -32,13 +41,11 @@ QUEUE_BUCKETS = (.00005, .0001, .00025, .0005, .001, .002, .005, .01, .025, .05,
 
 
 class _Job(Generic[Item, Result]):
-    __slots__ = ("item", "rows", "arrived", "done", "result", "error")
+    __slots__ = ("item", "rows", "arrived", "future")
 
     def __init__(self, item: Item, rows: int) -> None:
         self.item, self.rows, self.arrived = item, rows, time.perf_counter()
-        self.done = threading.Event()
-        self.result: Result | None = None
-        self.error: BaseException | None = None
+        self.future: Future[Result] = Future()
 
 
 class Batcher(Generic[Item, Result]):
@@ -52,12 +59,13 @@ class Batcher(Generic[Item, Result]):
         batch_sizes, queue_seconds, batch_seconds: histograms (label ``op``) of rows per run, time
             queued and time per run.
         concurrency: batches that may run at once (worker threads).
+        thread_start: run first on each worker thread (its failure is logged; the thread goes on).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
                  max_queue_delay_us: int, batch_sizes: Histogram | None = None,
                  queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, thread_start: Callable[[], None] | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1:
             raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
                              "max_queue_delay_us >= 0")
@@ -73,10 +81,16 @@ class Batcher(Generic[Item, Result]):
         self._cond = threading.Condition()
         self._closed = False
         self._gathering = False  # a worker is gathering a batch: the others wait their turn
-        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
-                         for i in range(concurrency)]
-        for thread in self._threads:
-            thread.start()
+        started = threading.Barrier(concurrency + 1)
+        self._threads = [threading.Thread(target=self._loop, args=(thread_start, started),
+                                          name=f"batcher-{name}-{i}", daemon=True) for i in range(concurrency)]
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:
+            started.abort()  # the threads started go on without waiting for the others
+            raise
+        started.wait()
 
     @contextmanager
     def incoming(self) -> Iterator[Callable[[Item, int], Result]]:
@@ -102,7 +116,14 @@ class Batcher(Generic[Item, Result]):
         """Queue ``item`` and wait for its result; raises what running it raised."""
         return self._submit(item, rows, [False])
 
+    def submit_later(self, item: Item, rows: int) -> Future[Result]:
+        """Queue ``item``; its result (or what running it raised) comes in the Future returned."""
+        return self._queued(item, rows, [False]).future
+
     def _submit(self, item: Item, rows: int, announced: list[bool]) -> Result:
+        return self._queued(item, rows, announced).future.result()
+
+    def _queued(self, item: Item, rows: int, announced: list[bool]) -> _Job[Item, Result]:
         job: _Job[Item, Result] = _Job(item, rows)
         with self._cond:
             if self._closed:
@@ -112,10 +133,7 @@ class Batcher(Generic[Item, Result]):
                 self._incoming -= 1
             self._queue.append(job)
             self._cond.notify_all()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[return-value]
+        return job
 
     def close(self) -> None:
         with self._cond:
@@ -154,7 +172,17 @@ class Batcher(Generic[Item, Result]):
             self._cond.wait(left)
         return batch
 
-    def _loop(self) -> None:
+    def _loop(self, thread_start: Callable[[], None] | None, started: threading.Barrier) -> None:
+        try:
+            if thread_start is not None:
+                thread_start()
+        except Exception:  # noqa: BLE001 - the thread still serves, the way it would without
+            log.exception("model %s: a batcher thread could not start as asked", self.name)
+        finally:
+            try:
+                started.wait()
+            except threading.BrokenBarrierError:
+                pass
         while (batch := self._take()) is not None:
             started = time.perf_counter()
             if self._queue_seconds is not None:
@@ -174,14 +202,12 @@ class Batcher(Generic[Item, Result]):
                 for job in batch:  # isolate: only the requests that fail alone get an error
                     self._run([job])
                 return
-            batch[0].error = exc
-            batch[0].done.set()
+            batch[0].future.set_exception(exc)
             return
         if self._batch_sizes is not None:
             self._batch_sizes.observe(sum(job.rows for job in batch))
         for job, result in zip(batch, results):
-            job.result = result
-            job.done.set()
+            job.future.set_result(result)
 
 
 def padded_batch(rows: int) -> int:
@@ -198,6 +224,7 @@ class BatchingFactory:
         self._batch_sizes, self._queue_seconds, self._batch_seconds = batch_sizes, queue_seconds, batch_seconds
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
-             max_queue_delay_us: int, concurrency: int = 1) -> Batcher[Item, Result]:
+             max_queue_delay_us: int, concurrency: int = 1,
+             thread_start: Callable[[], None] | None = None) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
-                       self._batch_seconds, concurrency)
+                       self._batch_seconds, concurrency, thread_start)

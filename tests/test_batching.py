@@ -217,3 +217,55 @@ def test_a_raw_model_request_larger_than_the_batch_size_runs_in_chunks(service):
     assert logits.shape == (70, 1000)
     alone = op._runner.run({"input": x[65:]})["logits"]
     np.testing.assert_allclose(logits[65:], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_submit_later_answers_on_the_batchers_thread_and_keeps_failures_apart():
+    """``submit_later`` returns at once; each Future gets its own rows (or its own error), set on
+    the batcher's thread, where its callbacks run: no thread of the caller's waits."""
+    release = threading.Event()
+
+    def run(items):
+        release.wait(5)  # nothing is answered before every callback is in place
+        if any(item == [-1] for item in items):
+            raise ValueError("negative")
+        return [[2 * x for x in item] for item in items]
+
+    batcher = Batcher("m", run, max_batch_size=8, max_queue_delay_us=50_000)
+    callback_threads: list[str] = []
+    try:
+        futures = [batcher.submit_later([i], 1) for i in (1, -1, 3)]
+        for future in futures:
+            future.add_done_callback(lambda _f: callback_threads.append(threading.current_thread().name))
+        release.set()
+        assert futures[0].result(5) == [2] and futures[2].result(5) == [6]
+        with pytest.raises(ValueError, match="negative"):
+            futures[1].result(5)
+    finally:
+        batcher.close()
+    assert callback_threads == ["batcher-m-0"] * 3
+
+
+def test_each_batcher_thread_starts_before_the_batcher_is_returned_and_runs_where_it_started():
+    """``thread_start`` runs once on each thread before the constructor returns (a device pipeline
+    binds the thread's CUDA stream there); batches run on those threads. A thread whose start
+    fails still serves."""
+    started: list[str] = []
+    ran_on: list[str] = []
+
+    def start() -> None:
+        started.append(threading.current_thread().name)
+        if len(started) == 2:
+            raise RuntimeError("no stream for this one")
+
+    def run(items):
+        ran_on.append(threading.current_thread().name)
+        return [[2 * x for x in item] for item in items]
+
+    batcher = Batcher("m", run, max_batch_size=1, max_queue_delay_us=0, concurrency=3, thread_start=start)
+    try:
+        assert sorted(started) == [f"batcher-m-{i}" for i in range(3)]  # all of them, already
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(lambda i: batcher.submit([i], 1), range(12))) == [[2 * i] for i in range(12)]
+    finally:
+        batcher.close()
+    assert set(ran_on) <= set(started)

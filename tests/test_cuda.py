@@ -193,6 +193,40 @@ def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelse
     assert 'accelshim_batch_size_count{op="classify"}' in text
 
 
+def test_classify_batches_run_on_the_batchers_own_streams_and_match_the_device_threads(cuda_service, chelsea, coffee):
+    """The batcher's threads are bound to streams of their own (``bind_thread``): a batch runs where
+    it was gathered, no hand-over; the logits equal those of the same images run on a device thread."""
+    import threading
+
+    op = cuda_service.registry.get("classify")
+    pipeline, backend = op._pipeline, cuda_service.backend
+    items = [pipeline.prepare(img) for img in (_image(chelsea), _image(coffee), _image(chelsea))]
+    ran_on: list[str] = []
+    original = backend.on_device
+
+    def spy(job):
+        def where(worker):
+            ran_on.append(threading.current_thread().name)  # the thread the device work runs on
+            return job(worker)
+        return original(where)
+
+    backend.on_device = spy
+    try:
+        batched = op.logits(items)  # through the batcher
+    finally:
+        del backend.on_device
+    assert ran_on and all(name.startswith("batcher-classify") for name in ran_on), ran_on
+    with ThreadPoolExecutor(1) as pool:  # a thread of no batcher: handed to a device thread
+        handed = pool.submit(pipeline.logits, items).result()
+    assert np.array_equal(batched, handed)
+
+
+def _image(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels)
+
+
 def test_sticky_cuda_errors_are_device_lost():
     from accel.errors import InternalError
     from shim.backends.cuda import device_errors

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ import accel
 from accel.errors import InvalidInput, NotReady, Unauthorized
 from shim.auth import hash_token
 from shim.faults import DeviceLost
-from shim.workers.link import LinkClient, LinkClosed, LinkServer
+from shim.workers.link import Deferred, LinkClient, LinkClosed, LinkServer
 
 from .conftest import CAT_LABELS, LiveShim, encode
 
@@ -108,6 +108,77 @@ def test_link_closing_fails_waiting_calls_with_503(link):
     assert closed.wait(5)
     with pytest.raises(LinkClosed):
         client.call("echo")
+
+
+def test_deferred_calls_hold_no_thread_and_are_answered_as_their_futures_end(tmp_path):
+    """A Deferred handler starts its call on the reader thread and returns a Future: more calls can
+    wait than the pool has threads, the pool still answers other calls, and each reply (result or
+    error, whichever thread sets it) reaches its own caller."""
+    pending: dict[int, Future] = {}
+
+    def later(x: int) -> Future:
+        if x < 0:
+            raise InvalidInput(f"negative {x}")  # refused at once
+        pending[x] = Future()
+        return pending[x]
+
+    key = os.urandom(16)
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"later": Deferred(later), "echo": lambda *a: a}, threads=2)
+    client = LinkClient(server.address, key)
+    try:
+        with ThreadPoolExecutor(7) as pool:
+            calls = {x: pool.submit(client.call, "later", x) for x in range(6)}
+            deadline = time.monotonic() + 5
+            while len(pending) < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(pending) == list(range(6))  # six waiting on a pool of two threads
+            assert client.call("echo", 1) == (1,)
+            with pytest.raises(InvalidInput, match="negative -1"):
+                client.call("later", -1)
+            for x in (5, 0, 3, 1):  # out of order, from other threads
+                threading.Thread(target=pending[x].set_result, args=(np.full(3, x),)).start()
+            pending[2].set_exception(DeviceLost("CUDA error 700"))
+            pending[4].set_result(lambda: None)  # cannot be pickled: an error, not a hang
+            for x in (0, 1, 3, 5):
+                np.testing.assert_array_equal(calls[x].result(5), np.full(3, x))
+            with pytest.raises(DeviceLost, match="CUDA error 700"):
+                calls[2].result(5)
+            with pytest.raises(accel.errors.InternalError, match="pickle|lambda"):
+                calls[4].result(5)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_workers_logits_wait_for_the_warm_up_off_the_reader_and_then_go_straight_to_the_batcher(models_dir, chelsea):
+    """``logits`` from a worker that come while the device process warms up wait for it on a thread
+    of their own (the Future is not done yet); once warm, they go into the batcher at once. Both
+    give the logits of the op itself, and nothing stays counted in flight."""
+    from PIL import Image
+
+    from shim.config import Settings
+    from shim.kernels.resample import pillow_preprocess
+    from shim.service import build_service
+    from shim.workers.device import DeviceEndpoint
+
+    device = build_service(Settings(device="cpu", models_dir=models_dir))
+    logits = DeviceEndpoint(device, workers=1).handlers()["logits"]
+    assert isinstance(logits, Deferred)
+    op = device.registry.lookup("classify")
+    items = [pillow_preprocess(Image.fromarray(chelsea), op.config.preprocessing)]
+    early = logits.fn(op.config.name, items)
+    time.sleep(0.2)
+    assert not early.done()  # waiting for the warm-up, and not on the caller's thread
+    device.load()
+    try:
+        want = op.logits(items)
+        np.testing.assert_allclose(early.result(30), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits.fn(op.config.name, items).result(30), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(LookupError, match="no classify op serves model 'nope'"):
+            logits.fn("nope", items)
+        assert device.metrics.inflight._value.get() == 0
+    finally:
+        device.registry.close()
 
 
 # --- a live shim with two workers --------------------------------------------------------------
@@ -438,13 +509,14 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
     handlers = DeviceEndpoint(device, workers=1).handlers()
     calls: list[int] = []
     inner = handlers["logits"]
+    assert isinstance(inner, Deferred)
 
-    def logits(model: str, items: list) -> np.ndarray:
+    def logits(model: str, items: list) -> Future:
         calls.append(len(items))
         time.sleep(0.3)  # the device is busy: what arrives meanwhile queues in the worker
-        return inner(model, items)
+        return inner.fn(model, items)
 
-    handlers["logits"] = logits
+    handlers["logits"] = Deferred(logits)
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
     front = build_front(WorkerConfig(settings, server.address, key, [],

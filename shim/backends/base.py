@@ -49,6 +49,11 @@ class ImagePipeline(Protocol):
 
     def logits(self, items: Sequence[Any]) -> np.ndarray: ...
 
+    def bind_thread(self) -> None:
+        """Let the calling thread (a batcher's, once at its start) run ``logits`` itself, rather
+        than hand each batch to a device thread; a no-op where nothing is handed over."""
+        ...
+
 
 class Backend(Protocol):
     """A device: GEMM, model execution and classify's image pipeline."""

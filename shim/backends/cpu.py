@@ -68,6 +68,9 @@ class CpuImagePipeline:
                  for i in range(0, len(items), self._step)]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
+    def bind_thread(self) -> None:
+        """Nothing to bind: the model runs in the calling thread."""
+
 
 def round_to_tf32(x: np.ndarray) -> np.ndarray:
     """FP32 values rounded to TF32 (10 explicit mantissa bits, nearest, ties away from zero), as

@@ -85,13 +85,24 @@ class CudaBackend:
                     self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
         barrier.wait(timeout=120)  # one start per thread
 
+    def bind_thread(self) -> None:
+        """Give the calling thread a worker of its own (stream, cuBLAS handle, pinned buffers):
+        from now on its ``on_device`` jobs run where they are called, with no hand-over."""
+        cp.cuda.Device(self.device_id).use()
+        with device_errors():
+            cp.empty(1, dtype=cp.float32)
+            self._local.worker = _Worker(self.pinned)
+
     def on_device(self, job: Callable[["_Worker"], T]) -> T:
-        """Run ``job(worker)`` on a device thread, in its worker's stream; raises what it raised."""
+        """Run ``job(worker)`` in a worker's stream: the calling thread's own (a device thread's, or
+        one ``bind_thread`` bound), else on a device thread; raises what it raised."""
         def run() -> T:
             worker: _Worker = self._local.worker
             with worker.stream:
                 return job(worker)
 
+        if getattr(self._local, "worker", None) is not None:
+            return run()
         return self._executor.submit(run).result()
 
     def _check_fits(self, nbytes: int, what: str) -> None:

@@ -53,6 +53,9 @@ class CudaImagePipeline:
     def prepare(self, image: Image.Image) -> np.ndarray:
         return rgb_pixels(image)
 
+    def bind_thread(self) -> None:
+        self._backend.bind_thread()
+
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
         parts = []

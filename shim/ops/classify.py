@@ -1,6 +1,7 @@
 """``classify``: encoded images in, top-k ImageNet labels, softmax scores and class indices out."""
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -46,7 +47,8 @@ class ClassifyOp(Op):
         self.backend = self._pipeline.device
         if self._batching is not None:
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us, self.config.instances(self.backend))
+                                                self.config.max_queue_delay_us, self.config.instances(self.backend),
+                                                thread_start=self._pipeline.bind_thread)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -78,6 +80,18 @@ class ClassifyOp(Op):
         if self._batcher is None:
             return self._pipeline.logits(items)
         return self._batcher.submit(items, len(items))
+
+    def logits_later(self, items: list[Any]) -> Future[np.ndarray]:
+        """``logits`` without waiting: the Future is set on the batcher's thread as the batch ends
+        (at once when not batching)."""
+        if self._batcher is not None:
+            return self._batcher.submit_later(items, len(items))
+        done: Future[np.ndarray] = Future()
+        try:
+            done.set_result(self.logits(items))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, as the batcher would
+            done.set_exception(exc)
+        return done
 
     def _prepare(self, images: np.ndarray) -> list[Any]:
         assert self._pipeline is not None

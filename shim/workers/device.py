@@ -2,6 +2,8 @@
 
 Calls wait until the device process has warmed up. A DeviceLost from any call trips the device
 process's fault monitor (it stops, and its workers with it), as it would for its own requests.
+Once warm, ``logits`` calls go straight into the model's batcher from the link's reader thread
+and are answered as their batch ends (``Deferred``): no thread waits per call.
 """
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import io
 import pickle
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from ..faults import DeviceLost
 from ..ops import ClassifyOp
 from ..service import Service
-from .link import Handler
+from .link import Deferred, Handler
 
 LOAD_TIMEOUT_S = 3600.0
 
@@ -32,6 +35,8 @@ class DeviceEndpoint:
         self._registry.add_gate(self.workers_ready)
         ops = [self._registry.lookup(name) for name in self._registry.names()]
         self._classify_ops = {op.config.name: op for op in ops if isinstance(op, ClassifyOp)}
+        # calls that come before the warm-up ends wait for it here (threads made only when needed)
+        self._early = ThreadPoolExecutor(max_workers=8, thread_name_prefix="device-early")
 
     def workers_ready(self) -> bool:
         with self._lock:
@@ -42,7 +47,7 @@ class DeviceEndpoint:
         with self._lock:
             self._ready_workers.discard(pid)
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[str, Handler | Deferred]:
         device_calls: dict[str, Callable[..., Any]] = {
             "model_specs": self._model_specs,
             "pipeline_device": lambda model: self._classify(model).backend,
@@ -50,7 +55,9 @@ class DeviceEndpoint:
             "run_model": lambda name, feeds: self._registry.get(name).run(feeds, {}),
             "gemm": self._service.backend.gemm,
         }
-        handlers = {name: self._guarded(fn) for name, fn in device_calls.items()}
+        handlers: dict[str, Handler | Deferred] = {name: self._guarded(fn) for name, fn in device_calls.items()}
+        early_logits = handlers["logits"]
+        handlers["logits"] = Deferred(lambda model, items: self._logits_later(early_logits, model, items))
         handlers["http"] = self._http
         handlers["records"] = self._records
         handlers["worker_ready"] = self._worker_ready
@@ -75,6 +82,31 @@ class DeviceEndpoint:
                 metrics.inflight.dec()
 
         return call
+
+    def _logits_later(self, early: Handler, model: str, items: list[Any]) -> Future[Any]:
+        """classify's device half for a worker, answered when its batch ends (``early`` on a thread
+        of its own while the device warms up: the link's reader must not wait)."""
+        if not self._registry.loaded.is_set():
+            return self._early.submit(early, model, items)
+        guard, metrics = self._service.guard, self._service.metrics
+        if guard is not None:
+            guard.monitor.check()
+        op = self._classify(model)
+        metrics.inflight.inc()
+        try:
+            future = op.logits_later(items)
+        except BaseException:
+            metrics.inflight.dec()
+            raise
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: Future[Any]) -> None:
+        """A deferred call ended: no longer in flight; a lost device trips the fault monitor."""
+        self._service.metrics.inflight.dec()
+        exc = future.exception()
+        if isinstance(exc, DeviceLost) and self._service.guard is not None:
+            self._service.guard.monitor.trip(exc)
 
     def _http(self, fields: dict[str, Any], body: bytes | bytearray | memoryview
               ) -> tuple[int, list[tuple[str, str]], Any]:

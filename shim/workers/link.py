@@ -8,7 +8,9 @@ arrays travel out of band: a call's large buffers are lent through the worker's 
 once the reply is in), the others written from where they lie and read straight into the buffers
 they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
 pieces). On the device side a reader thread per worker hands each call to a pool of threads (a
-call may wait in a batcher) and replies as each finishes. Errors travel as (status, message): the
+call may wait in a batcher) and replies as each finishes; a ``Deferred`` handler instead starts its
+call on the reader thread and the reply goes from whichever thread completes its Future (a
+batcher's, as its batch ends): no thread is woken per call. Errors travel as (status, message): the
 worker raises the same ``accel.errors`` class, and a lost device stays a ``DeviceLost``.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pickle
 import socket
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Callable
@@ -34,6 +36,14 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
 _LOST = "device_lost"
+
+
+class Deferred:
+    """A handler that answers later: ``fn(*args)`` returns a Future at once (it runs on the link's
+    reader thread, so it must not block) and the reply goes when that Future is done."""
+
+    def __init__(self, fn: Callable[..., "Future[Any]"]) -> None:
+        self.fn = fn
 
 
 class LinkClosed(NotReady):
@@ -277,29 +287,10 @@ class LinkServer:
         self._listener.close()
 
     def _serve(self, chan: _Channel) -> None:
-        def run(call_id: int, method: str, args: tuple[Any, ...]) -> None:
-            try:
-                handler = self._handlers.get(method)
-                if handler is None:
-                    raise InternalError(f"the device process has no method {method!r}")
-                reply: tuple[int, bool, Any] = (call_id, True, handler(*args))
-            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-                reply = (call_id, False, _as_reply(exc))
-            if call_id:
-                try:
-                    try:
-                        chan.send(reply)
-                    except _Unencodable as exc:  # a result that cannot be pickled: say so
-                        chan.send((call_id, False, _as_reply(exc)))
-                except (OSError, ValueError):
-                    pass  # the worker is gone; its caller is gone with it
-            elif not reply[1]:
-                log.warning("notification %s failed: %s", method, reply[2][2])
-
         try:
             chan.accept_arena()
             while True:
-                self._pool.submit(run, *chan.recv())  # no message kept here: its arena views die with its call
+                self._dispatch(chan, *chan.recv())  # no message kept here: its arena views die with its call
         except (EOFError, OSError):
             pass
         except ValueError as exc:  # a buffer outside the arena
@@ -309,6 +300,43 @@ class LinkServer:
             if chan.peer_arena is not None:
                 chan.peer_arena.close()  # unmapped once no call of it holds a view
             self._conns.remove(chan)
+
+    def _dispatch(self, chan: _Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+        """Start one call: a Deferred handler here, any other on a pool thread."""
+        handler = self._handlers.get(method)
+        if not isinstance(handler, Deferred):
+            self._pool.submit(self._run, chan, call_id, method, handler, args)
+            return
+        try:
+            future = handler.fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            self._reply(chan, call_id, method, False, _as_reply(exc))
+            return
+        future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done)))
+
+    def _run(self, chan: _Channel, call_id: int, method: str, handler: Handler | None, args: tuple[Any, ...]) -> None:
+        try:
+            if handler is None:
+                raise InternalError(f"the device process has no method {method!r}")
+            ok, payload = True, handler(*args)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            ok, payload = False, _as_reply(exc)
+        self._reply(chan, call_id, method, ok, payload)
+
+    @staticmethod
+    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any) -> None:
+        """Answer a call (a notification's failure is logged instead)."""
+        if not call_id:
+            if not ok:
+                log.warning("notification %s failed: %s", method, payload[2])
+            return
+        try:
+            try:
+                chan.send((call_id, ok, payload))
+            except _Unencodable as exc:  # a result that cannot be pickled: say so
+                chan.send((call_id, False, _as_reply(exc)))
+        except (OSError, ValueError):
+            pass  # the worker is gone; its caller is gone with it
 
     def close(self) -> None:
         if self._closing:
@@ -321,6 +349,12 @@ class LinkServer:
             _shut_down(chan.sock)
         self._acceptor.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _outcome(future: "Future[Any]") -> tuple[bool, Any]:
+    """A done Future as a reply: (True, its result) or (False, its error as the wire carries it)."""
+    exc = future.exception()
+    return (False, _as_reply(exc)) if exc is not None else (True, future.result())
 
 
 def _shut_down(sock: socket.socket) -> None:

@@ -47,6 +47,9 @@ class RemotePipeline:
     def logits(self, items: Sequence[Any]) -> np.ndarray:
         return self._link.call("logits", self._model, list(items))
 
+    def bind_thread(self) -> None:
+        """Nothing to bind: the device process runs the batch."""
+
 
 class RemoteBackend:
     """The device process's backend, as the worker's ops see it."""
