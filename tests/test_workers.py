@@ -150,6 +150,30 @@ def test_deferred_calls_hold_no_thread_and_are_answered_as_their_futures_end(tmp
         server.close()
 
 
+def test_a_reply_never_waits_for_a_worker_that_is_slow_to_read():
+    """A deferred reply is sent by the thread that completes its Future (a batcher's): with ``later``
+    it returns at once even when the peer reads nothing, the rest of the message (or all of it, while
+    another is on its way) going on ``later``'s thread; once the peer reads, both arrive whole, in order."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from shim.workers.link import _Channel
+
+    a, b = socket.socketpair()
+    sender, reader = _Channel(Connection(os.dup(a.fileno()))), _Channel(Connection(os.dup(b.fileno())))
+    a.close(), b.close()
+    big = np.arange(1 << 20, dtype=np.uint32)  # 4 MiB: more than the socket's buffers hold
+    with ThreadPoolExecutor(2) as pool:
+        start = time.monotonic()
+        sender.send((1, True, big), later=pool.submit)
+        sender.send((2, True, b"small"), later=pool.submit)
+        assert time.monotonic() - start < 1.0  # nothing waited for the reader
+        first, second = reader.recv(), reader.recv()
+    assert first[:2] == (1, True) and np.array_equal(first[2], big)
+    assert second == (2, True, b"small")
+    sender.sock.close(), reader.sock.close()
+
+
 def test_a_workers_logits_wait_for_the_warm_up_off_the_reader_and_then_go_straight_to_the_batcher(models_dir, chelsea):
     """``logits`` from a worker that come while the device process warms up wait for it on a thread
     of their own (the Future is not done yet); once warm, they go into the batcher at once. Both

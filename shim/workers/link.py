@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Callable
@@ -82,9 +83,14 @@ class _Channel:
         self._send_lock = threading.Lock()
         self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
 
-    def send(self, message: Any, arena: Arena | None = None) -> Lent:
+    def send(self, message: Any, arena: Arena | None = None,
+             later: Callable[[Callable[[], None]], Any] | None = None) -> Lent:
         """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
-        caller gives them back once the peer has done with them)."""
+        caller gives them back once the peer has done with them).
+
+        With ``later`` (say a pool's ``submit``), the calling thread never waits for the peer: what
+        the socket does not take at once is sent by the job handed to ``later``, which holds the
+        channel until the message is out (its failures are dropped: the peer is gone)."""
         buffers: list[pickle.PickleBuffer] = []
         try:
             data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
@@ -103,16 +109,60 @@ class _Channel:
                     lent.append((offset, raw.nbytes))
                 places += [raw.nbytes, 0 if offset is None else offset + 1]
             header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
-            with self._send_lock:
-                self.sock.sendall(header + data)
-                for raw, where in zip(raws, places[1::2]):
-                    if not where:
-                        self.sock.sendall(raw)
+            parts = [header + data, *(raw for raw, where in zip(raws, places[1::2]) if not where)]
+            if later is None:
+                with self._send_lock:
+                    for part in parts:
+                        self.sock.sendall(part)
+            else:
+                self._send_or_hand_over(parts, later)
         except BaseException:
             if arena is not None:
                 arena.give_back_all(lent)
             raise
         return lent
+
+    def _send_or_hand_over(self, parts: list[Any], later: Callable[[Callable[[], None]], Any]) -> None:
+        """As much of ``parts`` as the socket takes without waiting, the rest by a job for ``later``
+        (the lock, taken here, is released by whichever thread sends the last byte); all of it by
+        such a job while another message is being sent."""
+        if not self._send_lock.acquire(blocking=False):
+            later(lambda: self._send_quietly(parts))
+            return
+        try:
+            rest = [memoryview(part).cast("B") for part in parts]
+            while rest:
+                try:
+                    sent = self.sock.sendmsg(rest, [], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                while rest and sent >= rest[0].nbytes:
+                    sent -= rest.pop(0).nbytes
+                if rest:
+                    rest[0] = rest[0][sent:]
+            if not rest:
+                self._send_lock.release()
+                return
+
+            def finish() -> None:
+                try:
+                    self._send_quietly(rest, locked=True)
+                finally:
+                    self._send_lock.release()
+
+            later(finish)
+        except BaseException:
+            self._send_lock.release()
+            raise
+
+    def _send_quietly(self, parts: list[Any], locked: bool = False) -> None:
+        """``parts`` in full, under the lock unless ``locked`` (held already); a gone peer is no error."""
+        try:
+            with nullcontext() if locked else self._send_lock:
+                for part in parts:
+                    self.sock.sendall(part)
+        except (OSError, ValueError):
+            pass
 
     def recv(self) -> Any:
         count, size = struct.unpack("!IQ", self._exactly(12))
@@ -312,7 +362,10 @@ class LinkServer:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             self._reply(chan, call_id, method, False, _as_reply(exc))
             return
-        future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done)))
+        # the reply goes from the thread that completes the Future (a batcher's): it must not wait
+        # for a worker that is slow to read, so what the socket does not take at once goes on the pool
+        future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done),
+                                                          later=self._pool.submit))
 
     def _run(self, chan: _Channel, call_id: int, method: str, handler: Handler | None, args: tuple[Any, ...]) -> None:
         try:
@@ -324,19 +377,20 @@ class LinkServer:
         self._reply(chan, call_id, method, ok, payload)
 
     @staticmethod
-    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any) -> None:
-        """Answer a call (a notification's failure is logged instead)."""
+    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any,
+               later: Callable[[Callable[[], None]], Any] | None = None) -> None:
+        """Answer a call (a notification's failure is logged instead); ``later`` as ``send`` takes it."""
         if not call_id:
             if not ok:
                 log.warning("notification %s failed: %s", method, payload[2])
             return
         try:
             try:
-                chan.send((call_id, ok, payload))
+                chan.send((call_id, ok, payload), later=later)
             except _Unencodable as exc:  # a result that cannot be pickled: say so
-                chan.send((call_id, False, _as_reply(exc)))
-        except (OSError, ValueError):
-            pass  # the worker is gone; its caller is gone with it
+                chan.send((call_id, False, _as_reply(exc)), later=later)
+        except (OSError, ValueError, RuntimeError):
+            pass  # the worker is gone, its caller with it (or the link is closing: no pool to hand to)
 
     def close(self) -> None:
         if self._closing:
