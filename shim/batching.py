@@ -37,6 +37,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+START_TIMEOUT_S = 120.0  # for the threads' ``thread_start`` (a CUDA stream and its buffers)
 QUEUE_BUCKETS = (.00005, .0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1)
 
 
@@ -87,10 +88,14 @@ class Batcher(Generic[Item, Result]):
         try:
             for thread in self._threads:
                 thread.start()
-        except BaseException:
-            started.abort()  # the threads started go on without waiting for the others
+            started.wait(START_TIMEOUT_S)
+        except BaseException as exc:
+            self.close(join=False)  # the threads that did start end
+            started.abort()
+            if isinstance(exc, threading.BrokenBarrierError):
+                raise RuntimeError(f"model {name}: the batcher's threads did not start within "
+                                   f"{START_TIMEOUT_S:.0f} s") from None
             raise
-        started.wait()
 
     @contextmanager
     def incoming(self) -> Iterator[Callable[[Item, int], Result]]:
@@ -135,11 +140,11 @@ class Batcher(Generic[Item, Result]):
             self._cond.notify_all()
         return job
 
-    def close(self) -> None:
+    def close(self, join: bool = True) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for thread in self._threads:
+        for thread in self._threads if join else ():
             thread.join(timeout=5)
 
     # --- the worker ---------------------------------------------------------------------------
@@ -182,15 +187,18 @@ class Batcher(Generic[Item, Result]):
             try:
                 started.wait()
             except threading.BrokenBarrierError:
-                pass
+                pass  # the batcher failed to start: closed, this thread ends below
         while (batch := self._take()) is not None:
-            started = time.perf_counter()
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # not cancelled
+            if not batch:
+                continue
+            began = time.perf_counter()
             if self._queue_seconds is not None:
                 for job in batch:
-                    self._queue_seconds.observe(started - job.arrived)
+                    self._queue_seconds.observe(began - job.arrived)
             self._run(batch)
             if self._batch_seconds is not None:
-                self._batch_seconds.observe(time.perf_counter() - started)
+                self._batch_seconds.observe(time.perf_counter() - began)
 
     def _run(self, batch: list[_Job[Item, Result]]) -> None:
         try:

@@ -245,27 +245,51 @@ def test_submit_later_answers_on_the_batchers_thread_and_keeps_failures_apart():
     assert callback_threads == ["batcher-m-0"] * 3
 
 
-def test_each_batcher_thread_starts_before_the_batcher_is_returned_and_runs_where_it_started():
+def test_each_batcher_thread_starts_before_the_batcher_is_returned_and_runs_where_it_started(caplog):
     """``thread_start`` runs once on each thread before the constructor returns (a device pipeline
-    binds the thread's CUDA stream there); batches run on those threads. A thread whose start
-    fails still serves."""
+    binds the thread's CUDA stream there); a thread whose start fails is logged and still serves:
+    three batches run at once, one on each thread."""
     started: list[str] = []
-    ran_on: list[str] = []
 
     def start() -> None:
+        time.sleep(0.2)  # slower than the constructor would be without waiting for it
         started.append(threading.current_thread().name)
         if len(started) == 2:
             raise RuntimeError("no stream for this one")
 
+    together = threading.Barrier(3, timeout=5)
+    ran_on: list[str] = []
+
     def run(items):
+        together.wait()  # only passes with all three threads running a batch
         ran_on.append(threading.current_thread().name)
         return [[2 * x for x in item] for item in items]
 
     batcher = Batcher("m", run, max_batch_size=1, max_queue_delay_us=0, concurrency=3, thread_start=start)
     try:
         assert sorted(started) == [f"batcher-m-{i}" for i in range(3)]  # all of them, already
-        with ThreadPoolExecutor(6) as pool:
-            assert list(pool.map(lambda i: batcher.submit([i], 1), range(12))) == [[2 * i] for i in range(12)]
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda i: batcher.submit([i], 1), range(3))) == [[0], [2], [4]]
     finally:
         batcher.close()
-    assert set(ran_on) <= set(started)
+    assert sorted(ran_on) == sorted(started)
+    assert "could not start as asked" in caplog.text and "no stream for this one" in caplog.text
+
+
+def test_a_cancelled_request_is_skipped_and_the_others_are_answered():
+    release = threading.Event()
+
+    def run(items):
+        release.wait(5)
+        return [[2 * x for x in item] for item in items]
+
+    batcher = Batcher("m", run, max_batch_size=8, max_queue_delay_us=0)
+    try:
+        first = batcher.submit_later([1], 1)  # running: holds the thread until released
+        queued = [batcher.submit_later([i], 1) for i in (2, 3, 4)]
+        assert queued[1].cancel()
+        release.set()
+        assert first.result(5) == [2] and queued[0].result(5) == [4] and queued[2].result(5) == [8]
+        assert batcher.submit([5], 1) == [10]  # the thread lives on
+    finally:
+        batcher.close()

@@ -151,9 +151,10 @@ def test_deferred_calls_hold_no_thread_and_are_answered_as_their_futures_end(tmp
 
 
 def test_a_reply_never_waits_for_a_worker_that_is_slow_to_read():
-    """A deferred reply is sent by the thread that completes its Future (a batcher's): with ``later``
-    it returns at once even when the peer reads nothing, the rest of the message (or all of it, while
-    another is on its way) going on ``later``'s thread; once the peer reads, both arrive whole, in order."""
+    """A deferred reply is posted by the thread that completes its Future (a batcher's): it returns at
+    once even when the peer reads nothing, the link's writer sending the rest (and any message posted
+    meanwhile); a thread that may wait (a pool thread's reply) waits its turn. Once the peer reads,
+    every message arrives whole. To a peer that is gone a post is dropped, a send raises."""
     import socket
     from multiprocessing.connection import Connection
 
@@ -163,15 +164,30 @@ def test_a_reply_never_waits_for_a_worker_that_is_slow_to_read():
     sender, reader = _Channel(Connection(os.dup(a.fileno()))), _Channel(Connection(os.dup(b.fileno())))
     a.close(), b.close()
     big = np.arange(1 << 20, dtype=np.uint32)  # 4 MiB: more than the socket's buffers hold
-    with ThreadPoolExecutor(2) as pool:
-        start = time.monotonic()
-        sender.send((1, True, big), later=pool.submit)
-        sender.send((2, True, b"small"), later=pool.submit)
-        assert time.monotonic() - start < 1.0  # nothing waited for the reader
-        first, second = reader.recv(), reader.recv()
-    assert first[:2] == (1, True) and np.array_equal(first[2], big)
-    assert second == (2, True, b"small")
-    sender.sock.close(), reader.sock.close()
+    start = time.monotonic()
+    sender.send((1, True, big), wait=False)
+    sender.send((2, True, b"small"), wait=False)
+    assert time.monotonic() - start < 1.0  # nothing waited for the reader
+    waiting = threading.Thread(target=sender.send, args=((3, True, b"waits"),), daemon=True)
+    waiting.start()
+    got: dict[int, tuple] = {}
+
+    def read() -> None:
+        for _ in range(3):
+            message = reader.recv()
+            got[message[0]] = message
+
+    reading = threading.Thread(target=read, daemon=True)
+    reading.start()
+    reading.join(10)
+    waiting.join(10)
+    assert not reading.is_alive() and not waiting.is_alive(), "a message never arrived"
+    assert np.array_equal(got[1][2], big) and got[2] == (2, True, b"small") and got[3] == (3, True, b"waits")
+    reader.close()
+    sender.send((4, True, big), wait=False)  # dropped: nobody reads any more
+    with pytest.raises(OSError):
+        sender.send((5, True, b"x"))
+    sender.close()
 
 
 def test_a_workers_logits_wait_for_the_warm_up_off_the_reader_and_then_go_straight_to_the_batcher(models_dir, chelsea):
@@ -203,6 +219,8 @@ def test_a_workers_logits_wait_for_the_warm_up_off_the_reader_and_then_go_straig
         assert device.metrics.inflight._value.get() == 0
     finally:
         device.registry.close()
+    unbatched = build_service(Settings(device="cpu", models_dir=models_dir, batching=False))
+    assert callable(DeviceEndpoint(unbatched, workers=1).handlers()["logits"])  # no batcher: a pool thread's
 
 
 # --- a live shim with two workers --------------------------------------------------------------

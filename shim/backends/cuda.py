@@ -38,6 +38,7 @@ STICKY_CUDA_ERRORS = {214, 700, 702, 709, 710, 714, 715, 716, 717, 718, 719}
 PINNED_MAX_BYTES = 64 << 20    # larger operands go up from pageable memory: pinned memory stays bounded
 PINNED_DOWNLOAD_MAX_BYTES = 16 << 20  # larger results come down into pageable memory directly
 PINNED_MIN_BYTES = 16 << 20    # each pinned buffer starts this big (a 2048x2048 FP32 operand)
+IMAGE_SLOT = 4                 # the pinned buffer that batches of images go up through
 DEVICE_THREADS = 8             # threads that do the device work, each with its own stream
 # cudaDataType, cublasComputeType and the scalar type of alpha/beta, per numpy dtype char
 _GEMM_TYPES = {"e": (2, 68, np.float32), "f": (0, 68, np.float32), "d": (1, 70, np.float64)}
@@ -90,8 +91,11 @@ class CudaBackend:
         from now on its ``on_device`` jobs run where they are called, with no hand-over."""
         cp.cuda.Device(self.device_id).use()
         with device_errors():
-            cp.empty(1, dtype=cp.float32)
-            self._local.worker = _Worker(self.pinned)
+            worker = _Worker(self.pinned)
+            with worker.stream:  # its pinned buffer for batches of pixels, and a first copy and kernel, now
+                worker.upload_concatenated([np.zeros(1 << 20, np.uint8)], IMAGE_SLOT).sum()
+                worker.stream.synchronize()
+            self._local.worker = worker
 
     def on_device(self, job: Callable[["_Worker"], T]) -> T:
         """Run ``job(worker)`` in a worker's stream: the calling thread's own (a device thread's, or

@@ -13,7 +13,7 @@ from PIL import Image
 from ..kernels.resample import CUDA_SOURCE, Pass, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import onnx
-from .cuda import device_errors
+from .cuda import IMAGE_SLOT, device_errors
 
 if TYPE_CHECKING:
     from .cuda import CudaBackend, _Worker
@@ -65,7 +65,7 @@ class CudaImagePipeline:
                 chunk = items[start:start + self._step]
                 batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
                 # every image of the chunk goes up in one copy, through the worker's pinned buffer
-                flat = state.upload_concatenated([p.reshape(-1) for p in chunk], 4)
+                flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
                 self.preprocess_batch(flat, [p.shape for p in chunk], batch)
                 batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
                 state.stream.synchronize()  # onnxruntime runs on its own stream

@@ -81,17 +81,20 @@ class ClassifyOp(Op):
             return self._pipeline.logits(items)
         return self._batcher.submit(items, len(items))
 
+    @property
+    def batches(self) -> bool:
+        """Whether the op batches (then ``logits_later`` may be used once it is loaded)."""
+        return self._batching is not None
+
     def logits_later(self, items: list[Any]) -> Future[np.ndarray]:
-        """``logits`` without waiting: the Future is set on the batcher's thread as the batch ends
-        (at once when not batching)."""
-        if self._batcher is not None:
-            return self._batcher.submit_later(items, len(items))
-        done: Future[np.ndarray] = Future()
-        try:
-            done.set_result(self.logits(items))
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, as the batcher would
-            done.set_exception(exc)
-        return done
+        """``logits`` without waiting: the Future is set on the batcher's thread as the batch ends.
+
+        Raises:
+            RuntimeError: the op does not batch, or is closed.
+        """
+        if self._batcher is None:
+            raise RuntimeError(f"classify with {self.config.name} has no batcher to queue on")
+        return self._batcher.submit_later(items, len(items))
 
     def _prepare(self, images: np.ndarray) -> list[Any]:
         assert self._pipeline is not None

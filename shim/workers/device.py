@@ -56,8 +56,9 @@ class DeviceEndpoint:
             "gemm": self._service.backend.gemm,
         }
         handlers: dict[str, Handler | Deferred] = {name: self._guarded(fn) for name, fn in device_calls.items()}
-        early_logits = handlers["logits"]
-        handlers["logits"] = Deferred(lambda model, items: self._logits_later(early_logits, model, items))
+        if self._classify_ops and all(op.batches for op in self._classify_ops.values()):
+            early_logits = handlers["logits"]  # without batching, each call runs on a pool thread
+            handlers["logits"] = Deferred(lambda model, items: self._logits_later(early_logits, model, items))
         handlers["http"] = self._http
         handlers["records"] = self._records
         handlers["worker_ready"] = self._worker_ready

@@ -23,7 +23,6 @@ import socket
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
 from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
+from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,13 @@ class _Channel:
     def __init__(self, conn: Connection) -> None:
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         conn.close()
-        self._send_lock = threading.Lock()
+        self._out = Outbox(self.sock)
         self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
 
-    def send(self, message: Any, arena: Arena | None = None,
-             later: Callable[[Callable[[], None]], Any] | None = None) -> Lent:
+    def send(self, message: Any, arena: Arena | None = None, wait: bool = True) -> Lent:
         """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
-        caller gives them back once the peer has done with them).
-
-        With ``later`` (say a pool's ``submit``), the calling thread never waits for the peer: what
-        the socket does not take at once is sent by the job handed to ``later``, which holds the
-        channel until the message is out (its failures are dropped: the peer is gone)."""
+        caller gives them back once the peer has done with them). Without ``wait`` the calling
+        thread never waits for the peer (``Outbox.post``: a gone peer is then no error)."""
         buffers: list[pickle.PickleBuffer] = []
         try:
             data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
@@ -110,59 +106,20 @@ class _Channel:
                 places += [raw.nbytes, 0 if offset is None else offset + 1]
             header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
             parts = [header + data, *(raw for raw, where in zip(raws, places[1::2]) if not where)]
-            if later is None:
-                with self._send_lock:
-                    for part in parts:
-                        self.sock.sendall(part)
+            if wait:
+                self._out.send(parts)
             else:
-                self._send_or_hand_over(parts, later)
+                self._out.post(parts)
         except BaseException:
             if arena is not None:
                 arena.give_back_all(lent)
             raise
         return lent
 
-    def _send_or_hand_over(self, parts: list[Any], later: Callable[[Callable[[], None]], Any]) -> None:
-        """As much of ``parts`` as the socket takes without waiting, the rest by a job for ``later``
-        (the lock, taken here, is released by whichever thread sends the last byte); all of it by
-        such a job while another message is being sent."""
-        if not self._send_lock.acquire(blocking=False):
-            later(lambda: self._send_quietly(parts))
-            return
-        try:
-            rest = [memoryview(part).cast("B") for part in parts]
-            while rest:
-                try:
-                    sent = self.sock.sendmsg(rest, [], socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                while rest and sent >= rest[0].nbytes:
-                    sent -= rest.pop(0).nbytes
-                if rest:
-                    rest[0] = rest[0][sent:]
-            if not rest:
-                self._send_lock.release()
-                return
-
-            def finish() -> None:
-                try:
-                    self._send_quietly(rest, locked=True)
-                finally:
-                    self._send_lock.release()
-
-            later(finish)
-        except BaseException:
-            self._send_lock.release()
-            raise
-
-    def _send_quietly(self, parts: list[Any], locked: bool = False) -> None:
-        """``parts`` in full, under the lock unless ``locked`` (held already); a gone peer is no error."""
-        try:
-            with nullcontext() if locked else self._send_lock:
-                for part in parts:
-                    self.sock.sendall(part)
-        except (OSError, ValueError):
-            pass
+    def close(self) -> None:
+        """Close the socket (the reading side's own, once it has stopped reading)."""
+        self._out.close()
+        self.sock.close()
 
     def recv(self) -> Any:
         count, size = struct.unpack("!IQ", self._exactly(12))
@@ -281,7 +238,7 @@ class LinkClient:
                     slot[0].set()
         except (EOFError, OSError):
             pass
-        self._chan.sock.close()  # here, by the thread that reads it: never under a reader's feet
+        self._chan.close()  # here, by the thread that reads it: never under a reader's feet
         self._close_all()
 
     def _close_all(self) -> None:
@@ -346,7 +303,7 @@ class LinkServer:
         except ValueError as exc:  # a buffer outside the arena
             log.warning("dropped a request worker's link: %s", exc)
         finally:
-            chan.sock.close()
+            chan.close()
             if chan.peer_arena is not None:
                 chan.peer_arena.close()  # unmapped once no call of it holds a view
             self._conns.remove(chan)
@@ -357,15 +314,14 @@ class LinkServer:
         if not isinstance(handler, Deferred):
             self._pool.submit(self._run, chan, call_id, method, handler, args)
             return
+        # neither this reader nor the thread that completes the Future (a batcher's) may wait for a
+        # worker that is slow to read: their replies are posted
         try:
             future = handler.fn(*args)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            self._reply(chan, call_id, method, False, _as_reply(exc))
+            self._reply(chan, call_id, method, False, _as_reply(exc), wait=False)
             return
-        # the reply goes from the thread that completes the Future (a batcher's): it must not wait
-        # for a worker that is slow to read, so what the socket does not take at once goes on the pool
-        future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done),
-                                                          later=self._pool.submit))
+        future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done), wait=False))
 
     def _run(self, chan: _Channel, call_id: int, method: str, handler: Handler | None, args: tuple[Any, ...]) -> None:
         try:
@@ -377,20 +333,19 @@ class LinkServer:
         self._reply(chan, call_id, method, ok, payload)
 
     @staticmethod
-    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any,
-               later: Callable[[Callable[[], None]], Any] | None = None) -> None:
-        """Answer a call (a notification's failure is logged instead); ``later`` as ``send`` takes it."""
+    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any, wait: bool = True) -> None:
+        """Answer a call (a notification's failure is logged instead); ``wait`` as ``send`` takes it."""
         if not call_id:
             if not ok:
                 log.warning("notification %s failed: %s", method, payload[2])
             return
         try:
             try:
-                chan.send((call_id, ok, payload), later=later)
+                chan.send((call_id, ok, payload), wait=wait)
             except _Unencodable as exc:  # a result that cannot be pickled: say so
-                chan.send((call_id, False, _as_reply(exc)), later=later)
-        except (OSError, ValueError, RuntimeError):
-            pass  # the worker is gone, its caller with it (or the link is closing: no pool to hand to)
+                chan.send((call_id, False, _as_reply(exc)), wait=wait)
+        except (OSError, ValueError) as exc:
+            log.debug("the reply to %s went nowhere (the worker is gone, its caller with it): %s", method, exc)
 
     def close(self) -> None:
         if self._closing:
