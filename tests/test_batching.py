@@ -293,3 +293,14 @@ def test_a_cancelled_request_is_skipped_and_the_others_are_answered():
         assert batcher.submit([5], 1) == [10]  # the thread lives on
     finally:
         batcher.close()
+
+
+def test_batcher_threads_that_do_not_start_in_time_fail_the_load(monkeypatch):
+    """A ``thread_start`` that hangs (a CUDA stream that never comes) fails the constructor after
+    START_TIMEOUT_S instead of hanging the shim's load; the threads end once they get past it."""
+    from shim import batching
+
+    monkeypatch.setattr(batching, "START_TIMEOUT_S", 0.2)
+    with pytest.raises(RuntimeError, match="did not start within"):
+        Batcher("m", _doubler([]), max_batch_size=1, max_queue_delay_us=0, concurrency=2,
+                thread_start=lambda: time.sleep(1))

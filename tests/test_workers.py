@@ -578,3 +578,29 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
         front.registry.close()
         server.close()
         device.registry.close()
+
+
+def test_an_outbox_whose_writer_cannot_start_frees_its_lock_and_ends_the_link(monkeypatch):
+    """When the rest of a posted message cannot be handed to a writer (no thread can start), the
+    error is raised, the socket is shut down (the peer reads the link's end, not half a message)
+    and the lock is free: nothing waits on it for ever."""
+    import socket
+
+    from shim.workers import outbox
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(outbox.threading, "Thread", NoThread)
+    a, b = socket.socketpair()
+    box = outbox.Outbox(a)
+    with pytest.raises(RuntimeError, match="can't start"):
+        box.post([bytes(8 << 20)])  # more than the socket takes at once
+    assert not box._busy
+    with pytest.raises(OSError):
+        box.send([b"after"])  # shut down: no more messages on a link that broke mid-message
+    b.settimeout(5)
+    while b.recv(1 << 20):  # what went out, then the end of the link
+        pass
+    a.close(), b.close()

@@ -117,8 +117,10 @@ class _Channel:
         return lent
 
     def close(self) -> None:
-        """Close the socket (the reading side's own, once it has stopped reading)."""
+        """Shut the socket down (a writer stuck on a peer that does not read wakes up) and close it
+        (the reading side's own, once it has stopped reading)."""
         self._out.close()
+        _shut_down(self.sock)
         self.sock.close()
 
     def recv(self) -> Any:
@@ -238,6 +240,8 @@ class LinkClient:
                     slot[0].set()
         except (EOFError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - a garbled message: the link is no longer usable
+            log.exception("a reply from the device process could not be read; closing the link")
         self._chan.close()  # here, by the thread that reads it: never under a reader's feet
         self._close_all()
 

@@ -3,10 +3,12 @@ must not (a batcher's, answering the calls of its batch).
 
 ``send`` waits until its message is out. ``post`` never waits: its message goes out at once as far
 as the socket takes it without blocking, and the outbox's writer thread sends the rest, as it sends
-any message posted while another one is on its way. One lock keeps messages whole: it is held while
-a message is on its way, and only threads that may wait (senders, the writer) ever wait for it; when
-a posting thread leaves the rest of its message to the writer, the writer releases the lock once the
-message is out. A peer that is gone is no error for ``post``: the message is dropped (logged).
+any message posted while another one is on its way. One message is on its way at a time (``busy``,
+under one condition): a sender waits for its turn, a posting thread that cannot send at once queues
+its message, and the rest of a message a posting thread began is the writer's next message (the
+turn passes to the writer with it). A peer that is gone is no error for ``post``: the message is
+dropped (logged). A send that fails partway shuts the socket down, so that the peer sees the link
+end rather than read the next message after a partial one.
 """
 from __future__ import annotations
 
@@ -26,46 +28,62 @@ class Outbox:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._lock = threading.Lock()          # held while a message is on its way
-        self._cond = threading.Condition()     # guards what follows
-        self._queue: deque[list[memoryview]] = deque()
-        self._carry: list[memoryview] | None = None  # the rest of a posted message: the lock is held for it
+        self._cond = threading.Condition()  # guards what follows
+        self._busy = False                  # a message is on its way
+        self._queue: deque[list[memoryview]] = deque()  # posted, waiting for their turn
+        self._carry: list[memoryview] | None = None     # the rest of a begun message: the writer's, next
         self._closed = False
         self._writer: threading.Thread | None = None
 
     def send(self, parts: Sequence[Any]) -> None:
-        """Send ``parts`` as one message, waiting for the peer as long as it takes.
+        """Send ``parts`` as one message, waiting for its turn and for the peer as long as it takes.
 
         Raises:
             OSError: the peer is gone.
         """
-        with self._lock:
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+            self._busy = True
+        try:
             for part in parts:
                 self._sock.sendall(part)
+        finally:
+            self._done()
 
     def post(self, parts: Sequence[Any]) -> None:
         """Send ``parts`` as one message without waiting (the writer finishes what cannot go now)."""
         views = [memoryview(part).cast("B") for part in parts]
-        if not self._lock.acquire(blocking=False):  # another message is on its way
-            self._hand_over(views, carry=False)
-            return
+        with self._cond:
+            if self._busy or self._queue:  # its turn comes after those: the writer's to send
+                self._hand_over(views, carry=False)
+                return
+            self._busy = True
+        handed = False
         try:
             rest = self._push(views)
-        except (OSError, ValueError) as exc:
-            self._lock.release()
-            log.debug("dropped a message for a peer that is gone: %s", exc)
-            return
-        if rest:
-            self._hand_over(rest, carry=True)
-        else:
-            self._lock.release()
+            if rest:
+                handed = self._hand_over(rest, carry=True)
+        except BaseException as exc:
+            self._fail(exc)
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
+        finally:
+            if not handed:
+                self._done()
 
     def close(self) -> None:
         """No more messages: the writer stops once it has tried what it holds (the socket is the
         caller's to close, which fails a send that is stuck)."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def _done(self) -> None:
+        """The message on its way is out (or given up): the next one's turn."""
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
 
     def _push(self, views: list[memoryview]) -> list[memoryview]:
         """What of ``views`` the socket does not take without blocking."""
@@ -80,45 +98,57 @@ class Outbox:
                 views[0] = views[0][sent:]
         return views
 
-    def _hand_over(self, views: list[memoryview], carry: bool) -> None:
-        """``views`` to the writer: the rest of a message it owes the lock for (``carry``), or a
-        whole message to send when the lock is free."""
+    def _hand_over(self, views: list[memoryview], carry: bool) -> bool:
+        """``views`` to the writer: the rest of the message on its way (``carry``: its turn passes
+        to the writer), or a whole message for its turn; False (dropped) once the outbox is closed."""
         with self._cond:
             if self._closed:  # the link is going: nobody reads it any more
-                if carry:
-                    self._lock.release()
-                return
+                return False
+            if self._writer is None:
+                writer = threading.Thread(target=self._write, name="link-writer", daemon=True)
+                writer.start()  # raises before anything is handed over when no thread can start
+                self._writer = writer
             if carry:
                 self._carry = views
             else:
                 self._queue.append(views)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write, name="link-writer", daemon=True)
-                self._writer.start()
-            self._cond.notify()
+            self._cond.notify_all()
+            return True
 
     def _write(self) -> None:
         while True:
             with self._cond:
-                while self._carry is None and not self._queue and not self._closed:
+                while self._carry is None and not (self._queue and not self._busy) and not self._closed:
                     self._cond.wait()
-                carry, self._carry = self._carry, None
-                queued = list(self._queue)
-                self._queue.clear()
-                if carry is None and not queued:
+                if self._carry is not None:
+                    views, self._carry = self._carry, None  # the turn is the writer's already
+                elif self._queue and not self._busy:
+                    views, self._busy = self._queue.popleft(), True
+                elif self._queue:  # closed, a message still to send: wait for its turn
+                    self._cond.wait()
+                    continue
+                else:
                     return  # closed, nothing left
-            if carry is not None:
-                try:
-                    self._send_quietly(carry)
-                finally:
-                    self._lock.release()
-            for views in queued:
-                with self._lock:
-                    self._send_quietly(views)
+            try:
+                self._send_quietly(views)
+            finally:
+                self._done()
 
     def _send_quietly(self, views: list[memoryview]) -> None:
         try:
             for view in views:
                 self._sock.sendall(view)
         except (OSError, ValueError) as exc:
-            log.debug("dropped a message for a peer that is gone: %s", exc)
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - the writer goes on with the next message
+            log.exception("the link's writer could not send a message")
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A message could not go out whole: the socket is shut down (the peer reads the end of the
+        link, not the next message after a partial one) and the message dropped."""
+        log.debug("dropped a message; the link is shut down: %s: %s", type(exc).__name__, exc)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
