@@ -83,3 +83,21 @@ def test_posts_and_sends_from_many_threads_arrive_whole_to_a_slow_reader(trial):
         assert not box._writer.is_alive()
     assert not box._busy
     a.close(), b.close()
+
+
+def test_a_message_that_fails_partway_ends_the_link_instead_of_running_into_the_next():
+    """A send that fails after part of its message went out shuts the socket down: the peer reads
+    that part and then the end of the link, never the next message glued to half of this one."""
+    a, b = socket.socketpair()
+    box = Outbox(a)
+    with pytest.raises(TypeError):
+        box.send([b"HEAD", object()])  # the second part is not a buffer
+    with pytest.raises(OSError):
+        box.send([b"NEXT"])
+    box.post([b"LATER"])  # dropped: no error for a poster
+    b.settimeout(5)
+    received = b""
+    while chunk := b.recv(1024):
+        received += chunk
+    assert received == b"HEAD" and not box._busy
+    a.close(), b.close()

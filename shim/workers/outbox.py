@@ -48,6 +48,9 @@ class Outbox:
         try:
             for part in parts:
                 self._sock.sendall(part)
+        except BaseException as exc:
+            self._fail(exc)  # maybe partway: the link cannot carry another message after it
+            raise
         finally:
             self._done()
 
@@ -56,7 +59,11 @@ class Outbox:
         views = [memoryview(part).cast("B") for part in parts]
         with self._cond:
             if self._busy or self._queue:  # its turn comes after those: the writer's to send
-                self._hand_over(views, carry=False)
+                try:
+                    self._hand_over(views, carry=False)
+                except BaseException as exc:  # no writer: the message would be lost, the link with it
+                    self._fail(exc)
+                    raise
                 return
             self._busy = True
         handed = False
@@ -64,6 +71,8 @@ class Outbox:
             rest = self._push(views)
             if rest:
                 handed = self._hand_over(rest, carry=True)
+                if not handed:  # closed meanwhile: the rest will not follow what went out
+                    self._fail(EOFError("the outbox closed partway through a message"))
         except BaseException as exc:
             self._fail(exc)
             if not isinstance(exc, (OSError, ValueError)):
@@ -77,6 +86,7 @@ class Outbox:
         caller's to close, which fails a send that is stuck)."""
         with self._cond:
             self._closed = True
+            self._queue.clear()  # nobody will read them (a begun message's rest is still tried)
             self._cond.notify_all()
 
     def _done(self) -> None:
