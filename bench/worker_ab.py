@@ -15,6 +15,8 @@
                                                  # without compileall): 20 each, interleaved
     python bench/worker_ab.py pipeline           # classify's device pipeline alone (no shim, no link): ms
                                                  # per batch on one thread, images/s on 2 and 4 threads
+    python bench/worker_ab.py parts              # a request worker's CPU per classify and its parts, the
+                                                 # device faked (logits at once): where a worker's CPU goes
 
 An A/B run starts the probe once on the code as it is and once on a variant (for worker-side
 batching: ``shim/workers/front.py`` building its ops without a BatchingFactory), minutes apart on
@@ -219,6 +221,79 @@ def pipeline() -> None:
               f"images/s, {1e3 * wall * threads / sum(done):.2f} ms per batch per thread", flush=True)
 
 
+def parts() -> None:
+    import io
+    import os
+    import tempfile
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from accel.codec import InferRequest, encode_request
+    from accel.tensor import Tensor
+    from shim.config import Settings
+    from shim.kernels.resample import rgb_pixels
+    from shim.ops.classify import top_k_softmax
+    from shim.ops.imaging import decode_image
+    from shim.service import build_service
+    from shim.workers.device import DeviceEndpoint
+    from shim.workers.front import WorkerConfig, build_front
+    from shim.workers.link import Deferred, LinkServer
+
+    settings = Settings(device="cpu", models_dir=ROOT / "models")
+    device = build_service(settings)
+    device.load()
+    handlers = DeviceEndpoint(device, workers=1).handlers()
+    handlers["pipeline_device"] = lambda model: "cuda"  # the worker sends raw pixels, as in front of a GPU
+
+    def logits(model: str, items: list) -> Future:
+        done: Future = Future()
+        done.set_result(np.zeros((len(items), 1000), np.float32))
+        return done
+
+    handlers["logits"] = Deferred(logits)
+    key = os.urandom(16)
+    server = LinkServer(f"{tempfile.mkdtemp()}/link.sock", key, handlers, threads=8)
+    front = build_front(WorkerConfig(settings, server.address, key, [], "cuda", device.backend.describe()))
+    front.load()
+    jpeg = cat_jpeg()
+    body, headers = encode_request(InferRequest([Tensor.from_bytes_list("image", [jpeg])], parameters={"top_k": 5},
+                                                id="x"), binary=True)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v2/models/classify/infer", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "CONTENT_LENGTH": str(len(body)), "wsgi.url_scheme": "http",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+               "wsgi.multiprocess": False, "wsgi.run_once": False,
+               **{("" if k.lower() == "content-type" else "HTTP_") + k.upper().replace("-", "_"): v
+                  for k, v in headers.items()}}
+
+    def whole_app() -> None:
+        status: list[str] = []
+        b"".join(front.app({**environ, "wsgi.input": io.BytesIO(body)}, lambda s, h, e=None: status.append(s)))
+        assert status[0].startswith("200"), status
+
+    op = front.registry.lookup("classify")
+    image = decode_image(jpeg, "image", 1 << 30)
+    pixels = [rgb_pixels(image)]
+    logits_1 = np.zeros((1, 1000), np.float32)
+    cases = [("the worker's app, one classify (all of what follows and more)", whole_app),
+             ("the op's run: decode, batcher, link, top-k", lambda: op.run({"image": np.array([jpeg], dtype=object)},
+                                                                           {"top_k": 5})),
+             ("decoding the JPEG", lambda: decode_image(jpeg, "image", 1 << 30)),
+             ("pixels of the decoded image", lambda: rgb_pixels(image)),
+             ("the worker's batcher with the link call", lambda: op.logits(pixels)),
+             ("the link call alone (both ends)", lambda: op._pipeline.logits(pixels)),  # noqa: SLF001
+             ("top-k softmax", lambda: top_k_softmax(logits_1, 5, op._labels))]  # noqa: SLF001
+    for label, case in cases:
+        for _ in range(100):
+            case()
+        n, start = 2000, time.process_time()
+        for _ in range(n):
+            case()
+        print(f"{label}: {1e3 * (time.process_time() - start) / n:.3f} ms of CPU (every thread of this process)",
+              flush=True)
+    os._exit(0)  # the worker's and the link's threads need no orderly stop here
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["throughput"]:
         throughput(sys.argv[2])
@@ -230,6 +305,8 @@ if __name__ == "__main__":
         compiled()
     elif sys.argv[1:2] == ["pipeline"]:
         pipeline()
+    elif sys.argv[1:2] == ["parts"]:
+        parts()
     elif sys.argv[1:2] == ["cpu"]:
         cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
