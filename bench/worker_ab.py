@@ -37,6 +37,11 @@ from bench.loop import process_closed_loop  # noqa: E402
 from bench.procs import cat_jpeg  # noqa: E402
 
 
+def _device() -> str:
+    """The device of a probe's shim: ``PROBE_DEVICE`` (cpu on a machine without a GPU), else cuda."""
+    return os.environ.get("PROBE_DEVICE", "cuda")
+
+
 def quantiles(xs: list[float]) -> str:
     xs = sorted(xs)
     return f"p50 {1e3 * xs[len(xs) // 2]:.2f} p99 {1e3 * xs[int(len(xs) * 0.99)]:.2f} ms"
@@ -56,7 +61,7 @@ def latency(label: str, workers: int) -> None:
     import accel
 
     jpeg, n = cat_jpeg(), 1024
-    with ShimProcess(os.environ.get("PROBE_DEVICE", "cuda"), ROOT / "models", workers=workers) as shim:
+    with ShimProcess(_device(), ROOT / "models", workers=workers) as shim:
         client = accel.Client(shim.unix_url)
         for _ in range(50):
             client.classify(jpeg)
@@ -98,7 +103,7 @@ def _busy_seconds() -> float:
 
 def cpu(workers: int, clients: int, flags: list[str]) -> None:
     jpeg, seconds = cat_jpeg(), 6.0
-    with ShimProcess(os.environ.get("PROBE_DEVICE", "cuda"), ROOT / "models", *flags, workers=workers) as shim:
+    with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
         device = shim.proc.pid
         kids = subprocess.run(["pgrep", "-P", str(device)], capture_output=True, text=True).stdout.split()
         process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
@@ -223,11 +228,11 @@ def pipeline() -> None:
 
 def parts() -> None:
     import io
-    import os
     import tempfile
     from concurrent.futures import Future
 
     import numpy as np
+    from werkzeug.test import EnvironBuilder
 
     from accel.codec import InferRequest, encode_request
     from accel.tensor import Tensor
@@ -259,12 +264,7 @@ def parts() -> None:
     jpeg = cat_jpeg()
     body, headers = encode_request(InferRequest([Tensor.from_bytes_list("image", [jpeg])], parameters={"top_k": 5},
                                                 id="x"), binary=True)
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v2/models/classify/infer", "SERVER_NAME": "x",
-               "SERVER_PORT": "80", "CONTENT_LENGTH": str(len(body)), "wsgi.url_scheme": "http",
-               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-               "wsgi.multiprocess": False, "wsgi.run_once": False,
-               **{("" if k.lower() == "content-type" else "HTTP_") + k.upper().replace("-", "_"): v
-                  for k, v in headers.items()}}
+    environ = EnvironBuilder(path="/v2/models/classify/infer", method="POST", data=body, headers=headers).get_environ()
 
     def whole_app() -> None:
         status: list[str] = []

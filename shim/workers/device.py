@@ -66,48 +66,46 @@ class DeviceEndpoint:
 
     def _guarded(self, fn: Callable[..., Any]) -> Handler:
         """``fn`` once the device is warm, refused on a lost device, counted as in flight."""
-        guard, metrics = self._service.guard, self._service.metrics
-
         def call(*args: Any) -> Any:
             self._registry.loaded.wait(LOAD_TIMEOUT_S)
-            if guard is not None:
-                guard.monitor.check()
-            metrics.inflight.inc()
+            self._begin()
             try:
-                return fn(*args)
-            except DeviceLost as exc:
-                if guard is not None:
-                    guard.monitor.trip(exc)
+                result = fn(*args)
+            except BaseException as exc:
+                self._end(exc)
                 raise
-            finally:
-                metrics.inflight.dec()
+            self._end(None)
+            return result
 
         return call
+
+    def _begin(self) -> None:
+        """A device call starts: refused on a lost device, then counted as in flight."""
+        if self._service.guard is not None:
+            self._service.guard.monitor.check()
+        self._service.metrics.inflight.inc()
+
+    def _end(self, exc: BaseException | None) -> None:
+        """A device call ended (raising ``exc``): no longer in flight; a lost device trips the
+        fault monitor."""
+        self._service.metrics.inflight.dec()
+        if isinstance(exc, DeviceLost) and self._service.guard is not None:
+            self._service.guard.monitor.trip(exc)
 
     def _logits_later(self, early: Handler, model: str, items: list[Any]) -> Future[Any]:
         """classify's device half for a worker, answered when its batch ends (``early`` on a thread
         of its own while the device warms up: the link's reader must not wait)."""
         if not self._registry.loaded.is_set():
             return self._early.submit(early, model, items)
-        guard, metrics = self._service.guard, self._service.metrics
-        if guard is not None:
-            guard.monitor.check()
         op = self._classify(model)
-        metrics.inflight.inc()
+        self._begin()
         try:
             future = op.logits_later(items)
-        except BaseException:
-            metrics.inflight.dec()
+        except BaseException as exc:
+            self._end(exc)
             raise
-        future.add_done_callback(self._settled)
+        future.add_done_callback(lambda done: self._end(done.exception()))
         return future
-
-    def _settled(self, future: Future[Any]) -> None:
-        """A deferred call ended: no longer in flight; a lost device trips the fault monitor."""
-        self._service.metrics.inflight.dec()
-        exc = future.exception()
-        if isinstance(exc, DeviceLost) and self._service.guard is not None:
-            self._service.guard.monitor.trip(exc)
 
     def _http(self, fields: dict[str, Any], body: bytes | bytearray | memoryview
               ) -> tuple[int, list[tuple[str, str]], Any]:

@@ -31,7 +31,7 @@ from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
 from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
-from .outbox import Outbox
+from .outbox import Outbox, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Channel:
         """Shut the socket down (a writer stuck on a peer that does not read wakes up) and close it
         (the reading side's own, once it has stopped reading)."""
         self._out.close()
-        _shut_down(self.sock)
+        shut_down(self.sock)
         self.sock.close()
 
     def recv(self) -> Any:
@@ -258,7 +258,7 @@ class LinkClient:
             self._on_close()
 
     def close(self) -> None:
-        _shut_down(self._chan.sock)  # the reader wakes up, closes the connection and fails what waits
+        shut_down(self._chan.sock)  # the reader wakes up, closes the connection and fails what waits
         self._reader.join(5)
 
 
@@ -357,9 +357,9 @@ class LinkServer:
         self._closing = True
         # shut down, not closed: each thread that reads a socket wakes up and closes it itself (a
         # close under a blocked reader neither wakes it nor tells the peer, and frees the fd number)
-        _shut_down(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
+        shut_down(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
         for chan in list(self._conns):
-            _shut_down(chan.sock)
+            shut_down(chan.sock)
         self._acceptor.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -368,11 +368,3 @@ def _outcome(future: "Future[Any]") -> tuple[bool, Any]:
     """A done Future as a reply: (True, its result) or (False, its error as the wire carries it)."""
     exc = future.exception()
     return (False, _as_reply(exc)) if exc is not None else (True, future.result())
-
-
-def _shut_down(sock: socket.socket) -> None:
-    """Shut a socket down (both ways) without closing it: a thread blocked reading it wakes up."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed

@@ -158,7 +158,12 @@ class Outbox:
         """A message could not go out whole: the socket is shut down (the peer reads the end of the
         link, not the next message after a partial one) and the message dropped."""
         log.debug("dropped a message; the link is shut down: %s: %s", type(exc).__name__, exc)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # closed already
+        shut_down(self._sock)
+
+
+def shut_down(sock: socket.socket) -> None:
+    """Shut a socket down (both ways) without closing it: a thread blocked on it wakes up."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
