@@ -49,6 +49,7 @@ class Settings:
     shm_tenant_dirs: bool = False             # a tenant's keys resolve in shm_dir/<tenant>/ instead
     shm_max_regions: int = 64                 # shared memory regions per tenant (429 above)
     shm_max_bytes: int = 1 << 32              # mapped shared memory bytes per tenant (507 above)
+    shm_prefault_threads: int = 4             # threads filling a new region's page tables before its first use (0: off)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -80,7 +81,7 @@ class Settings:
             raise ValueError(f"--host {self.host} is reachable from other machines: give --tokens FILE "
                              "(tenant: token lines) so that callers must authenticate")
         for name in ("max_queue", "tenant_max_inflight", "tenant_max_queue", "tenant_max_body_bytes",
-                     "tenant_max_buffer_bytes", "shm_max_regions", "shm_max_bytes"):
+                     "tenant_max_buffer_bytes", "shm_max_regions", "shm_max_bytes", "shm_prefault_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.port < 65536:

@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .modelrepo import ModelRepository
 from .ops import ClassifyOp, GemmOp, ModelOp, NoopOp, Op
 from .registry import Registry
+from .prefault import Prefaulter
 from .shm import SharedMemoryRegistry
 from .server import create_app
 from .server.guard import Guard, install_guard
@@ -113,14 +114,31 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
 
 
 def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | None:
-    """The shared memory regions of ``settings`` (None: the extension is off). The backend hears of
-    each mapping (the CUDA backend pins it, so that operands in it go to the GPU by DMA)."""
+    """The shared memory regions of ``settings`` (None: the extension is off). Each new mapping is
+    prefaulted in the background (``shim.prefault``), and the backend hears of it (the CUDA backend
+    pins it, so that operands in it go to the GPU by DMA)."""
     if not settings.shared_memory:
         return None
+    prefault = Prefaulter(settings.shm_prefault_threads) if settings.shm_prefault_threads else None
+
+    def on_register(address: int, nbytes: int) -> None:
+        if prefault is not None:  # the page tables filled while the registration's answer travels
+            prefault.start(address, nbytes)
+        try:
+            backend.register_host(address, nbytes)
+        except BaseException:
+            on_unregister(address, nbytes, pinned=False)
+            raise
+
+    def on_unregister(address: int, _nbytes: int, pinned: bool = True) -> None:
+        if prefault is not None:
+            prefault.wait(address)
+        if pinned:
+            backend.unregister_host(address)
+
     return SharedMemoryRegistry(settings.shm_dir, max_regions=settings.shm_max_regions,
                                 max_bytes=settings.shm_max_bytes, tenant_dirs=settings.shm_tenant_dirs,
-                                on_register=backend.register_host,
-                                on_unregister=lambda address, _nbytes: backend.unregister_host(address))
+                                on_register=on_register, on_unregister=on_unregister)
 
 
 def _buffer_quota(guard: Guard, default: int = 0) -> Callable[[str], int | None]:
