@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shm-dir", type=Path, metavar="DIR", help="where shared memory keys resolve (default /dev/shm)")
     serve.add_argument("--shm-tenant-dirs", action="store_true", default=None,
                        help="resolve each tenant's shared memory keys in DIR/<tenant>/")
+    serve.add_argument("--shm-prefault-threads", type=int, metavar="N",
+                       help="threads that fill a new region's page tables before its first request (default 4; 0 off)")
 
     from .up import add_parser as add_up  # light: the heavy imports of ``up`` wait until it runs
 
@@ -118,7 +120,8 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
                                                "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
                                                "gpu_memory_limit", "gil_switch_us",
                                                "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
-                                               "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs")}
+                                               "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs",
+                                               "shm_prefault_threads")}
     try:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:

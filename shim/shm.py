@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from accel.errors import AccelError, InsufficientStorage, InvalidInput, OpNotFound, QuotaExceeded
+from accel.errors import AccelError, InsufficientStorage, InvalidInput, NotReady, OpNotFound, QuotaExceeded
 
 from .names import check_name
 
@@ -127,6 +127,21 @@ class SharedMemoryRegistry:
         with self._lock:
             self._regions[(tenant, name)] = self._pending.pop((tenant, name))
         return region
+
+    def ensure(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> None:
+        """Region ``name`` registered just so: registered now, unless it already is (what an infer
+        request that registers its region on the way asks). Raises what ``register`` raises; a name
+        registered otherwise is InvalidInput (400), one whose registration is under way NotReady (503)."""
+        with self._lock:
+            known = self._regions.get((tenant, name))
+            pending = known is None and (tenant, name) in self._pending
+        if known is None and not pending:
+            self.register(name, key, offset, byte_size, tenant)
+        elif pending:
+            raise NotReady(f"shared memory region {name!r} is being registered by another request; retry")
+        elif (known.key, known.offset, known.byte_size) != (key, offset, byte_size):
+            raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, offset "
+                               "or size; unregister it first")
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:
         """Unregister region ``name`` of ``tenant`` (None: all its regions); the names unregistered.

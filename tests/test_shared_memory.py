@@ -2,6 +2,7 @@
 live shim, the accel.Client convenience, every error case, tenants, and zero-copy on the shim side."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import accel
+from accel.shm import REGISTER_HEADER
 from accel.tensor import Tensor
 from shim.ops import Op
 from tests.conftest import WSGITransport
@@ -378,6 +380,9 @@ def test_shared_memory_can_be_turned_off(models_dir):
         "inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}],
         "outputs": [{"name": "x", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 1}}]})
     assert reply.status_code == 400 and "serves no shared memory" in reply.get_json()["error"]
+    reply = http.post("/v2/models/noop/infer", json={"inputs": [{"name": "x", "datatype": "INT8", "shape": [1],
+                      "data": [1]}]}, headers={REGISTER_HEADER: '{"name": "r", "key": "/k", "byte_size": 1}'})
+    assert reply.status_code == 400 and "serves no shared memory" in reply.get_json()["error"]
 
 
 def test_tenant_dirs_resolve_keys_in_the_tenants_folder(tmp_path):
@@ -466,8 +471,106 @@ def test_registering_waits_until_the_shim_is_ready(models_dir):
         body = {"key": region.key, "offset": 0, "byte_size": 4096}
         reply = http.post("/v2/systemsharedmemory/region/early/register", json=body)
         assert reply.status_code == 503 and "warming up" in reply.get_json()["error"]
+        reply = http.post("/v2/models/noop/infer", json={"inputs": [{"name": "x", "datatype": "INT8", "shape": [1],
+                          "data": [1]}]}, headers={REGISTER_HEADER: json.dumps({**body, "name": "early"})})
+        assert reply.status_code == 503 and "warming up" in reply.get_json()["error"]  # on the way too
         assert http.get("/v2/systemsharedmemory/status").get_json() == []  # nothing was mapped
         svc.load()
         assert http.post("/v2/systemsharedmemory/region/early/register", json=body).status_code == 200
         assert [r["name"] for r in http.get("/v2/systemsharedmemory/status").get_json()] == ["early"]
         assert http.post("/v2/systemsharedmemory/unregister").status_code == 200
+
+
+# --- registering a region on the way (accelshim's Accel-Shared-Memory-Register header) -----------
+class _Recording(WSGITransport):
+    """The in-process transport, noting each request's method, path and whether it registers on the way."""
+
+    def __init__(self, app) -> None:
+        super().__init__(app)
+        self.calls: list[tuple[str, str, bool]] = []
+
+    def request(self, method, path, body, headers, timeout):
+        self.calls.append((method, path, REGISTER_HEADER in headers))
+        return super().request(method, path, body, headers, timeout)
+
+
+def test_a_first_call_through_a_region_registers_it_on_the_way(tenant_service):
+    transport = _Recording(tenant_service.app)
+    alice = accel.Client("http://in-process", transport=transport, token=ALICE, retries=0)
+    rng = np.random.default_rng(3)
+    with accel.SharedMemory("otw", 3 * 16 * 16 * 4 + 1024) as region:
+        a, b = region.array((16, 16), np.float32), region.array((16, 16), np.float32)
+        a[:], b[:] = rng.standard_normal(a.shape), rng.standard_normal(b.shape)
+        c = alice.gemm(a, b, shm=region)
+        np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
+        assert region.offset_of(c) is not None
+        assert transport.calls == [("POST", "/v2/models/gemm/infer", True)]  # one request, no register
+        assert alice.shm_status("otw") == [{"name": "otw", "key": region.key, "offset": 0,
+                                            "byte_size": region.byte_size}]
+        alice.gemm(a, b, shm=region)
+        assert transport.calls[-1] == ("POST", "/v2/models/gemm/infer", False)  # known now: no header
+        alice.unregister_shm()
+        del a, b, c
+
+
+def test_a_name_taken_by_another_object_is_taken_over_the_standard_way(tenant_service):
+    first = _client(tenant_service, ALICE)
+    transport = _Recording(tenant_service.app)
+    second = accel.Client("http://in-process", transport=transport, token=ALICE, retries=0)
+    with accel.SharedMemory("taken", 4096) as old, accel.SharedMemory("taken", 4096) as new:
+        first.register_shm("taken", old.key, old.byte_size)  # left by an earlier instance of the function
+        x = new.array(4, np.float32)
+        x[:] = [1, 2, 3, 4]
+        out = second.infer("noop", {"x": x}, shm=new)
+        assert out["x"].tolist() == [1, 2, 3, 4]
+        assert [path.rsplit("/", 1)[-1] for _, path, _ in transport.calls] == \
+            ["infer", "register", "unregister", "register", "infer"]
+        assert second.shm_status("taken")[0]["key"] == new.key
+        second.unregister_shm()
+        del x, out
+
+
+@pytest.mark.parametrize(("header", "status", "message"), [
+    ("{not json", 400, "Accel-Shared-Memory-Register header is not JSON"),
+    ('["reg", "/k"]', 400, "must be a JSON object"),
+    ('{"key": "/k", "byte_size": 64}', 400, "has no 'name'"),
+    ('{"name": 7, "key": "/k", "byte_size": 64}', 400, "name must be a string"),
+    ('{"name": "r", "key": "../etc/passwd", "byte_size": 64}', 400, "invalid shared memory key"),
+    ('{"name": "r", "key": "/accel_test_absent_object", "byte_size": 64}', 400, "unable to open"),
+])
+def test_bad_registrations_on_the_way_are_400_and_register_nothing(tenant_service, header, status, message):
+    alice = _client(tenant_service, ALICE)
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]})
+    r = tenant_service.app.test_client().post("/v2/models/noop/infer", data=body, headers={
+        REGISTER_HEADER: header, "Authorization": f"Bearer {ALICE}"})
+    assert r.status_code == status and message in r.get_json()["error"]
+    assert alice.shm_status() == []
+
+
+def test_registering_on_the_way_is_idempotent_refuses_another_key_and_counts_to_the_quota(tenant_service):
+    alice = _client(tenant_service, ALICE)
+    client = tenant_service.app.test_client()
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]})
+
+    def infer(registration: dict) -> Any:
+        return client.post("/v2/models/noop/infer", data=body, headers={
+            REGISTER_HEADER: json.dumps(registration), "Authorization": f"Bearer {ALICE}"})
+
+    regions = [accel.SharedMemory(f"q{i}", 4096) for i in range(4)]
+    try:
+        same = {"name": "q0", "key": regions[0].key, "byte_size": 4096}
+        assert infer(same).status_code == 200 and infer(same).status_code == 200
+        assert [r["key"] for r in alice.shm_status()] == [regions[0].key]
+        other = infer({"name": "q0", "key": regions[1].key, "byte_size": 4096})
+        assert other.status_code == 400 and "already registered" in other.get_json()["error"]
+        smaller = infer({**same, "byte_size": 1024})
+        assert smaller.status_code == 400 and "already registered" in smaller.get_json()["error"]
+        for i in (1, 2):
+            assert infer({"name": f"q{i}", "key": regions[i].key, "byte_size": 4096}).status_code == 200
+        over = infer({"name": "q3", "key": regions[3].key, "byte_size": 4096})  # the tenant holds 3 at most
+        assert over.status_code == 429
+        assert len(alice.shm_status()) == 3
+    finally:
+        alice.unregister_shm()
+        for region in regions:
+            region.close()

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from accel.codec import HEADER_LENGTH, decode_request, encode_response
 from accel.errors import AccelError, InvalidInput, NotReady, PayloadTooLarge
+from accel.shm import REGISTER_HEADER
 
 from .. import __version__
 from ..config import Settings
@@ -104,7 +105,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
         length = request.headers.get(HEADER_LENGTH)
         if length is not None and not length.strip().isdigit():
             raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
-        with ShmScope(shm) as regions:  # inputs read from, outputs written to shared memory regions
+        with ShmScope(shm, ready=dispatcher.registry.loaded.is_set) as regions:  # inputs and outputs in regions
+            regions.register_on_the_way(request.headers.get(REGISTER_HEADER))
             infer_request = decode_request(body, int(length) if length is not None else None, regions.input)
             response = dispatcher.infer(name, infer_request, regions.destinations(infer_request))
             regions.place_outputs(infer_request, response)

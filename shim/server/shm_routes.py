@@ -17,7 +17,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from accel.codec import InferRequest, InferResponse
 from accel.errors import InvalidInput, NotReady, PayloadTooLarge
-from accel.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRef
+from accel.shm import BYTE_SIZE, OFFSET, REGION, REGISTER_HEADER, SharedMemoryRef
 
 from ..shm import Region, SharedMemoryRegistry
 from .guard import current_tenant
@@ -45,7 +45,10 @@ def shm_blueprint(registry: SharedMemoryRegistry, ready: Callable[[], bool] = la
     def register(region: str) -> Any:
         if not ready():
             raise NotReady("the shim is warming up: register the region once it is ready")
-        doc = _register_request()
+        length = request.content_length or 0
+        if length > MAX_REGISTER_BODY:
+            raise PayloadTooLarge(f"a register request is at most {MAX_REGISTER_BODY} bytes, not {length}")
+        doc = _registration(request.environ["wsgi.input"].read(length) if length else b"", "the register request")
         registry.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"], current_tenant())
         return Response(status=200)  # as Triton: success is the status alone
 
@@ -62,21 +65,18 @@ def shm_blueprint(registry: SharedMemoryRegistry, ready: Callable[[], bool] = la
     return bp
 
 
-def _register_request() -> dict[str, Any]:
-    """``{"key": str, "offset": int, "byte_size": int}`` from the body (types checked by the registry)."""
-    length = request.content_length or 0
-    if length > MAX_REGISTER_BODY:
-        raise PayloadTooLarge(f"a register request is at most {MAX_REGISTER_BODY} bytes, not {length}")
-    body = request.environ["wsgi.input"].read(length) if length else b""
+def _registration(text: bytes | str, what: str, fields: tuple[str, ...] = ("key", "byte_size")) -> dict[str, Any]:
+    """``{"key": str, "offset": int, "byte_size": int}`` (and any other ``fields``) from JSON ``text``
+    (types checked by the registry)."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the register request is not JSON: {exc}") from None
+        raise InvalidInput(f"{what} is not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise InvalidInput('the register request must be a JSON object {"key", "offset", "byte_size"}')
-    missing = [k for k in ("key", "byte_size") if k not in doc]
+        raise InvalidInput(f'{what} must be a JSON object {{{", ".join(map(repr, fields))}, "offset"}}')
+    missing = [k for k in fields if k not in doc]
     if missing:
-        raise InvalidInput(f"the register request has no {missing[0]!r}")
+        raise InvalidInput(f"{what} has no {missing[0]!r}")
     return doc
 
 
@@ -89,10 +89,34 @@ class ShmScope:
         tenant: whose regions the request may name.
     """
 
-    def __init__(self, registry: SharedMemoryRegistry | None, tenant: str | None = None) -> None:
+    def __init__(self, registry: SharedMemoryRegistry | None, tenant: str | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self._registry = registry
         self._tenant = tenant or current_tenant()
+        self._ready = ready
         self._pinned: dict[str, Region] = {}
+
+    def register_on_the_way(self, header: str | None) -> None:
+        """Register the region that ``REGISTER_HEADER`` (its value ``header``; None: absent) names,
+        unless it is registered just so already: a function's first call through a region needs no
+        register request of its own.
+
+        Raises:
+            InvalidInput: a malformed header, a shim that serves no shared memory, or what registering
+                raises (the name taken by another key: 400); NotReady: warming up (503).
+        """
+        if header is None:
+            return
+        what = f"the {REGISTER_HEADER} header"
+        if self._registry is None:
+            raise InvalidInput(f"{what} registers a shared memory region, but this shim serves no shared memory "
+                               "(system_shared_memory is off)")
+        if not self._ready():
+            raise NotReady("the shim is warming up: register the region once it is ready")
+        doc = _registration(header, what, ("name", "key", "byte_size"))
+        if not isinstance(doc["name"], str):
+            raise InvalidInput(f"{what}: name must be a string")
+        self._registry.ensure(doc["name"], doc["key"], doc.get("offset", 0), doc["byte_size"], self._tenant)
 
     def __enter__(self) -> "ShmScope":
         return self

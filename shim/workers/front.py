@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Response, request
 
 from accel.codec import HEADER_LENGTH
+from accel.shm import REGISTER_HEADER
 
 from ..batching import BatchingFactory
 from ..config import Settings
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 _SHM_MARK = b'"shared_memory_region"'
+_REGISTER_KEY = "HTTP_" + REGISTER_HEADER.upper().replace("-", "_")
 
 
 @dataclass
@@ -76,10 +78,12 @@ class LinkProxy:
 
 def served_here(environ: dict[str, Any]) -> bool:
     """Whether a worker answers this request itself: an infer request with a plain body that uses no
-    shared memory (a false alarm, the mark inside a tensor, only costs a hop)."""
+    shared memory and registers none (a false alarm, the mark inside a tensor, only costs a hop)."""
     if environ.get("REQUEST_METHOD") != "POST" or not environ.get("PATH_INFO", "").endswith("/infer"):
         return False
     if environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower() not in ("", "identity"):
+        return False
+    if _REGISTER_KEY in environ:  # registers a region: the device process maps it
         return False
     stream = environ["wsgi.input"]
     length = int(environ.get("CONTENT_LENGTH") or 0)

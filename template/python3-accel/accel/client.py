@@ -9,7 +9,7 @@ import time
 from . import datatypes as dt
 from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, RequestedOutput, decode_response, encode_request
 from .errors import AccelError, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
-from .shm import SharedMemory, place_request, resolver
+from .shm import REGISTER_HEADER, SharedMemory, place_request, registration, resolver
 from .tensor import Tensor
 from .transport import HTTPTransport, Response
 from .types import Prediction
@@ -183,6 +183,16 @@ class Client:
             tensors = [v.renamed(k) if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
             return self.infer_tensors(model, tensors, parameters)
         tensors, requested = place_request(shm, inputs, outputs)
+        if shm.name not in self._shm_registered:  # registered on the way, by this very request
+            try:
+                with _HeaderScope({REGISTER_HEADER: json.dumps(registration(shm))}):
+                    result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+            except (InvalidInput, OpNotFound) as exc:  # taken by another key, or a shim without the extension
+                if "shared memory region" not in exc.message:
+                    raise
+            else:
+                self._shm_registered[shm.name] = shm.key
+                return result
         self._ensure_shm(shm)
         try:
             return self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
