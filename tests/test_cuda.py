@@ -255,9 +255,10 @@ def test_registered_host_memory_goes_up_by_dma_and_computes_the_same(cuda):
     a[:] = rng.standard_normal((n, n))
     b[:] = rng.standard_normal((n, n))
     address = view.__array_interface__["data"][0]
-    cuda.register_host(address, view.nbytes)  # pins in the background
+    cuda.register_host(address, view.nbytes)  # noted; pinned after the first gemm through it
     try:
-        early = cuda.gemm(a, b, None, 1.0, 0.0)  # while pinning, maybe: staged copies, the same product
+        assert not cuda.pinned.contains(a)
+        early = cuda.gemm(a, b, None, 1.0, 0.0)  # staged copies; its pin starts as it ends
         cuda.pinned.wait(address)
         assert cuda.pinned.contains(a) and cuda.pinned.contains(b)
         assert rel_error(cuda.gemm(a, b, None, 1.0, 0.0), gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
@@ -266,8 +267,13 @@ def test_registered_host_memory_goes_up_by_dma_and_computes_the_same(cuda):
         cuda.unregister_host(address)
     assert not cuda.pinned.contains(a) and len(cuda.pinned) == 0
     cuda.register_host(address, view.nbytes)
-    cuda.unregister_host(address)  # at once: waits for the pin in flight, then unpins
+    assert len(cuda.pinned) == 1
+    cuda.unregister_host(address)  # never used: never pinned
     assert len(cuda.pinned) == 0
+    cuda.register_host(address, view.nbytes)
+    cuda.gemm(a, b, None, 1.0, 0.0)
+    cuda.unregister_host(address)  # at once: waits for the pin in flight (or drops it), then unpins
+    assert len(cuda.pinned) == 0 and not cuda.pinned.contains(a)
     del a, b, view
 
 
@@ -327,9 +333,16 @@ def test_gemm_through_a_shared_memory_region_is_pinned_and_correct(cuda_service)
         a, b = region.array((n, n), "float32"), region.array((n, n), "float32")
         rng = np.random.default_rng(11)
         a[:], b[:] = rng.standard_normal((n, n)), rng.standard_normal((n, n))
-        c = client.gemm(a, b, shm=region)
+        c = client.gemm(a, b, shm=region)  # registers the region on the way; staged copies
         assert rel_error(c, gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
         assert len(cuda_service.backend.pinned) == 1  # the shim's own mapping of the region
+        mapping = next(cuda_service.shm.regions())
+        cuda_service.backend.pinned.wait(mapping.address)  # begun after the first gemm
+        c = client.gemm(a, b, shm=region)  # by DMA both ways
+        assert rel_error(c, gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
+        shims_bytes = np.frombuffer(cuda_service.shm.view(mapping, 0, 4096, "x"), np.uint8)
+        assert cuda_service.backend.pinned.contains(shims_bytes)
+        del shims_bytes
         client.unregister_shm()
         assert len(cuda_service.backend.pinned) == 0
         del a, b, c

@@ -79,7 +79,8 @@ class Backend(Protocol):
 
     def register_host(self, address: int, nbytes: int) -> None:
         """Host memory that operands will often come from (a client's shared-memory region):
-        the CUDA backend pins it so that those operands go up by DMA; the CPU backend ignores it."""
+        the CUDA backend pins it (after its first use) so that those operands go up by DMA; the CPU
+        backend ignores it."""
         ...
 
     def unregister_host(self, address: int) -> None: ...

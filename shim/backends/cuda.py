@@ -120,8 +120,11 @@ class CudaBackend:
         m, n = a.shape[0], b.shape[1]
         self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
-        with device_errors(self._pool):
-            return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision, out))
+        try:
+            with device_errors(self._pool):
+                return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision, out))
+        finally:
+            self.pinned.pin_touched()  # regions this gemm used unpinned: their pin starts now, after it
 
     @staticmethod
     def _gemm_on(worker: "_Worker", a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
@@ -197,22 +200,41 @@ class PinnedRanges:
     """Host memory registered with CUDA (cudaHostRegister), e.g. shared-memory regions of clients:
     operands that lie inside go to the GPU by DMA straight from there, with no staging copy.
 
-    Pinning takes milliseconds (5-8 ms for 12 MiB on an H200), which a function's first call through
-    a new region would wait for: ``register`` starts it on a thread of its own and returns. Until it
-    is done ``contains`` says no and copies from the range take the staged path, after it DMA.
-    ``unregister`` waits for a pin in flight, so nothing stays pinned once its mapping goes.
+    Pinning takes milliseconds (about 4 ms for 12 MiB on an H200), and the process's other CUDA calls
+    wait while it runs: pinned at registration, a region's first request (which follows at once)
+    would wait for the pin. So ``register`` only notes the range; the first device job through it
+    copies staged (``contains`` says no, and notes the use), and ``pin_touched``, called after that
+    job, starts the pin on a thread of its own; from its end on copies go by DMA. ``wait`` pins at
+    once; ``unregister`` waits for a pin in flight (one not begun is dropped), so nothing stays pinned
+    once its mapping goes.
     """
 
     def __init__(self, device_id: int = 0) -> None:
-        self._ranges: dict[int, int] = {}
+        self._ranges: dict[int, int] = {}   # pinned
+        self._known: dict[int, int] = {}    # registered, not pinned yet
+        self._touched: set[int] = set()     # known ranges a device job used since the last pin_touched
         self._pending: dict[int, Future[None]] = {}
         self._lock = threading.Lock()
         self._pinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-pin",
                                           initializer=lambda: cp.cuda.Device(device_id).use())
 
     def register(self, address: int, nbytes: int) -> None:
-        with self._lock:  # held until the future is stored: the pin cannot finish before that
-            self._pending[address] = self._pinner.submit(self._pin, address, nbytes)
+        with self._lock:
+            self._known[address] = nbytes
+
+    def pin_touched(self) -> None:
+        """Start pinning (in the background) the ranges that device jobs used unpinned."""
+        with self._lock:
+            touched, self._touched = self._touched, set()
+            for address in touched:
+                self._start(address)
+
+    def _start(self, address: int) -> Future[None] | None:
+        """The pin of ``address`` in flight, begun now if it was only known (call holding the lock)."""
+        pending = self._pending.get(address)
+        if pending is None and address in self._known:
+            pending = self._pending[address] = self._pinner.submit(self._pin, address, self._known.pop(address))
+        return pending
 
     def _pin(self, address: int, nbytes: int) -> None:
         try:
@@ -229,14 +251,22 @@ class PinnedRanges:
             self._ranges[address] = nbytes
 
     def wait(self, address: int) -> None:
-        """Until a pin of ``address`` in flight is done (pinned, or given up)."""
+        """Until ``address``'s range is pinned (its pin begun now if need be), or given up."""
         with self._lock:
-            pending = self._pending.get(address)
+            pending = self._start(address)
         if pending is not None:
             pending.result()
 
     def unregister(self, address: int) -> None:
-        self.wait(address)
+        with self._lock:
+            self._known.pop(address, None)
+            self._touched.discard(address)
+            pending = self._pending.get(address)
+        if pending is not None and pending.cancel():  # not begun: nothing to undo
+            with self._lock:
+                self._pending.pop(address, None)
+        elif pending is not None:
+            pending.result()
         with self._lock:
             known = self._ranges.pop(address, None)
         if known is not None:
@@ -244,17 +274,21 @@ class PinnedRanges:
                 cp.cuda.runtime.hostUnregister(address)
 
     def __len__(self) -> int:
-        """Ranges registered: pinned, or being pinned."""
+        """Ranges registered: pinned, being pinned, or not yet."""
         with self._lock:
-            return len(self._ranges) + len(self._pending)
+            return len(self._ranges) + len(self._pending) + len(self._known)
 
     def contains(self, array: np.ndarray) -> bool:
+        """Whether ``array`` lies in a pinned range (if it lies in one not pinned yet, that use is noted)."""
         if not array.flags.c_contiguous:
             return False
         start = array.__array_interface__["data"][0]
         end = start + array.nbytes
         with self._lock:
-            return any(base <= start and end <= base + size for base, size in self._ranges.items())
+            if any(base <= start and end <= base + size for base, size in self._ranges.items()):
+                return True
+            self._touched.update(base for base, size in self._known.items() if base <= start and end <= base + size)
+            return False
 
 
 class _Worker:
