@@ -229,7 +229,7 @@ def _image(pixels: np.ndarray):
 
 def test_sticky_cuda_errors_are_device_lost():
     from accel.errors import InternalError
-    from shim.backends.cuda import device_errors
+    from shim.backends.cuda_errors import device_errors
     from shim.faults import DeviceLost
 
     with pytest.raises(DeviceLost):

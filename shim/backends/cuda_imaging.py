@@ -13,10 +13,12 @@ from PIL import Image
 from ..kernels.resample import CUDA_SOURCE, Pass, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import onnx
-from .cuda import IMAGE_SLOT, device_errors
+from .cuda import IMAGE_SLOT
+from .cuda_errors import device_errors
 
 if TYPE_CHECKING:
-    from .cuda import CudaBackend, _Worker
+    from .cuda import CudaBackend
+    from .cuda_host import DeviceWorker
 
 _THREADS_PER_BLOCK = 256
 
@@ -60,7 +62,7 @@ class CudaImagePipeline:
         size = self._pre.size
         parts = []
 
-        def run(state: _Worker) -> None:
+        def run(state: DeviceWorker) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
@@ -78,7 +80,7 @@ class CudaImagePipeline:
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
-        def run(state: _Worker) -> np.ndarray:
+        def run(state: DeviceWorker) -> np.ndarray:
             out = cp.empty((1, 3, self._pre.size, self._pre.size), dtype=cp.float32)
             self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out)
             return cp.asnumpy(out[0], stream=state.stream)

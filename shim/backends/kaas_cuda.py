@@ -11,7 +11,7 @@ import numpy as np
 from ..kaas.library import Library
 from ..kaas.runner import DeviceLimits
 from ..kaas.signature import Kernel
-from .cuda import device_errors
+from .cuda_errors import device_errors
 
 NVRTC_OPTIONS = ("-std=c++14",)
 
