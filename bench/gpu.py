@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="cold,density,warm,throughput",
                         help="comma-separated, from: " + ",".join(SECTIONS))
     parser.add_argument("--duration", type=float, default=None, help="seconds per throughput level (5; quick 2)")
+    parser.add_argument("--cold-repeats", type=int, default=None,
+                        help="fresh function processes per cold-start case, of which the median is reported (3; quick 1)")
     parser.add_argument("--inproc-sessions", type=int, default=8, help="cap on in-process ORT sessions (throughput)")
     parser.add_argument("--client-processes", type=int, default=min(16, os.cpu_count() or 1),
                         help="cap on the shim's client processes (throughput; default min(16, CPUs))")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="throughput: leave out the naive function processes (one session per client)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    for flag in ("inproc_sessions", "client_processes", "shim_workers"):
+    for flag in ("inproc_sessions", "client_processes", "shim_workers", "cold_repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
