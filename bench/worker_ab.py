@@ -17,6 +17,10 @@
                                                  # per batch on one thread, images/s on 2 and 4 threads
     python bench/worker_ab.py parts              # a request worker's CPU per classify and its parts, the
                                                  # device faked (logits at once): where a worker's CPU goes
+    python bench/worker_ab.py first N            # the shim with --workers N: a function's first gemm through
+                                                 # a fresh region, registered on the way vs the standard way
+    python bench/worker_ab.py region             # three gemms through a fresh region in this process, with
+                                                 # the shim's hooks: as is, without the prefault, pinned first
 
 An A/B run starts the probe once on the code as it is and once on a variant (for worker-side
 batching: ``shim/workers/front.py`` building its ops without a BatchingFactory), minutes apart on
@@ -294,6 +298,85 @@ def parts() -> None:
     os._exit(0)  # the worker's and the link's threads need no orderly stop here
 
 
+def first(workers: int) -> None:
+    """A function's first gemm through a fresh 12 MiB region, registered on the way (one request) and
+    the standard way (a register request, then the gemm): ms from making the region to the result,
+    filling A and B left out, as in the cold-start benchmark."""
+    import statistics
+
+    import accel
+
+    n = 1024
+    with ShimProcess(_device(), ROOT / "models", workers=workers) as shim:
+        client = accel.Client(shim.unix_url)
+        for _ in range(50):
+            client.noop()
+        times: dict[str, list[float]] = {"on the way": [], "register first": []}
+        for i in range(12):
+            for how, xs in times.items():
+                t0 = time.perf_counter()
+                region = accel.SharedMemory(f"first{i}{how[0]}", 3 * n * n * 4 + 4096)
+                a, b = region.tensor("A", (n, n)), region.tensor("B", (n, n))
+                t1 = time.perf_counter()
+                a.raw[:], b.raw[:] = bytes(n * n * 4), bytes(n * n * 4)
+                t2 = time.perf_counter()
+                if how == "register first":
+                    client.register_shm(region.name, region.key, region.byte_size)
+                    client._shm_registered[region.name] = region.key  # noqa: SLF001 - so gemm does not register again
+                c = client.gemm(a, b, shm=region)
+                xs.append(1e3 * (t1 - t0 + time.perf_counter() - t2))
+                client.unregister_shm(region.name)
+                del a, b, c
+                region.close()
+        for how, xs in times.items():
+            print(f"workers={workers} first call, {how}: median {statistics.median(xs):.2f} ms, all "
+                  f"{[round(x, 2) for x in xs]}", flush=True)
+
+
+def region() -> None:
+    """Three gemms through a fresh 12 MiB region in this process, with the shim's own hooks (the
+    prefault and the backend's pin): ms each, as the shim does it, without the prefault, and with the
+    pin waited for before the first."""
+    import statistics
+
+    import numpy as np
+
+    import accel
+    from shim.backends import select_backend
+    from shim.config import Settings
+    from shim.service import build_shm
+
+    backend = select_backend(_device())
+    n, nbytes = 1024, 1024 * 1024 * 4
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    variants = {"as the shim does": 4, "no prefault": 0, "pinned before the first": 4}
+    results: dict[str, list[list[float]]] = {v: [] for v in variants}
+    for i in range(5):
+        for variant, threads in variants.items():
+            shm = build_shm(Settings(shm_prefault_threads=threads), backend)
+            assert shm is not None
+            made = accel.SharedMemory(f"region{i}", 3 * nbytes + 4096)
+            made.view(0, nbytes)[:], made.view(nbytes, nbytes)[:] = a0.tobytes(), b0.tobytes()
+            mapping = shm.register("r", made.key, 0, made.byte_size, "t")
+            if variant == "pinned before the first" and hasattr(backend, "pinned"):
+                backend.pinned.wait(mapping.address)
+            views = [np.frombuffer(shm.view(mapping, k * nbytes, nbytes, "x"), np.float32).reshape(n, n)
+                     for k in range(3)]
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                backend.gemm(views[0], views[1], None, 1.0, 0.0, out=views[2])
+                times.append(1e3 * (time.perf_counter() - t))
+            results[variant].append(times)
+            del views
+            shm.close()
+            made.close()
+    for variant, runs in results.items():
+        print(f"{variant}: gemm 1, 2, 3 (medians of {len(runs)}):",
+              [round(statistics.median(r[k] for r in runs), 2) for k in range(3)], "ms", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["throughput"]:
         throughput(sys.argv[2])
@@ -307,6 +390,10 @@ if __name__ == "__main__":
         pipeline()
     elif sys.argv[1:2] == ["parts"]:
         parts()
+    elif sys.argv[1:2] == ["first"]:
+        first(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["region"]:
+        region()
     elif sys.argv[1:2] == ["cpu"]:
         cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
