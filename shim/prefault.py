@@ -7,7 +7,9 @@ itself. ``Prefaulter.start`` asks the kernel to populate the mapping (``MADV_POP
 Linux 5.14+, which allocates what the function has not written yet and maps every page writable
 without touching its bytes) in chunks on a few threads, and returns at once: by the time the
 request arrives the work is done or under way on other cores. ``wait`` must be called before the
-mapping goes. A kernel without ``MADV_POPULATE_WRITE`` turns it off (logged once); a failure of one
+mapping goes. The cost is memory: every page of the region becomes resident at registration (in
+the shim's memory cgroup, which touches them first), also those the function never uses, so only
+mappings of up to ``MAX_BYTES`` are prefaulted; a tenant's regions are bounded by ``shm_max_bytes``. A kernel without ``MADV_POPULATE_WRITE`` turns it off (logged once); a failure of one
 chunk (the object was truncated meanwhile) only leaves those pages to fault as before.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23
 CHUNK_BYTES = 2 << 20         # one chunk per thread at a time (a page table's span)
-MAX_BYTES = 1 << 30           # larger mappings are left to fault as used: memory, not speed, for those
+MAX_BYTES = 256 << 20        # larger mappings are left to fault as used (see the module docstring)
 
 
 class Prefaulter:
@@ -45,17 +47,20 @@ class Prefaulter:
         """Begin populating ``nbytes`` at ``address`` (page-aligned) and return."""
         if self._madvise is None or nbytes > self.max_bytes:
             return
-        chunks = [self._pool.submit(self._populate, address + at, min(self.chunk_bytes, nbytes - at))
-                  for at in range(0, nbytes, self.chunk_bytes)]
-        with self._lock:
+        chunks: list[Future[None]] = []
+        with self._lock:  # recorded as they go: ``wait`` sees every chunk that was submitted
             self._pending[address] = chunks
+            for at in range(0, nbytes, self.chunk_bytes):
+                chunks.append(self._pool.submit(self._populate, address + at, min(self.chunk_bytes, nbytes - at)))
 
     def wait(self, address: int) -> None:
-        """Until the populating of the mapping at ``address`` (if any) is over: before unmapping it."""
+        """Until the populating of the mapping at ``address`` (if any) is over, the chunks not begun
+        dropped: before unmapping it."""
         with self._lock:
             chunks = self._pending.pop(address, [])
         for chunk in chunks:
-            chunk.result()
+            if not chunk.cancel():
+                chunk.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -122,9 +122,9 @@ def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | No
     prefault = Prefaulter(settings.shm_prefault_threads) if settings.shm_prefault_threads else None
 
     def on_register(address: int, nbytes: int) -> None:
-        if prefault is not None:  # the page tables filled while the registration's answer travels
-            prefault.start(address, nbytes)
         try:
+            if prefault is not None:  # the page tables filled while the request goes on
+                prefault.start(address, nbytes)
             backend.register_host(address, nbytes)
         except BaseException:
             on_unregister(address, nbytes, pinned=False)

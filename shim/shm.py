@@ -132,16 +132,29 @@ class SharedMemoryRegistry:
         """Region ``name`` registered just so: registered now, unless it already is (what an infer
         request that registers its region on the way asks). Raises what ``register`` raises; a name
         registered otherwise is InvalidInput (400), one whose registration is under way NotReady (503)."""
+        if self._registered_as(name, key, offset, byte_size, tenant):
+            return
+        try:
+            self.register(name, key, offset, byte_size, tenant)
+        except InvalidInput as exc:  # another request registered the name meanwhile: as if it came first
+            if "already registered" not in exc.message or not self._registered_as(name, key, offset, byte_size, tenant):
+                raise
+
+    def _registered_as(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> bool:
+        """Whether region ``name`` is registered just so (False: not at all); raises NotReady while
+        it is being registered and InvalidInput when it is registered otherwise."""
         with self._lock:
             known = self._regions.get((tenant, name))
-            pending = known is None and (tenant, name) in self._pending
-        if known is None and not pending:
-            self.register(name, key, offset, byte_size, tenant)
-        elif pending:
+            pending = (tenant, name) in self._pending
+        if known is None and pending:
             raise NotReady(f"shared memory region {name!r} is being registered by another request; retry")
-        elif (known.key, known.offset, known.byte_size) != (key, offset, byte_size):
+        if known is None:
+            return False
+        same_key = isinstance(key, str) and known.key.lstrip("/") == key.lstrip("/")
+        if not same_key or (known.offset, known.byte_size) != (offset, byte_size):
             raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, offset "
                                "or size; unregister it first")
+        return True
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:
         """Unregister region ``name`` of ``tenant`` (None: all its regions); the names unregistered.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 
 import numpy as np
 import pytest
@@ -83,8 +84,31 @@ def test_the_shims_regions_are_prefaulted_at_registration(threads):
     registry = build_shm(Settings(shm_prefault_threads=threads), CpuBackend())
     assert registry is not None
     with accel.SharedMemory("pfs", SIZE) as region:
-        registry.register("pfs", region.key, 0, SIZE, "t")
-        registry.unregister("pfs", "t")  # waits for the prefaulting: the mapping then goes
+        registry.register("pfs", region.key, 0, SIZE, "t")  # returns at once; the prefault goes on
+        deadline = time.monotonic() + (5.0 if threads else 0.3)
+        while _allocated(region.key) < SIZE and time.monotonic() < deadline:
+            time.sleep(0.01)
         prefaulted = _allocated(region.key) >= SIZE
+        registry.unregister("pfs", "t")  # waits for a prefault in flight (drops chunks not begun)
     registry.close()
     assert prefaulted == (threads > 0 and Prefaulter().supported)
+
+
+def test_waiting_drops_the_chunks_not_begun():
+    """Unregistering right after registering does not wait for a whole prefault: chunks not begun go."""
+    import threading
+
+    p = Prefaulter(threads=1, chunk_bytes=64 << 10)
+    if not p.supported:
+        pytest.skip("no madvise here")
+    busy = threading.Event()
+    blocker = p._pool.submit(busy.wait, 10)  # noqa: SLF001 - holds the one thread: no chunk can begin
+    with accel.SharedMemory("pfw", SIZE) as region:
+        with open(f"/dev/shm/{region.key}", "r+b") as f, mmap.mmap(f.fileno(), SIZE) as mapping:
+            address = _address(mapping)
+            p.start(address, SIZE)
+            p.wait(address)  # at once, though the thread is busy: nothing of it had begun
+            assert _allocated(region.key) == 0
+    busy.set()
+    blocker.result()
+    p.close()

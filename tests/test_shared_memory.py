@@ -574,3 +574,42 @@ def test_registering_on_the_way_is_idempotent_refuses_another_key_and_counts_to_
         alice.unregister_shm()
         for region in regions:
             region.close()
+
+
+def test_two_requests_registering_the_same_region_at_once_both_go_on(tmp_path):
+    """Registering on the way is idempotent under a race too: the request that comes second while the
+    first maps the region gets the region (or a 503 to retry), never a 400 that would make its client
+    take the region over."""
+    import threading
+    import time
+
+    from shim.shm import SharedMemoryRegistry
+
+    class SlowToMap(SharedMemoryRegistry):  # widens the window between the check and the registration
+        def _map(self, *args):
+            time.sleep(0.05)
+            return super()._map(*args)
+
+    registry = SlowToMap(tmp_path)
+    (tmp_path / "obj").write_bytes(bytes(4096))
+    outcomes: list[str] = []
+
+    def ensure() -> None:
+        try:
+            registry.ensure("r", "/obj", 0, 4096, "t")
+            outcomes.append("ok")
+        except accel.NotReady:
+            outcomes.append("retry")
+        except accel.AccelError as exc:
+            outcomes.append(f"{exc.status}: {exc.message}")
+
+    threads = [threading.Thread(target=ensure) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) in (["ok", "ok"], ["ok", "retry"]), outcomes
+    registry.ensure("r", "obj", 0, 4096, "t")  # the same object, named without the leading '/'
+    with pytest.raises(accel.InvalidInput, match="already registered"):
+        registry.ensure("r", "/obj", 0, 2048, "t")
+    assert registry.unregister(None, "t") == ["r"]

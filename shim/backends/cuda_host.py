@@ -67,18 +67,19 @@ class PinnedRanges:
         return pending
 
     def _pin(self, address: int, nbytes: int) -> None:
+        pinned = False
         try:
             with device_errors():
                 cp.cuda.runtime.hostRegister(address, nbytes, 0)
+            pinned = True
         except AccelError as exc:  # a lost device fails the next request that touches it
-            log.warning("could not pin %d bytes at %#x for DMA (%s): copies from there are staged",
+            log.warning("could not pin %d bytes at %#x for DMA (%s): copies from there stay pageable",
                         nbytes, address, exc.message)
+        finally:  # whatever happened, the pin is no longer in flight
             with self._lock:
                 self._pending.pop(address, None)
-            return
-        with self._lock:
-            self._pending.pop(address, None)
-            self._ranges[address] = nbytes
+                if pinned:
+                    self._ranges[address] = nbytes
 
     def wait(self, address: int) -> None:
         """Until ``address``'s range is pinned (its pin begun now if need be), or given up."""
@@ -108,9 +109,9 @@ class PinnedRanges:
         with self._lock:
             return len(self._ranges) + len(self._pending) + len(self._known)
 
-    def where(self, array: np.ndarray) -> str | None:
+    def where(self, array: np.ndarray, note: bool = True) -> str | None:
         """``PINNED`` when ``array`` lies in a pinned range, ``REGISTERED`` when in one not pinned yet
-        (the use is noted, for ``pin_touched``), else None."""
+        (with ``note``, the use is noted, for ``pin_touched``), else None."""
         if not array.flags.c_contiguous:
             return None
         start = array.__array_interface__["data"][0]
@@ -119,12 +120,14 @@ class PinnedRanges:
             if any(base <= start and end <= base + size for base, size in self._ranges.items()):
                 return PINNED
             touched = {base for base, size in self._known.items() if base <= start and end <= base + size}
-            self._touched |= touched
+            if note:
+                self._touched |= touched
             return REGISTERED if touched else None
 
     def contains(self, array: np.ndarray) -> bool:
-        """Whether ``array`` lies in a pinned range."""
-        return self.where(array) == PINNED
+        """Whether ``array`` lies in a pinned range (a look only: no use is noted)."""
+        return self.where(array, note=False) == PINNED
+
 
 class DeviceWorker:
     """A CUDA stream, a cuBLAS handle bound to it, and pinned host buffers (reused, grown on demand).
@@ -173,7 +176,7 @@ class DeviceWorker:
         once pinned; before, a region's first use, from its pageable pages: 0.8 ms for 4 MiB on an
         H200 host, against 1.0 through the staging buffer) or when very large; else copied through
         this worker's pinned buffer ``slot``."""
-        if host.nbytes > PINNED_MAX_BYTES or self.pinned.where(host) is not None:
+        if self.pinned.where(host) is not None or host.nbytes > PINNED_MAX_BYTES:  # where() first: it notes
             device = cp.empty(host.shape, host.dtype)
             device.set(host, stream=self.stream)  # the caller synchronizes before host may change
             return device
@@ -206,7 +209,8 @@ class DeviceWorker:
         Large results go straight to pageable memory: there, DMA into pinned memory plus a copy
         out of it costs more than the slower pageable transfer alone (4 MiB into a region not pinned
         yet: 0.5 ms against 0.86 on an H200 host)."""
-        if device.nbytes > PINNED_DOWNLOAD_MAX_BYTES or (out is not None and self.pinned.where(out) is not None):
+        registered = out is not None and self.pinned.where(out) is not None  # first: it notes the use
+        if registered or device.nbytes > PINNED_DOWNLOAD_MAX_BYTES:
             host = device.get(stream=self.stream, out=out)
             self.stream.synchronize()
             return host
