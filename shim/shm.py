@@ -128,33 +128,44 @@ class SharedMemoryRegistry:
             self._regions[(tenant, name)] = self._pending.pop((tenant, name))
         return region
 
-    def ensure(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> None:
-        """Region ``name`` registered just so: registered now, unless it already is (what an infer
-        request that registers its region on the way asks). Raises what ``register`` raises; a name
-        registered otherwise is InvalidInput (400), one whose registration is under way NotReady (503)."""
-        if self._registered_as(name, key, offset, byte_size, tenant):
-            return
+    def ensure(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> Region:
+        """Region ``name`` registered just so, pinned for the caller (``release`` it): registered now
+        unless it already is (what an infer request that names its region's object asks). Checked
+        and pinned in one step, so the request uses the object it named, whoever takes the name over
+        meanwhile.
+
+        Raises:
+            What ``register`` raises; InvalidInput (400) when the name is registered otherwise (another
+            key, offset or size) or its object was truncated; NotReady (503) while another request is
+            registering it.
+        """
+        region = self._pin_if_same(name, key, offset, byte_size, tenant)
+        if region is not None:
+            return region
         try:
             self.register(name, key, offset, byte_size, tenant)
-        except InvalidInput as exc:  # another request registered the name meanwhile: as if it came first
-            if "already registered" not in exc.message or not self._registered_as(name, key, offset, byte_size, tenant):
+        except InvalidInput as exc:  # another request registered the name meanwhile: judged as if it came first
+            if "already registered" not in exc.message:
                 raise
+        region = self._pin_if_same(name, key, offset, byte_size, tenant)
+        if region is None:
+            raise NotReady(f"shared memory region {name!r} was unregistered while this request registered it; retry")
+        return region
 
-    def _registered_as(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> bool:
-        """Whether region ``name`` is registered just so (False: not at all); raises NotReady while
-        it is being registered and InvalidInput when it is registered otherwise."""
+    def _pin_if_same(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> Region | None:
+        """Region ``name``, pinned, if it is registered just so (None: not registered)."""
         with self._lock:
             known = self._regions.get((tenant, name))
-            pending = (tenant, name) in self._pending
-        if known is None and pending:
-            raise NotReady(f"shared memory region {name!r} is being registered by another request; retry")
-        if known is None:
-            return False
-        same_key = isinstance(key, str) and known.key.lstrip("/") == key.lstrip("/")
-        if not same_key or (known.offset, known.byte_size) != (offset, byte_size):
-            raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, offset "
-                               "or size; unregister it first")
-        return True
+            if known is None:
+                if (tenant, name) in self._pending:
+                    raise NotReady(f"shared memory region {name!r} is being registered by another request; retry")
+                return None
+            same_key = isinstance(key, str) and known.key.lstrip("/") == key.lstrip("/")
+            if not same_key or (known.offset, known.byte_size) != (offset, byte_size):
+                raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, "
+                                   "offset or size; unregister it first")
+            known.users += 1
+        return self._whole(known, f"shared memory region {name!r}")
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:
         """Unregister region ``name`` of ``tenant`` (None: all its regions); the names unregistered.
@@ -208,6 +219,10 @@ class SharedMemoryRegistry:
             if region is None:
                 raise OpNotFound(f"tensor {tensor!r}: no shared memory region {name!r} is registered")
             region.users += 1
+        return self._whole(region, f"tensor {tensor!r}: shared memory region {name!r}")
+
+    def _whole(self, region: Region, what: str) -> Region:
+        """``region`` (pinned by the caller) if its object still holds it all; else released, InvalidInput."""
         try:
             size = os.fstat(region._fd).st_size
         except OSError:
@@ -215,8 +230,7 @@ class SharedMemoryRegistry:
         if size < region.offset + region.byte_size:
             # touching pages past the end of a shrunk object is SIGBUS: the whole shim would die
             self.release(region)
-            raise InvalidInput(f"tensor {tensor!r}: shared memory region {name!r} is no longer usable: its object "
-                               f"{region.key!r} was truncated to {size} bytes")
+            raise InvalidInput(f"{what} is no longer usable: its object {region.key!r} was truncated to {size} bytes")
         return region
 
     def release(self, region: Region) -> None:

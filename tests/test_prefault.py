@@ -49,6 +49,9 @@ def test_prefaulting_fills_the_mapping_and_keeps_what_was_written(prefaulter):
         with open(f"/dev/shm/{region.key}", "r+b") as f, mmap.mmap(f.fileno(), SIZE) as mapping:
             address = _address(mapping)
             prefaulter.start(address, SIZE)
+            deadline = time.monotonic() + 5.0
+            while _allocated(region.key) < SIZE and time.monotonic() < deadline:
+                time.sleep(0.01)
             prefaulter.wait(address)
             assert _allocated(region.key) >= SIZE
             view = np.frombuffer(mapping, np.float32)

@@ -507,8 +507,8 @@ def test_a_first_call_through_a_region_registers_it_on_the_way(tenant_service):
         assert transport.calls == [("POST", "/v2/models/gemm/infer", True)]  # one request, no register
         assert alice.shm_status("otw") == [{"name": "otw", "key": region.key, "offset": 0,
                                             "byte_size": region.byte_size}]
-        alice.gemm(a, b, shm=region)
-        assert transport.calls[-1] == ("POST", "/v2/models/gemm/infer", False)  # known now: no header
+        alice.gemm(a, b, shm=region)  # every call names its object: the shim checks it is the one
+        assert transport.calls[-1] == ("POST", "/v2/models/gemm/infer", True) and len(transport.calls) == 3
         alice.unregister_shm()
         del a, b, c
 
@@ -613,3 +613,19 @@ def test_two_requests_registering_the_same_region_at_once_both_go_on(tmp_path):
     with pytest.raises(accel.InvalidInput, match="already registered"):
         registry.ensure("r", "/obj", 0, 2048, "t")
     assert registry.unregister(None, "t") == ["r"]
+
+
+def test_two_instances_using_one_region_name_each_compute_on_their_own_object(tenant_service):
+    """Two instances of one function (one tenant) that name their regions alike: the name goes back and
+    forth between them, but each call computes on the object of the instance that made it."""
+    one, two = _client(tenant_service, ALICE), _client(tenant_service, ALICE)
+    with accel.SharedMemory("work", 4096) as mine, accel.SharedMemory("work", 4096) as theirs:
+        x, y = mine.array(4, np.float32), theirs.array(4, np.float32)
+        x[:], y[:] = [1, 2, 3, 4], [5, 6, 7, 8]
+        for _ in range(3):  # alternating: each call finds the name taken by the other's object
+            assert one.infer("noop", {"x": x}, shm=mine)["x"].tolist() == [1, 2, 3, 4]
+            assert two.infer("noop", {"x": y}, shm=theirs)["x"].tolist() == [5, 6, 7, 8]
+        x[:] = [9, 9, 9, 9]
+        assert one.infer("noop", {"x": x}, shm=mine)["x"].tolist() == [9, 9, 9, 9]
+        one.unregister_shm()
+        del x, y

@@ -98,8 +98,9 @@ class ShmScope:
 
     def register_on_the_way(self, header: str | None) -> None:
         """Register the region that ``REGISTER_HEADER`` (its value ``header``; None: absent) names,
-        unless it is registered just so already: a function's first call through a region needs no
-        register request of its own.
+        unless it is registered just so already, and hold that very object for the request: a
+        function's first call through a region needs no register request of its own, and a call whose
+        region name another instance took over is refused (400) instead of using the other's object.
 
         Raises:
             InvalidInput: a malformed header, a shim that serves no shared memory, or what registering
@@ -116,7 +117,12 @@ class ShmScope:
         doc = _registration(header, what, ("name", "key", "byte_size"))
         if not isinstance(doc["name"], str):
             raise InvalidInput(f"{what}: name must be a string")
-        self._registry.ensure(doc["name"], doc["key"], doc.get("offset", 0), doc["byte_size"], self._tenant)
+        name = doc["name"]
+        region = self._registry.ensure(name, doc["key"], doc.get("offset", 0), doc["byte_size"], self._tenant)
+        if name in self._pinned:  # called twice for one request: one use is enough
+            self._registry.release(region)
+        else:
+            self._pinned[name] = region  # this very object, whoever takes the name over meanwhile
 
     def __enter__(self) -> "ShmScope":
         return self

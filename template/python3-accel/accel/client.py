@@ -183,25 +183,22 @@ class Client:
             tensors = [v.renamed(k) if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in inputs.items()]
             return self.infer_tensors(model, tensors, parameters)
         tensors, requested = place_request(shm, inputs, outputs)
-        if shm.name not in self._shm_registered:  # registered on the way, by this very request
-            try:
-                with _HeaderScope({REGISTER_HEADER: json.dumps(registration(shm))}):
-                    result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
-            except (InvalidInput, OpNotFound) as exc:  # taken by another key, or a shim without the extension
-                if "shared memory region" not in exc.message:
-                    raise
-            else:
-                self._shm_registered[shm.name] = shm.key
-                return result
-        self._ensure_shm(shm)
+        # Every call names its region's object (REGISTER_HEADER): the shim registers it on the way if
+        # need be (a first call, or after a restart), and refuses the call (400) when another instance
+        # of the function took the name over, rather than compute on that instance's object.
+        named = {REGISTER_HEADER: json.dumps(registration(shm))}
         try:
-            return self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
-        except OpNotFound as exc:  # the shim restarted and forgot the region: register it again, once
+            with _HeaderScope(named):
+                result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+        except (InvalidInput, OpNotFound) as exc:  # the name taken, or a shim without the extension
             if "shared memory region" not in exc.message:
                 raise
             self._shm_registered.pop(shm.name, None)
-            self._ensure_shm(shm)
-            return self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+            self._ensure_shm(shm)  # the standard way: takes the name over
+            with _HeaderScope(named):
+                result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+        self._shm_registered[shm.name] = shm.key
+        return result
 
     def noop(self, **arrays: Any) -> dict[str, "np.ndarray"]:
         """Send ``arrays`` through the shim and back, unchanged (measures the path itself)."""
