@@ -14,6 +14,7 @@ from flask import Flask, jsonify
 
 from accel import datatypes as dt
 from accel.codec import DEADLINE_HEADER, HEADER_LENGTH
+from accel.shm import REGISTER_HEADER
 
 from .. import __version__
 from ..names import NAME
@@ -71,10 +72,15 @@ def _op(summary: str, responses: dict[str, Any], *, params: tuple[dict, ...] = (
 
 def _infer() -> dict[str, Any]:
     return _op("Run an op or model (JSON tensors, or the binary tensor extension)",
-               {**_ok(_ref("InferResponse")), **_errors(*_WORK_ERRORS)},
+               {**_ok(_ref("InferResponse")), **_errors(*_WORK_ERRORS, 507)},
                params=(_DEADLINE_PARAM, {"name": HEADER_LENGTH, "in": "header", "required": False,
                                          "description": "length of the JSON header of a binary body",
-                                         "schema": {"type": "integer", "minimum": 0}}),
+                                         "schema": {"type": "integer", "minimum": 0}},
+                       {"name": REGISTER_HEADER, "in": "header", "required": False,
+                        "description": 'the shared memory region the request uses, {"name", "key", "offset", '
+                                       '"byte_size"}: registered on the way unless it is already, just so '
+                                       "(docs/shared-memory.md)",
+                        "schema": {"type": "string"}}),
                body={"required": True, "content": {JSON: {"schema": _ref("InferRequest")},
                                                    "application/octet-stream": {"schema": {"type": "string",
                                                                                            "format": "binary"}}}})
