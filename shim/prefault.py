@@ -9,8 +9,9 @@ without touching its bytes) in chunks on a few threads, and returns at once: by 
 request arrives the work is done or under way on other cores. ``wait`` must be called before the
 mapping goes. The cost is memory: every page of the region becomes resident at registration (in
 the shim's memory cgroup, which touches them first), also those the function never uses, so only
-mappings of up to ``MAX_BYTES`` are prefaulted; a tenant's regions are bounded by ``shm_max_bytes``. A kernel without ``MADV_POPULATE_WRITE`` turns it off (logged once); a failure of one
-chunk (the object was truncated meanwhile) only leaves those pages to fault as before.
+mappings of up to ``MAX_BYTES`` are prefaulted; a tenant's regions are bounded by ``shm_max_bytes``.
+A kernel without ``MADV_POPULATE_WRITE`` turns it off (logged once); a failure of one chunk (the
+object was truncated meanwhile) only leaves those pages to fault as before.
 """
 from __future__ import annotations
 

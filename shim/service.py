@@ -131,10 +131,12 @@ def build_shm(settings: Settings, backend: Backend) -> SharedMemoryRegistry | No
             raise
 
     def on_unregister(address: int, _nbytes: int, pinned: bool = True) -> None:
-        if prefault is not None:
-            prefault.wait(address)
-        if pinned:
-            backend.unregister_host(address)
+        try:
+            if prefault is not None:
+                prefault.wait(address)
+        finally:  # unpinned whatever the prefault did: the mapping goes next
+            if pinned:
+                backend.unregister_host(address)
 
     return SharedMemoryRegistry(settings.shm_dir, max_regions=settings.shm_max_regions,
                                 max_bytes=settings.shm_max_bytes, tenant_dirs=settings.shm_tenant_dirs,

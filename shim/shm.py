@@ -153,7 +153,8 @@ class SharedMemoryRegistry:
         return region
 
     def _pin_if_same(self, name: str, key: str, offset: int, byte_size: int, tenant: str) -> Region | None:
-        """Region ``name``, pinned, if it is registered just so (None: not registered)."""
+        """Region ``name``, pinned, if it is registered just so, the very object ``key`` names now
+        (None: not registered)."""
         with self._lock:
             known = self._regions.get((tenant, name))
             if known is None:
@@ -165,6 +166,16 @@ class SharedMemoryRegistry:
                 raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, "
                                    "offset or size; unregister it first")
             known.users += 1
+        try:  # the key may name a new object now (the old one unlinked, another made under its name)
+            now = os.stat(self._path(key, tenant))
+            held = os.fstat(known._fd)
+            same_object = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        except OSError:
+            same_object = False
+        if not same_object:
+            self.release(known)
+            raise InvalidInput(f"shared memory region {name!r} is already registered, with another object under "
+                               f"key {key!r} (the one it mapped was unlinked); unregister it first")
         return self._whole(known, f"shared memory region {name!r}")
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:

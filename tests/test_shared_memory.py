@@ -593,10 +593,11 @@ def test_two_requests_registering_the_same_region_at_once_both_go_on(tmp_path):
     registry = SlowToMap(tmp_path)
     (tmp_path / "obj").write_bytes(bytes(4096))
     outcomes: list[str] = []
+    held = []
 
     def ensure() -> None:
         try:
-            registry.ensure("r", "/obj", 0, 4096, "t")
+            held.append(registry.ensure("r", "/obj", 0, 4096, "t"))  # pinned for the caller
             outcomes.append("ok")
         except accel.NotReady:
             outcomes.append("retry")
@@ -609,10 +610,86 @@ def test_two_requests_registering_the_same_region_at_once_both_go_on(tmp_path):
     for t in threads:
         t.join()
     assert sorted(outcomes) in (["ok", "ok"], ["ok", "retry"]), outcomes
-    registry.ensure("r", "obj", 0, 4096, "t")  # the same object, named without the leading '/'
+    held.append(registry.ensure("r", "obj", 0, 4096, "t"))  # the same object, named without the leading '/'
     with pytest.raises(accel.InvalidInput, match="already registered"):
         registry.ensure("r", "/obj", 0, 2048, "t")
-    assert registry.unregister(None, "t") == ["r"]
+    assert len({id(r) for r in held}) == 1 and held[0].users == len(held)
+    for region in held:
+        registry.release(region)
+    assert held[0].users == 0
+    assert registry.unregister(None, "t") == ["r"] and held[0]._map.closed  # unmapped: nothing held it
+
+
+def test_a_request_uses_the_object_its_header_named_whoever_takes_the_name_meanwhile(tmp_path):
+    from accel.shm import SharedMemoryRef
+    from shim.server.shm_routes import ShmScope
+    from shim.shm import SharedMemoryRegistry
+
+    registry = SharedMemoryRegistry(tmp_path)
+    (tmp_path / "mine").write_bytes(b"MINE")
+    (tmp_path / "theirs").write_bytes(b"THEM")
+    with ShmScope(registry, "t") as scope:
+        scope.register_on_the_way(json.dumps({"name": "r", "key": "/mine", "byte_size": 4}))
+        registry.unregister("r", "t")  # another instance takes the name over...
+        registry.register("r", "/theirs", 0, 4, "t")
+        assert bytes(scope.input("x", SharedMemoryRef("r", 4))) == b"MINE"  # ...this request keeps its own
+        with pytest.raises(accel.InvalidInput, match="one region per such request"):
+            scope.input("y", SharedMemoryRef("other", 4))  # a region the header did not name
+    assert [r["key"] for r in registry.status(None, "t")] == ["/theirs"]
+    registry.close()
+
+
+def test_an_object_made_anew_under_a_registered_key_is_not_confused_with_the_old_one(tenant_service):
+    one, two = _client(tenant_service, ALICE), _client(tenant_service, ALICE)
+    key = _key("anew")
+    old = accel.SharedMemory("anew", 4096, key=key)
+    x = old.array(4, np.float32)
+    x[:] = 1
+    assert one.infer("noop", {"x": x}, shm=old)["x"].tolist() == [1, 1, 1, 1]
+    del x
+    old.close()  # unlinked, never unregistered: the shim still maps the old object
+    with accel.SharedMemory("anew", 4096, key=key) as new:
+        y = new.array(4, np.float32)
+        y[:] = 2
+        assert two.infer("noop", {"x": y}, shm=new)["x"].tolist() == [2, 2, 2, 2]
+        two.unregister_shm()
+        del y
+
+
+def test_instances_contending_for_one_region_name_never_get_each_others_data(tenant_service):
+    """Concurrent calls of two instances that name their regions alike: a call may fail (the name moved
+    more often than the client takes it back), but never answers from the other instance's object."""
+    import threading
+
+    wrong, failed, done = [], [], []
+    regions = [accel.SharedMemory("shared", 4096) for _ in range(2)]
+    arrays = []
+    for i, region in enumerate(regions):
+        arrays.append(region.array(4, np.float32))
+        arrays[-1][:] = i + 1
+
+    def instance(i: int) -> None:  # retrying 503s, as functions do
+        client = accel.Client("http://in-process", transport=WSGITransport(tenant_service.app), token=ALICE,
+                              timeout=10)
+        for _ in range(40):
+            try:
+                got = client.infer("noop", {"x": arrays[i]}, shm=regions[i])["x"].tolist()
+            except accel.AccelError as exc:
+                failed.append(f"{type(exc).__name__}: {exc.message}")
+                continue
+            (done if got == [i + 1] * 4 else wrong).append(got)
+
+    threads = [threading.Thread(target=instance, args=(i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and len(done) + len(failed) == 160 and len(done) > 80
+    assert all("already registered" in message for message in failed), set(failed)
+    _client(tenant_service, ALICE).unregister_shm()
+    del arrays
+    for region in regions:
+        region.close()
 
 
 def test_two_instances_using_one_region_name_each_compute_on_their_own_object(tenant_service):

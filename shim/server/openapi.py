@@ -78,8 +78,8 @@ def _infer() -> dict[str, Any]:
                                          "schema": {"type": "integer", "minimum": 0}},
                        {"name": REGISTER_HEADER, "in": "header", "required": False,
                         "description": 'the shared memory region the request uses, {"name", "key", "offset", '
-                                       '"byte_size"}: registered on the way unless it is already, just so '
-                                       "(docs/shared-memory.md)",
+                                       '"byte_size"}: registered on the way unless it is already, just so; '
+                                       "400 when the name stands for another object (docs/shared-memory.md)",
                         "schema": {"type": "string"}}),
                body={"required": True, "content": {JSON: {"schema": _ref("InferRequest")},
                                                    "application/octet-stream": {"schema": {"type": "string",

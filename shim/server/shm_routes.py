@@ -95,6 +95,7 @@ class ShmScope:
         self._tenant = tenant or current_tenant()
         self._ready = ready
         self._pinned: dict[str, Region] = {}
+        self._named: str | None = None  # the region the request's header named: the only one it may use
 
     def register_on_the_way(self, header: str | None) -> None:
         """Register the region that ``REGISTER_HEADER`` (its value ``header``; None: absent) names,
@@ -102,9 +103,14 @@ class ShmScope:
         function's first call through a region needs no register request of its own, and a call whose
         region name another instance took over is refused (400) instead of using the other's object.
 
+        The request may then use that region only (a tensor in another region is a 400): every region
+        it uses is one it named.
+
         Raises:
-            InvalidInput: a malformed header, a shim that serves no shared memory, or what registering
-                raises (the name taken by another key: 400); NotReady: warming up (503).
+            InvalidInput: a malformed header, a shim that serves no shared memory, the name registered
+                with another key, offset, size or object (400), or what registering raises;
+            QuotaExceeded / InsufficientStorage: over the tenant's region count (429) or bytes (507);
+            NotReady: warming up, or another request registering that name (503).
         """
         if header is None:
             return
@@ -123,6 +129,7 @@ class ShmScope:
             self._registry.release(region)
         else:
             self._pinned[name] = region  # this very object, whoever takes the name over meanwhile
+        self._named = name
 
     def __enter__(self) -> "ShmScope":
         return self
@@ -192,6 +199,10 @@ class ShmScope:
                                "shared memory (system_shared_memory is off)")
         region = self._pinned.get(name)
         if region is None:
+            if self._named is not None:  # its object unchecked: the request named another one
+                raise InvalidInput(f"tensor {tensor!r} is in shared memory region {name!r}, but the request's "
+                                   f"{REGISTER_HEADER} header names region {self._named!r}: one region per "
+                                   "such request")
             region = self._pinned[name] = self._registry.pin(name, self._tenant, tensor)
         return region
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: where OpenFaaS mounts the function's secret ``accel-token`` (stack.yml: ``secrets: [accel-token]``)
 SECRET_FILE = "/var/openfaas/secrets/accel-token"
+#: how many times a call takes its region's name back from another instance of the function
+TAKEOVERS = 3
 _extra_headers: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("accel_headers", default={})
 
 
@@ -187,16 +189,21 @@ class Client:
         # need be (a first call, or after a restart), and refuses the call (400) when another instance
         # of the function took the name over, rather than compute on that instance's object.
         named = {REGISTER_HEADER: json.dumps(registration(shm))}
-        try:
-            with _HeaderScope(named):
-                result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
-        except (InvalidInput, OpNotFound) as exc:  # the name taken, or a shim without the extension
-            if "shared memory region" not in exc.message:
-                raise
+        for attempt in range(TAKEOVERS + 1):
+            try:
+                with _HeaderScope(named):
+                    result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+                break
+            except (InvalidInput, OpNotFound) as exc:  # the name taken, or a shim without the extension
+                if attempt == TAKEOVERS or not _region_lost(exc, shm.name):
+                    raise
             self._shm_registered.pop(shm.name, None)
-            self._ensure_shm(shm)  # the standard way: takes the name over
-            with _HeaderScope(named):
-                result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
+            try:
+                self._ensure_shm(shm)  # the standard way: takes the name over
+            except InvalidInput as exc:  # another instance took it back meanwhile
+                if not _region_lost(exc, shm.name):
+                    raise
+            time.sleep(0.002 * (attempt + 1) * os.urandom(1)[0] / 255)  # contenders fall out of step
         self._shm_registered[shm.name] = shm.key
         return result
 
@@ -351,6 +358,17 @@ class _HeaderScope:
     def __exit__(self, *exc: object) -> None:
         if self._token is not None:
             _extra_headers.reset(self._token)
+
+
+def _region_lost(exc: AccelError, name: str) -> bool:
+    """Whether ``exc`` says that region ``name`` is not this client's (any more): registered with another
+    object (another instance of the function took the name), or unknown to the server (a restart, or
+    a server that ignores ``REGISTER_HEADER``, as Triton does)."""
+    if f"'{name}'" not in exc.message:
+        return False
+    if isinstance(exc, OpNotFound):
+        return "shared memory region" in exc.message
+    return isinstance(exc, InvalidInput) and "already registered" in exc.message
 
 
 def _gemm_shape(a: Any, b: Any) -> tuple[int, int, int]:
