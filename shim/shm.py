@@ -166,17 +166,8 @@ class SharedMemoryRegistry:
                 raise InvalidInput(f"shared memory region {name!r} is already registered, with another key, "
                                    "offset or size; unregister it first")
             known.users += 1
-        try:  # the key may name a new object now (the old one unlinked, another made under its name)
-            now = os.stat(self._path(key, tenant))
-            held = os.fstat(known._fd)
-            same_object = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
-        except OSError:
-            same_object = False
-        if not same_object:
-            self.release(known)
-            raise InvalidInput(f"shared memory region {name!r} is already registered, with another object under "
-                               f"key {key!r} (the one it mapped was unlinked); unregister it first")
-        return self._whole(known, f"shared memory region {name!r}")
+        # the key may name a new object now (the old one unlinked, another made under its name)
+        return self._whole(known, f"shared memory region {name!r}", self._path(key, tenant))
 
     def unregister(self, name: str | None, tenant: str) -> list[str]:
         """Unregister region ``name`` of ``tenant`` (None: all its regions); the names unregistered.
@@ -232,12 +223,23 @@ class SharedMemoryRegistry:
             region.users += 1
         return self._whole(region, f"tensor {tensor!r}: shared memory region {name!r}")
 
-    def _whole(self, region: Region, what: str) -> Region:
-        """``region`` (pinned by the caller) if its object still holds it all; else released, InvalidInput."""
+    def _whole(self, region: Region, what: str, path: Path | None = None) -> Region:
+        """``region`` (pinned by the caller) if its object still holds it all (and, given ``path``, is
+        the object ``path`` names); else released, InvalidInput."""
         try:
-            size = os.fstat(region._fd).st_size
+            held = os.fstat(region._fd)
+            size = held.st_size
         except OSError:
-            size = -1
+            held, size = None, -1
+        if path is not None:
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if held is None or now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                self.release(region)
+                raise InvalidInput(f"{what} is already registered, with another object under key {region.key!r} "
+                                   "(the one it mapped was unlinked); unregister it first")
         if size < region.offset + region.byte_size:
             # touching pages past the end of a shrunk object is SIGBUS: the whole shim would die
             self.release(region)

@@ -124,11 +124,9 @@ class ShmScope:
         if not isinstance(doc["name"], str):
             raise InvalidInput(f"{what}: name must be a string")
         name = doc["name"]
-        region = self._registry.ensure(name, doc["key"], doc.get("offset", 0), doc["byte_size"], self._tenant)
-        if name in self._pinned:  # called twice for one request: one use is enough
-            self._registry.release(region)
-        else:
-            self._pinned[name] = region  # this very object, whoever takes the name over meanwhile
+        # this very object, whoever takes the name over meanwhile
+        self._pinned[name] = self._registry.ensure(name, doc["key"], doc.get("offset", 0), doc["byte_size"],
+                                                   self._tenant)
         self._named = name
 
     def __enter__(self) -> "ShmScope":

@@ -60,7 +60,6 @@ class Client:
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.binary = binary
         self._transport = transport if transport is not None else HTTPTransport(self.url)
-        self._shm_registered: dict[str, str] = {}  # region name -> key, as this client registered it
 
     # --- plumbing -------------------------------------------------------------------------
     def headers(self, headers: Mapping[str, str]) -> "_HeaderScope":
@@ -197,14 +196,12 @@ class Client:
             except (InvalidInput, OpNotFound) as exc:  # the name taken, or a shim without the extension
                 if attempt == TAKEOVERS or not _region_lost(exc, shm.name):
                     raise
-            self._shm_registered.pop(shm.name, None)
             try:
-                self._ensure_shm(shm)  # the standard way: takes the name over
+                self._take_shm(shm)  # the standard way: takes the name over
             except InvalidInput as exc:  # another instance took it back meanwhile
                 if not _region_lost(exc, shm.name):
                     raise
             time.sleep(0.002 * (attempt + 1) * os.urandom(1)[0] / 255)  # contenders fall out of step
-        self._shm_registered[shm.name] = shm.key
         return result
 
     def noop(self, **arrays: Any) -> dict[str, "np.ndarray"]:
@@ -251,10 +248,6 @@ class Client:
         path = "/v2/systemsharedmemory/unregister" if name is None else \
             f"/v2/systemsharedmemory/region/{_segment(name)}/unregister"
         self._call("POST", path, b"")
-        if name is None:
-            self._shm_registered.clear()
-        else:
-            self._shm_registered.pop(name, None)
 
     def shm_status(self, name: str | None = None) -> list[dict[str, Any]]:
         """``[{"name", "key", "offset", "byte_size"}]`` of region ``name`` (None: of all this tenant's)."""
@@ -262,21 +255,15 @@ class Client:
             f"/v2/systemsharedmemory/region/{_segment(name)}/status"
         return json.loads(self._call("GET", path).body)
 
-    def _ensure_shm(self, region: SharedMemory) -> None:
-        """Register ``region`` unless this client did so already (with the same key)."""
-        known = self._shm_registered.get(region.name)
-        if known == region.key:
-            return
-        if known is not None:  # the name now stands for another object: the shim must map that one
-            self.unregister_shm(region.name)
+    def _take_shm(self, region: SharedMemory) -> None:
+        """Register ``region`` the standard way, taking its name over if it stands for another object."""
         try:
             self.register_shm(region.name, region.key, region.byte_size)
-        except InvalidInput as exc:  # left registered by an earlier client of this tenant: take it over
+        except InvalidInput as exc:  # left registered by another instance of this tenant: take it over
             if "already registered" not in exc.message:
                 raise
             self.unregister_shm(region.name)
             self.register_shm(region.name, region.key, region.byte_size)
-        self._shm_registered[region.name] = region.key
 
     def classify(self, images: bytes | Sequence[bytes], top_k: int = 5) -> list[Prediction] | list[list[Prediction]]:
         """Classify encoded images (JPEG, PNG, WebP, BMP, GIF) with the shim's ImageNet model.
