@@ -221,6 +221,54 @@ def test_classify_batches_run_on_the_batchers_own_streams_and_match_the_device_t
     assert np.array_equal(batched, handed)
 
 
+def test_a_threads_cublas_handle_is_made_by_its_first_gemm_and_destroyed_when_the_thread_ends(cuda):
+    """A bound thread (a batcher's) holds no cuBLAS handle until it multiplies; when the thread ends
+    its handle is destroyed and its device workspace freed, so closing and remaking batchers (a model
+    reloaded) leaks nothing."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    from shim.backends.cpu import gemm_reference
+
+    rng = np.random.default_rng(7)
+    a, b = (rng.standard_normal((256, 256)).astype(np.float32) for _ in range(2))
+    go, workers, results = threading.Event(), [], []
+
+    def bound(multiply: bool) -> None:
+        cuda.bind_thread()
+        worker = cuda._local.worker
+        workers.append((weakref.ref(worker), worker._release, bool(worker._handle)))
+        if multiply:
+            results.append((bool(worker._handle), cuda.gemm(a, b, None, 1.0, 0.0), bool(worker._handle)))
+        go.wait(60)
+
+    gc.collect()
+    free_before = cp.cuda.runtime.memGetInfo()[0]
+    threads = [threading.Thread(target=bound, args=(i > 0,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while (len(results) < 8 or len(workers) < 9) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    free_during = cp.cuda.runtime.memGetInfo()[0]
+    go.set()
+    for t in threads:
+        t.join(60)
+    gc.collect()
+    free_after = cp.cuda.runtime.memGetInfo()[0]
+    assert not any(had for _, _, had in workers)  # bound, no handle yet
+    for before, product, after in results:
+        assert not before and after
+        assert rel_error(product, gemm_reference(a, b, None, 1.0, 0.0)) <= 1e-5
+    assert all(ref() is None and not release.alive for ref, release, _ in workers)  # collected, destroyed
+    held = free_before - free_during  # 8 handles' workspaces (and pinned staging, host side: not counted)
+    print(f"device memory: {held / 2**20:.1f} MiB held by 8 handles, {(free_before - free_after) / 2**20:.1f} "
+          "MiB still held after their threads ended")
+    assert free_before - free_after <= max(held // 4, 8 << 20)
+
+
 def _image(pixels: np.ndarray):
     from PIL import Image
 

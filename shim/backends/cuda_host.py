@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import cupy as cp
 import numpy as np
+from cupy_backends.cuda.libs import cublas
 
 from accel.errors import AccelError
 
@@ -132,19 +134,37 @@ class PinnedRanges:
 class DeviceWorker:
     """A CUDA stream, a cuBLAS handle bound to it, and pinned host buffers (reused, grown on demand).
 
-    One request uses a worker at a time, so its pinned buffers are never shared.
+    One request uses a worker at a time, so its pinned buffers are never shared. The cuBLAS handle
+    (with its device workspace) is made by the first gemm, so threads that never multiply (a
+    batcher's) hold none, and destroyed by ``close()`` or when the worker is collected (its thread
+    ended): a batcher closed and made again (a model reloaded) leaks no handles.
     """
 
     def __init__(self, pinned: PinnedRanges) -> None:
-        from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
-
         self.pinned = pinned
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self._cublas = cublas
-        self.handle = cublas.create()
-        cublas.setStream(self.handle, self.stream.ptr)
-        cublas.setPointerMode(self.handle, getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0))
+        self._handle: list[tuple[int, int]] = []  # (device, cuBLAS handle) once made; the finalizer shares it
+        self._release = weakref.finalize(self, _destroy_handle, self._handle)
+        self._release.atexit = False  # at exit the process's CUDA state goes as a whole
         self._pinned: dict[int, tuple[Any, int]] = {}  # slot -> (pinned memory, its size)
+
+    @property
+    def handle(self) -> int:
+        """This worker's cuBLAS handle, bound to its stream (made on first use)."""
+        if not self._handle:
+            handle = cublas.create()
+            try:
+                cublas.setStream(handle, self.stream.ptr)
+                cublas.setPointerMode(handle, getattr(cublas, "CUBLAS_POINTER_MODE_HOST", 0))
+            except BaseException:
+                cublas.destroy(handle)
+                raise
+            self._handle.append((cp.cuda.Device().id, handle))
+        return self._handle[0][1]
+
+    def close(self) -> None:
+        """Destroy the cuBLAS handle now (a later gemm makes another)."""
+        _destroy_handle(self._handle)
 
     def gemm(self, a: cp.ndarray, b: cp.ndarray, out: cp.ndarray, alpha: float, beta: float, tf32: bool) -> None:
         """``out = alpha * a @ b + beta * out`` (C order) with cublasGemmEx, accumulating in FP32
@@ -158,7 +178,7 @@ class DeviceWorker:
         m, k = a.shape
         n = b.shape[1]
         one, zero = np.array([alpha], scalar), np.array([beta], scalar)
-        self._cublas.gemmEx(self.handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, data_type, n, a.data.ptr,
+        cublas.gemmEx(self.handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, data_type, n, a.data.ptr,
                             data_type, k, zero.ctypes.data, out.data.ptr, data_type, n, compute, _GEMM_DEFAULT)
 
     def _pinned_view(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -221,3 +241,15 @@ class DeviceWorker:
             return staged.copy()
         np.copyto(out, staged)
         return out
+
+
+def _destroy_handle(handle: list[tuple[int, int]]) -> None:
+    """Destroy the cuBLAS handle in ``handle`` (if any) on its device; a failure is logged, never
+    raised (this runs from the collector, on whichever thread)."""
+    while handle:
+        device, made = handle.pop()
+        try:
+            with cp.cuda.Device(device):
+                cublas.destroy(made)
+        except Exception:  # noqa: BLE001 - a finalizer must not raise
+            log.warning("could not destroy a cuBLAS handle", exc_info=True)
