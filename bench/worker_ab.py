@@ -7,6 +7,10 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
+    python bench/worker_ab.py stages N C         # the shim with --workers N, C clients for 6 s, every process
+                                                 # timing its stages (bench/stage_timer): per device batch
+                                                 # the pixels' upload, the resize, the model, the replies;
+                                                 # per worker call the link round trip (wall and CPU ms)
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
@@ -122,6 +126,46 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
           f"({', '.join(f'{u / wall:.2f}' for u in used[1:])}), rest {rest / wall:.2f}")
     print(f"  CPU ms per image: device {1e3 * used[0] / images:.2f}, workers {1e3 * sum(used[1:]) / images:.2f}, "
           f"rest {1e3 * rest / images:.2f}", flush=True)
+
+
+def stages(workers: int, clients: int) -> None:
+    import glob
+    import json
+    import tempfile
+
+    def totals(folder: str) -> dict[tuple[str, str], list[float]]:
+        out: dict[tuple[str, str], list[float]] = {}
+        for path in glob.glob(f"{folder}/stage-*.json"):
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except ValueError:  # being replaced: the next dump is half a second away
+                continue
+            role = "device" if "serve" in data["argv"] else "worker"
+            for what, t in data["totals"].items():
+                row = out.setdefault((role, what), [0, 0.0, 0.0, 0])
+                for i in range(4):
+                    row[i] += t[i]
+        return out
+
+    jpeg, seconds = cat_jpeg(), 6.0
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["STAGE_OUT"] = folder
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "bench" / "stage_timer"), *filter(None, [os.environ.get("PYTHONPATH")])])
+        with ShimProcess(_device(), ROOT / "models", workers=workers) as shim:
+            process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
+            time.sleep(0.7)  # every process has dumped what the warm-up did
+            before = totals(folder)
+            out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds, min(clients, 16))
+            time.sleep(0.7)
+            after = totals(folder)
+    print(f"workers={workers} clients={clients}: {out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} "
+          f"p99 {out.get('p99_ms', 0):.1f} ms; per call: wall ms, the calling thread's CPU ms (rows per call)")
+    for (role, what), t in sorted(after.items()):
+        calls, wall, cpu, rows = (a - b for a, b in zip(t, before.get((role, what), [0, 0.0, 0.0, 0])))
+        if calls:
+            print(f"  {role:6s} {what:42s} {calls:6.0f} calls  wall {1e3 * wall / calls:7.3f}  cpu {1e3 * cpu / calls:7.3f}"
+                  + (f"  ({rows / calls:.2f} rows)" if rows else ""), flush=True)
 
 
 def link() -> None:
@@ -380,6 +424,8 @@ if __name__ == "__main__":
         throughput(sys.argv[2])
     elif sys.argv[1:2] == ["latency"]:
         latency(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["stages"]:
+        stages(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1:2] == ["link"]:
         link()
     elif sys.argv[1:2] == ["compiled"]:

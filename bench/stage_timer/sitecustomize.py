@@ -1,0 +1,104 @@
+"""A probe for ``bench/worker_ab.py stages``, not part of the shim: on this directory's PYTHONPATH
+with ``STAGE_OUT`` set, every process of a shim (the device process and its request workers) times
+the stages of classify's path as it runs: the batchers (gathering, running a batch, the replies),
+the CUDA pipeline (pixels up, resize + normalise, the model) and the workers' link calls, wall time
+and the calling thread's CPU time per call. Each process writes its running totals to
+``STAGE_OUT/stage-<pid>.json`` twice a second; the probe reads them before and after its window.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+OUT = os.environ.get("STAGE_OUT")
+_TOTALS: dict[str, list[float]] = {}  # what -> [calls, wall s, thread CPU s, rows]
+_LOCK = threading.Lock()
+
+
+def _timed(what: Callable[[tuple[Any, ...]], str] | str, fn: Callable[..., Any],
+           rows: Callable[[tuple[Any, ...]], int] | None = None) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            key = what(args) if callable(what) else what
+            with _LOCK:
+                t = _TOTALS.setdefault(key, [0, 0.0, 0.0, 0])
+                t[0] += 1
+                t[1] += wall
+                t[2] += cpu
+                t[3] += rows(args) if rows else 0
+    return wrapper
+
+
+def _dump() -> None:
+    path = os.path.join(OUT or ".", f"stage-{os.getpid()}.json")
+    while True:
+        time.sleep(0.5)
+        with _LOCK:
+            if not _TOTALS:
+                continue
+            data = json.dumps({"argv": sys.argv[:2], "totals": _TOTALS})
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+
+
+def _patch(name: str, module: Any) -> None:
+    if name == "shim.batching":
+        batcher = module.Batcher
+        init, run, gather = batcher.__init__, batcher._run, batcher._gather
+
+        def __init__(self: Any, op: str, run_batch: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            init(self, op, _timed(f"{op}: run the batch", run_batch, rows=lambda a: len(a[0])), *args, **kwargs)
+
+        batcher.__init__ = __init__
+        batcher._run = _timed(lambda a: f"{a[0].name}: run + replies", run, rows=lambda a: len(a[1]))
+        batcher._gather = _timed(lambda a: f"{a[0].name}: gather", gather)
+    elif name == "shim.backends.cuda_host":
+        module.DeviceWorker.upload_concatenated = _timed("pixels up (staging copy, transfer queued)",
+                                                         module.DeviceWorker.upload_concatenated)
+    elif name == "shim.backends.cuda_imaging":
+        pipeline = module.CudaImagePipeline
+        pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
+        pipeline.logits = _timed("logits (the whole device run)", pipeline.logits, rows=lambda a: len(a[1]))
+    elif name == "shim.backends.onnx":
+        module.OnnxRunner.run_device = _timed("the model (run_device, synchronous)", module.OnnxRunner.run_device)
+    elif name == "shim.workers.link":
+        module.LinkClient.call = _timed("link call (worker side)", module.LinkClient.call)
+
+
+_WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.onnx",
+           "shim.workers.link"}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Patches the modules above as they are first imported."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in _WANTED:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                execute = spec.loader.exec_module
+
+                def exec_module(module: Any, execute: Callable[[Any], None] = execute) -> None:
+                    execute(module)
+                    _patch(fullname, module)
+
+                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+                return spec
+        return None
+
+
+if OUT:
+    sys.meta_path.insert(0, _Finder())
+    threading.Thread(target=_dump, name="stage-timer", daemon=True).start()
