@@ -269,6 +269,45 @@ def test_a_threads_cublas_handle_is_made_by_its_first_gemm_and_destroyed_when_th
     assert free_before - free_after <= max(held // 4, 8 << 20)
 
 
+def test_pixels_in_pinned_memory_go_up_by_dma_and_give_the_same_logits(cuda_service, chelsea, coffee, monkeypatch):
+    """Decoded images that lie in pinned host memory (a request worker's link arena, pinned as it
+    connects) go to the GPU straight from there, with no staging copy, alone or beside staged ones;
+    the logits are those of the same images staged."""
+    import mmap
+
+    from shim.backends.cuda_host import DeviceWorker
+
+    op = cuda_service.registry.get("classify")
+    pipeline, backend = op._pipeline, cuda_service.backend
+    staged = [pipeline.prepare(_image(chelsea)), pipeline.prepare(_image(coffee))]
+    arena = mmap.mmap(-1, 4 << 20)
+    whole = np.frombuffer(arena, np.uint8)
+    lying, offset = [], 0
+    for pixels in staged:
+        lying.append(whole[offset:offset + pixels.size].reshape(pixels.shape))
+        lying[-1][:] = pixels
+        offset += -(-pixels.size // 64) * 64
+    address = whole.ctypes.data
+    backend.register_host(address, whole.nbytes, now=True)
+    try:
+        assert all(backend.pinned.contains(x) for x in lying)
+        want = pipeline.logits(staged + staged[::-1])
+        stagings = []
+        original = DeviceWorker._pinned_view
+        monkeypatch.setattr(DeviceWorker, "_pinned_view",
+                            lambda self, *a: stagings.append(a) or original(self, *a))
+        got = pipeline.logits(lying + lying[::-1])  # all pinned: no staging copy
+        assert stagings == []
+        np.testing.assert_array_equal(got, want)
+        mixed = pipeline.logits([lying[0], staged[1], lying[1], staged[0]])  # staged beside pinned
+        assert len(stagings) == 1
+        np.testing.assert_array_equal(mixed, want)
+    finally:
+        backend.unregister_host(address)
+    assert not backend.pinned.contains(lying[0])
+    del lying, whole
+
+
 def _image(pixels: np.ndarray):
     from PIL import Image
 

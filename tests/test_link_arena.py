@@ -65,8 +65,9 @@ def built_on(x: np.ndarray) -> str:
     return type(getattr(root, "obj", root)).__name__
 
 
-def arena_mappings() -> int:
-    return sum("accelshim-link" in line for line in open("/proc/self/maps", encoding="utf-8"))
+def arena_mappings() -> set[str]:
+    """The address ranges of this process's mappings of link arenas."""
+    return {line.split()[0] for line in open("/proc/self/maps", encoding="utf-8") if "accelshim-link" in line}
 
 
 @pytest.fixture()
@@ -163,13 +164,14 @@ def test_a_gone_workers_arena_is_unmapped_by_the_device(tmp_path) -> None:
         client = LinkClient(server.address, key, arena=arena)
         x = np.ones(1 << 16, np.float32)
         np.testing.assert_array_equal(client.call("echo", x), x)  # its last call lent a slot
-        assert arena_mappings() == before + 2  # the worker's mapping and the device's
+        made = arena_mappings() - before
+        assert len(made) == 2  # the worker's mapping and the device's
         client.close()
         arena.close()
         deadline = time.monotonic() + 5
-        while arena_mappings() > before and time.monotonic() < deadline:
+        while arena_mappings() & made and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert arena_mappings() == before
+        assert not arena_mappings() & made
     finally:
         server.close()
 
@@ -219,3 +221,111 @@ def test_a_refused_arena_and_an_unpicklable_result(tmp_path, caplog) -> None:
         arena.close()
         os.close(unsealed)
         server.close()
+
+
+def mapped(address: int) -> bool:
+    """Whether ``address`` lies in a mapping of this process (/proc/self/maps)."""
+    for line in open("/proc/self/maps", encoding="utf-8"):
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+class PinLog:
+    """The device's pin and unpin as the link calls them; whether the arena was still mapped at unpin."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.pins: list[tuple[int, int]] = []
+        self.unpins: list[tuple[int, bool]] = []
+        self.fail = fail
+
+    def pin(self, address: int, nbytes: int) -> None:
+        self.pins.append((address, nbytes))
+        if self.fail:
+            raise RuntimeError("no pinning today")
+
+    def unpin(self, address: int) -> None:
+        self.unpins.append((address, mapped(address)))
+
+
+def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_last_view(tmp_path) -> None:
+    """The device pins the bytes the worker never gives back (its ``keep``, whole pages); when the
+    worker is gone, the pin stays while a call still holds an array built on the arena, and goes
+    once the last one does, before the mapping."""
+    key, kept = os.urandom(16), []
+    log = PinLog()
+
+    def keep_it(x: np.ndarray) -> int:
+        kept.append(x.reshape(-1, 4)[1:])  # a view of a view, as handlers make them
+        return int(x.nbytes)
+
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"keep": keep_it, "echo": lambda x: x}, threads=4,
+                        pin=log.pin, unpin=log.unpin)
+    arena, other = Arena(4 << 20, keep=(1 << 20) + 100), Arena(1 << 20)
+    try:
+        unpinned = LinkClient(server.address, key, arena=other)  # as the forwarded requests' link: no pin
+        client = LinkClient(server.address, key, arena=arena, pinned=True)
+        assert len(log.pins) == 1 and log.pins[0][1] == 1 << 20  # the kept bytes, whole pages only
+        address = log.pins[0][0]
+        x = np.arange(1 << 16, dtype=np.float32)
+        assert client.call("keep", x) == x.nbytes
+        np.testing.assert_array_equal(kept[0].reshape(-1), x[4:])  # built on the arena's bytes
+        assert built_on(kept[0]) == "mmap"
+        np.testing.assert_array_equal(client.call("echo", x), x)
+        np.testing.assert_array_equal(unpinned.call("echo", x), x)
+        unpinned.close()
+        client.close()
+        arena.close()
+        time.sleep(0.3)  # the device has seen the worker go
+        assert log.unpins == [] and mapped(address)  # the kept array still reads the arena
+        kept.clear()
+        deadline = time.monotonic() + 5
+        while not log.unpins and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert log.unpins == [(address, True)]  # once, while the arena was still mapped
+        deadline = time.monotonic() + 5
+        while mapped(address) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not mapped(address)  # and then unmapped
+    finally:
+        other.close()
+        server.close()
+
+
+def test_an_arena_whose_pin_fails_still_lends_and_is_never_unpinned(tmp_path, caplog) -> None:
+    key = os.urandom(16)
+    log = PinLog(fail=True)
+    seen: list[str] = []
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: (seen.append(built_on(x)), x)[1]},
+                        threads=4, pin=log.pin, unpin=log.unpin)
+    arena = Arena(1 << 20)
+    try:
+        client = LinkClient(server.address, key, arena=arena, pinned=True)
+        x = np.arange(1 << 16, dtype=np.float32)
+        np.testing.assert_array_equal(client.call("echo", x), x)
+        assert seen == ["mmap"] and "could not pin" in caplog.text
+        client.close()
+    finally:
+        arena.close()
+        server.close()
+    assert len(log.pins) == 1 and log.unpins == []
+
+
+def test_a_peer_closed_with_no_view_left_unpins_at_once() -> None:
+    arena = Arena(1 << 20)
+    log = PinLog()
+    peer = PeerArena(os.dup(arena.fd), 64 << 10, log.pin, log.unpin)
+    try:
+        view = peer.view(0, 4096)
+        assert log.pins == [(peer.address, 64 << 10)] and view.ctypes.data == peer.address
+        del view
+        assert log.unpins == []  # still open
+        peer.close()
+        assert log.unpins == [(peer.address, True)]
+        peer.close()  # again: nothing more
+        assert len(log.unpins) == 1
+        with pytest.raises(ValueError, match="closed"):
+            peer.view(0, 16)
+    finally:
+        arena.close()

@@ -63,7 +63,7 @@ def _patch(name: str, module: Any) -> None:
         batcher._run = _timed(lambda a: f"{a[0].name}: run + replies", run, rows=lambda a: len(a[1]))
         batcher._gather = _timed(lambda a: f"{a[0].name}: gather", gather)
     elif name == "shim.backends.cuda_host":
-        module.DeviceWorker.upload_concatenated = _timed("pixels up (staging copy, transfer queued)",
+        module.DeviceWorker.upload_concatenated = _timed("pixels up (DMA or staging copy, queued)",
                                                          module.DeviceWorker.upload_concatenated)
     elif name == "shim.backends.cuda_imaging":
         pipeline = module.CudaImagePipeline

@@ -77,10 +77,10 @@ class Backend(Protocol):
 
     def load_model(self, path: Path) -> ModelRunner: ...
 
-    def register_host(self, address: int, nbytes: int) -> None:
-        """Host memory that operands will often come from (a client's shared-memory region):
-        the CUDA backend pins it (after its first use) so that those operands go up by DMA; the CPU
-        backend ignores it."""
+    def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
+        """Host memory that operands will often come from (a client's shared-memory region, a
+        request worker's link arena): the CUDA backend pins it (after its first use, or at once
+        with ``now``) so that those operands go up by DMA; the CPU backend ignores it."""
         ...
 
     def unregister_host(self, address: int) -> None: ...

@@ -32,7 +32,7 @@ class CpuBackend:
     def load_model(self, path: Path) -> onnx.OnnxRunner:
         return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
 
-    def register_host(self, address: int, nbytes: int) -> None:
+    def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
         """Nothing to pin: the CPU reads host memory where it is."""
 
     def unregister_host(self, address: int) -> None:

@@ -7,10 +7,12 @@ come down), all made and warmed at start: the first request pays for none of tha
 memory pool: a request that cannot fit at all gets InsufficientStorage (507); one that cannot
 fit *now*, because other requests hold the memory, gets NotReady (503, retry). Sticky CUDA
 errors (the context is lost) raise DeviceLost (``cuda_errors``). classify's GPU half is in
-``cuda_imaging``; the host memory pinned for DMA (clients' regions) is ``cuda_host.PinnedRanges``.
+``cuda_imaging``; the host memory pinned for DMA (clients' regions, request workers' link arenas) is
+``cuda_host.PinnedRanges``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -92,7 +94,14 @@ class CudaBackend:
         def run() -> T:
             worker: DeviceWorker = self._local.worker
             with worker.stream:
-                return job(worker)
+                try:
+                    return job(worker)
+                except BaseException:
+                    # copies it queued may still read host memory that goes once this fails (a
+                    # gone worker's arena, a region unregistered): they end first
+                    with contextlib.suppress(Exception):
+                        worker.stream.synchronize()
+                    raise
 
         if getattr(self._local, "worker", None) is not None:
             return run()
@@ -150,8 +159,10 @@ class CudaBackend:
         for runner in self._runners:
             runner.graphs = False  # the sizes captured at warm-up keep replaying theirs
 
-    def register_host(self, address: int, nbytes: int) -> None:
+    def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
         self.pinned.register(address, nbytes)
+        if now:
+            self.pinned.wait(address)
 
     def unregister_host(self, address: int) -> None:
         self.pinned.unregister(address)

@@ -207,18 +207,28 @@ class DeviceWorker:
         return device
 
     def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int) -> cp.ndarray:
-        """The 1-D ``parts`` (one dtype) end to end on the device: one copy into pinned buffer
-        ``slot``, one transfer. The caller synchronizes the stream before reusing the slot."""
+        """The 1-D ``parts`` (one dtype) end to end on the device. Parts that lie in pinned memory (a
+        request worker's link arena) go up by DMA from there, one transfer each; the others through
+        one copy into pinned buffer ``slot``. The caller synchronizes the stream before ``parts``
+        or the slot may change."""
         total = sum(p.size for p in parts)
         if total * parts[0].itemsize > PINNED_MAX_BYTES:
             return cp.asarray(np.concatenate(parts))
-        staged = self._pinned_view(slot, (total,), parts[0].dtype)
-        offset = 0
-        for part in parts:
-            staged[offset:offset + part.size] = part
-            offset += part.size
         device = cp.empty(total, parts[0].dtype)
-        device.set(staged, stream=self.stream)
+        direct = [self.pinned.contains(part) for part in parts]
+        staged = None if all(direct) else self._pinned_view(slot, (total,), parts[0].dtype)
+        if not any(direct):  # all through the staging buffer: one transfer
+            np.concatenate(parts, out=staged)
+            device.set(staged, stream=self.stream)
+            return device
+        offset = 0
+        for part, pinned in zip(parts, direct):
+            source = part
+            if not pinned:
+                source = staged[offset:offset + part.size]  # type: ignore[index]
+                source[:] = part
+            device[offset:offset + part.size].set(source, stream=self.stream)
+            offset += part.size
         return device
 
     def download(self, device: cp.ndarray, slot: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -35,8 +35,11 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         # process (warm-up, signals, draining); the workers reach its app over the link instead
         endpoint = DeviceEndpoint(service, settings.workers)
         authkey = os.urandom(32)
+        backend = service.backend  # the workers' arenas pinned for DMA (the CUDA backend's; the CPU's ignores it)
         link = LinkServer(link_path, authkey, endpoint.handlers(),
-                          threads=settings.workers * (settings.threads + settings.max_queue))
+                          threads=settings.workers * (settings.threads + settings.max_queue),
+                          pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
+                          unpin=backend.unregister_host)
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()

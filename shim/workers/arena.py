@@ -7,6 +7,11 @@ the message carries the slot's place instead of the bytes; the device reads the 
 lies, with no socket transfer and no allocation. The worker frees the slots of a call when the
 call's reply has arrived: by then the device has done with them (handlers copy what they keep).
 A buffer that finds no room goes over the socket as before.
+
+The arena's first ``keep`` bytes are never given back to the system, so the device process may
+pin them (``PeerArena``'s ``pin``: the CUDA backend registers them for DMA): pixels that lie there
+go to the GPU straight from the arena, with no staging copy. The device unpins them only once no
+view of the arena is left (a gone worker's calls may still be running).
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import logging
 import mmap
 import os
 import threading
+import weakref
+from typing import Callable
 
 import numpy as np
 
@@ -112,9 +119,16 @@ def _slot_bytes(nbytes: int) -> int:
 
 
 class PeerArena:
-    """The device's side: a worker's arena, mapped from the fd it sent, read where it lies."""
+    """The device's side: a worker's arena, mapped from the fd it sent, read where it lies.
 
-    def __init__(self, fd: int) -> None:
+    With ``pin``, its first ``keep`` bytes (those the worker never gives back to the system) are
+    pinned at once, ``pin(address, nbytes)``, and unpinned, ``unpin(address)``, once the arena is
+    closed and no view of it is left, before the mapping goes. A view is a uint8 array that every
+    array made from it (what unpickling builds) keeps alive.
+    """
+
+    def __init__(self, fd: int, keep: int = 0, pin: Callable[[int, int], None] | None = None,
+                 unpin: Callable[[int], None] | None = None) -> None:
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if seals & _SEALS != _SEALS:  # an arena that could shrink could fault this process (SIGBUS)
@@ -125,11 +139,24 @@ class PeerArena:
             raise ValueError(f"the link arena cannot be mapped: {exc}") from None
         finally:
             os.close(fd)
-        # only views hold the mapping: it is unmapped when the last of them goes (after ``close``)
+        # mapped while this holds it (until unpinned) or a view does: unmapped when the last goes
+        self._mapping: mmap.mmap | None = mapping
         self._view: memoryview | None = memoryview(mapping)
+        self.address = np.frombuffer(self._view, np.uint8, 1).ctypes.data
+        self.pinned = min(max(keep, 0), self.size) // mmap.PAGESIZE * mmap.PAGESIZE if pin else 0
+        self._unpin = unpin
+        self._live = 0  # views not yet collected
+        # reentrant: a collection that runs inside view() may end a view of this arena
+        self._lock = threading.RLock()
+        if self.pinned:
+            try:
+                pin(self.address, self.pinned)  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - the arena still serves, read through staging copies
+                log.warning("could not pin a request worker's link arena", exc_info=True)
+                self.pinned = 0
 
-    def view(self, offset: int, nbytes: int) -> memoryview:
-        """Bytes ``[offset, offset + nbytes)`` of the arena.
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """Bytes ``[offset, offset + nbytes)`` of the arena, as a uint8 array.
 
         Raises:
             ValueError: outside the arena.
@@ -137,12 +164,41 @@ class PeerArena:
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise ValueError(f"a link buffer at {offset} of {nbytes} bytes lies outside the arena "
                              f"of {self.size}")
-        if self._view is None:
-            raise ValueError("the link arena is closed")
-        return self._view[offset:offset + nbytes]
+        with self._lock:
+            if self._view is None:
+                raise ValueError("the link arena is closed")
+            view = np.frombuffer(self._view[offset:offset + nbytes], np.uint8)
+            self._live += 1
+        weakref.finalize(view, self._collected).atexit = False
+        return view
+
+    def _collected(self) -> None:
+        """A view went (run by the collector, on whichever thread, maybe inside another lock)."""
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0 and self._view is None
+        if last:  # unpinned on a thread of its own: unpin takes locks this thread may hold
+            threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
 
     def close(self) -> None:
-        """Let go of the mapping: unmapped now, or when the last view a call still holds goes."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+        """Let go of the mapping: unpinned and unmapped now, or once the last view a call still
+        holds goes."""
+        with self._lock:
+            view, self._view = self._view, None
+            unused = self._live == 0
+        if view is None:
+            return
+        view.release()
+        if unused:
+            self._release()
+
+    def _release(self) -> None:
+        """Unpin (the mapping is still there: this holds it), then let the mapping go."""
+        pinned, self.pinned = self.pinned, 0
+        try:
+            if pinned and self._unpin is not None:
+                self._unpin(self.address)
+        except Exception:  # noqa: BLE001 - logged: the arena goes anyway
+            log.warning("could not unpin a request worker's link arena", exc_info=True)
+        finally:
+            self._mapping = None

@@ -137,26 +137,36 @@ class _Channel:
                 buffers.append(self.peer_arena.view(where - 1, nbytes))
         return pickle.loads(data, buffers=buffers)
 
-    def offer_arena(self, arena: Arena | None) -> bool:
-        """The first thing a client does: send its arena's fd (or none) beside one byte, and read
-        whether the server mapped it (b"1") or will read everything off the socket (b"0")."""
-        socket.send_fds(self.sock, [b"A" if arena else b"-"], [arena.fd] if arena else [])
+    def offer_arena(self, arena: Arena | None, pinned: bool = False) -> bool:
+        """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of
+        its first bytes the device may pin (8 bytes: with ``pinned`` those it never gives back,
+        ``keep``; else 0), or b"-", and read whether the server mapped it (b"1") or will read
+        everything off the socket (b"0")."""
+        if arena is None:
+            socket.send_fds(self.sock, [b"-"], [])
+        else:
+            socket.send_fds(self.sock, [b"A" + struct.pack("!Q", arena.keep if pinned else 0)], [arena.fd])
         answer = self._exactly(1)
         return bytes(answer) == b"1"
 
-    def accept_arena(self) -> None:
-        """The first thing a server does: map the client's arena, if it sent one, and say whether it
-        did; an arena that cannot be mapped is refused (logged), the link goes on without it.
+    def accept_arena(self, pin: Callable[[int, int], None] | None = None,
+                     unpin: Callable[[int], None] | None = None) -> None:
+        """The first thing a server does: map the client's arena, if it sent one (its kept bytes
+        pinned with ``pin``, see ``PeerArena``), and say whether it did; an arena that cannot be
+        mapped is refused (logged), the link goes on without it.
 
         Raises:
             EOFError: the link was closed.
         """
-        tag, fds, flags, _addr = socket.recv_fds(self.sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
+        tag, fds, flags, _addr = socket.recv_fds(self.sock, 9, 1, socket.MSG_CMSG_CLOEXEC)
         if not tag:
             raise EOFError("the link was closed")
         try:
-            if tag == b"A" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
-                self.peer_arena = PeerArena(fds.pop())
+            if tag[:1] == b"A" and len(tag) < 9:  # the rest of the offer, after the fd's first bytes
+                tag += self._exactly(9 - len(tag))
+            if tag[:1] == b"A" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
+                keep, = struct.unpack("!Q", tag[1:9])
+                self.peer_arena = PeerArena(fds.pop(), keep, pin, unpin)
             elif tag != b"-" or fds:
                 raise ValueError(f"the link arena did not arrive whole (tag {tag!r}, {len(fds)} fds, "
                                  f"flags {flags:#x})")
@@ -182,10 +192,12 @@ class LinkClient:
     """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
 
     def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None,
-                 arena: Arena | None = None) -> None:
+                 arena: Arena | None = None, pinned: bool = False) -> None:
+        """``pinned``: the device may pin the arena's kept bytes (its CUDA backend then uploads
+        arrays from there by DMA); for the link of device calls, not of forwarded requests."""
         self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
         # the arena is used only once the device process has mapped it
-        self._arena = arena if self._chan.offer_arena(arena) and arena is not None else None
+        self._arena = arena if self._chan.offer_arena(arena, pinned) and arena is not None else None
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
         self._lock = threading.Lock()
@@ -271,11 +283,15 @@ class LinkServer:
     Args:
         handlers: method name -> function; a call runs ``handlers[method](*args)`` on a pool thread.
         threads: calls that may run (or wait in a batcher) at once, over all workers.
+        pin, unpin: pin a worker's arena (the bytes it keeps) as it connects, and unpin it once it
+            is gone and no call holds a view of it (``PeerArena``): the CUDA backend's DMA.
     """
 
-    def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int) -> None:
+    def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int,
+                 pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None) -> None:
         self.address = address
         self._handlers = handlers
+        self._pin, self._unpin = pin, unpin
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
         self._conns: list[_Channel] = []
@@ -299,7 +315,7 @@ class LinkServer:
 
     def _serve(self, chan: _Channel) -> None:
         try:
-            chan.accept_arena()
+            chan.accept_arena(self._pin, self._unpin)
             while True:
                 self._dispatch(chan, *chan.recv())  # no message kept here: its arena views die with its call
         except (EOFError, OSError):

@@ -70,7 +70,7 @@ class RemoteBackend:
     def load_model(self, path: Path) -> RemoteRunner:
         return RemoteRunner(self._link, path.parent.name)
 
-    def register_host(self, address: int, nbytes: int) -> None:
+    def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
         """Workers do not map shared memory: requests that use it go to the device process."""
 
     def unregister_host(self, address: int) -> None:
