@@ -329,3 +329,24 @@ def test_a_peer_closed_with_no_view_left_unpins_at_once() -> None:
             peer.view(0, 16)
     finally:
         arena.close()
+
+
+def test_no_slot_straddles_the_end_of_the_kept_bytes() -> None:
+    """The device may pin the kept bytes, and CUDA refuses a copy that starts in pinned memory and
+    runs past it: a buffer that would cross that end goes after it, the room before it stays free."""
+    arena = Arena(4 << 20, keep=(1 << 20) + 100)  # kept: whole pages, 1 MiB
+    try:
+        assert arena.keep == 1 << 20
+        first = arena.lend(memoryview(bytes(600 << 10)))
+        second = arena.lend(memoryview(bytes(600 << 10)))  # would cross 1 MiB: placed at it
+        third = arena.lend(memoryview(bytes(300 << 10)))  # fits before it
+        assert (first, second, third) == (0, 1 << 20, 600 << 10)
+        for offset, nbytes in ((first, 600 << 10), (second, 600 << 10), (third, 300 << 10)):
+            assert offset + nbytes <= arena.keep or offset >= arena.keep
+        for offset, nbytes in ((second, 600 << 10), (first, 600 << 10), (third, 300 << 10)):
+            arena.give_back(offset, nbytes)
+        assert arena.free_bytes() == 4 << 20
+        assert arena.lend(memoryview(bytes(3 << 20))) == 1 << 20  # the run after the kept bytes is whole again
+        assert arena.lend(memoryview(bytes(1 << 20))) == 0  # and so is the one before
+    finally:
+        arena.close()

@@ -50,7 +50,7 @@ class Arena:
             return None
 
     def __init__(self, size: int = ARENA_BYTES, keep: int = KEEP_BYTES) -> None:
-        self.keep = keep
+        self.keep = keep // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages: what the device may pin
         self.fd = os.memfd_create("accelshim-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
@@ -63,12 +63,19 @@ class Arena:
         self._lock = threading.Lock()
 
     def lend(self, data: memoryview) -> int | None:
-        """Copy ``data`` (contiguous bytes) into a free slot; its offset, or None when none fits."""
+        """Copy ``data`` (contiguous bytes) into a free slot; its offset, or None when none fits.
+
+        No slot straddles the end of the kept bytes: the device may have pinned them, and CUDA
+        refuses a copy that starts in pinned memory and runs past it."""
         need = _slot_bytes(data.nbytes)
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
-                if length >= need:
-                    self._free[i:i + 1] = [(offset + need, length - need)] if length > need else []
+                start = self.keep if offset < self.keep < offset + need else offset
+                end = offset + length
+                if start + need <= end:
+                    self._free[i:i + 1] = ([(offset, start - offset)] if start > offset else []) + \
+                        ([(start + need, end - start - need)] if end > start + need else [])
+                    offset = start
                     break
             else:
                 return None
