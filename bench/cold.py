@@ -98,7 +98,7 @@ def breakdown_row(label: str, who: str, naive_op: str, entry: dict[str, Any], ba
 
 
 def section_cold(b: Bench) -> tuple[dict[str, Any], str]:
-    reps = b.args.cold_repeats or (1 if b.quick else 3)
+    reps = b.args.cold_repeats or (1 if b.quick else 9)  # 9: a fresh process varies by a few ms
     bare = {who: statistics.median(bare_interpreter_seconds(b.env, python) for _ in range(3 if b.quick else 5))
             for who, python in (("naive", sys.executable), ("accelshim", b.function_python))}
     out: dict[str, Any] = {"repeats": reps, "bare_interpreter_s": bare, "workloads": {},

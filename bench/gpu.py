@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, from: " + ",".join(SECTIONS))
     parser.add_argument("--duration", type=float, default=None, help="seconds per throughput level (5; quick 2)")
     parser.add_argument("--cold-repeats", type=int, default=None,
-                        help="fresh function processes per cold-start case, of which the median is reported (3; quick 1)")
+                        help="fresh function processes per cold-start case, of which the median is reported "
+                             "(9; quick 1)")
     parser.add_argument("--inproc-sessions", type=int, default=8, help="cap on in-process ORT sessions (throughput)")
     parser.add_argument("--client-processes", type=int, default=min(16, os.cpu_count() or 1),
                         help="cap on the shim's client processes (throughput; default min(16, CPUs))")

@@ -164,8 +164,8 @@ def stages(workers: int, clients: int) -> None:
     for (role, what), t in sorted(after.items()):
         calls, wall, cpu, rows = (a - b for a, b in zip(t, before.get((role, what), [0, 0.0, 0.0, 0])))
         if calls:
-            print(f"  {role:6s} {what:42s} {calls:6.0f} calls  wall {1e3 * wall / calls:7.3f}  cpu {1e3 * cpu / calls:7.3f}"
-                  + (f"  ({rows / calls:.2f} rows)" if rows else ""), flush=True)
+            print(f"  {role:6s} {what:42s} {calls:6.0f} calls  wall {1e3 * wall / calls:7.3f}  "
+                  f"cpu {1e3 * cpu / calls:7.3f}" + (f"  ({rows / calls:.2f} rows)" if rows else ""), flush=True)
 
 
 def link() -> None:
