@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -45,7 +46,8 @@ class _Job(Generic[Item, Result]):
     __slots__ = ("item", "rows", "arrived", "future")
 
     def __init__(self, item: Item, rows: int) -> None:
-        self.item, self.rows, self.arrived = item, rows, time.perf_counter()
+        self.item: Item | None = item
+        self.rows, self.arrived = rows, time.perf_counter()
         self.future: Future[Result] = Future()
 
 
@@ -199,6 +201,9 @@ class Batcher(Generic[Item, Result]):
             self._run(batch)
             if self._batch_seconds is not None:
                 self._batch_seconds.observe(time.perf_counter() - began)
+            for job in batch:  # answered: the items go now, not when this thread next gathers (a
+                job.item = None  # failed job's error keeps its frame, and the batch, alive)
+            del batch
 
     def _run(self, batch: list[_Job[Item, Result]]) -> None:
         try:
@@ -210,6 +215,8 @@ class Batcher(Generic[Item, Result]):
                 for job in batch:  # isolate: only the requests that fail alone get an error
                     self._run([job])
                 return
+            # the error outlives the batch (in the Future): its frames' locals, the items, do not
+            traceback.clear_frames(exc.__traceback__)
             batch[0].future.set_exception(exc)
             return
         if self._batch_sizes is not None:

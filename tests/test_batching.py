@@ -304,3 +304,40 @@ def test_batcher_threads_that_do_not_start_in_time_fail_the_load(monkeypatch):
     with pytest.raises(RuntimeError, match="did not start within"):
         Batcher("m", _doubler([]), max_batch_size=1, max_queue_delay_us=0, concurrency=2,
                 thread_start=lambda: time.sleep(1))
+
+
+def test_a_batchs_items_go_once_it_is_answered_even_while_the_thread_waits():
+    """What a batch held (a gone worker's arena pages, pinned) is let go as the batch is answered,
+    also when it failed, not when the batcher's thread gathers its next batch."""
+    import gc
+    import weakref
+
+    class Item:
+        def __init__(self, poison: bool) -> None:
+            self.poison = poison
+
+    def run(items):
+        if any(i.poison for i in items):
+            raise ValueError("poisoned")
+        return [1 for _ in items]
+
+    batcher = Batcher("m", run, max_batch_size=8, max_queue_delay_us=0)
+    try:
+        for poison in (False, True):
+            item = Item(poison)
+            gone = weakref.ref(item)
+            future = batcher.submit_later(item, 1)
+            if poison:
+                with pytest.raises(ValueError):
+                    future.result(5)
+            else:
+                assert future.result(5) == 1
+            del item
+            deadline = time.monotonic() + 5
+            while gone() is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gc.collect()  # not what releases it: the future's error would keep a cycle's frames alive
+            assert gone() is None, f"poison={poison}: the idle batcher thread still holds its item"
+            del future
+    finally:
+        batcher.close()

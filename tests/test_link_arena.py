@@ -262,10 +262,10 @@ def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_l
 
     server = LinkServer(str(tmp_path / "link.sock"), key, {"keep": keep_it, "echo": lambda x: x}, threads=4,
                         pin=log.pin, unpin=log.unpin)
-    arena, other = Arena(4 << 20, keep=(1 << 20) + 100), Arena(1 << 20)
+    arena, other = Arena(4 << 20, keep=(1 << 20) + 100, pinned=True), Arena(1 << 20)
     try:
         unpinned = LinkClient(server.address, key, arena=other)  # as the forwarded requests' link: no pin
-        client = LinkClient(server.address, key, arena=arena, pinned=True)
+        client = LinkClient(server.address, key, arena=arena)
         assert len(log.pins) == 1 and log.pins[0][1] == 1 << 20  # the kept bytes, whole pages only
         address = log.pins[0][0]
         x = np.arange(1 << 16, dtype=np.float32)
@@ -277,7 +277,10 @@ def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_l
         unpinned.close()
         client.close()
         arena.close()
-        time.sleep(0.3)  # the device has seen the worker go
+        deadline = time.monotonic() + 5
+        while server._conns and time.monotonic() < deadline:  # noqa: SLF001 - until the device has seen both go
+            time.sleep(0.02)
+        assert not server._conns  # noqa: SLF001
         assert log.unpins == [] and mapped(address)  # the kept array still reads the arena
         kept.clear()
         deadline = time.monotonic() + 5
@@ -299,9 +302,9 @@ def test_an_arena_whose_pin_fails_still_lends_and_is_never_unpinned(tmp_path, ca
     seen: list[str] = []
     server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: (seen.append(built_on(x)), x)[1]},
                         threads=4, pin=log.pin, unpin=log.unpin)
-    arena = Arena(1 << 20)
+    arena = Arena(1 << 20, pinned=True)
     try:
-        client = LinkClient(server.address, key, arena=arena, pinned=True)
+        client = LinkClient(server.address, key, arena=arena)
         x = np.arange(1 << 16, dtype=np.float32)
         np.testing.assert_array_equal(client.call("echo", x), x)
         assert seen == ["mmap"] and "could not pin" in caplog.text
@@ -334,7 +337,7 @@ def test_a_peer_closed_with_no_view_left_unpins_at_once() -> None:
 def test_no_slot_straddles_the_end_of_the_kept_bytes() -> None:
     """The device may pin the kept bytes, and CUDA refuses a copy that starts in pinned memory and
     runs past it: a buffer that would cross that end goes after it, the room before it stays free."""
-    arena = Arena(4 << 20, keep=(1 << 20) + 100)  # kept: whole pages, 1 MiB
+    arena = Arena(4 << 20, keep=(1 << 20) + 100, pinned=True)  # kept: whole pages, 1 MiB
     try:
         assert arena.keep == 1 << 20
         first = arena.lend(memoryview(bytes(600 << 10)))
@@ -350,3 +353,18 @@ def test_no_slot_straddles_the_end_of_the_kept_bytes() -> None:
         assert arena.lend(memoryview(bytes(1 << 20))) == 0  # and so is the one before
     finally:
         arena.close()
+
+
+def test_only_an_arena_offered_for_pinning_keeps_slots_off_the_kept_end() -> None:
+    """An arena that is not pinned (the forwarded requests' link) places a large buffer at its
+    start; a pinned one whose size is not whole pages keeps its kept bytes to whole pages inside it."""
+    plain = Arena(4 << 20, keep=1 << 20)
+    odd = Arena((4 << 20) + 1000, keep=16 << 20, pinned=True)
+    try:
+        assert plain.lend(memoryview(bytes(3 << 20))) == 0
+        assert odd.keep == 4 << 20  # what the device pins: the whole pages of the arena
+        assert odd.lend(memoryview(bytes((4 << 20) - 64))) == 0
+        assert odd.lend(memoryview(bytes(128))) == 4 << 20  # not across the pinned end, after it
+    finally:
+        plain.close()
+        odd.close()

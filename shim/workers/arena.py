@@ -41,16 +41,19 @@ class Arena:
     the first ``keep`` bytes is given back to the system once free (a 12 MP photo takes 36 MB)."""
 
     @classmethod
-    def or_none(cls) -> "Arena | None":
+    def or_none(cls, pinned: bool = False) -> "Arena | None":
         """An arena, or None (logged) where none can be made: the link then uses its socket alone."""
         try:
-            return cls()
+            return cls(pinned=pinned)
         except OSError as exc:
             log.warning("no link arena (%s): large buffers cross the socket", exc)
             return None
 
-    def __init__(self, size: int = ARENA_BYTES, keep: int = KEEP_BYTES) -> None:
-        self.keep = keep // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages: what the device may pin
+    def __init__(self, size: int = ARENA_BYTES, keep: int = KEEP_BYTES, pinned: bool = False) -> None:
+        """``pinned``: offered to the device for pinning its kept bytes (``LinkClient``): then no
+        slot straddles their end."""
+        self.keep = min(keep, size) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages: what the device may pin
+        self.pinned = pinned
         self.fd = os.memfd_create("accelshim-link", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
@@ -65,12 +68,13 @@ class Arena:
     def lend(self, data: memoryview) -> int | None:
         """Copy ``data`` (contiguous bytes) into a free slot; its offset, or None when none fits.
 
-        No slot straddles the end of the kept bytes: the device may have pinned them, and CUDA
-        refuses a copy that starts in pinned memory and runs past it."""
+        In a ``pinned`` arena no slot straddles the end of the kept bytes: the device pins them, and
+        CUDA refuses a copy that starts in pinned memory and runs past it."""
         need = _slot_bytes(data.nbytes)
+        bound = self.keep if self.pinned else 0
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
-                start = self.keep if offset < self.keep < offset + need else offset
+                start = bound if offset < bound < offset + need else offset
                 end = offset + length
                 if start + need <= end:
                     self._free[i:i + 1] = ([(offset, start - offset)] if start > offset else []) + \
@@ -128,7 +132,7 @@ def _slot_bytes(nbytes: int) -> int:
 class PeerArena:
     """The device's side: a worker's arena, mapped from the fd it sent, read where it lies.
 
-    With ``pin``, its first ``keep`` bytes (those the worker never gives back to the system) are
+    With ``pin`` and ``unpin``, its first ``keep`` bytes (those the worker never gives back to the system) are
     pinned at once, ``pin(address, nbytes)``, and unpinned, ``unpin(address)``, once the arena is
     closed and no view of it is left, before the mapping goes. A view is a uint8 array that every
     array made from it (what unpickling builds) keeps alive.
@@ -150,7 +154,7 @@ class PeerArena:
         self._mapping: mmap.mmap | None = mapping
         self._view: memoryview | None = memoryview(mapping)
         self.address = np.frombuffer(self._view, np.uint8, 1).ctypes.data
-        self.pinned = min(max(keep, 0), self.size) // mmap.PAGESIZE * mmap.PAGESIZE if pin else 0
+        self.pinned = min(max(keep, 0), self.size) // mmap.PAGESIZE * mmap.PAGESIZE if pin and unpin else 0
         self._unpin = unpin
         self._live = 0  # views not yet collected
         # reentrant: a collection that runs inside view() may end a view of this arena

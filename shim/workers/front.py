@@ -173,7 +173,7 @@ def build_front(config: WorkerConfig) -> FrontService:
     def lost() -> None:
         guard.monitor.trip(DeviceLost("the shim's device process exited"))
 
-    link = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none(), pinned=True)
+    link = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none(pinned=True))
     # forwarded requests get a connection of their own: a big KaaS buffer crossing it does not hold
     # up the device calls of the requests this worker serves itself
     forwarded = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none())

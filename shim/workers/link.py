@@ -137,15 +137,15 @@ class _Channel:
                 buffers.append(self.peer_arena.view(where - 1, nbytes))
         return pickle.loads(data, buffers=buffers)
 
-    def offer_arena(self, arena: Arena | None, pinned: bool = False) -> bool:
+    def offer_arena(self, arena: Arena | None) -> bool:
         """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of
-        its first bytes the device may pin (8 bytes: with ``pinned`` those it never gives back,
-        ``keep``; else 0), or b"-", and read whether the server mapped it (b"1") or will read
+        its first bytes the device may pin (8 bytes: for a ``pinned`` arena those it never gives
+        back, ``keep``; else 0), or b"-", and read whether the server mapped it (b"1") or will read
         everything off the socket (b"0")."""
         if arena is None:
             socket.send_fds(self.sock, [b"-"], [])
         else:
-            socket.send_fds(self.sock, [b"A" + struct.pack("!Q", arena.keep if pinned else 0)], [arena.fd])
+            socket.send_fds(self.sock, [b"A" + struct.pack("!Q", arena.keep if arena.pinned else 0)], [arena.fd])
         answer = self._exactly(1)
         return bytes(answer) == b"1"
 
@@ -192,12 +192,12 @@ class LinkClient:
     """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
 
     def __init__(self, address: str, authkey: bytes, on_close: Callable[[], None] | None = None,
-                 arena: Arena | None = None, pinned: bool = False) -> None:
-        """``pinned``: the device may pin the arena's kept bytes (its CUDA backend then uploads
-        arrays from there by DMA); for the link of device calls, not of forwarded requests."""
+                 arena: Arena | None = None) -> None:
+        """A ``pinned`` arena's kept bytes may be pinned by the device (its CUDA backend then
+        uploads arrays from there by DMA): for the link of device calls, not of forwarded requests."""
         self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
         # the arena is used only once the device process has mapped it
-        self._arena = arena if self._chan.offer_arena(arena, pinned) and arena is not None else None
+        self._arena = arena if self._chan.offer_arena(arena) and arena is not None else None
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
         self._lock = threading.Lock()
