@@ -3,9 +3,10 @@ classify's resize + normalisation as preloaded CuPy kernels (``shim/kernels/resa
 
 Device work runs on a few device threads, each with its own worker (``cuda_host.DeviceWorker``: a
 CUDA stream, a cuBLAS handle on it, pinned host buffers through which inputs go up and results
-come down), all made and warmed at start: the first request pays for none of that. ``memory_limit`` caps cupy's
-memory pool: a request that cannot fit at all gets InsufficientStorage (507); one that cannot
-fit *now*, because other requests hold the memory, gets NotReady (503, retry). Sticky CUDA
+come down), all made and warmed at start: the first request pays for none of that.
+``memory_limit`` caps cupy's memory pool: a request that cannot fit at all gets
+InsufficientStorage (507); one that cannot fit *now*, because other requests hold the memory,
+gets NotReady (503, retry). Sticky CUDA
 errors (the context is lost) raise DeviceLost (``cuda_errors``). classify's GPU half is in
 ``cuda_imaging``; the host memory pinned for DMA (clients' regions, request workers' link arenas) is
 ``cuda_host.PinnedRanges``.

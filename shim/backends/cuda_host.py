@@ -1,5 +1,6 @@
-"""Host memory on the CUDA backend's side: the ranges pinned for DMA (clients' shared-memory regions)
-and each device thread's worker (a stream, a cuBLAS handle on it, pinned staging buffers)."""
+"""Host memory on the CUDA backend's side: the ranges pinned for DMA (clients' shared-memory regions,
+request workers' link arenas) and each device thread's worker (a stream, a cuBLAS handle on it,
+pinned staging buffers)."""
 from __future__ import annotations
 
 import logging

@@ -76,16 +76,14 @@ class Arena:
             for i, (offset, length) in enumerate(self._free):
                 start = bound if offset < bound < offset + need else offset
                 end = offset + length
-                if start + need <= end:
-                    self._free[i:i + 1] = ([(offset, start - offset)] if start > offset else []) + \
-                        ([(start + need, end - start - need)] if end > start + need else [])
-                    offset = start
+                if start + need <= end:  # what is left of the run on either side stays free
+                    self._free[i:i + 1] = [(a, b - a) for a, b in ((offset, start), (start + need, end)) if b > a]
                     break
             else:
                 return None
         # numpy copies without the interpreter lock (a memoryview assignment would hold it)
-        np.copyto(np.frombuffer(self._map, np.uint8, data.nbytes, offset), np.frombuffer(data, np.uint8))
-        return offset
+        np.copyto(np.frombuffer(self._map, np.uint8, data.nbytes, start), np.frombuffer(data, np.uint8))
+        return start
 
     def give_back(self, offset: int, nbytes: int) -> None:
         """Free the slot at ``offset`` that ``lend`` gave for ``nbytes`` bytes."""
