@@ -10,7 +10,8 @@
     python bench/worker_ab.py stages N C         # the shim with --workers N, C clients for 6 s, every process
                                                  # timing its stages (bench/stage_timer): per device batch
                                                  # the pixels' upload, the resize, the model, the replies;
-                                                 # per worker call the link round trip (wall and CPU ms)
+                                                 # per worker call the link round trip (wall and CPU ms);
+                                                 # each thread's cores busy, how late a 2 ms sleep wakes
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
@@ -134,6 +135,8 @@ def stages(workers: int, clients: int) -> None:
     import tempfile
 
     def totals(folder: str) -> dict[tuple[str, str], list[float]]:
+        """(role, what) -> summed [calls, wall, cpu, rows]; (role, "thread " + name) -> [CPU s, seconds
+        covered]; (role, "lag") -> [wakes, overshoot s, largest overshoot s]."""
         out: dict[tuple[str, str], list[float]] = {}
         for path in glob.glob(f"{folder}/stage-*.json"):
             try:
@@ -145,6 +148,11 @@ def stages(workers: int, clients: int) -> None:
                 row = out.setdefault((role, what), [0, 0.0, 0.0, 0])
                 for i in range(4):
                     row[i] += t[i]
+            for name, cpu in data["threads"].items():
+                row = out.setdefault((role, "thread " + name), [0.0, 0.0])
+                row[0] += cpu
+            lag = out.setdefault((role, "lag"), [0, 0.0, 0.0])
+            lag[0], lag[1], lag[2] = lag[0] + data["lag"][0], lag[1] + data["lag"][1], max(lag[2], data["lag"][2])
         return out
 
     jpeg, seconds = cat_jpeg(), 6.0
@@ -161,9 +169,18 @@ def stages(workers: int, clients: int) -> None:
             after = totals(folder)
     print(f"workers={workers} clients={clients}: {out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} "
           f"p99 {out.get('p99_ms', 0):.1f} ms; per call: wall ms, the calling thread's CPU ms (rows per call)")
+    window = seconds + 1.4  # the dumps bracket the clients' window with 0.7 s each side
     for (role, what), t in sorted(after.items()):
-        calls, wall, cpu, rows = (a - b for a, b in zip(t, before.get((role, what), [0, 0.0, 0.0, 0])))
-        if calls:
+        delta = [a - b for a, b in zip(t, before.get((role, what), [0] * len(t)))]
+        if what.startswith("thread "):
+            if delta[0] > 0.01 * window:
+                print(f"  {role:6s} {what:42s} cores busy {delta[0] / window:5.2f}")
+        elif what == "lag":
+            if delta[0]:
+                print(f"  {role:6s} a 2 ms sleep wakes late by {1e3 * delta[1] / delta[0]:.3f} ms on average "
+                      f"(largest since start {1e3 * t[2]:.2f})")
+        elif delta[0]:
+            calls, wall, cpu, rows = delta
             print(f"  {role:6s} {what:42s} {calls:6.0f} calls  wall {1e3 * wall / calls:7.3f}  "
                   f"cpu {1e3 * cpu / calls:7.3f}" + (f"  ({rows / calls:.2f} rows)" if rows else ""), flush=True)
 

@@ -2,7 +2,8 @@
 with ``STAGE_OUT`` set, every process of a shim (the device process and its request workers) times
 the stages of classify's path as it runs: the batchers (gathering, running a batch, the replies),
 the CUDA pipeline (pixels up, resize + normalise, the model) and the workers' link calls, wall time
-and the calling thread's CPU time per call. Each process writes its running totals to
+and the calling thread's CPU time per call; also each thread's CPU and how late a thread sleeping
+2 ms at a time wakes (the wait for the interpreter lock, with the OS's wake-up). Each process writes its running totals to
 ``STAGE_OUT/stage-<pid>.json`` twice a second; the probe reads them before and after its window.
 """
 from __future__ import annotations
@@ -38,14 +39,49 @@ def _timed(what: Callable[[tuple[Any, ...]], str] | str, fn: Callable[..., Any],
     return wrapper
 
 
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, summed by name (a Python thread's name up to its
+    first digit; other threads as ``native:<comm>``)."""
+    names = {t.native_id: t.name.rstrip("0123456789-").split("(")[0].strip() for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                comm, rest = f.read().rsplit(")", 1)
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = rest.split()
+        name = names.get(int(tid)) or "native:" + comm.split("(", 1)[1]
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+_LAG: list[float] = [0, 0.0, 0.0]  # wakes, summed overshoot s, largest overshoot s
+
+
+def _lag_probe() -> None:
+    """Sleeps 2 ms again and again: how late it wakes is the OS's wake-up plus the wait for the
+    interpreter lock, which the process's busy threads hold."""
+    while True:
+        t = time.perf_counter()
+        time.sleep(0.002)
+        late = time.perf_counter() - t - 0.002
+        with _LOCK:
+            _LAG[0] += 1
+            _LAG[1] += late
+            _LAG[2] = max(_LAG[2], late)
+
+
 def _dump() -> None:
     path = os.path.join(OUT or ".", f"stage-{os.getpid()}.json")
     while True:
         time.sleep(0.5)
+        threads = _threads_cpu()
         with _LOCK:
             if not _TOTALS:
                 continue
-            data = json.dumps({"argv": sys.argv[:2], "totals": _TOTALS})
+            data = json.dumps({"argv": sys.argv[:2], "totals": _TOTALS, "threads": threads, "lag": _LAG,
+                               "time": time.monotonic()})
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(data)
         os.replace(path + ".tmp", path)
@@ -102,3 +138,4 @@ class _Finder(importlib.abc.MetaPathFinder):
 if OUT:
     sys.meta_path.insert(0, _Finder())
     threading.Thread(target=_dump, name="stage-timer", daemon=True).start()
+    threading.Thread(target=_lag_probe, name="stage-lag", daemon=True).start()
