@@ -8,7 +8,7 @@
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#     flask==3.1.2 waitress==3.0.2 blinker==1.9.0 itsdangerous==2.2.0 pillow==13.0.0
+#     flask==3.1.2 waitress==3.0.2 blinker==1.9.0 itsdangerous==2.2.0 pillow==13.0.0 simplejpeg==1.9.0
 # then device calls 1..4 copy .ortK/part to /tmp/ortw/pK (call 1 also name and sha256), and call 5
 # carries .ort5, .whl and models/ and runs this script (see bench/results/NOTES.md).
 set -uo pipefail

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from ..kernels.resample import Picture
     from ..modelrepo import ModelConfig
 
 
@@ -45,7 +44,7 @@ class ImagePipeline(Protocol):
 
     device: str
 
-    def prepare(self, image: Image.Image) -> Any: ...
+    def prepare(self, image: Picture) -> Any: ...
 
     def logits(self, items: Sequence[Any]) -> np.ndarray: ...
 

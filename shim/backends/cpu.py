@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from ..kernels.resample import pillow_preprocess
+from ..kernels.resample import Picture, pillow_preprocess
 from ..modelrepo import ModelConfig
 from . import onnx
 
@@ -60,7 +59,7 @@ class CpuImagePipeline:
         self._step = max(1, config.max_batch_size)
         self._input, self._output = runner.inputs[0].name, runner.outputs[0].name
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
+    def prepare(self, image: Picture) -> np.ndarray:
         return pillow_preprocess(image, self._pre)
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import cupy as cp
 import numpy as np
-from PIL import Image
 
-from ..kernels.resample import CUDA_SOURCE, Pass, plan, rgb_pixels
+from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import onnx
 from .cuda import IMAGE_SLOT
@@ -52,7 +51,7 @@ class CudaImagePipeline:
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
+    def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image)
 
     def bind_thread(self) -> None:

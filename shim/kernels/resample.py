@@ -14,12 +14,14 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image
 
 from ..modelrepo import Preprocessing
 
+Picture = Union[Image.Image, np.ndarray]  # a decoded RGB image: Pillow's, or uint8 HWC
 PRECISION_BITS = 22
 CUDA_SOURCE = Path(__file__).with_name("resample.cu")
 _SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
@@ -33,15 +35,18 @@ def crop_box(width: int, height: int, crop: float) -> tuple[float, float, float,
     return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
-def pillow_preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+def pillow_preprocess(image: Picture, pre: Preprocessing) -> np.ndarray:
     """Center crop, resize to ``pre.size`` (Pillow), ``(x - mean) / std``: float32 CHW (or HWC), RGB."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     box = crop_box(*image.size, pre.crop)
     resized = image.resize((pre.size, pre.size), _RESAMPLE[pre.resize], box=box)
     return normalize(np.asarray(resized), pre)
 
 
-def rgb_pixels(image: Image.Image) -> np.ndarray:
-    """A decoded RGB image as contiguous uint8 HWC: what the GPU pipeline takes up to resize there."""
+def rgb_pixels(image: Picture) -> np.ndarray:
+    """A decoded RGB image as contiguous uint8 HWC (an array is passed through): what the GPU
+    pipeline takes up to resize there."""
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 

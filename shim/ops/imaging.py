@@ -1,4 +1,5 @@
-"""Image decoding (Pillow, always on the CPU): encoded bytes to an upright RGB image."""
+"""Image decoding (always on the CPU): encoded bytes to an upright RGB image. Plain JPEGs go
+straight to a uint8 HWC array (``jpeg.decode_plain_jpeg``); everything else through Pillow."""
 from __future__ import annotations
 
 import io
@@ -9,13 +10,17 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from accel.errors import InvalidInput, PayloadTooLarge
 
+from ..kernels.resample import Picture
+from .jpeg import decode_plain_jpeg
+
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
-    """Decode an encoded image to RGB, EXIF rotation applied, alpha composited over white.
+def decode_image(data: bytes, what: str, max_pixels: int) -> Picture:
+    """Decode an encoded image to RGB, EXIF rotation applied, alpha composited over white: a
+    plain JPEG to uint8 HWC (the bytes Pillow would give), anything else to a Pillow image.
 
     Raises:
         InvalidInput: not an image of an accepted format, or truncated/corrupt.
@@ -23,6 +28,9 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise InvalidInput(f"{what} is empty, not an image")
+    pixels = decode_plain_jpeg(data, max_pixels)
+    if pixels is not None:
+        return pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

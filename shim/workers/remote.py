@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ..kernels.resample import pillow_preprocess, rgb_pixels
+from ..kernels.resample import Picture, pillow_preprocess, rgb_pixels
 from ..modelrepo import ModelConfig
 from .link import LinkClient
 
@@ -41,7 +40,7 @@ class RemotePipeline:
         self._pre = config.preprocessing
         self.device: str = link.call("pipeline_device", config.name)
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
+    def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image) if self.device == "cuda" else pillow_preprocess(image, self._pre)
 
     def logits(self, items: Sequence[Any]) -> np.ndarray:
