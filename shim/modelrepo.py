@@ -38,13 +38,14 @@ class ModelConfig:
     sha256: str | None = None
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
-    instance_count: int | None = None  # batches in flight at once (None: 2 on a GPU, 1 on the CPU)
+    instance_count: int | None = None  # batches in flight at once (None: 1)
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def instances(self, device: str) -> int:
-        """How many batches of this model may run at once on ``device``: on a GPU, one is gathered and
-        prepared while another runs."""
-        return self.instance_count or (2 if device == "cuda" else 1)
+    def instances(self) -> int:
+        """How many batches of this model may run at once: one unless model.json says more (on the
+        H200, one batch at a time carried 4-9% more images per second than two, which share the GPU
+        and wait on each other: bench/results/NOTES.md)."""
+        return self.instance_count or 1
 
 
 def file_sha256(path: Path) -> str:

@@ -47,7 +47,7 @@ class ClassifyOp(Op):
         self.backend = self._pipeline.device
         if self._batching is not None:
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us, self.config.instances(self.backend),
+                                                self.config.max_queue_delay_us, self.config.instances(),
                                                 thread_start=self._pipeline.bind_thread)
 
     def metadata(self) -> dict[str, Any]:
@@ -56,7 +56,7 @@ class ClassifyOp(Op):
         meta["max_batch_size"] = self.config.max_batch_size
         meta["dynamic_batching"] = {"enabled": self._batcher is not None,
                                     "max_queue_delay_us": self.config.max_queue_delay_us,
-                                    "instance_count": self.config.instances(self.backend)}
+                                    "instance_count": self.config.instances()}
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -48,14 +48,14 @@ class ModelOp(Op):
             # to the device process
             self._batcher = self._batching.make(self.name, self._run_batch, min(self.config.max_batch_size,
                                                                                   self._max_batch),
-                                                self.config.max_queue_delay_us, self.config.instances(self.backend))
+                                                self.config.max_queue_delay_us, self.config.instances())
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta["max_batch_size"] = self.config.max_batch_size
         meta["dynamic_batching"] = {"enabled": self._batcher is not None,
                                     "max_queue_delay_us": self.config.max_queue_delay_us,
-                                    "instance_count": self.config.instances(self.backend)}
+                                    "instance_count": self.config.instances()}
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
