@@ -88,6 +88,27 @@ def test_broken_jpegs_get_pillows_errors(chelsea):
     assert isinstance(decode_image(stray, "image", 10**8), Image.Image)
 
 
+def test_jpegs_simplejpeg_cannot_name_or_take_as_given(chelsea):
+    """4:4:1 sampling (luma 1x4), which simplejpeg's header call cannot name, decodes through Pillow
+    instead of failing; a bytearray or memoryview decodes as its bytes do."""
+    data = bytearray(encode(chelsea, "JPEG", quality=90, subsampling=0))
+    data[data.index(b"\xff\xc0") + 11] = 0x14  # the first component's sampling factors: 1x4
+    got = decode_image(bytes(data), "image", 10**8)
+    assert np.array_equal(np.asarray(got), pillow_rgb(bytes(data)))
+    tagged = encode(chelsea, "JPEG", quality=90, exif=exif(1))
+    for form in (bytearray, memoryview):
+        got = decode_image(form(tagged), "image", 10**8)
+        assert isinstance(got, np.ndarray) and np.array_equal(got, pillow_rgb(tagged)), form
+
+
+def test_metadata_libjpeg_skips_does_not_fail_the_image(chelsea):
+    """A TEM marker before the frame, which Pillow's marker parser rejects and libjpeg skips: the
+    image decodes to the pixels it has without it."""
+    data = encode(chelsea, "JPEG", quality=90)
+    with_tem = data[:20] + b"\xff\x01" + data[20:]  # after Pillow's 18-byte JFIF APP0
+    assert np.array_equal(decode_image(with_tem, "image", 10**8), pillow_rgb(data))
+
+
 def test_the_pixel_limit_holds_before_decoding(chelsea):
     data = encode(chelsea, "JPEG")
     with pytest.raises(PayloadTooLarge, match=r"image is 451x300 = 135300 pixels, over the limit of 135299"):

@@ -1,10 +1,14 @@
 """A fast path for plain JPEGs: libjpeg-turbo straight into a numpy array (simplejpeg), with none of
 Pillow's marker parsing in Python and no copy out of a Pillow image.
 
-It decodes only what it is sure Pillow would decode to the same bytes (``decode_image`` then
+It decodes only JPEGs whose pixels it is sure Pillow would give alike (``decode_image`` then
 ``rgb_pixels``): baseline or progressive YCbCr or grayscale JPEGs, upright (no EXIF or XMP
 orientation to apply), within the pixel limits. Anything else, and any JPEG libjpeg-turbo only
-warns about, goes to Pillow as before, which decides what it is and which error it gets.
+warns about or cannot read, goes to Pillow as before, which decides what it is and which error it
+gets. One difference is by design: metadata that libjpeg skips and Pillow's own marker parser
+chokes on (a TEM marker, a cut-short JFIF, Adobe, Photoshop or ICC segment, EXIF tags Pillow
+misreads while looking for the resolution) no longer fails the image, and neither do arithmetic-coded
+JPEGs over 64 KiB, which Pillow feeds libjpeg in pieces it cannot resume from.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     """``data`` decoded to uint8 RGB HWC, or None: not a JPEG this path is sure of (Pillow's turn).
 
     Over ``max_pixels`` also answers None: Pillow's path reads the size first and raises there."""
+    if not isinstance(data, bytes):  # a bytearray or memoryview (requests bring bytes): one copy
+        data = bytes(data)
     if data[:2] != b"\xff\xd8" or not _upright(data):
         return None
     try:
@@ -32,8 +38,8 @@ def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
         if colorspace not in _COLORSPACES or width * height > limit:
             return None
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:  # corrupt, truncated, or only warned about: Pillow decides
-        return None
+    except Exception:  # noqa: BLE001 - corrupt, truncated, only warned about, or not understood
+        return None  # (simplejpeg raises KeyError on 4:4:1 sampling): Pillow decides
 
 
 def _upright(data: bytes) -> bool:
