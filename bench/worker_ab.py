@@ -135,8 +135,8 @@ def stages(workers: int, clients: int) -> None:
     import tempfile
 
     def totals(folder: str) -> dict[tuple[str, str], list[float]]:
-        """(role, what) -> summed [calls, wall, cpu, rows]; (role, "thread " + name) -> [CPU s, seconds
-        covered]; (role, "lag") -> [wakes, overshoot s, largest overshoot s]."""
+        """(role, what) -> summed [calls, wall, cpu, rows]; (role, "thread " + name) -> [CPU s];
+        (role, "lag") -> [wakes, overshoot s, largest overshoot s]."""
         out: dict[tuple[str, str], list[float]] = {}
         for path in glob.glob(f"{folder}/stage-*.json"):
             try:
@@ -149,8 +149,7 @@ def stages(workers: int, clients: int) -> None:
                 for i in range(4):
                     row[i] += t[i]
             for name, cpu in data["threads"].items():
-                row = out.setdefault((role, "thread " + name), [0.0, 0.0])
-                row[0] += cpu
+                out.setdefault((role, "thread " + name), [0.0])[0] += cpu
             lag = out.setdefault((role, "lag"), [0, 0.0, 0.0])
             lag[0], lag[1], lag[2] = lag[0] + data["lag"][0], lag[1] + data["lag"][1], max(lag[2], data["lag"][2])
         return out

@@ -43,7 +43,7 @@ class ModelConfig:
 
     def instances(self) -> int:
         """How many batches of this model may run at once: one unless model.json says more (on the
-        H200, one batch at a time carried 4-9% more images per second than two, which share the GPU
+        H200, one batch at a time carried 3-12% more images per second than two, which share the GPU
         and wait on each other: bench/results/NOTES.md)."""
         return self.instance_count or 1
 

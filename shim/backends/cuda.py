@@ -6,10 +6,9 @@ CUDA stream, a cuBLAS handle on it, pinned host buffers through which inputs go 
 come down), all made and warmed at start: the first request pays for none of that.
 ``memory_limit`` caps cupy's memory pool: a request that cannot fit at all gets
 InsufficientStorage (507); one that cannot fit *now*, because other requests hold the memory,
-gets NotReady (503, retry). Sticky CUDA
-errors (the context is lost) raise DeviceLost (``cuda_errors``). classify's GPU half is in
-``cuda_imaging``; the host memory pinned for DMA (clients' regions, request workers' link arenas) is
-``cuda_host.PinnedRanges``.
+gets NotReady (503, retry). Sticky CUDA errors (the context is lost) raise DeviceLost
+(``cuda_errors``). classify's GPU half is in ``cuda_imaging``; the host memory pinned for DMA
+(clients' regions, request workers' link arenas) is ``cuda_host.PinnedRanges``.
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class DeviceWorker:
         n = b.shape[1]
         one, zero = np.array([alpha], scalar), np.array([beta], scalar)
         cublas.gemmEx(self.handle, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, data_type, n, a.data.ptr,
-                            data_type, k, zero.ctypes.data, out.data.ptr, data_type, n, compute, _GEMM_DEFAULT)
+                      data_type, k, zero.ctypes.data, out.data.ptr, data_type, n, compute, _GEMM_DEFAULT)
 
     def _pinned_view(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = int(np.prod(shape))
