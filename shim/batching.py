@@ -235,11 +235,13 @@ class BatchingFactory:
     """What the composition root hands the ops: whether to batch, and the metrics to report to."""
 
     def __init__(self, batch_sizes: Histogram | None = None, queue_seconds: Histogram | None = None,
-                 batch_seconds: Histogram | None = None) -> None:
+                 batch_seconds: Histogram | None = None, concurrency: int | None = None) -> None:
+        """``concurrency``, when given, is every batcher's, whatever its model's instance_count says."""
         self._batch_sizes, self._queue_seconds, self._batch_seconds = batch_sizes, queue_seconds, batch_seconds
+        self._concurrency = concurrency
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
              max_queue_delay_us: int, concurrency: int = 1,
              thread_start: Callable[[], None] | None = None) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
-                       self._batch_seconds, concurrency, thread_start)
+                       self._batch_seconds, self._concurrency or concurrency, thread_start)

@@ -38,13 +38,13 @@ class ModelConfig:
     sha256: str | None = None
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
-    instance_count: int | None = None  # batches in flight at once (None: 1)
+    instance_count: int | None = None  # batches in flight at once, each on its own copy of the model (None: 1)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def instances(self) -> int:
-        """How many batches of this model may run at once: one unless model.json says more (on the
-        H200, one batch at a time carried 3-12% more images per second than two, which share the GPU
-        and wait on each other: bench/results/NOTES.md)."""
+        """How many batches of this model may run at once, each on a copy of the model's sessions of
+        its own on a GPU: one unless model.json says more (on the H200, one carried the most images
+        per second, with shared sessions and with copies alike: bench/results/NOTES.md)."""
         return self.instance_count or 1
 
 

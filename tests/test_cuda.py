@@ -193,32 +193,38 @@ def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelse
     assert 'accelshim_batch_size_count{op="classify"}' in text
 
 
-def test_classify_batches_run_on_the_batchers_own_streams_and_match_the_device_threads(cuda_service, chelsea, coffee):
+def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_borrowed_worker(cuda_service, chelsea,
+                                                                                             coffee):
     """The batcher's threads are bound to streams of their own (``bind_thread``): a batch runs where
-    it was gathered, no hand-over; the logits equal those of the same images run on a device thread."""
+    it was gathered. A thread of no batcher runs its device work itself too, on a worker it borrows
+    and gives back: no hand-over either way, and the logits are the same."""
     import threading
 
     op = cuda_service.registry.get("classify")
     pipeline, backend = op._pipeline, cuda_service.backend
     items = [pipeline.prepare(img) for img in (_image(chelsea), _image(coffee), _image(chelsea))]
-    ran_on: list[str] = []
+    ran_on: list[tuple[str, object]] = []
     original = backend.on_device
 
     def spy(job):
         def where(worker):
-            ran_on.append(threading.current_thread().name)  # the thread the device work runs on
+            ran_on.append((threading.current_thread().name, worker))  # the thread the device work runs on
             return job(worker)
         return original(where)
 
     backend.on_device = spy
     try:
         batched = op.logits(items)  # through the batcher
+        assert ran_on and all(name.startswith("batcher-classify") for name, _ in ran_on), ran_on
+        ran_on.clear()
+        lent = len(backend._idle)
+        with ThreadPoolExecutor(1, thread_name_prefix="no-batcher") as pool:
+            alone = pool.submit(pipeline.logits, items).result()
     finally:
         del backend.on_device
-    assert ran_on and all(name.startswith("batcher-classify") for name in ran_on), ran_on
-    with ThreadPoolExecutor(1) as pool:  # a thread of no batcher: handed to a device thread
-        handed = pool.submit(pipeline.logits, items).result()
-    assert np.array_equal(batched, handed)
+    assert [name for name, _ in ran_on] == ["no-batcher_0"]
+    assert ran_on[0][1] in backend._idle and len(backend._idle) == lent  # borrowed, given back
+    assert np.array_equal(batched, alone)
 
 
 def test_a_threads_cublas_handle_is_made_by_its_first_gemm_and_destroyed_when_the_thread_ends(cuda):
@@ -306,6 +312,60 @@ def test_pixels_in_pinned_memory_go_up_by_dma_and_give_the_same_logits(cuda_serv
         backend.unregister_host(address)
     assert not backend.pinned.contains(lying[0])
     del lying, whole
+
+
+def test_parts_lying_end_to_end_go_up_in_one_transfer_and_arrive_whole(cuda, monkeypatch):
+    """``upload_concatenated``: parts that lie end to end in pinned memory go up as one transfer,
+    the staged ones (copied end to end into the pinned buffer) as another; the bytes arrive in order."""
+    import mmap
+
+    from shim.backends.cuda import IMAGE_SLOT
+    from shim.backends.cuda_host import DeviceWorker
+
+    rng = np.random.default_rng(3)
+    arena = mmap.mmap(-1, 1 << 20)
+    whole = np.frombuffer(arena, np.uint8)
+    sizes = [1000, 4096, 77, 50000]
+    lying, offset = [], 0
+    for size in sizes:  # end to end, as a worker's images are lent one after another
+        lying.append(whole[offset:offset + size])
+        lying[-1][:] = rng.integers(0, 256, size, np.uint8)
+        offset += size
+    loose = [rng.integers(0, 256, size, np.uint8) for size in (333, 9000)]  # pageable: staged
+    address = whole.ctypes.data
+    cuda.register_host(address, whole.nbytes, now=True)
+    transfers = []
+    original = cp.cuda.runtime.memcpyAsync
+    monkeypatch.setattr(cp.cuda.runtime, "memcpyAsync", lambda *a: transfers.append(a[2]) or original(*a))
+    try:
+        worker = DeviceWorker(cuda.pinned)
+        with worker.stream:
+            parts = lying + loose + lying[1:3]  # a pinned run, a staged run, a pinned run
+            device = worker.upload_concatenated(parts, IMAGE_SLOT)
+            got = device.get(stream=worker.stream)
+            worker.stream.synchronize()
+    finally:
+        cuda.unregister_host(address)
+    np.testing.assert_array_equal(got, np.concatenate(parts))
+    assert transfers == [sum(sizes), 333 + 9000, 4096 + 77]
+    del lying, parts, whole
+
+
+def test_more_threads_than_device_workers_each_get_their_own_product(cuda):
+    """Threads without a worker of their own borrow one per job; with more of them than workers they
+    wait their turn, each gets its own product, and every worker is given back."""
+    from shim.backends.cpu import gemm_reference
+    from shim.backends.cuda import DEVICE_WORKERS
+
+    rng = np.random.default_rng(11)
+    pairs = [(rng.standard_normal((96, 80)).astype(np.float32), rng.standard_normal((80, 64)).astype(np.float32))
+             for _ in range(3 * DEVICE_WORKERS)]
+    with ThreadPoolExecutor(2 * DEVICE_WORKERS) as pool:
+        products = list(pool.map(lambda ab: [cuda.gemm(*ab, None, 1.0, 0.0) for _ in range(5)], pairs))
+    for (a, b), got in zip(pairs, products):
+        want = gemm_reference(a, b, None, 1.0, 0.0)
+        assert all(rel_error(g, want) <= 1e-5 for g in got)
+    assert len(cuda._idle) == DEVICE_WORKERS
 
 
 def _image(pixels: np.ndarray):

@@ -41,7 +41,7 @@ def test_fixed_sessions_compute_what_the_plain_session_does(fixed, plain, rows):
 def test_each_padded_size_has_one_session_of_exactly_that_shape(fixed):
     for rows in (2, 3, 4):  # 3 pads to 4: the session of 4 serves it
         fixed.run({"input": np.zeros((rows, 3, 224, 224), np.float32)})
-    sessions = {size: entry[0] for size, entry in fixed._by_batch.items()}  # noqa: SLF001 - what was built
+    sessions = {size: entry[0].session for size, entry in fixed._by_batch.items()}  # noqa: SLF001 - what was built
     assert isinstance(sessions[4], FixedSession) and isinstance(sessions[2], FixedSession)
     assert sessions[4].session.get_inputs()[0].shape == [4, 3, 224, 224]
     assert sessions[4].outputs[0].shape() == [4, 1000]
@@ -89,3 +89,33 @@ def test_fixed_shapes_need_one_named_batch_axis_and_nothing_else_free(inputs, ou
     strings = SimpleNamespace(get_inputs=lambda: _args(*inputs, kind="tensor(string)"),
                               get_outputs=lambda: _args(*outputs))
     assert _batch_axis_name(strings) is None  # no fixed buffer for strings: such a model runs as it is
+
+
+def test_copies_of_each_size_run_side_by_side_and_compute_alike(model, plain):
+    """With ``copies`` (a model's instance_count), each padded size has that many sessions of its own,
+    each on a thread of its own; concurrent runs go to the least busy copy and every caller gets its
+    own rows, the plain session's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = OnnxRunner(model, CPU, fixed=True, copies=2)
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((rows, 3, 224, 224)).astype(np.float32) for rows in (1, 2, 2, 1, 2, 1)]
+    wants = [plain.run({"input": x})["logits"] for x in xs]
+    threads: set[str] = set()
+    original = runner._on_gpu  # noqa: SLF001
+
+    def on_gpu(batch, job):
+        return original(batch, lambda session: threads.add(threading.current_thread().name) or job(session))
+
+    runner._on_gpu = on_gpu  # noqa: SLF001 - records which copy's thread ran each call
+    with ThreadPoolExecutor(6) as pool:
+        gots = list(pool.map(lambda x: runner.run({"input": x})["logits"], xs * 4))
+    for got, want in zip(gots, wants * 4):
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    built = runner._by_batch  # noqa: SLF001
+    assert sorted(built) == [1, 2] and all(len(copies) == 2 for copies in built.values())
+    assert all(c.busy == 0 for copies in built.values() for c in copies)
+    sessions = [c.session.session for copies in built.values() for c in copies]
+    assert len({id(s) for s in sessions}) == 4  # a session of its own per copy
+    assert any("c1" in name for name in threads) and any("c1" not in name for name in threads), threads

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -535,49 +536,90 @@ def test_workers_in_front_of_the_gpu_match_the_cpu_twin(models_dir, tmp_path, in
         assert live.stop() == 0
 
 
-def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models_dir, tmp_path, chelsea):
-    """Worker-side batching: requests that a worker serves at once reach the device process as one
-    ``logits`` call (the device's batchers then mix the calls of all workers), each answered right."""
+@contextmanager
+def _front_with_device_logits(models_dir, tmp_path, logits):
+    """A request worker whose device process answers ``logits`` with ``logits(model, items, inner)``
+    (a Future; ``inner`` is the real handler), the rest as it is."""
     from shim.config import Settings
     from shim.service import build_service
     from shim.workers.device import DeviceEndpoint
     from shim.workers.front import WorkerConfig, build_front
 
-    from .conftest import WSGITransport
-
     settings = Settings(device="cpu", models_dir=models_dir)
     device = build_service(settings)
     device.load()
     handlers = DeviceEndpoint(device, workers=1).handlers()
-    calls: list[int] = []
     inner = handlers["logits"]
     assert isinstance(inner, Deferred)
-
-    def logits(model: str, items: list) -> Future:
-        calls.append(len(items))
-        time.sleep(0.3)  # the device is busy: what arrives meanwhile queues in the worker
-        return inner.fn(model, items)
-
-    handlers["logits"] = Deferred(logits)
+    handlers["logits"] = Deferred(lambda model, items: logits(model, items, inner.fn))
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
     front = build_front(WorkerConfig(settings, server.address, key, [],
                                      device.backend.name, device.backend.describe()))
     try:
         front.load()
-        calls.clear()  # the worker's warm-up went through too
-        jpeg = encode(chelsea, "JPEG")
-        with ThreadPoolExecutor(8) as pool:
-            labels = list(pool.map(lambda _: accel.Client("http://worker", transport=WSGITransport(front.app),
-                                                          retries=0).classify(jpeg)[0].label, range(8)))
-        assert set(labels) <= CAT_LABELS
-        assert sum(calls) == 8 and len(calls) < 8, calls
+        yield front
     finally:
         assert front.link is not None
         front.link.close()  # the worker hears that its device process is gone: a log line, nothing more here
         front.registry.close()
         server.close()
         device.registry.close()
+
+
+def _classify_at_once(front, jpeg: bytes, n: int) -> list[str]:
+    from .conftest import WSGITransport
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: accel.Client("http://worker", transport=WSGITransport(front.app),
+                                                     retries=0).classify(jpeg)[0].label, range(n)))
+
+
+def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models_dir, tmp_path, chelsea):
+    """Worker-side batching: requests that a worker serves at once reach the device process as one
+    ``logits`` call (the device's batchers then mix the calls of all workers), each answered right."""
+    calls: list[int] = []
+
+    def logits(model: str, items: list, inner) -> Future:
+        calls.append(len(items))
+        time.sleep(0.3)  # the device's reader is busy: what arrives meanwhile queues in the worker
+        return inner(model, items)
+
+    with _front_with_device_logits(models_dir, tmp_path, logits) as front:
+        calls.clear()  # the worker's warm-up went through too
+        labels = _classify_at_once(front, encode(chelsea, "JPEG"), 8)
+    assert set(labels) <= CAT_LABELS
+    assert sum(calls) == 8 and len(calls) < 8, calls
+
+
+def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_path, chelsea):
+    """A worker's batch does not wait for the one before it to come back: up to
+    ``WORKER_CALLS_IN_FLIGHT`` calls of one model are on their way to the device process at once."""
+    from shim.workers.front import WORKER_CALLS_IN_FLIGHT
+
+    lock, state = threading.Lock(), {"out": 0, "most": 0, "images": 0}
+
+    def logits(model: str, items: list, inner) -> Future:
+        with lock:
+            state["out"] += 1
+            state["most"] = max(state["most"], state["out"])
+            state["images"] += len(items)
+        answered: Future = Future()
+
+        def later() -> None:  # the device answers 0.3 s on (its reader goes on meanwhile)
+            time.sleep(0.3)
+            with lock:
+                state["out"] -= 1
+            inner(model, items).add_done_callback(lambda done: answered.set_result(done.result()))
+
+        threading.Thread(target=later, daemon=True).start()
+        return answered
+
+    with _front_with_device_logits(models_dir, tmp_path, logits) as front:
+        state["most"] = state["images"] = 0  # not the warm-up's
+        labels = _classify_at_once(front, encode(chelsea, "JPEG"), 12)
+    assert set(labels) <= CAT_LABELS and state["images"] == 12
+    assert 2 <= state["most"] <= WORKER_CALLS_IN_FLIGHT, state
 
 
 def test_an_outbox_whose_writer_cannot_start_frees_its_lock_and_ends_the_link(monkeypatch):

@@ -1,7 +1,8 @@
 """A probe for ``bench/worker_ab.py stages``, not part of the shim: on this directory's PYTHONPATH
 with ``STAGE_OUT`` set, every process of a shim (the device process and its request workers) times
 the stages of classify's path as it runs: the batchers (gathering, running a batch, the replies),
-the CUDA pipeline (pixels up, resize + normalise, the model) and the workers' link calls, wall time
+the CUDA pipeline (pixels up, resize + normalise, the model, its part on its own thread), the link's
+messages both ways and the workers' calls, the workers' decoding, op runs and Flask apps, wall time
 and the calling thread's CPU time per call; also each thread's CPU and how late a thread sleeping
 2 ms at a time wakes (the wait for the interpreter lock, with the OS's wake-up). Each process writes its running totals to
 ``STAGE_OUT/stage-<pid>.json`` twice a second; the probe reads them before and after its window.
@@ -105,14 +106,29 @@ def _patch(name: str, module: Any) -> None:
         pipeline = module.CudaImagePipeline
         pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
         pipeline.logits = _timed("logits (the whole device run)", pipeline.logits, rows=lambda a: len(a[1]))
+        pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
     elif name == "shim.backends.onnx":
         module.OnnxRunner.run_device = _timed("the model (run_device, synchronous)", module.OnnxRunner.run_device)
+        module.FixedSession.run_device = _timed("the model on its thread (input copy, replay, logits down)",
+                                                module.FixedSession.run_device)
+    elif name == "shim.backends.cuda":
+        module.copy_on_device = _timed("the model's input copy (device to device, synchronous)", module.copy_on_device)
+    elif name == "shim.ops.classify":
+        module.ClassifyOp._prepare = _timed("classify: decode + pixels", module.ClassifyOp._prepare)
+    elif name == "shim.dispatch":
+        module.Dispatcher.infer = _timed("dispatcher infer (the op and its checks)", module.Dispatcher.infer)
+    elif name == "flask.app":
+        module.Flask.wsgi_app = _timed("the app (Flask, the whole request)", module.Flask.wsgi_app)
     elif name == "shim.workers.link":
         module.LinkClient.call = _timed("link call (worker side)", module.LinkClient.call)
+        module._Channel.recv = _timed("link message in (the wait for it, read, unpickled)", module._Channel.recv)
+        module._Channel.send = _timed("link message out (pickled, sent or posted)", module._Channel.send)
+        module.LinkServer._dispatch = _timed("link call started (a Deferred: into the batcher)",
+                                             module.LinkServer._dispatch)
 
 
 _WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.onnx",
-           "shim.workers.link"}
+           "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link"}
 
 
 class _Finder(importlib.abc.MetaPathFinder):

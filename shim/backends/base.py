@@ -49,8 +49,8 @@ class ImagePipeline(Protocol):
     def logits(self, items: Sequence[Any]) -> np.ndarray: ...
 
     def bind_thread(self) -> None:
-        """Let the calling thread (a batcher's, once at its start) run ``logits`` itself, rather
-        than hand each batch to a device thread; a no-op where nothing is handed over."""
+        """Give the calling thread (a batcher's, once at its start) device state of its own (a CUDA
+        stream and buffers) for the batches it runs; a no-op where there is none."""
         ...
 
 
@@ -74,7 +74,10 @@ class Backend(Protocol):
         """
         ...
 
-    def load_model(self, path: Path) -> ModelRunner: ...
+    def load_model(self, path: Path, instances: int = 1) -> ModelRunner:
+        """The model at ``path``, ready to run ``instances`` batches at once (a model.json's
+        ``instance_count``: the CUDA backend gives each its own copy of the sessions)."""
+        ...
 
     def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
         """Host memory that operands will often come from (a client's shared-memory region, a

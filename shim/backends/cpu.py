@@ -28,7 +28,8 @@ class CpuBackend:
              precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:
         return gemm_reference(a, b, c, alpha, beta, precision, out=out)
 
-    def load_model(self, path: Path) -> onnx.OnnxRunner:
+    def load_model(self, path: Path, instances: int = 1) -> onnx.OnnxRunner:
+        """One session, whatever ``instances`` says: onnxruntime runs concurrent calls on it."""
         return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
 
     def register_host(self, address: int, nbytes: int, now: bool = False) -> None:

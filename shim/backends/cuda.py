@@ -1,9 +1,11 @@
 """The CUDA backend: cuBLAS (through cupy) for GEMM, onnxruntime's CUDA provider for models, and
 classify's resize + normalisation as preloaded CuPy kernels (``shim/kernels/resample.cu``).
 
-Device work runs on a few device threads, each with its own worker (``cuda_host.DeviceWorker``: a
+Device work runs on the thread that asks for it, on a device worker (``cuda_host.DeviceWorker``: a
 CUDA stream, a cuBLAS handle on it, pinned host buffers through which inputs go up and results
-come down), all made and warmed at start: the first request pays for none of that.
+come down): the thread's own (a batcher's, ``bind_thread``) or one of a few lent for the job, all
+made and warmed at start: the first request pays for none of that, nor for a hand-over to
+another thread.
 ``memory_limit`` caps cupy's memory pool: a request that cannot fit at all gets
 InsufficientStorage (507); one that cannot fit *now*, because other requests hold the memory,
 gets NotReady (503, retry). Sticky CUDA errors (the context is lost) raise DeviceLost
@@ -35,7 +37,7 @@ from .cuda_host import DeviceWorker, PinnedRanges
 log = logging.getLogger(__name__)
 
 IMAGE_SLOT = 4                 # the pinned buffer that batches of images go up through
-DEVICE_THREADS = 8             # threads that do the device work, each with its own stream
+DEVICE_WORKERS = 8             # device workers lent to threads without one (at most this many jobs at once)
 T = TypeVar("T")
 
 
@@ -58,28 +60,28 @@ class CudaBackend:
             self._pool.set_limit(size=memory_limit)
         self.pinned = PinnedRanges(device_id)
         self._local = threading.local()
-        # Device work runs on these threads, each with its own warmed worker: request threads hand
-        # jobs over (tens of microseconds) instead of paying CUDA's per-thread set-up on first use.
-        self._executor = ThreadPoolExecutor(max_workers=DEVICE_THREADS, thread_name_prefix="cuda")
-        barrier = threading.Barrier(DEVICE_THREADS)
-        for started in [self._executor.submit(self._start_thread, barrier) for _ in range(DEVICE_THREADS)]:
-            started.result()
+        # Threads without a worker of their own (a request's) borrow one of these, warmed at start,
+        # and run their device work themselves: no hand-over to a device thread and back.
+        self._idle_cond = threading.Condition()
+        with ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="cuda-start") as starting:  # pinning in parallel
+            self._idle: list[DeviceWorker] = list(starting.map(lambda _: self._new_worker(), range(DEVICE_WORKERS)))
 
-    # --- device threads: a stream, a cuBLAS handle and pinned buffers each --------------------
-    def _start_thread(self, barrier: threading.Barrier) -> None:
+    # --- device workers: a stream, a cuBLAS handle and pinned buffers each --------------------
+    def _new_worker(self) -> DeviceWorker:
+        """A device worker with its cuBLAS handle, kernels and pinned buffers made (before any request)."""
         cp.cuda.Device(self.device_id).use()
         with device_errors():
             cp.empty(1, dtype=cp.float32)  # the CUDA context, now rather than on the first request
-            worker = self._local.worker = DeviceWorker(self.pinned)
-            with worker.stream:  # cuBLAS, kernels and pinned buffers, before the first request
+            worker = DeviceWorker(self.pinned)
+            with worker.stream:
                 for dtype in (np.float16, np.float32, np.float64):
                     x = np.ones((8, 8), dtype=dtype)
                     self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
-        barrier.wait(timeout=120)  # one start per thread
+        return worker
 
     def bind_thread(self) -> None:
         """Give the calling thread a worker of its own (stream, cuBLAS handle, pinned buffers):
-        from now on its ``on_device`` jobs run where they are called, with no hand-over."""
+        from now on its ``on_device`` jobs run on that worker, borrowing none."""
         cp.cuda.Device(self.device_id).use()
         with device_errors():
             worker = DeviceWorker(self.pinned)
@@ -89,23 +91,35 @@ class CudaBackend:
             self._local.worker = worker
 
     def on_device(self, job: Callable[["DeviceWorker"], T]) -> T:
-        """Run ``job(worker)`` in a worker's stream: the calling thread's own (a device thread's, or
-        one ``bind_thread`` bound), else on a device thread; raises what it raised."""
-        def run() -> T:
-            worker: DeviceWorker = self._local.worker
-            with worker.stream:
-                try:
-                    return job(worker)
-                except BaseException:
-                    # copies it queued may still read host memory that goes once this fails (a
-                    # gone worker's arena, a region unregistered): they end first
-                    with contextlib.suppress(Exception):
-                        worker.stream.synchronize()
-                    raise
+        """Run ``job(worker)`` on the calling thread, in a worker's stream: the thread's own (one
+        ``bind_thread`` bound), else one borrowed for the job (waiting while all are lent); raises
+        what it raised."""
+        worker: DeviceWorker | None = getattr(self._local, "worker", None)
+        if worker is not None:
+            return self._run_on(worker, job)
+        with self._idle_cond:
+            while not self._idle:
+                self._idle_cond.wait()
+            worker = self._idle.pop()  # the one given back last: its memory is the warmest
+        try:
+            cp.cuda.Device(self.device_id).use()
+            return self._run_on(worker, job)
+        finally:
+            with self._idle_cond:
+                self._idle.append(worker)
+                self._idle_cond.notify()
 
-        if getattr(self._local, "worker", None) is not None:
-            return run()
-        return self._executor.submit(run).result()
+    @staticmethod
+    def _run_on(worker: "DeviceWorker", job: Callable[["DeviceWorker"], T]) -> T:
+        with worker.stream:
+            try:
+                return job(worker)
+            except BaseException:
+                # copies it queued may still read host memory that goes once this fails (a gone
+                # worker's arena, a region unregistered): they end first
+                with contextlib.suppress(Exception):
+                    worker.stream.synchronize()
+                raise
 
     def _check_fits(self, nbytes: int, what: str) -> None:
         if self.memory_limit and nbytes > self.memory_limit:
@@ -134,8 +148,9 @@ class CudaBackend:
         # the stream orders this download after the uploads: out may overlap the operands
         return worker.download(dc, 3, out)
 
-    def load_model(self, path: Path) -> onnx.OnnxRunner:
-        """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent."""
+    def load_model(self, path: Path, instances: int = 1) -> onnx.OnnxRunner:
+        """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent;
+        ``instances`` copies of each batch size's session, so that as many batches run side by side."""
         if not onnx.has_cuda_provider():
             log.warning("onnxruntime has no CUDA provider (install onnxruntime-gpu): %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)
@@ -147,7 +162,8 @@ class CudaBackend:
             # each batch size on a session of fixed shapes, replaying a CUDA graph (one launch for
             # the whole model: a batch of 1 runs in about a third of the time node by node takes)
             runner = onnx.OnnxRunner(path, providers, self.threads, self.device_id, fixed=True,
-                                     graphs=self.graphs and not self._sealed, device_copy=copy_on_device)
+                                     graphs=self.graphs and not self._sealed, device_copy=copy_on_device,
+                                     copies=instances)
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)  # unpadded, one session
@@ -168,7 +184,7 @@ class CudaBackend:
         self.pinned.unregister(address)
 
     def image_pipeline(self, config: ModelConfig) -> "ImagePipeline":
-        runner = self.load_model(config.onnx)
+        runner = self.load_model(config.onnx, config.instances())
         if runner.device != "cuda":
             return CpuImagePipeline(runner, config)
         from .cuda_imaging import CudaImagePipeline  # noqa: PLC0415 - it imports this module

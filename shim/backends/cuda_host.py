@@ -1,6 +1,6 @@
 """Host memory on the CUDA backend's side: the ranges pinned for DMA (clients' shared-memory regions,
-request workers' link arenas) and each device thread's worker (a stream, a cuBLAS handle on it,
-pinned staging buffers)."""
+request workers' link arenas) and the device workers (a stream, a cuBLAS handle on it, pinned
+staging buffers) that threads run their device work on."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +27,7 @@ PINNED, REGISTERED = "pinned", "registered"  # where an operand lies (``PinnedRa
 _GEMM_TYPES = {"e": (2, 68, np.float32), "f": (0, 68, np.float32), "d": (1, 70, np.float64)}
 _COMPUTE_32F_FAST_TF32 = 77
 _GEMM_DEFAULT = -1
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 class PinnedRanges:
@@ -131,6 +132,14 @@ class PinnedRanges:
         """Whether ``array`` lies in a pinned range (a look only: no use is noted)."""
         return self.where(array, note=False) == PINNED
 
+    def contains_each(self, arrays: Sequence[np.ndarray]) -> list[bool]:
+        """``contains`` of each of ``arrays``, under one look at the ranges."""
+        spans = [(a.ctypes.data, a.nbytes) if a.flags.c_contiguous else None for a in arrays]
+        with self._lock:
+            ranges = list(self._ranges.items())
+        return [span is not None and any(base <= span[0] and span[0] + span[1] <= base + size for base, size in ranges)
+                for span in spans]
+
 
 class DeviceWorker:
     """A CUDA stream, a cuBLAS handle bound to it, and pinned host buffers (reused, grown on demand).
@@ -209,27 +218,35 @@ class DeviceWorker:
 
     def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int) -> cp.ndarray:
         """The 1-D ``parts`` (one dtype) end to end on the device. Parts that lie in pinned memory (a
-        request worker's link arena) go up by DMA from there, one transfer each; the others through
-        one copy into pinned buffer ``slot``. The caller synchronizes the stream before ``parts``
-        or the slot may change."""
+        request worker's link arena) go up by DMA from there; the others are copied into pinned buffer
+        ``slot`` first. Each run of parts that lie end to end in host memory (a worker's images lent
+        one after another, or the staged ones) goes up as one transfer, queued with a bare
+        cudaMemcpyAsync. The caller synchronizes the stream before ``parts`` or the slot may change."""
+        itemsize = parts[0].itemsize
         total = sum(p.size for p in parts)
-        if total * parts[0].itemsize > PINNED_MAX_BYTES:
+        if total * itemsize > PINNED_MAX_BYTES:
             return cp.asarray(np.concatenate(parts))
         device = cp.empty(total, parts[0].dtype)
-        direct = [self.pinned.contains(part) for part in parts]
+        direct = self.pinned.contains_each(parts)
         staged = None if all(direct) else self._pinned_view(slot, (total,), parts[0].dtype)
-        if not any(direct):  # all through the staging buffer: one transfer
-            np.concatenate(parts, out=staged)
-            device.set(staged, stream=self.stream)
-            return device
+        runs: list[list[int]] = []  # [offset on the device, host address, bytes]
         offset = 0
         for part, pinned in zip(parts, direct):
-            source = part
-            if not pinned:
-                source = staged[offset:offset + part.size]  # type: ignore[index]
-                source[:] = part
-            device[offset:offset + part.size].set(source, stream=self.stream)
-            offset += part.size
+            nbytes = part.size * itemsize
+            if pinned:
+                source = part.ctypes.data
+            else:
+                start = offset // itemsize
+                staged[start:start + part.size] = part  # type: ignore[index]
+                source = staged.ctypes.data + offset  # type: ignore[union-attr]
+            last = runs[-1] if runs else None
+            if last is not None and last[1] + last[2] == source and last[0] + last[2] == offset:
+                last[2] += nbytes
+            else:
+                runs.append([offset, source, nbytes])
+            offset += nbytes
+        for at, source, nbytes in runs:
+            cp.cuda.runtime.memcpyAsync(device.data.ptr + at, source, nbytes, _HOST_TO_DEVICE, self.stream.ptr)
         return device
 
     def download(self, device: cp.ndarray, slot: int, out: np.ndarray | None = None) -> np.ndarray:

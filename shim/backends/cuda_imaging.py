@@ -68,7 +68,10 @@ class CudaImagePipeline:
                 # every image of the chunk goes up in one copy, through the worker's pinned buffer
                 flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
                 self.preprocess_batch(flat, [p.shape for p in chunk], batch)
-                batch[len(chunk):] = 0  # padding to a warmed-up shape; its rows are dropped
+                if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros
+                    row = batch[0].nbytes
+                    cp.cuda.runtime.memsetAsync(batch.data.ptr + len(chunk) * row, 0, (len(batch) - len(chunk)) * row,
+                                                state.stream.ptr)
                 state.stream.synchronize()  # onnxruntime runs on its own stream
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
                 parts.append(logits[:len(chunk)])

@@ -101,6 +101,16 @@ def _dtype(value: Any) -> np.dtype:
     return np.dtype(_NUMPY[value.data_type()])
 
 
+class _Copy:
+    """One copy of a batch size's session: its own buffers, CUDA graph and thread (onnxruntime keeps a
+    captured graph with the thread's CUDA state); ``busy`` counts the runs handed to it."""
+
+    __slots__ = ("session", "thread", "busy")
+
+    def __init__(self, session: Any, thread: ThreadPoolExecutor) -> None:
+        self.session, self.thread, self.busy = session, thread, 0
+
+
 class OnnxRunner:
     """An onnxruntime session, thread-safe, with its inputs and outputs as protocol specs.
 
@@ -118,7 +128,8 @@ class OnnxRunner:
     """
 
     def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0, *,
-                 fixed: bool = False, graphs: bool = False, device_copy: DeviceCopy | None = None) -> None:
+                 fixed: bool = False, graphs: bool = False, device_copy: DeviceCopy | None = None,
+                 copies: int = 1) -> None:
         self._path, self._providers, self.device_id = Path(path), list(providers), device_id
         self._threads = threads
         self.session = self._new_session()
@@ -131,7 +142,8 @@ class OnnxRunner:
         self._batch_axis = _batch_axis_name(self.session) if fixed and self._batched else None
         self.graphs = graphs and self.device == "cuda" and self._batch_axis is not None
         self._device_copy = device_copy
-        self._by_batch: dict[int, tuple[Any, ThreadPoolExecutor]] = {}
+        self.copies = max(1, copies) if self.fixed else 1
+        self._by_batch: dict[int, list[_Copy]] = {}
         self._lock = threading.Lock()
         self._building = threading.Lock()
 
@@ -154,11 +166,12 @@ class OnnxRunner:
                          p[0] == "CUDAExecutionProvider" else p for p in providers]
         return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
 
-    def _session_for(self, batch: int) -> tuple[Any, ThreadPoolExecutor]:
+    def _session_for(self, batch: int) -> list[_Copy]:
+        """The copies of the session of ``batch`` rows (built, with their threads, on first use)."""
         with self._lock:
             entry = self._by_batch.get(batch)
             if entry is None and (batch == 0 or not (self._by_batch or self.fixed)):  # the session made at load
-                entry = self._by_batch[batch] = (self.session, self._new_thread(batch))
+                entry = self._by_batch[batch] = [_Copy(self.session, self._new_thread(batch))]
         if entry is not None:
             return entry
         with self._building:  # seconds, outside the lock: requests of other sizes go on; one build at a time
@@ -166,14 +179,18 @@ class OnnxRunner:
                 entry = self._by_batch.get(batch)
             if entry is not None:  # built meanwhile by another request
                 return entry
-            thread = self._new_thread(batch)
+            built: list[_Copy] = []
             try:
-                session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
+                for i in range(self.copies):
+                    built.append(_Copy(None, self._new_thread(batch, i)))
+                    built[-1].session = (self._new_fixed(batch, built[-1].thread) if self.fixed
+                                         else self._new_session())
             except BaseException:
-                thread.shutdown(wait=False)
+                for copy in built:
+                    copy.thread.shutdown(wait=False)
                 raise
             with self._lock:
-                return self._by_batch.setdefault(batch, (session, thread))
+                return self._by_batch.setdefault(batch, built)
 
     def _new_fixed(self, batch: int, thread: ThreadPoolExecutor) -> FixedSession:
         """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be."""
@@ -190,13 +207,23 @@ class OnnxRunner:
         thread.submit(fixed.warm_up, 1).result()
         return fixed
 
-    def _new_thread(self, batch: int) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}")
+    def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
+        suffix = f"c{copy}" if copy else ""
+        return ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}{suffix}")
 
     def _on_gpu(self, batch: int, job: Callable[[Any], T]) -> T:
-        """``job(session)`` with the session of ``batch`` rows, on its thread."""
-        session, thread = self._session_for(batch)
-        return thread.submit(job, session).result()
+        """``job(session)`` with a copy of the session of ``batch`` rows (the least busy), on its thread."""
+        copies = self._session_for(batch)
+        if len(copies) == 1:
+            return copies[0].thread.submit(job, copies[0].session).result()
+        with self._lock:
+            copy = min(copies, key=lambda c: c.busy)
+            copy.busy += 1
+        try:
+            return copy.thread.submit(job, copy.session).result()
+        finally:
+            with self._lock:
+                copy.busy -= 1
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), the

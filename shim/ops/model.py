@@ -39,7 +39,7 @@ class ModelOp(Op):
         self.inputs, self.outputs = [], []
 
     def load(self) -> None:
-        self._runner = self._backend.load_model(self.config.onnx)
+        self._runner = self._backend.load_model(self.config.onnx, self.config.instances())
         self.inputs, self.outputs = self._runner.inputs, self._runner.outputs
         self.backend = self._runner.device
         self._batchable = bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)

@@ -40,6 +40,10 @@ from .remote import RemoteBackend
 
 log = logging.getLogger(__name__)
 
+# a worker's batches of one model on their way to the device process at once: a request decoded while
+# one is out goes in the next, without waiting for it to come back (on the H200, 4 carried 8-20% more
+# images per second at 32 clients than 1 in 4 of 5 pairs: bench/results/NOTES.md)
+WORKER_CALLS_IN_FLIGHT = 4
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 _SHM_MARK = b'"shared_memory_region"'
 _REGISTER_KEY = "HTTP_" + REGISTER_HEADER.upper().replace("-", "_")
@@ -179,8 +183,10 @@ def build_front(config: WorkerConfig) -> FrontService:
     forwarded = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none())
     backend = RemoteBackend(link, config.backend_name, config.backend_description)
     # the worker batches too: the requests it decodes at once go to the device in one call, where the
-    # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there)
-    registry = Registry(build_ops(settings, backend, BatchingFactory() if settings.batching else None))
+    # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there);
+    # several such calls may be on their way at once, whatever the model's instance_count
+    registry = Registry(build_ops(settings, backend, BatchingFactory(concurrency=WORKER_CALLS_IN_FLIGHT)
+                                  if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
     app = create_app(settings, dispatcher, metrics)
     install_proxy(app, LinkProxy(forwarded))

@@ -66,7 +66,8 @@ class RemoteBackend:
         np.copyto(out, result)
         return out
 
-    def load_model(self, path: Path) -> RemoteRunner:
+    def load_model(self, path: Path, instances: int = 1) -> RemoteRunner:
+        """The device process's model (it loaded its own instances)."""
         return RemoteRunner(self._link, path.parent.name)
 
     def register_host(self, address: int, nbytes: int, now: bool = False) -> None:
