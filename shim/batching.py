@@ -7,9 +7,10 @@ itself with ``incoming()`` before its CPU work (decoding images) and submits thr
 worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest arrived, and never for traffic that does
 not exist: a lone request runs at once. Results are split back out per request.
 
-With ``concurrency`` above 1 (a model's ``instance_count``), that many batches may be in flight
-at once, as Triton's model instances: while one batch is on the device the next one is gathered
-and prepared. One worker gathers at a time, so concurrency never splits a batch that could form.
+With ``concurrency`` above 1 (a model's ``instance_count``; a request worker's batchers take
+``BatchingFactory``'s own), that many batches may be in flight at once, as Triton's model
+instances: while one batch is on the device the next one is gathered and prepared. One worker
+gathers at a time, so concurrency never splits a batch that could form.
 
 If a batch of several requests fails, each request is run again alone, so that one request's
 failure (say, out of memory for its size) fails that request only.

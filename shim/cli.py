@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="GPU memory for requests' operands, e.g. 8GiB (507 for a request over it)")
     serve.add_argument("--gil-switch-us", type=int, metavar="US",
                        help="thread switch interval of the interpreter in microseconds (default Python's 5000): "
-                            "shorter lets the batch and device threads back in sooner under load")
+                            "shorter lets the batchers' threads back in sooner under load")
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,

@@ -197,7 +197,8 @@ def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_bor
                                                                                              coffee):
     """The batcher's threads are bound to streams of their own (``bind_thread``): a batch runs where
     it was gathered. A thread of no batcher runs its device work itself too, on a worker it borrows
-    and gives back: no hand-over either way, and the logits are the same."""
+    and gives back (a device call inside that job runs on the same worker): no hand-over either way,
+    and the logits are the same."""
     import threading
 
     op = cuda_service.registry.get("classify")
@@ -209,6 +210,8 @@ def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_bor
     def spy(job):
         def where(worker):
             ran_on.append((threading.current_thread().name, worker))  # the thread the device work runs on
+            nested = original(lambda inner: inner)  # a device call inside one: the same worker and stream
+            assert nested is worker
             return job(worker)
         return original(where)
 
@@ -217,13 +220,13 @@ def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_bor
         batched = op.logits(items)  # through the batcher
         assert ran_on and all(name.startswith("batcher-classify") for name, _ in ran_on), ran_on
         ran_on.clear()
-        lent = len(backend._idle)
+        lent = backend.workers.idle()
         with ThreadPoolExecutor(1, thread_name_prefix="no-batcher") as pool:
             alone = pool.submit(pipeline.logits, items).result()
     finally:
         del backend.on_device
     assert [name for name, _ in ran_on] == ["no-batcher_0"]
-    assert ran_on[0][1] in backend._idle and len(backend._idle) == lent  # borrowed, given back
+    assert ran_on[0][1] in backend.workers._idle and backend.workers.idle() == lent  # borrowed, given back
     assert np.array_equal(batched, alone)
 
 
@@ -340,15 +343,19 @@ def test_parts_lying_end_to_end_go_up_in_one_transfer_and_arrive_whole(cuda, mon
     try:
         worker = DeviceWorker(cuda.pinned)
         with worker.stream:
-            parts = lying + loose + lying[1:3]  # a pinned run, a staged run, a pinned run
+            empty = whole[:0]
+            # a pinned run (an empty part inside splits nothing), a staged run, a pinned run
+            parts = lying[:2] + [empty] + lying[2:] + loose + lying[1:3]
             device = worker.upload_concatenated(parts, IMAGE_SLOT)
             got = device.get(stream=worker.stream)
             worker.stream.synchronize()
+            with pytest.raises(ValueError, match="one dtype"):
+                worker.upload_concatenated([lying[0], lying[1].view(np.int8)], IMAGE_SLOT)
     finally:
         cuda.unregister_host(address)
     np.testing.assert_array_equal(got, np.concatenate(parts))
     assert transfers == [sum(sizes), 333 + 9000, 4096 + 77]
-    del lying, parts, whole
+    del lying, parts, whole, empty
 
 
 def test_more_threads_than_device_workers_each_get_their_own_product(cuda):
@@ -365,7 +372,7 @@ def test_more_threads_than_device_workers_each_get_their_own_product(cuda):
     for (a, b), got in zip(pairs, products):
         want = gemm_reference(a, b, None, 1.0, 0.0)
         assert all(rel_error(g, want) <= 1e-5 for g in got)
-    assert len(cuda._idle) == DEVICE_WORKERS
+    assert cuda.workers.idle() == DEVICE_WORKERS
 
 
 def _image(pixels: np.ndarray):

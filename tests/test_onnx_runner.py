@@ -119,3 +119,25 @@ def test_copies_of_each_size_run_side_by_side_and_compute_alike(model, plain):
     sessions = [c.session.session for copies in built.values() for c in copies]
     assert len({id(s) for s in sessions}) == 4  # a session of its own per copy
     assert any("c1" in name for name in threads) and any("c1" not in name for name in threads), threads
+
+
+def test_a_copy_that_cannot_be_built_leaves_the_others_serving_and_is_not_tried_again(model, plain, caplog):
+    """A second copy of a size's session that fails to build (out of GPU memory, say) is logged; the
+    first serves every run of that size, and no later run builds again."""
+    runner = OnnxRunner(model, CPU, fixed=True, copies=2)
+    original, builds = runner._new_fixed, []  # noqa: SLF001
+
+    def new_fixed(batch, thread):
+        builds.append(batch)
+        if len(builds) == 2:
+            raise RuntimeError("out of memory for a second copy")
+        return original(batch, thread)
+
+    runner._new_fixed = new_fixed  # noqa: SLF001
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = plain.run({"input": x})["logits"]
+    for _ in range(3):
+        got = runner.run({"input": x})["logits"]
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert builds == [1, 1] and len(runner._by_batch[1]) == 1  # noqa: SLF001
+    assert "1 of 2 copies of the session of 1 rows" in caplog.text

@@ -582,7 +582,7 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
 
     def logits(model: str, items: list, inner) -> Future:
         calls.append(len(items))
-        time.sleep(0.3)  # the device's reader is busy: what arrives meanwhile queues in the worker
+        time.sleep(0.3)  # the device's reader is busy: the calls that follow queue behind this one
         return inner(model, items)
 
     with _front_with_device_logits(models_dir, tmp_path, logits) as front:
@@ -593,8 +593,8 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
 
 
 def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_path, chelsea):
-    """A worker's batch does not wait for the one before it to come back: up to
-    ``WORKER_CALLS_IN_FLIGHT`` calls of one model are on their way to the device process at once."""
+    """A worker's batch does not wait for the one before it to come back: while a call is out, the
+    requests decoded meanwhile go in calls of their own, up to ``WORKER_CALLS_IN_FLIGHT`` at once."""
     from shim.workers.front import WORKER_CALLS_IN_FLIGHT
 
     lock, state = threading.Lock(), {"out": 0, "most": 0, "images": 0}
@@ -606,8 +606,8 @@ def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_
             state["images"] += len(items)
         answered: Future = Future()
 
-        def later() -> None:  # the device answers 0.3 s on (its reader goes on meanwhile)
-            time.sleep(0.3)
+        def later() -> None:  # the device answers 0.5 s on (its reader goes on meanwhile)
+            time.sleep(0.5)
             with lock:
                 state["out"] -= 1
             inner(model, items).add_done_callback(lambda done: answered.set_result(done.result()))
@@ -615,10 +615,16 @@ def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_
         threading.Thread(target=later, daemon=True).start()
         return answered
 
+    jpeg = encode(chelsea, "JPEG")
     with _front_with_device_logits(models_dir, tmp_path, logits) as front:
         state["most"] = state["images"] = 0  # not the warm-up's
-        labels = _classify_at_once(front, encode(chelsea, "JPEG"), 12)
-    assert set(labels) <= CAT_LABELS and state["images"] == 12
+        with ThreadPoolExecutor(1) as first:
+            alone = first.submit(_classify_at_once, front, jpeg, 1)
+            deadline = time.monotonic() + 10
+            while state["out"] < 1 and time.monotonic() < deadline:  # the first call is out
+                time.sleep(0.005)
+            labels = _classify_at_once(front, jpeg, 6) + alone.result(30)
+    assert set(labels) <= CAT_LABELS and state["images"] == 7
     assert 2 <= state["most"] <= WORKER_CALLS_IN_FLIGHT, state
 
 

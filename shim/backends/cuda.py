@@ -33,11 +33,13 @@ from .base import ImagePipeline
 from .cpu import CpuImagePipeline
 from .cuda_errors import device_errors
 from .cuda_host import DeviceWorker, PinnedRanges
+from .lending import Lender
 
 log = logging.getLogger(__name__)
 
 IMAGE_SLOT = 4                 # the pinned buffer that batches of images go up through
 DEVICE_WORKERS = 8             # device workers lent to threads without one (at most this many jobs at once)
+BORROW_TIMEOUT_S = 120.0       # a job that waits longer for a worker gets NotReady (503, retry)
 T = TypeVar("T")
 
 
@@ -62,9 +64,8 @@ class CudaBackend:
         self._local = threading.local()
         # Threads without a worker of their own (a request's) borrow one of these, warmed at start,
         # and run their device work themselves: no hand-over to a device thread and back.
-        self._idle_cond = threading.Condition()
         with ThreadPoolExecutor(DEVICE_WORKERS, thread_name_prefix="cuda-start") as starting:  # pinning in parallel
-            self._idle: list[DeviceWorker] = list(starting.map(lambda _: self._new_worker(), range(DEVICE_WORKERS)))
+            self.workers = Lender(starting.map(lambda _: self._new_worker(), range(DEVICE_WORKERS)))
 
     # --- device workers: a stream, a cuBLAS handle and pinned buffers each --------------------
     def _new_worker(self) -> DeviceWorker:
@@ -92,22 +93,24 @@ class CudaBackend:
 
     def on_device(self, job: Callable[["DeviceWorker"], T]) -> T:
         """Run ``job(worker)`` on the calling thread, in a worker's stream: the thread's own (one
-        ``bind_thread`` bound), else one borrowed for the job (waiting while all are lent); raises
-        what it raised."""
+        ``bind_thread`` bound, or the one it has borrowed: a nested call runs in the same stream),
+        else one borrowed for the job (waiting its turn while all are lent); raises what it raised.
+
+        Raises:
+            NotReady: every worker stayed lent for ``BORROW_TIMEOUT_S``.
+        """
         worker: DeviceWorker | None = getattr(self._local, "worker", None)
         if worker is not None:
             return self._run_on(worker, job)
-        with self._idle_cond:
-            while not self._idle:
-                self._idle_cond.wait()
-            worker = self._idle.pop()  # the one given back last: its memory is the warmest
         try:
+            worker = self.workers.borrow(BORROW_TIMEOUT_S)
+            self._local.worker = worker
             cp.cuda.Device(self.device_id).use()
             return self._run_on(worker, job)
         finally:
-            with self._idle_cond:
-                self._idle.append(worker)
-                self._idle_cond.notify()
+            if worker is not None:
+                self._local.worker = None
+                self.workers.give_back(worker)
 
     @staticmethod
     def _run_on(worker: "DeviceWorker", job: Callable[["DeviceWorker"], T]) -> T:

@@ -132,13 +132,14 @@ class PinnedRanges:
         """Whether ``array`` lies in a pinned range (a look only: no use is noted)."""
         return self.where(array, note=False) == PINNED
 
-    def contains_each(self, arrays: Sequence[np.ndarray]) -> list[bool]:
-        """``contains`` of each of ``arrays``, under one look at the ranges."""
+    def pinned_range_of_each(self, arrays: Sequence[np.ndarray]) -> list[int | None]:
+        """For each of ``arrays``, the start of the pinned range it lies in (None: none), under one
+        look at the ranges."""
         spans = [(a.ctypes.data, a.nbytes) if a.flags.c_contiguous else None for a in arrays]
         with self._lock:
             ranges = list(self._ranges.items())
-        return [span is not None and any(base <= span[0] and span[0] + span[1] <= base + size for base, size in ranges)
-                for span in spans]
+        return [next((base for base, size in ranges if base <= span[0] and span[0] + span[1] <= base + size), None)
+                if span is not None else None for span in spans]
 
 
 class DeviceWorker:
@@ -219,33 +220,43 @@ class DeviceWorker:
     def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int) -> cp.ndarray:
         """The 1-D ``parts`` (one dtype) end to end on the device. Parts that lie in pinned memory (a
         request worker's link arena) go up by DMA from there; the others are copied into pinned buffer
-        ``slot`` first. Each run of parts that lie end to end in host memory (a worker's images lent
-        one after another, or the staged ones) goes up as one transfer, queued with a bare
-        cudaMemcpyAsync. The caller synchronizes the stream before ``parts`` or the slot may change."""
-        itemsize = parts[0].itemsize
+        ``slot`` first. Each run of parts that lie end to end in one pinned range (a worker's images,
+        lent one after another), or in the staging buffer, goes up as one transfer, queued with a bare
+        cudaMemcpyAsync. The caller synchronizes the stream before ``parts`` or the slot may change.
+
+        Raises:
+            ValueError: the parts are not of one dtype.
+        """
+        dtype = parts[0].dtype
+        if any(p.dtype != dtype for p in parts):
+            raise ValueError(f"parts of one dtype only, got {sorted({str(p.dtype) for p in parts})}")
         total = sum(p.size for p in parts)
-        if total * itemsize > PINNED_MAX_BYTES:
+        if total * dtype.itemsize > PINNED_MAX_BYTES:
             return cp.asarray(np.concatenate(parts))
-        device = cp.empty(total, parts[0].dtype)
-        direct = self.pinned.contains_each(parts)
-        staged = None if all(direct) else self._pinned_view(slot, (total,), parts[0].dtype)
-        runs: list[list[int]] = []  # [offset on the device, host address, bytes]
+        device = cp.empty(total, dtype)
+        ranges = self.pinned.pinned_range_of_each(parts)
+        staged = None
+        runs: list[list[int]] = []  # [offset on the device, host address, bytes, the range: base or -1 staged]
         offset = 0
-        for part, pinned in zip(parts, direct):
-            nbytes = part.size * itemsize
-            if pinned:
+        for part, base in zip(parts, ranges):
+            nbytes = part.nbytes
+            if not nbytes:
+                continue
+            if base is not None:
                 source = part.ctypes.data
             else:
-                start = offset // itemsize
-                staged[start:start + part.size] = part  # type: ignore[index]
-                source = staged.ctypes.data + offset  # type: ignore[union-attr]
+                if staged is None:
+                    staged = self._pinned_view(slot, (total,), dtype)
+                start = offset // dtype.itemsize
+                staged[start:start + part.size] = part.reshape(-1)
+                source, base = staged.ctypes.data + offset, -1
             last = runs[-1] if runs else None
-            if last is not None and last[1] + last[2] == source and last[0] + last[2] == offset:
+            if last is not None and last[3] == base and last[1] + last[2] == source and last[0] + last[2] == offset:
                 last[2] += nbytes
             else:
-                runs.append([offset, source, nbytes])
+                runs.append([offset, source, nbytes, base])
             offset += nbytes
-        for at, source, nbytes in runs:
+        for at, source, nbytes, _ in runs:
             cp.cuda.runtime.memcpyAsync(device.data.ptr + at, source, nbytes, _HOST_TO_DEVICE, self.stream.ptr)
         return device
 

@@ -139,7 +139,7 @@ class CudaImagePipeline:
                 self._plans.move_to_end(key)
                 return cached
         steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
-        cp.cuda.get_current_stream().synchronize()  # other device threads will read them from the cache
+        cp.cuda.get_current_stream().synchronize()  # other threads' streams will read them from the cache
         with self._lock:
             self._plans[key] = steps
             while len(self._plans) > 256:

@@ -121,7 +121,9 @@ class OnnxRunner:
     seeing another shape.
 
     With ``fixed`` (and a model whose only free dimension is a named batch axis), each batch size's
-    session is built for exactly that size and bound to fixed buffers (``FixedSession``); with
+    session is built for exactly that size and bound to fixed buffers (``FixedSession``), ``copies``
+    times (a model's instance_count: as many batches of one size run side by side, each on a copy
+    of its own with its own thread; a copy that cannot be built leaves the others serving); with
     ``graphs`` too, onnxruntime's CUDA provider captures the whole model as one CUDA graph and
     replays it: one launch instead of one per node, which is most of a small batch's time. A model
     that cannot be captured (a node off the GPU, say) runs without graphs, logged.
@@ -180,15 +182,26 @@ class OnnxRunner:
             if entry is not None:  # built meanwhile by another request
                 return entry
             built: list[_Copy] = []
-            try:
-                for i in range(self.copies):
-                    built.append(_Copy(None, self._new_thread(batch, i)))
-                    built[-1].session = (self._new_fixed(batch, built[-1].thread) if self.fixed
-                                         else self._new_session())
-            except BaseException:
-                for copy in built:
-                    copy.thread.shutdown(wait=False)
-                raise
+            for i in range(self.copies):
+                thread = self._new_thread(batch, i)
+                try:
+                    session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
+                except Exception as exc:
+                    thread.shutdown(wait=False)
+                    if not built:
+                        raise
+                    # the copies that were built serve (out of GPU memory for another, say): no
+                    # request of this size pays for a failed build again
+                    log.warning("%s: %d of %d copies of the session of %d rows (%s: %s)", self._path.parent.name,
+                                len(built), self.copies, batch, type(exc).__name__,
+                                (str(exc).splitlines() or [""])[0][:200])
+                    break
+                except BaseException:
+                    thread.shutdown(wait=False)
+                    for copy in built:
+                        copy.thread.shutdown(wait=False)
+                    raise
+                built.append(_Copy(session, thread))
             with self._lock:
                 return self._by_batch.setdefault(batch, built)
 

@@ -1,0 +1,71 @@
+"""Lender: the CUDA backend's device workers lent to threads one job at a time, first come first served."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from accel.errors import NotReady
+from shim.backends.lending import Lender
+
+
+def test_an_idle_item_is_lent_at_once_the_last_given_back_first():
+    lender = Lender(["a", "b"])
+    first = lender.borrow()
+    assert first == "b" and lender.idle() == 1
+    lender.give_back(first)
+    assert lender.borrow() == "b"  # the warmest
+    assert lender.borrow() == "a" and lender.idle() == 0
+
+
+def test_a_waiting_thread_gets_the_next_item_given_back_before_anyone_who_comes_later():
+    lender = Lender(["only"])
+    held = lender.borrow()
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: got.append(lender.borrow(5)))
+    waiter.start()
+    while not lender._waiting:  # noqa: SLF001 - until it waits
+        time.sleep(0.001)
+    lender.give_back(held)
+    # the giver asks again at once: it must wait its turn, the waiter has the item
+    with pytest.raises(NotReady, match="stayed busy"):
+        lender.borrow(0.05)
+    waiter.join(5)
+    assert got == ["only"] and lender.idle() == 0
+
+
+def test_threads_that_borrow_back_to_back_share_the_items_fairly():
+    """32 threads over 8 items, each borrowing again as soon as it gives back: every thread gets its
+    turns (a plain condition lets the giver take the item straight back, starving the others)."""
+    lender = Lender(range(8))
+    counts = [0] * 32
+    stop = time.monotonic() + 0.6
+    most_waited = [0.0]
+
+    def loop(i: int) -> None:
+        while time.monotonic() < stop:
+            asked = time.perf_counter()
+            item = lender.borrow(10)
+            most_waited[0] = max(most_waited[0], time.perf_counter() - asked)
+            time.sleep(0.0005)  # the job
+            counts[i] += 1
+            lender.give_back(item)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(loop, range(32)))
+    assert min(counts) >= max(counts) // 4, counts
+    assert most_waited[0] < 0.3, most_waited
+    assert lender.idle() == 8
+
+
+def test_a_wait_that_times_out_leaves_no_turn_behind():
+    lender = Lender(["x"])
+    held = lender.borrow()
+    with pytest.raises(NotReady) as caught:
+        lender.borrow(0.02)
+    assert caught.value.status == 503 and caught.value.retry_after
+    assert not lender._waiting  # noqa: SLF001
+    lender.give_back(held)
+    assert lender.idle() == 1 and lender.borrow(0) == "x"
