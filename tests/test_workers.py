@@ -628,6 +628,47 @@ def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_
     assert 2 <= state["most"] <= WORKER_CALLS_IN_FLIGHT, state
 
 
+def test_forwarded_requests_skip_the_workers_flask_app(models_dir, tmp_path, chelsea):
+    """What a worker does not serve itself goes to the device process before the worker's Flask app
+    sees it: no request context, routing or guard there (the device process's app runs those)."""
+    from flask import request
+
+    from .conftest import WSGITransport
+
+    with _front_with_device_logits(models_dir, tmp_path, lambda model, items, inner: inner(model, items)) as front:
+        seen: list[str] = []
+        front.app.after_request(lambda response: seen.append(request.path) or response)
+        client = accel.Client("http://worker", transport=WSGITransport(front.app), retries=0)
+        assert client.metadata("gemm")["name"] == "gemm"  # forwarded: the device process answers
+        assert client.classify(encode(chelsea, "JPEG"))[0].label in CAT_LABELS  # served here
+    assert seen == ["/v2/models/classify/infer"]
+
+
+def test_a_forward_that_fails_is_answered_by_the_workers_app_as_any_error_is(models_dir, tmp_path):
+    """When the device process cannot be reached, the worker's app answers the forward's failure as
+    it answers every error: 503, a JSON body, Retry-After."""
+    from shim.config import Settings
+    from shim.metrics import Metrics
+    from shim.registry import Registry
+    from shim.server import create_app
+    from shim.workers.front import LinkProxy, ReportingDispatcher, install_proxy
+
+    from .conftest import WSGITransport
+
+    server = LinkServer(str(tmp_path / "link.sock"), b"k", {}, threads=2)
+    link = LinkClient(server.address, b"k")
+    metrics = Metrics()
+    app = create_app(Settings(device="cpu", models_dir=models_dir),
+                     ReportingDispatcher(Registry([]), metrics, link), metrics)
+    install_proxy(app, LinkProxy(link))
+    server.close()  # the device process goes
+    link.close()
+    response = WSGITransport(app).request("GET", "http://worker/v2/models/gemm", None, {}, 10)
+    assert response.status == 503
+    assert "device process is gone" in json.loads(response.body)["error"]
+    assert response.headers.get("retry-after") == "1"
+
+
 def test_an_outbox_whose_writer_cannot_start_frees_its_lock_and_ends_the_link(monkeypatch):
     """When the rest of a posted message cannot be handed to a writer (no thread can start), the
     error is raised, the socket is shut down (the peer reads the link's end, not half a message)

@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, request
 
 from accel.codec import HEADER_LENGTH
 from accel.shm import REGISTER_HEADER
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 WORKER_CALLS_IN_FLIGHT = 4
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 _SHM_MARK = b'"shared_memory_region"'
+_FORWARD_FAILED = "accelshim.forward_failed"  # the environ key of a forward's error, for the app to answer
 _REGISTER_KEY = "HTTP_" + REGISTER_HEADER.upper().replace("-", "_")
 
 
@@ -69,15 +71,28 @@ class LinkProxy:
     def __init__(self, link: LinkClient) -> None:
         self._link = link
 
-    def forward(self, environ: dict[str, Any]) -> Response:
-        """The device's answer to the request of ``environ``; 503 when the device cannot be reached."""
+    def forward(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        """The device's answer to the request of ``environ``: WSGI status line, headers, body.
+
+        Raises:
+            LinkClosed: the device process cannot be reached (503).
+        """
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         fields = {key: value for key, value in environ.items()
                   if isinstance(value, (str, int, float)) and not key.startswith(("wsgi.", "waitress."))}
         status, headers, data = self._link.call("http", fields, pickle.PickleBuffer(body))
+        data = bytes(data)
         kept = [(k, v) for k, v in headers if k.lower() not in _HOP_RESPONSE]
-        return Response(bytes(data), status=status, headers=kept)
+        kept.append(("Content-Length", str(len(data))))
+        return f"{status} {_reason(status)}", kept, data
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def served_here(environ: dict[str, Any]) -> bool:
@@ -104,13 +119,30 @@ def served_here(environ: dict[str, Any]) -> bool:
 
 
 def install_proxy(app: Flask, proxy: LinkProxy) -> None:
-    """Send what the worker does not answer itself to the device process (before the guard runs:
-    the device process authenticates and admits those)."""
+    """Send what the worker does not answer itself to the device process as it comes, before Flask
+    sees it (the device process's app routes, authenticates and admits those: no request context,
+    routing or guard here). A forward that fails (the device process is gone) is answered by the
+    worker's app, which maps the error as it maps any other."""
+    inner = app.wsgi_app
+
+    def forwarding(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/v2/health/live" or served_here(environ):
+            return inner(environ, start_response)
+        try:
+            status, headers, data = proxy.forward(environ)
+        except Exception as exc:  # noqa: BLE001 - raised again inside the app, which answers it
+            environ[_FORWARD_FAILED] = exc
+            return inner(environ, start_response)
+        start_response(status, headers)
+        return [data]
+
     @app.before_request
-    def to_device() -> Response | None:
-        if request.path == "/v2/health/live" or served_here(request.environ):
-            return None
-        return proxy.forward(request.environ)
+    def forward_failed() -> None:
+        exc = request.environ.get(_FORWARD_FAILED)
+        if exc is not None:
+            raise exc
+
+    app.wsgi_app = forwarding  # type: ignore[method-assign]
 
 
 class ReportingDispatcher(Dispatcher):
