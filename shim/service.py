@@ -25,7 +25,7 @@ from .shm import SharedMemoryRegistry
 from .server import create_app
 from .server.guard import Guard, install_guard
 from .server.openapi import register_openapi
-from .tenant_metrics import TenantMetrics
+from .tenant_metrics import RelayedTenantMetrics, TenantMetrics
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,13 @@ def build_ops(settings: Settings, backend: Backend, batching: BatchingFactory | 
     return ops
 
 
-def build_guard(settings: Settings, metrics: Metrics) -> Guard:
-    """Tokens (``settings.tokens_file``), admission limits and the fault monitor of one shim."""
+def build_guard(settings: Settings, metrics: Metrics,
+                tenant_metrics: TenantMetrics | RelayedTenantMetrics | None = None) -> Guard:
+    """Tokens (``settings.tokens_file``), admission limits and the fault monitor of one shim; its
+    tenant metrics on ``metrics``' registry unless given (a request worker relays its own)."""
     tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file else None
     monitor = FaultMonitor()
-    tenant_metrics = TenantMetrics(metrics.registry)
+    tenant_metrics = tenant_metrics or TenantMetrics(metrics.registry)
     limits = Limits(max_inflight=settings.threads, max_queue=settings.max_queue,
                     tenant_max_inflight=settings.tenant_max_inflight, tenant_max_queue=settings.tenant_max_queue)
     return Guard(tokens, Admission(limits, monitor, tenant_metrics), monitor, tenant_metrics,

@@ -127,11 +127,11 @@ def test_a_copy_that_cannot_be_built_leaves_the_others_serving_and_is_not_tried_
     runner = OnnxRunner(model, CPU, fixed=True, copies=2)
     original, builds = runner._new_fixed, []  # noqa: SLF001
 
-    def new_fixed(batch, thread):
+    def new_fixed(batch, thread, fall_back=True):
         builds.append(batch)
         if len(builds) == 2:
             raise RuntimeError("out of memory for a second copy")
-        return original(batch, thread)
+        return original(batch, thread, fall_back)
 
     runner._new_fixed = new_fixed  # noqa: SLF001
     x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
@@ -140,4 +140,28 @@ def test_a_copy_that_cannot_be_built_leaves_the_others_serving_and_is_not_tried_
         got = runner.run({"input": x})["logits"]
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
     assert builds == [1, 1] and len(runner._by_batch[1]) == 1  # noqa: SLF001
+    assert "1 of 2 copies of the session of 1 rows" in caplog.text
+
+
+def test_a_later_copy_that_cannot_be_captured_is_dropped_and_the_model_keeps_its_graphs(model, caplog):
+    """Capturing a second copy's CUDA graph fails (out of memory, say): that copy is not built, and the
+    model goes on capturing its other sizes (only a first copy that cannot be captured turns graphs
+    off). On the CPU the capture is asked for and its failure faked."""
+    runner = OnnxRunner(model, CPU, fixed=True, copies=2)
+    runner.graphs = True  # as on the GPU
+    original, captures = runner._new_session, []  # noqa: SLF001
+
+    def new_session(batch=None, graph=False):
+        if graph:
+            captures.append(batch)
+            if len(captures) == 2:
+                raise RuntimeError("CUDA failure 2: out of memory capturing")
+        return original(batch, graph)
+
+    runner._new_session = new_session  # noqa: SLF001
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    runner.run({"input": x})
+    assert runner.graphs and len(runner._by_batch[1]) == 1  # noqa: SLF001
+    runner.run({"input": np.zeros((2, 3, 224, 224), np.float32)})
+    assert captures == [1, 1, 2, 2] and len(runner._by_batch[2]) == 2  # noqa: SLF001
     assert "1 of 2 copies of the session of 1 rows" in caplog.text

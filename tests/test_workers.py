@@ -335,6 +335,93 @@ def test_metrics_and_statistics_count_what_workers_served(shim, chelsea):
     assert 'accelshim_batch_size_count{op="classify"}' in metrics
 
 
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of Prometheus sample ``name`` with exactly ``labels`` in ``text`` (0 when absent)."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key.split("{")[0] == name and "{" in key:
+            pairs = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1].split(","))
+            if {k: v.strip('"') for k, v in pairs.items()} == labels:
+                return float(value)
+    return 0.0
+
+
+def test_the_tenant_metrics_count_what_workers_served_and_refused(shim, chelsea):
+    """Requests a worker answers itself (and refuses) count in the tenant metrics of the shim's
+    /metrics, the device process's: the workers relay their guards' counts there."""
+    client = _client(shim.tcp_url)
+    jpeg = encode(chelsea, "JPEG")
+
+    def scrape() -> str:
+        return client._call("GET", "/metrics").body.decode()  # noqa: SLF001
+
+    def settled() -> str:  # the relayed counts of earlier requests are in (one bundle per 20 ms)
+        last, deadline = scrape(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = scrape()
+            if _sample(now, "accelshim_tenant_requests_total", tenant="alice", status="200") == \
+                    _sample(last, "accelshim_tenant_requests_total", tenant="alice", status="200"):
+                return now
+            last = now
+        return last
+
+    before = settled()
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(lambda _: _client(shim.unix_url).classify(jpeg)[0].label, range(12))) <= CAT_LABELS
+    anonymous = accel.Client(shim.unix_url, timeout=10, token="")
+    for _ in range(3):
+        with pytest.raises(Unauthorized):
+            anonymous.gemm(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # refused by a worker
+    deadline = time.monotonic() + 5
+    want = _sample(before, "accelshim_tenant_requests_total", tenant="alice", status="200") + 12
+    while time.monotonic() < deadline:
+        after = scrape()
+        if _sample(after, "accelshim_tenant_requests_total", tenant="alice", status="200") >= want and \
+                _sample(after, "accelshim_tenant_rejected_total", tenant="_unauthenticated", reason="unauthorized") \
+                >= _sample(before, "accelshim_tenant_rejected_total", tenant="_unauthenticated",
+                           reason="unauthorized") + 3:
+            break
+        time.sleep(0.05)
+    assert _sample(after, "accelshim_tenant_requests_total", tenant="alice", status="200") == want
+    assert (_sample(after, "accelshim_tenant_rejected_total", tenant="_unauthenticated", reason="unauthorized")
+            == _sample(before, "accelshim_tenant_rejected_total", tenant="_unauthenticated", reason="unauthorized") + 3)
+    grew = (_sample(after, "accelshim_tenant_request_bytes_total", tenant="alice")
+            - _sample(before, "accelshim_tenant_request_bytes_total", tenant="alice"))
+    assert grew >= 12 * len(jpeg)
+
+
+def test_relayed_tenant_metrics_add_up_in_the_device_processs_own():
+    """What a worker's guard and admission count (``RelayedTenantMetrics``) is added to the device
+    process's tenant metrics as it arrives; the worker's gauges stay its own."""
+    from prometheus_client import CollectorRegistry
+
+    from shim.tenant_metrics import RelayedTenantMetrics, TenantMetrics, apply
+
+    device_registry, worker_registry = CollectorRegistry(), CollectorRegistry()
+    device = TenantMetrics(device_registry)
+    events: list = []
+    worker = RelayedTenantMetrics(TenantMetrics(worker_registry), events.append)
+    device.requests.labels("bob", "200").inc()  # the device's own
+    worker.requests.labels("bob", "200").inc()
+    worker.requests.labels("bob", "429").inc()
+    worker.request_bytes.labels("bob").inc(1234)
+    worker.rejected.labels("bob", "queue_full").inc()
+    worker.queue_wait.labels("bob").observe(0.25)
+    worker.inflight.labels("bob").set(3)
+    apply(device, events)
+    apply(device, [("no_such_metric", ("bob",), 1.0)])  # a newer worker's: ignored
+    get = device_registry.get_sample_value
+    assert get("accelshim_tenant_requests_total", {"tenant": "bob", "status": "200"}) == 2
+    assert get("accelshim_tenant_requests_total", {"tenant": "bob", "status": "429"}) == 1
+    assert get("accelshim_tenant_request_bytes_total", {"tenant": "bob"}) == 1234
+    assert get("accelshim_tenant_rejected_total", {"tenant": "bob", "reason": "queue_full"}) == 1
+    assert get("accelshim_tenant_queue_wait_seconds_count", {"tenant": "bob"}) == 1
+    assert get("accelshim_tenant_queue_wait_seconds_sum", {"tenant": "bob"}) == 0.25
+    assert get("accelshim_tenant_inflight_requests", {"tenant": "bob"}) is None  # not relayed
+    assert worker_registry.get_sample_value("accelshim_tenant_inflight_requests", {"tenant": "bob"}) == 3
+
+
 def test_shared_memory_and_kaas_buffers_live_in_the_device_process(shim):
     rng = np.random.default_rng(5)
     with _client(shim.unix_url) as one, accel.SharedMemory("wk-gemm", 1 << 20) as region:
@@ -594,20 +681,25 @@ def test_a_worker_sends_the_images_it_decodes_together_in_one_device_call(models
 
 def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_path, chelsea):
     """A worker's batch does not wait for the one before it to come back: while a call is out, the
-    requests decoded meanwhile go in calls of their own, up to ``WORKER_CALLS_IN_FLIGHT`` at once."""
+    requests decoded meanwhile go in calls of their own, up to ``WORKER_CALLS_IN_FLIGHT`` at once.
+    The device holds the first call until the others are answered (or 10 s pass: with one call in
+    flight they would wait behind it)."""
     from shim.workers.front import WORKER_CALLS_IN_FLIGHT
 
-    lock, state = threading.Lock(), {"out": 0, "most": 0, "images": 0}
+    lock, state = threading.Lock(), {"armed": False, "calls": 0, "out": 0, "most": 0, "images": 0}
+    release = threading.Event()
 
     def logits(model: str, items: list, inner) -> Future:
         with lock:
+            state["calls"] += 1
+            first = state["armed"] and state["calls"] == 1  # the worker's warm-up goes through unheld
             state["out"] += 1
             state["most"] = max(state["most"], state["out"])
             state["images"] += len(items)
         answered: Future = Future()
 
-        def later() -> None:  # the device answers 0.5 s on (its reader goes on meanwhile)
-            time.sleep(0.5)
+        def later() -> None:  # the device answers later (its reader goes on meanwhile)
+            release.wait(10) if first else time.sleep(0.05)
             with lock:
                 state["out"] -= 1
             inner(model, items).add_done_callback(lambda done: answered.set_result(done.result()))
@@ -617,15 +709,21 @@ def test_a_worker_has_several_device_calls_on_their_way_at_once(models_dir, tmp_
 
     jpeg = encode(chelsea, "JPEG")
     with _front_with_device_logits(models_dir, tmp_path, logits) as front:
-        state["most"] = state["images"] = 0  # not the warm-up's
-        with ThreadPoolExecutor(1) as first:
-            alone = first.submit(_classify_at_once, front, jpeg, 1)
+        state.update(armed=True, calls=0, most=0, images=0)  # not the warm-up's
+        with ThreadPoolExecutor(1) as first_request:
+            alone = first_request.submit(_classify_at_once, front, jpeg, 1)
             deadline = time.monotonic() + 10
-            while state["out"] < 1 and time.monotonic() < deadline:  # the first call is out
+            while state["out"] < 1:  # the first call is out, held
+                assert time.monotonic() < deadline, "the first call never reached the device"
                 time.sleep(0.005)
-            labels = _classify_at_once(front, jpeg, 6) + alone.result(30)
+            started = time.monotonic()
+            labels = _classify_at_once(front, jpeg, 6)
+            waited = time.monotonic() - started
+            release.set()
+            labels += alone.result(30)
     assert set(labels) <= CAT_LABELS and state["images"] == 7
     assert 2 <= state["most"] <= WORKER_CALLS_IN_FLIGHT, state
+    assert waited < 9, "the later requests waited for the first call"
 
 
 def test_forwarded_requests_skip_the_workers_flask_app(models_dir, tmp_path, chelsea):
@@ -641,7 +739,14 @@ def test_forwarded_requests_skip_the_workers_flask_app(models_dir, tmp_path, che
         client = accel.Client("http://worker", transport=WSGITransport(front.app), retries=0)
         assert client.metadata("gemm")["name"] == "gemm"  # forwarded: the device process answers
         assert client.classify(encode(chelsea, "JPEG"))[0].label in CAT_LABELS  # served here
-    assert seen == ["/v2/models/classify/infer"]
+        transport = WSGITransport(front.app)
+        get = transport.request("GET", "http://worker/v2/models/gemm", None, {}, 10)
+        head = transport.request("HEAD", "http://worker/v2/models/gemm", None, {}, 10)
+        assert head.status == 200 and head.body == b"" and head.header("content-length") == str(len(get.body))
+        odd = transport.request("POST", "http://worker/v2/models/noop/infer", b"{}",  # a Latin-1 superscript two
+                                {"Inference-Header-Content-Length": "\xb2"}, 10)
+        assert odd.status == 400 and "non-negative integer" in json.loads(odd.body)["error"]
+    assert seen == ["/v2/models/classify/infer", "/v2/models/noop/infer"]
 
 
 def test_a_forward_that_fails_is_answered_by_the_workers_app_as_any_error_is(models_dir, tmp_path):

@@ -41,19 +41,32 @@ class Lender(Generic[T]):
                 return self._idle.pop()
             turn: list = [None, threading.Event()]
             self._waiting.append(turn)
-        if turn[1].wait(timeout):
+        try:
+            given = turn[1].wait(timeout)
+        except BaseException:  # interrupted while waiting: an item handed to this turn goes on
+            with self._lock:
+                if turn[1].is_set():
+                    self._pass_on(turn[0])
+                else:
+                    self._waiting.remove(turn)
+            raise
+        if given:
             return turn[0]
         with self._lock:
-            if turn[0] is not None:  # given just as the wait ended
+            if turn[1].is_set():  # given just as the wait ended
                 return turn[0]
             self._waiting.remove(turn)
-        raise NotReady(f"every {self._what} stayed busy for {timeout:.0f} s; retry", retry_after=1.0)
+        raise NotReady(f"every {self._what} stayed busy for {timeout:g} s; retry", retry_after=1.0)
 
     def give_back(self, item: T) -> None:
         with self._lock:
-            if self._waiting:
-                turn = self._waiting.popleft()
-                turn[0] = item
-                turn[1].set()
-            else:
-                self._idle.append(item)
+            self._pass_on(item)
+
+    def _pass_on(self, item: T) -> None:
+        """To the thread that has waited longest, else idle (call holding the lock)."""
+        if self._waiting:
+            turn = self._waiting.popleft()
+            turn[0] = item
+            turn[1].set()
+        else:
+            self._idle.append(item)

@@ -185,7 +185,10 @@ class OnnxRunner:
             for i in range(self.copies):
                 thread = self._new_thread(batch, i)
                 try:
-                    session = self._new_fixed(batch, thread) if self.fixed else self._new_session()
+                    # a later copy that cannot be captured is not built at all: graphs stay on for
+                    # the model (its first copies have theirs)
+                    session = (self._new_fixed(batch, thread, fall_back=not built) if self.fixed
+                               else self._new_session())
                 except Exception as exc:
                     thread.shutdown(wait=False)
                     if not built:
@@ -205,14 +208,18 @@ class OnnxRunner:
             with self._lock:
                 return self._by_batch.setdefault(batch, built)
 
-    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor) -> FixedSession:
-        """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be."""
+    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor, fall_back: bool = True) -> FixedSession:
+        """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be;
+        where it cannot, with ``fall_back`` the model runs node by node from now on (logged), else
+        the capture's error is raised."""
         if self.graphs:
             try:
                 fixed = FixedSession(self._new_session(batch, graph=True), self.device, self.device_id)
                 thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
+                if not fall_back:
+                    raise
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
                             type(exc).__name__, (str(exc).splitlines() or [""])[0][:200])

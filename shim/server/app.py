@@ -103,7 +103,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
         body = _read_body(g.get("body_limit", settings.max_body_bytes))  # the tenant's, set by the guard
         metrics.request_bytes.labels(name).inc(len(body))
         length = request.headers.get(HEADER_LENGTH)
-        if length is not None and not length.strip().isdigit():
+        if length is not None and not (length.strip().isascii() and length.strip().isdigit()):
             raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
         with ShmScope(shm, ready=dispatcher.registry.loaded.is_set) as regions:  # inputs and outputs in regions
             regions.register_on_the_way(request.headers.get(REGISTER_HEADER))

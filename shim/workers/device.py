@@ -12,11 +12,12 @@ import pickle
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..faults import DeviceLost
 from ..ops import ClassifyOp
 from ..service import Service
+from ..tenant_metrics import TenantEvent, apply
 from .link import Deferred, Handler
 
 LOAD_TIMEOUT_S = 3600.0
@@ -126,10 +127,13 @@ class DeviceEndpoint:
             getattr(chunks, "close", lambda: None)()
         return started[0], started[1], pickle.PickleBuffer(data)
 
-    def _records(self, bundle: list[tuple[str, int, int, int, int]]) -> None:
-        """A worker's reports of the requests it finished (``ReportingDispatcher``)."""
+    def _records(self, bundle: list[tuple[str, int, int, int, int]], tenant_events: Sequence[TenantEvent] = ()) -> None:
+        """A worker's reports of the requests it finished and its tenant metrics' changes
+        (``ReportingDispatcher``)."""
         for report in bundle:
             self._service.dispatcher.record(*report)
+        if self._service.guard is not None:
+            apply(self._service.guard.metrics, tenant_events)
 
     def _worker_ready(self, pid: int) -> None:
         with self._lock:

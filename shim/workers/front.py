@@ -34,6 +34,7 @@ from ..registry import Registry
 from ..server import create_app
 from ..server.guard import install_guard
 from ..service import Service, build_guard, build_ops
+from ..tenant_metrics import RelayedTenantMetrics, TenantEvent, TenantMetrics
 from .arena import Arena
 from .balance import ConnectionBoard, WorkerGate
 from .link import LinkClient, LinkClosed
@@ -84,7 +85,10 @@ class LinkProxy:
         status, headers, data = self._link.call("http", fields, pickle.PickleBuffer(body))
         data = bytes(data)
         kept = [(k, v) for k, v in headers if k.lower() not in _HOP_RESPONSE]
-        kept.append(("Content-Length", str(len(data))))
+        if environ.get("REQUEST_METHOD") == "HEAD":  # no body; the length a GET would have
+            kept += [(k, v) for k, v in headers if k.lower() == "content-length"]
+        else:
+            kept.append(("Content-Length", str(len(data))))
         return f"{status} {_reason(status)}", kept, data
 
 
@@ -107,7 +111,7 @@ def served_here(environ: dict[str, Any]) -> bool:
     stream = environ["wsgi.input"]
     length = int(environ.get("CONTENT_LENGTH") or 0)
     header = environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"), "")
-    peek = min(length, int(header)) if header.strip().isdigit() else length
+    peek = min(length, int(header)) if header.strip().isascii() and header.strip().isdigit() else length
     if not peek:
         return True
     if not stream.seekable():
@@ -138,7 +142,7 @@ def install_proxy(app: Flask, proxy: LinkProxy) -> None:
 
     @app.before_request
     def forward_failed() -> None:
-        exc = request.environ.get(_FORWARD_FAILED)
+        exc = request.environ.pop(_FORWARD_FAILED, None)
         if exc is not None:
             raise exc
 
@@ -146,7 +150,8 @@ def install_proxy(app: Flask, proxy: LinkProxy) -> None:
 
 
 class ReportingDispatcher(Dispatcher):
-    """Counts each finished request in the device process (its /metrics and statistics are the shim's).
+    """Counts each finished request in the device process (its /metrics and statistics are the shim's),
+    with the tenant metrics' changes of the worker's guard (``relay``).
 
     Reports go in bundles, at most every ``interval`` seconds: one link message per request would
     cost the device process about as much as the device call itself once requests are batched here.
@@ -157,6 +162,7 @@ class ReportingDispatcher(Dispatcher):
         self._link = link
         self._interval = interval
         self._pending: list[tuple[str, int, int, int, int]] = []
+        self._tenant_events: list[TenantEvent] = []
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one bundle on its way at a time
         self._wake = threading.Event()
@@ -167,15 +173,22 @@ class ReportingDispatcher(Dispatcher):
             self._pending.append((op_name, status, elapsed_ns, items, compute_ns))
         self._wake.set()
 
+    def relay(self, event: TenantEvent) -> None:
+        """A tenant metric's change (``RelayedTenantMetrics``), for the device process's /metrics."""
+        with self._lock:
+            self._tenant_events.append(event)
+        self._wake.set()
+
     def flush(self) -> bool:
         """Send the reports not sent yet (when this returns, every report recorded before is sent);
         False once the link is closed."""
         with self._flushing:
             with self._lock:
                 bundle, self._pending = self._pending, []
-            if bundle:
+                events, self._tenant_events = self._tenant_events, []
+            if bundle or events:
                 try:
-                    self._link.notify("records", bundle)
+                    self._link.notify("records", bundle, events)
                 except LinkClosed:
                     return False  # the worker is stopping with its device process
         return True
@@ -204,7 +217,10 @@ def build_front(config: WorkerConfig) -> FrontService:
     """A worker's service: the device process's ops seen through the link, and the proxy."""
     settings = config.settings
     metrics = Metrics()
-    guard = build_guard(settings, metrics)
+    dispatchers: list[ReportingDispatcher] = []  # the one made below: the guard's tenant metrics go there
+    relayed = RelayedTenantMetrics(TenantMetrics(metrics.registry),
+                                   lambda event: dispatchers[0].relay(event) if dispatchers else None)
+    guard = build_guard(settings, metrics, relayed)
 
     def lost() -> None:
         guard.monitor.trip(DeviceLost("the shim's device process exited"))
@@ -220,6 +236,7 @@ def build_front(config: WorkerConfig) -> FrontService:
     registry = Registry(build_ops(settings, backend, BatchingFactory(concurrency=WORKER_CALLS_IN_FLIGHT)
                                   if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
+    dispatchers.append(dispatcher)
     app = create_app(settings, dispatcher, metrics)
     install_proxy(app, LinkProxy(forwarded))
     install_guard(app, guard)
