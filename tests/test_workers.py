@@ -798,3 +798,34 @@ def test_an_outbox_whose_writer_cannot_start_frees_its_lock_and_ends_the_link(mo
     while b.recv(1 << 20):  # what went out, then the end of the link
         pass
     a.close(), b.close()
+
+
+def test_a_workers_bundle_carries_each_counter_summed_and_every_observation():
+    """Counter increments relayed between two bundles go as one event per counter (the device process
+    adds them once), observations each."""
+    from shim.metrics import Metrics
+    from shim.registry import Registry
+    from shim.workers.front import ReportingDispatcher
+
+    class Link:  # the device process's end, as the dispatcher sees it
+        def __init__(self) -> None:
+            self.sent: list = []
+
+        def notify(self, method: str, *args) -> None:
+            self.sent.append((method, args))
+
+    link = Link()
+    dispatcher = ReportingDispatcher(Registry([]), Metrics(), link, interval=60)  # flushed by hand below
+    for _ in range(5):
+        dispatcher.relay(("requests", ("bob", "200"), 1.0))
+        dispatcher.relay(("request_bytes", ("bob",), 100.0))
+    dispatcher.relay(("requests", ("eve", "401"), 1.0))
+    dispatcher.relay(("queue_wait", ("bob",), 0.5))
+    dispatcher.relay(("queue_wait", ("bob",), 0.25))
+    assert dispatcher.flush()
+    (method, (records, events)), = link.sent
+    assert method == "records" and records == []
+    assert sorted(events) == sorted([("requests", ("bob", "200"), 5.0), ("request_bytes", ("bob",), 500.0),
+                                     ("requests", ("eve", "401"), 1.0), ("queue_wait", ("bob",), 0.5),
+                                     ("queue_wait", ("bob",), 0.25)])
+    assert dispatcher.flush() and len(link.sent) == 1  # nothing new: nothing sent

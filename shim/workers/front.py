@@ -34,7 +34,7 @@ from ..registry import Registry
 from ..server import create_app
 from ..server.guard import install_guard
 from ..service import Service, build_guard, build_ops
-from ..tenant_metrics import RelayedTenantMetrics, TenantEvent, TenantMetrics
+from ..tenant_metrics import RELAYED, RelayedTenantMetrics, TenantEvent, TenantMetrics
 from .arena import Arena
 from .balance import ConnectionBoard, WorkerGate
 from .link import LinkClient, LinkClosed
@@ -162,7 +162,8 @@ class ReportingDispatcher(Dispatcher):
         self._link = link
         self._interval = interval
         self._pending: list[tuple[str, int, int, int, int]] = []
-        self._tenant_events: list[TenantEvent] = []
+        self._tenant_counts: dict[tuple[str, tuple[str, ...]], float] = {}  # summed until the next bundle
+        self._tenant_observed: list[TenantEvent] = []
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one bundle on its way at a time
         self._wake = threading.Event()
@@ -174,9 +175,15 @@ class ReportingDispatcher(Dispatcher):
         self._wake.set()
 
     def relay(self, event: TenantEvent) -> None:
-        """A tenant metric's change (``RelayedTenantMetrics``), for the device process's /metrics."""
+        """A tenant metric's change (``RelayedTenantMetrics``), for the device process's /metrics:
+        a counter's increments go summed, one event per counter and bundle; observations each."""
+        name, values, amount = event
         with self._lock:
-            self._tenant_events.append(event)
+            if RELAYED.get(name) == "inc":
+                key = (name, values)
+                self._tenant_counts[key] = self._tenant_counts.get(key, 0.0) + amount
+            else:
+                self._tenant_observed.append(event)
         self._wake.set()
 
     def flush(self) -> bool:
@@ -185,7 +192,9 @@ class ReportingDispatcher(Dispatcher):
         with self._flushing:
             with self._lock:
                 bundle, self._pending = self._pending, []
-                events, self._tenant_events = self._tenant_events, []
+                events = [(name, values, amount) for (name, values), amount in self._tenant_counts.items()]
+                events += self._tenant_observed
+                self._tenant_counts, self._tenant_observed = {}, []
             if bundle or events:
                 try:
                     self._link.notify("records", bundle, events)
