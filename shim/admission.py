@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from accel.errors import DeadlineExceeded, QuotaExceeded
 
 from .faults import FaultMonitor
-from .tenant_metrics import TenantMetrics
+from .tenant_metrics import RelayedTenantMetrics, TenantMetrics
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Admission:
     """The slots and the queue of one shim (thread-safe)."""
 
     def __init__(self, limits: Limits, monitor: FaultMonitor | None = None,
-                 metrics: TenantMetrics | None = None) -> None:
+                 metrics: TenantMetrics | RelayedTenantMetrics | None = None) -> None:
         self.limits = limits
         self._monitor = monitor or FaultMonitor()
         self._metrics = metrics

@@ -1,9 +1,12 @@
 """Prometheus metrics per tenant, on the shim's own registry (next to those of ``metrics.py``)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 _WAIT_BUCKETS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
@@ -73,8 +76,13 @@ class _RelayedChild:
 
 
 def apply(metrics: TenantMetrics | Any, events: Iterable[TenantEvent]) -> None:
-    """Add a request worker's relayed events to ``metrics`` (the device process's); others are ignored."""
-    for name, values, amount in events:
-        how = RELAYED.get(name)
-        if how is not None:
-            getattr(getattr(metrics, name).labels(*values), how)(amount)
+    """Add a request worker's relayed events to ``metrics`` (the device process's); an event of no
+    relayed metric is ignored, one that does not fit its metric is logged and skipped."""
+    for event in events:
+        try:
+            name, values, amount = event
+            how = RELAYED.get(name)
+            if how is not None:
+                getattr(getattr(metrics, name).labels(*values), how)(amount)
+        except (TypeError, ValueError) as exc:
+            log.warning("a request worker's tenant metric event %r does not fit: %s", event, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -89,7 +90,8 @@ def test_a_waiter_interrupted_loses_no_item_and_leaves_no_turn(monkeypatch, give
                 lender.give_back(held)  # handed to this waiting turn ...
             raise Interrupt  # ... and the wait is interrupted before it returns
 
-    monkeypatch.setattr(lending.threading, "Event", InterruptedWait)
+    # the lender's module sees a threading of its own; the process's threading is untouched
+    monkeypatch.setattr(lending, "threading", SimpleNamespace(Event=InterruptedWait, Lock=threading.Lock))
     with pytest.raises(Interrupt):
         lender.borrow(5)
     monkeypatch.undo()

@@ -369,12 +369,14 @@ def test_the_tenant_metrics_count_what_workers_served_and_refused(shim, chelsea)
     before = settled()
     with ThreadPoolExecutor(4) as pool:
         assert set(pool.map(lambda _: _client(shim.unix_url).classify(jpeg)[0].label, range(12))) <= CAT_LABELS
+    for _ in range(3):
+        assert client.metadata("gemm")["name"] == "gemm"  # forwarded: counted once, by the device process
     anonymous = accel.Client(shim.unix_url, timeout=10, token="")
     for _ in range(3):
         with pytest.raises(Unauthorized):
             anonymous.gemm(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # refused by a worker
     deadline = time.monotonic() + 5
-    want = _sample(before, "accelshim_tenant_requests_total", tenant="alice", status="200") + 12
+    want = _sample(before, "accelshim_tenant_requests_total", tenant="alice", status="200") + 12 + 3
     while time.monotonic() < deadline:
         after = scrape()
         if _sample(after, "accelshim_tenant_requests_total", tenant="alice", status="200") >= want and \
@@ -388,7 +390,7 @@ def test_the_tenant_metrics_count_what_workers_served_and_refused(shim, chelsea)
             == _sample(before, "accelshim_tenant_rejected_total", tenant="_unauthenticated", reason="unauthorized") + 3)
     grew = (_sample(after, "accelshim_tenant_request_bytes_total", tenant="alice")
             - _sample(before, "accelshim_tenant_request_bytes_total", tenant="alice"))
-    assert grew >= 12 * len(jpeg)
+    assert 12 * len(jpeg) <= grew <= 12 * (len(jpeg) + 1024)  # the bodies of the 12, each counted once
 
 
 def test_relayed_tenant_metrics_add_up_in_the_device_processs_own():
@@ -411,10 +413,11 @@ def test_relayed_tenant_metrics_add_up_in_the_device_processs_own():
     worker.inflight.labels("bob").set(3)
     apply(device, events)
     apply(device, [("no_such_metric", ("bob",), 1.0)])  # a newer worker's: ignored
+    apply(device, [("requests", ("bob",), 1.0), ("request_bytes", ("bob",), 1.0)])  # one label short: skipped
     get = device_registry.get_sample_value
     assert get("accelshim_tenant_requests_total", {"tenant": "bob", "status": "200"}) == 2
     assert get("accelshim_tenant_requests_total", {"tenant": "bob", "status": "429"}) == 1
-    assert get("accelshim_tenant_request_bytes_total", {"tenant": "bob"}) == 1234
+    assert get("accelshim_tenant_request_bytes_total", {"tenant": "bob"}) == 1235  # the event after the bad one
     assert get("accelshim_tenant_rejected_total", {"tenant": "bob", "reason": "queue_full"}) == 1
     assert get("accelshim_tenant_queue_wait_seconds_count", {"tenant": "bob"}) == 1
     assert get("accelshim_tenant_queue_wait_seconds_sum", {"tenant": "bob"}) == 0.25
@@ -624,9 +627,10 @@ def test_workers_in_front_of_the_gpu_match_the_cpu_twin(models_dir, tmp_path, in
 
 
 @contextmanager
-def _front_with_device_logits(models_dir, tmp_path, logits):
+def _front_with_device_logits(models_dir, tmp_path, logits, servers: list | None = None):
     """A request worker whose device process answers ``logits`` with ``logits(model, items, inner)``
-    (a Future; ``inner`` is the real handler), the rest as it is."""
+    (a Future; ``inner`` is the real handler), the rest as it is; its link's server end goes into
+    ``servers`` when given."""
     from shim.config import Settings
     from shim.service import build_service
     from shim.workers.device import DeviceEndpoint
@@ -641,6 +645,8 @@ def _front_with_device_logits(models_dir, tmp_path, logits):
     handlers["logits"] = Deferred(lambda model, items: logits(model, items, inner.fn))
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
+    if servers is not None:
+        servers.append(server)
     front = build_front(WorkerConfig(settings, server.address, key, [],
                                      device.backend.name, device.backend.describe()))
     try:
@@ -747,6 +753,24 @@ def test_forwarded_requests_skip_the_workers_flask_app(models_dir, tmp_path, che
                                 {"Inference-Header-Content-Length": "\xb2"}, 10)
         assert odd.status == 400 and "non-negative integer" in json.loads(odd.body)["error"]
     assert seen == ["/v2/models/classify/infer", "/v2/models/noop/infer"]
+
+
+def test_a_forward_that_fails_counts_under_the_callers_tenant(models_dir, tmp_path):
+    """The worker's guard runs before a failed forward is answered: its 503 counts under the
+    caller's tenant, not as an unauthenticated request."""
+    from shim.auth import DEFAULT_TENANT
+
+    from .conftest import WSGITransport
+
+    servers: list = []
+    with _front_with_device_logits(models_dir, tmp_path, lambda model, items, inner: inner(model, items),
+                                   servers) as front:
+        relayed: list = []
+        front.dispatcher.relay = relayed.append  # what the worker would relay to the device process
+        servers[0].close()  # the device process goes
+        response = WSGITransport(front.app).request("GET", "http://worker/v2/models/gemm", None, {}, 10)
+    assert response.status == 503
+    assert ("requests", (DEFAULT_TENANT, "503"), 1.0) in relayed, relayed
 
 
 def test_a_forward_that_fails_is_answered_by_the_workers_app_as_any_error_is(models_dir, tmp_path):

@@ -23,7 +23,7 @@ from ..admission import Admission
 from ..auth import DEFAULT_TENANT, Tenant, TokenStore
 from ..faults import DeviceLost, FaultMonitor
 from ..names import check_name
-from ..tenant_metrics import TenantMetrics
+from ..tenant_metrics import RelayedTenantMetrics, TenantMetrics
 
 #: what the server puts in the WSGI environ: when the request had arrived whole (time.monotonic())
 RECEIVED_KEY = "accelshim.received"
@@ -39,7 +39,7 @@ class Guard:
     tokens: TokenStore | None
     admission: Admission
     monitor: FaultMonitor
-    metrics: TenantMetrics
+    metrics: TenantMetrics | RelayedTenantMetrics
     max_body_bytes: int
     tenant_max_body_bytes: int = 0  # 0: max_body_bytes
     #: tenant -> bytes it holds in the buffer store (for the per-tenant gauge), when there is a store

@@ -126,7 +126,8 @@ def install_proxy(app: Flask, proxy: LinkProxy) -> None:
     """Send what the worker does not answer itself to the device process as it comes, before Flask
     sees it (the device process's app routes, authenticates and admits those: no request context,
     routing or guard here). A forward that fails (the device process is gone) is answered by the
-    worker's app, which maps the error as it maps any other."""
+    worker's app, which maps the error as it maps any other, after the hooks installed before
+    this (the guard: the answer counts under the caller's tenant)."""
     inner = app.wsgi_app
 
     def forwarding(environ: dict[str, Any], start_response: Any) -> Any:
@@ -247,8 +248,8 @@ def build_front(config: WorkerConfig) -> FrontService:
     dispatcher = ReportingDispatcher(registry, metrics, link)
     dispatchers.append(dispatcher)
     app = create_app(settings, dispatcher, metrics)
+    install_guard(app, guard)  # first: a forward that failed is answered for the caller's tenant
     install_proxy(app, LinkProxy(forwarded))
-    install_guard(app, guard)
     service = FrontService(settings, backend, registry, dispatcher, metrics, app, guard)
     service.link = link
     return service
