@@ -116,14 +116,13 @@ class PinnedRanges:
     def where(self, array: np.ndarray, note: bool = True) -> str | None:
         """``PINNED`` when ``array`` lies in a pinned range, ``REGISTERED`` when in one not pinned yet
         (with ``note``, the use is noted, for ``pin_touched``), else None."""
-        if not array.flags.c_contiguous:
+        span = _span(array)
+        if span is None:
             return None
-        start = array.__array_interface__["data"][0]
-        end = start + array.nbytes
         with self._lock:
-            if any(base <= start and end <= base + size for base, size in self._ranges.items()):
+            if _holding(self._ranges, span) is not None:
                 return PINNED
-            touched = {base for base, size in self._known.items() if base <= start and end <= base + size}
+            touched = {base for base, size in self._known.items() if _holds(base, size, span)}
             if note:
                 self._touched |= touched
             return REGISTERED if touched else None
@@ -135,11 +134,28 @@ class PinnedRanges:
     def pinned_range_of_each(self, arrays: Sequence[np.ndarray]) -> list[int | None]:
         """For each of ``arrays``, the start of the pinned range it lies in (None: none), under one
         look at the ranges."""
-        spans = [(a.ctypes.data, a.nbytes) if a.flags.c_contiguous else None for a in arrays]
+        spans = [_span(a) for a in arrays]
         with self._lock:
-            ranges = list(self._ranges.items())
-        return [next((base for base, size in ranges if base <= span[0] and span[0] + span[1] <= base + size), None)
-                if span is not None else None for span in spans]
+            ranges = dict(self._ranges)
+        return [_holding(ranges, span) if span is not None else None for span in spans]
+
+
+def _span(array: np.ndarray) -> tuple[int, int] | None:
+    """Where ``array``'s bytes lie, (start, end), or None when they are not one contiguous run."""
+    if not array.flags.c_contiguous:
+        return None
+    start = array.__array_interface__["data"][0]
+    return start, start + array.nbytes
+
+
+def _holds(base: int, size: int, span: tuple[int, int]) -> bool:
+    """Whether the range of ``size`` bytes at ``base`` holds all of ``span``."""
+    return base <= span[0] and span[1] <= base + size
+
+
+def _holding(ranges: dict[int, int], span: tuple[int, int]) -> int | None:
+    """The start of the range of ``ranges`` (start -> bytes) that holds all of ``span``, or None."""
+    return next((base for base, size in ranges.items() if _holds(base, size, span)), None)
 
 
 class DeviceWorker:

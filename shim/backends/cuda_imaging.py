@@ -65,7 +65,7 @@ class CudaImagePipeline:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
-                # every image of the chunk goes up in one copy, through the worker's pinned buffer
+                # the chunk's images go up end to end: from a worker's pinned arena, or staged
                 flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
                 self.preprocess_batch(flat, [p.shape for p in chunk], batch)
                 if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros

@@ -19,7 +19,6 @@ class Lender(Generic[T]):
 
     def __init__(self, items: Iterable[T], what: str = "device worker") -> None:
         self._idle: list[T] = list(items)
-        self.size = len(self._idle)
         self._what = what
         self._waiting: deque[list] = deque()  # [item or None, Event] per waiting thread, oldest first
         self._lock = threading.Lock()

@@ -101,6 +101,11 @@ def _dtype(value: Any) -> np.dtype:
     return np.dtype(_NUMPY[value.data_type()])
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, at most 200 characters (onnxruntime's run on)."""
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
 class _Copy:
     """One copy of a batch size's session: its own buffers, CUDA graph and thread (onnxruntime keeps a
     captured graph with the thread's CUDA state); ``busy`` counts the runs handed to it."""
@@ -189,18 +194,14 @@ class OnnxRunner:
                     # the model (its first copies have theirs)
                     session = (self._new_fixed(batch, thread, fall_back=not built) if self.fixed
                                else self._new_session())
-                except Exception as exc:
+                except BaseException as exc:
                     thread.shutdown(wait=False)
-                    if not built:
-                        raise
-                    # the copies that were built serve (out of GPU memory for another, say): no
-                    # request of this size pays for a failed build again
-                    log.warning("%s: %d of %d copies of the session of %d rows (%s: %s)", self._path.parent.name,
-                                len(built), self.copies, batch, type(exc).__name__,
-                                (str(exc).splitlines() or [""])[0][:200])
-                    break
-                except BaseException:
-                    thread.shutdown(wait=False)
+                    if built and isinstance(exc, Exception):
+                        # the copies that were built serve (out of GPU memory for another, say): no
+                        # request of this size pays for a failed build again
+                        log.warning("%s: %d of %d copies of the session of %d rows (%s: %s)", self._path.parent.name,
+                                    len(built), self.copies, batch, type(exc).__name__, _first_line(exc))
+                        break
                     for copy in built:
                         copy.thread.shutdown(wait=False)
                     raise
@@ -222,7 +223,7 @@ class OnnxRunner:
                     raise
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
-                            type(exc).__name__, (str(exc).splitlines() or [""])[0][:200])
+                            type(exc).__name__, _first_line(exc))
         fixed = FixedSession(self._new_session(batch), self.device, self.device_id)
         thread.submit(fixed.warm_up, 1).result()
         return fixed
