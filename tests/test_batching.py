@@ -219,9 +219,10 @@ def test_a_raw_model_request_larger_than_the_batch_size_runs_in_chunks(service):
     np.testing.assert_allclose(logits[65:], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_submit_later_answers_on_the_batchers_thread_and_keeps_failures_apart():
-    """``submit_later`` returns at once; each Future gets its own rows (or its own error), set on
-    the batcher's thread, where its callbacks run: no thread of the caller's waits."""
+def test_submit_later_answers_on_the_reply_thread_and_keeps_failures_apart():
+    """``submit_later`` returns at once; each Future gets its own rows (or its own error). Results are
+    set on the batcher's reply thread, where their callbacks run (an error on the batcher's thread):
+    no thread of the caller's waits."""
     release = threading.Event()
 
     def run(items):
@@ -242,7 +243,34 @@ def test_submit_later_answers_on_the_batchers_thread_and_keeps_failures_apart():
             futures[1].result(5)
     finally:
         batcher.close()
-    assert callback_threads == ["batcher-m-0"] * 3
+    assert sorted(callback_threads) == ["batcher-m-0", "replies-m", "replies-m"]
+
+
+def test_the_batcher_runs_the_next_batch_while_the_replies_of_the_last_go_out():
+    """A slow reply (a callback of ``submit_later``'s Future: a link send) holds up neither the next
+    batch nor a ``submit`` waiting for it; the replies still come in order, and close delivers those
+    queued before it returns."""
+    attached, second_ran, order = threading.Event(), threading.Event(), []
+
+    def run(items):
+        attached.wait(5)  # the first's callback is in place before its result is set
+        return [x * 10 for x in items]
+
+    batcher = Batcher("m", run, max_batch_size=1, max_queue_delay_us=0)
+    try:
+        first = batcher.submit_later(1, 1)
+        first.add_done_callback(lambda f: (second_ran.wait(5), order.append(f.result())))
+        attached.set()
+        # ran and answered while the first's reply still waits (with the reply on the batcher's
+        # thread, the second batch would wait for it: 5 s)
+        with ThreadPoolExecutor(1) as caller:
+            assert caller.submit(batcher.submit, 2, 1).result(timeout=2) == 20
+        second_ran.set()
+        last = batcher.submit_later(3, 1)
+        last.add_done_callback(lambda f: order.append(f.result()))
+    finally:
+        batcher.close()
+    assert order == [10, 30]
 
 
 def test_each_batcher_thread_starts_before_the_batcher_is_returned_and_runs_where_it_started(caplog):
@@ -341,3 +369,18 @@ def test_a_batchs_items_go_once_it_is_answered_even_while_the_thread_waits():
             del future
     finally:
         batcher.close()
+
+
+def test_batches_pad_by_under_a_half_to_a_few_warmed_sizes():
+    """A batch pads to the next power of two or three quarters of it (from 6 on): it runs as fewer
+    than 1.5 times its rows (a power of two alone: nearly twice), and a warm-up of ``padded_sizes(top)`` covers every size a batch of at most
+    ``top`` rows runs as."""
+    from shim.batching import padded_batch, padded_sizes
+
+    assert padded_sizes(32) == [1, 2, 4, 6, 8, 12, 16, 24, 32]
+    for top in (1, 5, 8, 9, 32, 33, 100):
+        sizes = padded_sizes(top)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == padded_batch(top)
+        for rows in range(1, top + 1):
+            size = padded_batch(rows)
+            assert rows <= size and (size == 1 or 2 * size < 3 * rows) and size in sizes, (rows, size)

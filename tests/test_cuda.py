@@ -165,6 +165,40 @@ def test_models_replay_cuda_graphs_that_match_node_by_node_and_the_cpu(cuda, mod
     assert np.array_equal(got, graphed.run({"input": x})["logits"])  # replays are deterministic
 
 
+def test_pinning_beside_a_graph_capture_neither_fails_nor_breaks_it(cuda, models_dir):
+    """Request workers connect while the device process warms up, and their arenas get pinned then:
+    onnxruntime captures in CUDA's global mode, where a pin on another thread fails and breaks the
+    capture (the model then ran node by node for good). Pins wait for the capture instead."""
+    import threading
+
+    path = models_dir / "efficientnet-lite0" / "model.onnx"
+    host = np.zeros(16 << 20, np.uint8)
+    address = host.ctypes.data
+    stop, pinned, failed = threading.Event(), [0], []
+
+    def pin_and_unpin() -> None:
+        while not stop.is_set():
+            cuda.register_host(address, host.nbytes, now=True)
+            if cuda.pinned.contains(host):
+                pinned[0] += 1
+            else:
+                failed.append(pinned[0])
+            cuda.unregister_host(address)
+
+    pinner = threading.Thread(target=pin_and_unpin)
+    pinner.start()
+    try:
+        runner = cuda.load_model(path)
+        x = np.random.default_rng(5).standard_normal((4, 3, 224, 224)).astype(np.float32)
+        for rows in (1, 2, 4):  # three sizes captured while the pins go on
+            runner.run({"input": x[:rows]})
+    finally:
+        stop.set()
+        pinner.join()
+    assert runner.graphs, "a capture failed"
+    assert not failed and pinned[0] >= 3
+
+
 def test_metadata_says_cuda(cuda_service):
     for op in ("gemm", "classify", "efficientnet-lite0"):
         assert cuda_service.registry.get(op).metadata()["backend"] == "cuda", op

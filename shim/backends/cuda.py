@@ -166,7 +166,7 @@ class CudaBackend:
             # the whole model: a batch of 1 runs in about a third of the time node by node takes)
             runner = onnx.OnnxRunner(path, providers, self.threads, self.device_id, fixed=True,
                                      graphs=self.graphs and not self._sealed, device_copy=copy_on_device,
-                                     copies=instances)
+                                     copies=instances, capture_lock=self.pinned.capture_lock)
         if runner.device != "cuda":
             log.warning("onnxruntime could not load its CUDA provider: %s runs on the CPU", path.parent.name)
             return onnx.OnnxRunner(path, ["CPUExecutionProvider"], self.threads)  # unpadded, one session

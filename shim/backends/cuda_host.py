@@ -41,9 +41,15 @@ class PinnedRanges:
     and ``pin_touched``, called after that job, starts the pin on a thread of its own; from its end
     on copies go by DMA. ``wait`` pins at once; ``unregister`` waits for a pin in flight (one not
     begun is dropped), so nothing stays pinned once its mapping goes.
+
+    Pinning and unpinning hold ``capture_lock``, which a CUDA graph's capture holds too: onnxruntime
+    captures in CUDA's global mode, where a pin on another thread fails and breaks the capture (the
+    model would run node by node for the life of the process). Captures happen at warm-up only,
+    when request workers connect and their arenas get pinned.
     """
 
-    def __init__(self, device_id: int = 0) -> None:
+    def __init__(self, device_id: int = 0, capture_lock: threading.Lock | None = None) -> None:
+        self.capture_lock = capture_lock or threading.Lock()
         self._ranges: dict[int, int] = {}   # pinned
         self._known: dict[int, int] = {}    # registered, not pinned yet
         self._touched: set[int] = set()     # known ranges a device job used since the last pin_touched
@@ -73,7 +79,7 @@ class PinnedRanges:
     def _pin(self, address: int, nbytes: int) -> None:
         pinned = False
         try:
-            with device_errors():
+            with self.capture_lock, device_errors():
                 cp.cuda.runtime.hostRegister(address, nbytes, 0)
             pinned = True
         except AccelError as exc:  # a lost device fails the next request that touches it
@@ -105,7 +111,7 @@ class PinnedRanges:
         with self._lock:
             known = self._ranges.pop(address, None)
         if known is not None:
-            with device_errors():
+            with self.capture_lock, device_errors():
                 cp.cuda.runtime.hostUnregister(address)
 
     def __len__(self) -> int:

@@ -121,7 +121,7 @@ class OnnxRunner:
 
     On the CUDA provider a session re-plans every convolution (cuDNN) whenever its input shape
     changes, which costs most of a second, so each batch size gets a session of its own, run by a
-    thread of its own (cuDNN state is per thread too): batches are padded to a power of two
+    thread of its own (cuDNN state is per thread too): batches are padded to one of a few sizes
     (``padded_batch``), so a model has a handful of sessions, each warmed up at start and never
     seeing another shape.
 
@@ -131,12 +131,13 @@ class OnnxRunner:
     of its own with its own thread; a copy that cannot be built leaves the others serving); with
     ``graphs`` too, onnxruntime's CUDA provider captures the whole model as one CUDA graph and
     replays it: one launch instead of one per node, which is most of a small batch's time. A model
-    that cannot be captured (a node off the GPU, say) runs without graphs, logged.
+    that cannot be captured (a node off the GPU, say) runs without graphs, logged. A capture holds
+    ``capture_lock`` (the backend's, which pinning host memory takes too: see ``PinnedRanges``).
     """
 
     def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0, *,
                  fixed: bool = False, graphs: bool = False, device_copy: DeviceCopy | None = None,
-                 copies: int = 1) -> None:
+                 copies: int = 1, capture_lock: threading.Lock | None = None) -> None:
         self._path, self._providers, self.device_id = Path(path), list(providers), device_id
         self._threads = threads
         self.session = self._new_session()
@@ -153,6 +154,7 @@ class OnnxRunner:
         self._by_batch: dict[int, list[_Copy]] = {}
         self._lock = threading.Lock()
         self._building = threading.Lock()
+        self._capture_lock = capture_lock or threading.Lock()
 
     @property
     def fixed(self) -> bool:
@@ -216,7 +218,8 @@ class OnnxRunner:
         if self.graphs:
             try:
                 fixed = FixedSession(self._new_session(batch, graph=True), self.device, self.device_id)
-                thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
+                with self._capture_lock:  # no pin on another thread may break the capture
+                    thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
                 if not fall_back:
@@ -248,7 +251,7 @@ class OnnxRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in and out; on the CUDA provider through I/O binding (one copy each way), the
-        batch padded to a power of two (with ``fixed``, on the CPU too)."""
+        batch padded (``padded_batch``; with ``fixed``, on the CPU too)."""
         rows = {a.shape[0] for a in feeds.values() if a.ndim}
         batched = self._batched and len(rows) == 1
         if self.device != "cuda" and not (self.fixed and batched):
@@ -277,7 +280,7 @@ class OnnxRunner:
         return dict(zip(self._names, outputs))
 
     def run_device(self, name: str, pointer: int, shape: tuple[int, ...], device_id: int = 0) -> np.ndarray:
-        """Run on an FP32 input already on the GPU (no host round trip; its batch a power of two,
+        """Run on an FP32 input already on the GPU (no host round trip; its batch a padded size,
         its producer synchronized); the first output, on the host."""
         def run(session: Any) -> np.ndarray:
             if isinstance(session, FixedSession):

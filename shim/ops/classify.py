@@ -9,7 +9,7 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ImagePipeline, TensorSpec
-from ..batching import Batcher, BatchingFactory, padded_batch
+from ..batching import Batcher, BatchingFactory, padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
@@ -109,16 +109,15 @@ class ClassifyOp(Op):
         return np.split(logits, bounds)
 
     def warmup(self) -> None:
-        """The whole path once, then every batch size the batcher makes on a GPU: powers of two up to
-        the padded model batch size there (through ``logits``, which merged requests take: a batch
-        may hold more images than one request may send), 1 and 2 on the CPU."""
+        """The whole path once, then every batch size the batcher makes on a GPU: each size a batch
+        pads to (``padded_sizes``) up to the padded model batch size there (through ``logits``, which
+        merged requests take: a batch may hold more images than one request may send), 1 and 2 on
+        the CPU."""
         png = sample_png()
         self.run({"image": np.array([png], dtype=object)}, {})
         top = self.config.max_batch_size if self.backend == "cuda" else 2
-        n = 2
-        while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
+        for n in padded_sizes(top)[1:]:  # a batch of max_batch_size rows pads to the last: warm it too
             self.logits(self._prepare(np.array([png] * n, dtype=object)))
-            n *= 2
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -9,7 +9,7 @@ from accel.datatypes import FIXED
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ModelRunner
-from ..batching import Batcher, BatchingFactory, padded_batch
+from ..batching import Batcher, BatchingFactory, padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op
 
@@ -101,13 +101,13 @@ class ModelOp(Op):
         return results  # type: ignore[return-value]
 
     def warmup(self) -> None:
-        """One run with zeros; on a GPU, one per batch shape the runner pads to (1, 2, 4, ... up to
-        the padded ``max_batch_size``), so that no request pays for a new shape. No run is over the
-        request limit (``--max-batch``): a worker's warm-up goes through the device's checks."""
+        """One run with zeros; on a GPU, one per batch shape the runner pads to (``padded_sizes``: 1,
+        2, 4, 6, 8, ... up to the padded ``max_batch_size``), so that no request pays for a new shape.
+        No run is over the request limit (``--max-batch``): a worker's warm-up goes through the
+        device's checks."""
         assert self._runner is not None, f"model {self.name} warmed up before load()"
         top = self.config.max_batch_size if self.backend == "cuda" else 1
-        n = 1
-        while n <= padded_batch(top):  # a batch of max_batch_size rows pads to this: warm it too
+        for n in padded_sizes(top):  # a batch of max_batch_size rows pads to the last: warm it too
             feeds = {}
             rows = min(n, self._max_batch)
             for spec in self.inputs:
@@ -118,7 +118,6 @@ class ModelOp(Op):
             self._runner.run(feeds)
             if rows < n:  # capped by --max-batch: larger sizes would repeat this run
                 break
-            n *= 2
 
     def close(self) -> None:
         if self._batcher is not None:
