@@ -268,8 +268,8 @@ def padded_batch(rows: int) -> int:
 
 def padded_sizes(rows: int) -> list[int]:
     """Every size ``padded_batch`` gives for 1 to ``rows`` rows, smallest first: what a warm-up runs."""
-    sizes = [1]
-    while sizes[-1] < padded_batch(rows):
+    top, sizes = padded_batch(rows), [1]
+    while sizes[-1] < top:
         sizes.append(padded_batch(sizes[-1] + 1))
     return sizes
 
@@ -278,16 +278,13 @@ class BatchingFactory:
     """What the composition root hands the ops: whether to batch, and the metrics to report to."""
 
     def __init__(self, batch_sizes: Histogram | None = None, queue_seconds: Histogram | None = None,
-                 batch_seconds: Histogram | None = None, concurrency: int | None = None,
-                 max_queue_delay_us: int | None = None) -> None:
-        """``concurrency`` and ``max_queue_delay_us``, when given, are every batcher's, whatever its
-        model's config says."""
+                 batch_seconds: Histogram | None = None, concurrency: int | None = None) -> None:
+        """``concurrency``, when given, is every batcher's, whatever its model's instance_count says."""
         self._batch_sizes, self._queue_seconds, self._batch_seconds = batch_sizes, queue_seconds, batch_seconds
-        self._concurrency, self._max_delay_us = concurrency, max_queue_delay_us
+        self._concurrency = concurrency
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
              max_queue_delay_us: int, concurrency: int = 1,
              thread_start: Callable[[], None] | None = None) -> Batcher[Item, Result]:
-        delay = max_queue_delay_us if self._max_delay_us is None else self._max_delay_us
-        return Batcher(name, run_batch, max_batch_size, delay, self._batch_sizes, self._queue_seconds,
+        return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
                        self._batch_seconds, self._concurrency or concurrency, thread_start)

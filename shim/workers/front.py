@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 # one is out goes in the next, without waiting for it to come back (on the H200, 4 carried 8-20% more
 # images per second at 32 clients than 1 in 4 of 5 pairs: bench/results/NOTES.md)
 WORKER_CALLS_IN_FLIGHT = 4
-# how long a worker's batch waits for the requests it is still decoding (None: the model's
-# max_queue_delay_us); the device's batcher mixes the calls of every worker whatever this is
-WORKER_GATHER_DELAY_US: int | None = None
 _HOP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
 _SHM_MARK = b'"shared_memory_region"'
 _FORWARD_FAILED = "accelshim.forward_failed"  # the environ key of a forward's error, for the app to answer
@@ -246,8 +243,8 @@ def build_front(config: WorkerConfig) -> FrontService:
     # the worker batches too: the requests it decodes at once go to the device in one call, where the
     # device's batchers mix the worker batches of every worker (fewer messages and hand-offs there);
     # several such calls may be on their way at once, whatever the model's instance_count
-    batching = BatchingFactory(concurrency=WORKER_CALLS_IN_FLIGHT, max_queue_delay_us=WORKER_GATHER_DELAY_US)
-    registry = Registry(build_ops(settings, backend, batching if settings.batching else None))
+    registry = Registry(build_ops(settings, backend, BatchingFactory(concurrency=WORKER_CALLS_IN_FLIGHT)
+                                  if settings.batching else None))
     dispatcher = ReportingDispatcher(registry, metrics, link)
     dispatchers.append(dispatcher)
     app = create_app(settings, dispatcher, metrics)
