@@ -229,10 +229,11 @@ def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelse
 
 def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_borrowed_worker(cuda_service, chelsea,
                                                                                              coffee):
-    """The batcher's threads are bound to streams of their own (``bind_thread``): a batch runs where
-    it was gathered. A thread of no batcher runs its device work itself too, on a worker it borrows
-    and gives back (a device call inside that job runs on the same worker): no hand-over either way,
-    and the logits are the same."""
+    """The batcher's threads are bound to streams of their own (``bind_thread``) and to sessions of
+    their own: a batch runs where it was gathered, resized straight into the model's input (no copy
+    on the device). A thread of no batcher runs its device work itself too, on a worker it borrows
+    and gives back (a device call inside that job runs on the same worker), its batch copied into a
+    shared session's input: no hand-over either way, and the logits agree."""
     import threading
 
     op = cuda_service.registry.get("classify")
@@ -240,6 +241,9 @@ def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_bor
     items = [pipeline.prepare(img) for img in (_image(chelsea), _image(coffee), _image(chelsea))]
     ran_on: list[tuple[str, object]] = []
     original = backend.on_device
+    runner, copies = pipeline.runner, []
+    device_copy = runner._device_copy
+    runner._device_copy = lambda dst, src, nbytes: copies.append(nbytes) or device_copy(dst, src, nbytes)
 
     def spy(job):
         def where(worker):
@@ -253,15 +257,20 @@ def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_bor
     try:
         batched = op.logits(items)  # through the batcher
         assert ran_on and all(name.startswith("batcher-classify") for name, _ in ran_on), ran_on
+        assert not copies  # resized into the bound session's own input
         ran_on.clear()
         lent = backend.workers.idle()
         with ThreadPoolExecutor(1, thread_name_prefix="no-batcher") as pool:
             alone = pool.submit(pipeline.logits, items).result()
     finally:
         del backend.on_device
+        runner._device_copy = device_copy
     assert [name for name, _ in ran_on] == ["no-batcher_0"]
     assert ran_on[0][1] in backend.workers._idle and backend.workers.idle() == lent  # borrowed, given back
-    assert np.array_equal(batched, alone)
+    assert copies == [4 * 3 * 224 * 224 * 4]  # 3 images padded to 4, copied into the shared session
+    # two sessions of 4 rows (the batcher's, captured; the shared one, built after the warm-up, node by
+    # node): cuDNN may pick other algorithms for each, so they agree to rounding, not bit for bit
+    assert np.abs(batched - alone).max() <= 1e-4
 
 
 def test_a_threads_cublas_handle_is_made_by_its_first_gemm_and_destroyed_when_the_thread_ends(cuda):
@@ -534,3 +543,4 @@ def test_gemm_through_a_shared_memory_region_is_pinned_and_correct(cuda_service)
         client.unregister_shm()
         assert len(cuda_service.backend.pinned) == 0
         del a, b, c
+

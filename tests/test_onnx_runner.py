@@ -165,3 +165,68 @@ def test_a_later_copy_that_cannot_be_captured_is_dropped_and_the_model_keeps_its
     runner.run({"input": np.zeros((2, 3, 224, 224), np.float32)})
     assert captures == [1, 1, 2, 2] and len(runner._by_batch[2]) == 2  # noqa: SLF001
     assert "1 of 2 copies of the session of 1 rows" in caplog.text
+
+
+def test_a_bound_thread_runs_sessions_of_its_own_itself_and_gets_the_same_rows(model, plain):
+    """A batcher's thread binds (``bind_thread``): the sizes it names are built on it at once, later
+    sizes on first use, and it runs them itself (no session thread is made); a thread that is not
+    bound still runs on the shared sessions, each on its own thread. Both give the plain session's
+    rows."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = OnnxRunner(model, CPU, fixed=True)
+    rng = np.random.default_rng(12)
+    xs = {rows: rng.standard_normal((rows, 3, 224, 224)).astype(np.float32) for rows in (1, 2, 3)}
+    wants = {rows: plain.run({"input": x})["logits"] for rows, x in xs.items()}
+
+    def bound_runs() -> tuple[list[int], dict[int, np.ndarray]]:
+        runner.bind_thread([1, 2])
+        built_at_bind = sorted(runner._local.sessions)  # noqa: SLF001 - what binding built
+        return built_at_bind, {rows: runner.run({"input": x})["logits"] for rows, x in xs.items()}
+
+    before = set(threading.enumerate())
+    with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
+        built_at_bind, gots = pool.submit(bound_runs).result()
+    assert built_at_bind == [1, 2]
+    assert not runner._by_batch  # noqa: SLF001 - no shared session was built
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("ort-")]
+    for rows, got in gots.items():
+        assert np.abs(got - wants[rows]).max() <= 1e-4 * max(1.0, float(np.abs(wants[rows]).max()))
+    unbound = runner.run({"input": xs[3]})["logits"]  # this thread is not bound: a session thread runs it
+    assert sorted(runner._by_batch) == [4]  # noqa: SLF001
+    assert np.abs(unbound - wants[3]).max() <= 1e-4 * max(1.0, float(np.abs(wants[3]).max()))
+    assert runner.input_buffer("input", 4) is None  # only a bound thread has inputs of its own
+
+
+def test_a_batch_written_into_the_bound_input_runs_without_a_copy(model, plain):
+    """``input_buffer`` gives the bound session's own input: a batch written there runs through
+    ``run_device`` with no copy at all; one from anywhere else is copied in first."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    copies: list[int] = []
+
+    def host_copy(dst: int, src: int, nbytes: int) -> None:  # the CPU stand-in for a device copy
+        copies.append(nbytes)
+        ctypes.memmove(dst, src, nbytes)
+
+    runner = OnnxRunner(model, CPU, fixed=True, device_copy=host_copy)
+    x = np.random.default_rng(13).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    want = plain.run({"input": x})["logits"]
+
+    def in_place() -> tuple[np.ndarray, np.ndarray]:
+        runner.bind_thread([2])
+        pointer, shape = runner.input_buffer("input", 2)
+        assert shape == (2, 3, 224, 224)
+        ctypes.memmove(pointer, x.ctypes.data, x.nbytes)  # as the GPU resize writes it
+        first = runner.run_device("input", pointer, shape)
+        assert not copies
+        copied = runner.run_device("input", x.ctypes.data, x.shape)  # from elsewhere: copied in
+        assert copies == [x.nbytes]
+        return first, copied
+
+    with ThreadPoolExecutor(1) as pool:
+        first, copied = pool.submit(in_place).result()
+    for got in (first, copied):
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import cupy as cp
 import numpy as np
 
+from ..batching import padded_sizes
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import onnx
@@ -55,7 +56,11 @@ class CudaImagePipeline:
         return rgb_pixels(image)
 
     def bind_thread(self) -> None:
+        """The calling thread (a batcher's) gets a device worker and the model's sessions of every
+        batch size it may run, its own (built and captured on it, now)."""
         self._backend.bind_thread()
+        with device_errors():
+            self.runner.bind_thread(padded_sizes(self._step))
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
@@ -64,7 +69,7 @@ class CudaImagePipeline:
         def run(state: DeviceWorker) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
-                batch = cp.empty((onnx.padded_batch(len(chunk)), 3, size, size), dtype=cp.float32)
+                batch = self._batch_array((onnx.padded_batch(len(chunk)), 3, size, size))
                 # the chunk's images go up end to end: from a worker's pinned arena, or staged
                 flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
                 self.preprocess_batch(flat, [p.shape for p in chunk], batch)
@@ -79,6 +84,16 @@ class CudaImagePipeline:
         with device_errors():
             self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _batch_array(self, shape: tuple[int, int, int, int]) -> cp.ndarray:
+        """Where a batch of ``shape`` is resized to: the model's own input on a bound thread (see
+        ``OnnxRunner.input_buffer``: the run copies nothing), else a new array."""
+        buffer = self.runner.input_buffer(self._input, shape[0])
+        if buffer is None or buffer[1] != shape:
+            return cp.empty(shape, dtype=cp.float32)
+        nbytes = int(np.prod(shape)) * 4
+        memory = cp.cuda.UnownedMemory(buffer[0], nbytes, self.runner, self._backend.device_id)
+        return cp.ndarray(shape, cp.float32, cp.cuda.MemoryPointer(memory, 0))
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""

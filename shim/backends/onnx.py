@@ -71,7 +71,8 @@ class FixedSession:
         value = self.inputs[name]
         if tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32:
             raise ValueError(f"input {name!r} is {_dtype(value)} {tuple(value.shape())} here, not float32 {shape}")
-        copy(value.data_ptr(), pointer, int(np.prod(shape)) * 4)
+        if pointer != value.data_ptr():  # else written in place (``OnnxRunner.input_buffer``)
+            copy(value.data_ptr(), pointer, int(np.prod(shape)) * 4)
         self.session.run_with_iobinding(self.binding)
         return self._host(self.outputs[0])
 
@@ -133,6 +134,10 @@ class OnnxRunner:
     replays it: one launch instead of one per node, which is most of a small batch's time. A model
     that cannot be captured (a node off the GPU, say) runs without graphs, logged. A capture holds
     ``capture_lock`` (the backend's, which pinning host memory takes too: see ``PinnedRanges``).
+
+    A thread that runs batches all the time (a batcher's) can instead ``bind_thread``: it gets fixed
+    sessions of its own, built and captured on it, and runs them itself, with no hand-over to a
+    session's thread and back; ``input_buffer`` lets it write a batch straight into their inputs.
     """
 
     def __init__(self, path: Path, providers: Sequence[Any], threads: int = 0, device_id: int = 0, *,
@@ -155,6 +160,7 @@ class OnnxRunner:
         self._lock = threading.Lock()
         self._building = threading.Lock()
         self._capture_lock = capture_lock or threading.Lock()
+        self._local = threading.local()  # ``sessions``: a bound thread's own, by batch size
 
     @property
     def fixed(self) -> bool:
@@ -211,15 +217,21 @@ class OnnxRunner:
             with self._lock:
                 return self._by_batch.setdefault(batch, built)
 
-    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor, fall_back: bool = True) -> FixedSession:
-        """The fixed session of ``batch`` rows, its graph captured (on its thread) where it can be;
-        where it cannot, with ``fall_back`` the model runs node by node from now on (logged), else
-        the capture's error is raised."""
+    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor | None, fall_back: bool = True) -> FixedSession:
+        """The fixed session of ``batch`` rows, its graph captured (on ``thread``, which will run it;
+        None: the calling thread) where it can be; where it cannot, with ``fall_back`` the model runs
+        node by node from now on (logged), else the capture's error is raised."""
+        def on_its_thread(job: Callable[[], None]) -> None:
+            if thread is None:
+                job()
+            else:
+                thread.submit(job).result()
+
         if self.graphs:
             try:
                 fixed = FixedSession(self._new_session(batch, graph=True), self.device, self.device_id)
                 with self._capture_lock:  # no pin on another thread may break the capture
-                    thread.submit(fixed.warm_up, GRAPH_WARMUP_RUNS).result()
+                    on_its_thread(lambda: fixed.warm_up(GRAPH_WARMUP_RUNS))
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
                 if not fall_back:
@@ -228,15 +240,52 @@ class OnnxRunner:
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
                             type(exc).__name__, _first_line(exc))
         fixed = FixedSession(self._new_session(batch), self.device, self.device_id)
-        thread.submit(fixed.warm_up, 1).result()
+        on_its_thread(lambda: fixed.warm_up(1))
         return fixed
+
+    def bind_thread(self, sizes: Sequence[int] = ()) -> None:
+        """The calling thread (a batcher's, at its start) runs this model's batches itself from now
+        on, on fixed sessions of its own (onnxruntime keeps a captured graph with the thread that
+        captured it): those of ``sizes`` built and captured here and now, any other size on first
+        use. A runner without fixed sessions has none to bind."""
+        if not self.fixed:
+            return
+        self._local.sessions = {}
+        for size in sizes:
+            self._bound(size)
+
+    def _bound(self, batch: int) -> FixedSession | None:
+        """The calling thread's own session of ``batch`` rows (built now if need be), or None when
+        the thread is not bound."""
+        sessions: dict[int, FixedSession] | None = getattr(self._local, "sessions", None)
+        if sessions is None or batch < 1:  # 0: an unbatched run, on the session made at load
+            return None
+        session = sessions.get(batch)
+        if session is None:
+            with self._building:  # one build, and so one capture, at a time
+                session = sessions[batch] = self._new_fixed(batch, None)
+        return session
+
+    def input_buffer(self, name: str, batch: int) -> tuple[int, tuple[int, ...]] | None:
+        """Where the calling thread's own session of ``batch`` rows takes its FP32 input ``name`` on
+        the device, and its shape, or None (a thread not bound, another type): a batch written
+        there runs with ``run_device`` given that address, copied nowhere."""
+        session = self._bound(batch)
+        value = None if session is None else session.inputs.get(name)
+        if value is None or _dtype(value) != np.float32:
+            return None
+        return value.data_ptr(), tuple(value.shape())
 
     def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
         suffix = f"c{copy}" if copy else ""
         return ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self._path.parent.name}-{batch}{suffix}")
 
     def _on_gpu(self, batch: int, job: Callable[[Any], T]) -> T:
-        """``job(session)`` with a copy of the session of ``batch`` rows (the least busy), on its thread."""
+        """``job(session)`` with the calling thread's own session of ``batch`` rows, on it (a bound
+        thread), else with a copy of the session (the least busy), on that copy's thread."""
+        bound = self._bound(batch)
+        if bound is not None:
+            return job(bound)
         copies = self._session_for(batch)
         if len(copies) == 1:
             return copies[0].thread.submit(job, copies[0].session).result()
