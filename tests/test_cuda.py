@@ -380,9 +380,11 @@ def test_parts_lying_end_to_end_go_up_in_one_transfer_and_arrive_whole(cuda, mon
     loose = [rng.integers(0, 256, size, np.uint8) for size in (333, 9000)]  # pageable: staged
     address = whole.ctypes.data
     cuda.register_host(address, whole.nbytes, now=True)
+    from shim.backends import cuda_driver
+
     transfers = []
-    original = cp.cuda.runtime.memcpyAsync
-    monkeypatch.setattr(cp.cuda.runtime, "memcpyAsync", lambda *a: transfers.append(a[2]) or original(*a))
+    original = cuda_driver.copy_to_device
+    monkeypatch.setattr(cuda_driver, "copy_to_device", lambda *a: transfers.append(a[2]) or original(*a))
     try:
         worker = DeviceWorker(cuda.pinned)
         with worker.stream:
@@ -544,3 +546,73 @@ def test_gemm_through_a_shared_memory_region_is_pinned_and_correct(cuda_service)
         assert len(cuda_service.backend.pinned) == 0
         del a, b, c
 
+
+def test_driver_calls_that_keep_the_interpreter_lock_copy_zero_and_launch_as_cupy_does(cuda):
+    """``cuda_driver`` (a batch's copies, padding and resize launches, made without letting go of the
+    interpreter lock): bytes arrive where they are sent, only the range asked is zeroed, a kernel
+    computes what cupy's own launch of it does, and a failure is a CUDA error of the shim's."""
+    from accel.errors import InternalError
+    from shim.backends import cuda_driver
+    from shim.backends.cuda_errors import device_errors
+
+    rng = np.random.default_rng(21)
+    host = cp.cuda.alloc_pinned_memory(4096)
+    pinned = np.frombuffer(host, np.uint8, 4096)
+    pinned[:] = rng.integers(1, 256, 4096, np.uint8)
+    stream = cp.cuda.Stream(non_blocking=True)
+    device = cp.full(8192, 7, dtype=cp.uint8)
+    cuda_driver.copy_to_device(device.data.ptr + 100, pinned.ctypes.data, 4096, stream.ptr)
+    cuda_driver.fill_zeros(device.data.ptr + 1000, 50, stream.ptr)
+    stream.synchronize()
+    want = np.full(8192, 7, np.uint8)
+    want[100:4196] = pinned
+    want[1000:1050] = 0
+    np.testing.assert_array_equal(device.get(), want)
+
+    kernel = cp.RawKernel(r"""extern "C" __global__ void axpb(const float* x, float* y, int n, float a, long long b,
+                                                             unsigned long long flag) {
+        int i = blockDim.x * blockIdx.x + threadIdx.x;
+        if (i < n) y[i] = a * x[i] + (float)b + (flag ? 1.0f : 0.0f);
+    }""", "axpb")
+    x = cp.asarray(rng.standard_normal(1000).astype(np.float32))
+    ours, theirs = cp.zeros_like(x), cp.zeros_like(x)
+    args = (x, ours, np.int32(1000), np.float32(2.5), np.int64(-3), np.uint64(1))
+    cuda_driver.launch(cuda_driver.kernel_handle(kernel), (4, 1), 256, args, stream.ptr)
+    with stream:
+        kernel((4,), (256,), (x, theirs) + args[2:])
+    stream.synchronize()
+    np.testing.assert_array_equal(ours.get(), theirs.get())
+    np.testing.assert_allclose(ours.get(), 2.5 * x.get() - 3 + 1, rtol=1e-6, atol=1e-6)  # the GPU fuses a*x+b
+
+    with pytest.raises(InternalError, match="CUDA error"), device_errors():
+        cuda_driver.launch(cuda_driver.kernel_handle(kernel), (1, 1), 4096, args, stream.ptr)  # too many threads
+
+
+def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_resize(cuda_service, chelsea, coffee):
+    """A thread bound as a batcher's is (``CudaImagePipeline.bind_thread``) gets sessions of its own,
+    captured on its device worker's stream: the upload, the resize and the model follow one another
+    there with no wait on the host. Its logits are a thread's that is not bound (a shared session,
+    the batch copied in after a wait), replay for replay the same, and the right labels."""
+    op = cuda_service.registry.get("classify")
+    pipeline, backend, runner = op._pipeline, cuda_service.backend, op._pipeline.runner
+    items = [pipeline.prepare(_image(p)) for p in (chelsea, coffee, chelsea, coffee, coffee)]  # pads to 6
+
+    def bound():
+        pipeline.bind_thread()
+        target = runner.input_buffer(pipeline._input, 6)
+        return target, backend._local.worker.stream.ptr, [pipeline.logits(items) for _ in range(3)]
+
+    runner.graphs = True  # sealed by the service's warm-up; nothing else runs beside this capture
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            target, stream, runs = pool.submit(bound).result()
+        assert runner.graphs, "a capture failed"
+    finally:
+        runner.graphs = False
+    alone = pipeline.logits(items)
+    assert target is not None and target.stream == stream  # captured on the worker's stream
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[1], runs[2])
+    assert np.abs(runs[0] - alone).max() <= 1e-4
+    labels = [op._labels[i].decode() for i in runs[0].argmax(axis=1)]
+    assert labels[0] in CAT_LABELS and labels[2] in CAT_LABELS
+    assert labels[1] == labels[3] == labels[4] == "espresso"

@@ -217,8 +217,8 @@ def test_a_batch_written_into_the_bound_input_runs_without_a_copy(model, plain):
 
     def in_place() -> tuple[np.ndarray, np.ndarray]:
         runner.bind_thread([2])
-        pointer, shape = runner.input_buffer("input", 2)
-        assert shape == (2, 3, 224, 224)
+        pointer, shape, stream = runner.input_buffer("input", 2)
+        assert shape == (2, 3, 224, 224) and stream is None  # on no stream of the caller's
         ctypes.memmove(pointer, x.ctypes.data, x.nbytes)  # as the GPU resize writes it
         first = runner.run_device("input", pointer, shape)
         assert not copies
@@ -230,3 +230,43 @@ def test_a_batch_written_into_the_bound_input_runs_without_a_copy(model, plain):
         first, copied = pool.submit(in_place).result()
     for got in (first, copied):
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_a_bound_thread_s_sessions_run_on_its_stream_and_wait_for_it_or_fall_back_to_their_own(model, plain, caplog):
+    """Bound with a ``ComputeStream`` (a batcher's CUDA stream), a thread's sessions run on it and
+    wait for it after each run (onnxruntime leaves a stream it was given unsynchronized), and
+    ``input_buffer`` says so; a size that cannot be captured on that stream is built on a stream of
+    its own, logged, and says so too. On the CPU the stream is a stand-in and the capture's failure
+    is faked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shim.backends.onnx import ComputeStream
+
+    runner = OnnxRunner(model, CPU, fixed=True)
+    runner.graphs = True  # as on the GPU
+    original, asked = runner._new_session, []  # noqa: SLF001
+
+    def new_session(batch=None, graph=False, stream=None):
+        asked.append((batch, graph, stream))
+        if graph and stream is not None and batch == 2:
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+        return original(batch, graph)
+
+    runner._new_session = new_session  # noqa: SLF001
+    waits: list[int] = []
+    x = np.random.default_rng(14).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = plain.run({"input": x})["logits"]
+
+    def bound() -> tuple:
+        runner.bind_thread([1, 2], ComputeStream(77, lambda: waits.append(1)))
+        at_bind = len(waits)
+        got = runner.run({"input": x})["logits"]
+        return at_bind, len(waits) - at_bind, got, runner.input_buffer("input", 1), runner.input_buffer("input", 2)
+
+    with ThreadPoolExecutor(1) as pool:
+        at_bind, per_run, got, one, two = pool.submit(bound).result()
+    assert asked == [(1, True, 77), (2, True, 77), (2, True, None)]
+    assert at_bind >= 1 and per_run == 1  # the warm-up's runs waited too; one wait per run
+    assert one.stream == 77 and two.stream is None and two.shape == (2, 3, 224, 224)
+    assert "could not be captured on its caller's stream" in caplog.text and runner.graphs
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

@@ -80,9 +80,9 @@ class CudaBackend:
                     self._gemm_on(worker, x, x, x, 1.0, 1.0, "default")
         return worker
 
-    def bind_thread(self) -> None:
+    def bind_thread(self) -> DeviceWorker:
         """Give the calling thread a worker of its own (stream, cuBLAS handle, pinned buffers):
-        from now on its ``on_device`` jobs run on that worker, borrowing none."""
+        from now on its ``on_device`` jobs run on that worker, borrowing none. Returns it."""
         cp.cuda.Device(self.device_id).use()
         with device_errors():
             worker = DeviceWorker(self.pinned)
@@ -90,6 +90,7 @@ class CudaBackend:
                 worker.upload_concatenated([np.zeros(1 << 20, np.uint8)], IMAGE_SLOT).sum()
                 worker.stream.synchronize()
             self._local.worker = worker
+        return worker
 
     def on_device(self, job: Callable[["DeviceWorker"], T]) -> T:
         """Run ``job(worker)`` on the calling thread, in a worker's stream: the thread's own (one

@@ -28,7 +28,7 @@ def device_errors(pool: Any = None) -> Iterator[None]:
         if pool is not None:
             pool.free_all_blocks()
         raise NotReady(f"GPU memory is held by other requests right now ({exc}); retry", retry_after=0.1) from exc
-    except cp.cuda.runtime.CUDARuntimeError as exc:
+    except (cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError) as exc:  # same codes
         if exc.status in STICKY_CUDA_ERRORS:
             raise DeviceLost(f"CUDA error {exc.status}: {exc}") from exc
         raise InternalError(f"CUDA error {exc.status}: {exc}") from exc

@@ -15,6 +15,7 @@ from cupy_backends.cuda.libs import cublas
 
 from accel.errors import AccelError
 
+from . import cuda_driver
 from .cuda_errors import device_errors
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ PINNED, REGISTERED = "pinned", "registered"  # where an operand lies (``PinnedRa
 _GEMM_TYPES = {"e": (2, 68, np.float32), "f": (0, 68, np.float32), "d": (1, 70, np.float64)}
 _COMPUTE_32F_FAST_TF32 = 77
 _GEMM_DEFAULT = -1
-_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 
 
 class PinnedRanges:
@@ -243,8 +243,9 @@ class DeviceWorker:
         """The 1-D ``parts`` (one dtype) end to end on the device. Parts that lie in pinned memory (a
         request worker's link arena) go up by DMA from there; the others are copied into pinned buffer
         ``slot`` first. Each run of parts that lie end to end in one pinned range (a worker's images,
-        lent one after another), or in the staging buffer, goes up as one transfer, queued with a bare
-        cudaMemcpyAsync. The caller synchronizes the stream before ``parts`` or the slot may change.
+        lent one after another), or in the staging buffer, goes up as one transfer, queued by a bare
+        driver call (``cuda_driver``). The caller synchronizes the stream before ``parts`` or the slot
+        may change.
 
         Raises:
             ValueError: the parts are not of one dtype.
@@ -278,8 +279,8 @@ class DeviceWorker:
             else:
                 runs.append([offset, source, nbytes, base])
             offset += nbytes
-        for at, source, nbytes, _ in runs:
-            cp.cuda.runtime.memcpyAsync(device.data.ptr + at, source, nbytes, _HOST_TO_DEVICE, self.stream.ptr)
+        for at, source, nbytes, _ in runs:  # keeping the interpreter lock: see ``cuda_driver``
+            cuda_driver.copy_to_device(device.data.ptr + at, source, nbytes, self.stream.ptr)
         return device
 
     def download(self, device: cp.ndarray, slot: int, out: np.ndarray | None = None) -> np.ndarray:

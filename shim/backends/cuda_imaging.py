@@ -12,7 +12,7 @@ import numpy as np
 from ..batching import padded_sizes
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
-from . import onnx
+from . import cuda_driver, onnx
 from .cuda import IMAGE_SLOT
 from .cuda_errors import device_errors
 
@@ -48,7 +48,8 @@ class CudaImagePipeline:
         self._input = runner.inputs[0].name
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
-            self._h, self._v = module.get_function("resample_h"), module.get_function("resample_v")
+            self._h, self._v = (cuda_driver.kernel_handle(module.get_function(name))
+                                for name in ("resample_h", "resample_v"))
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -57,10 +58,11 @@ class CudaImagePipeline:
 
     def bind_thread(self) -> None:
         """The calling thread (a batcher's) gets a device worker and the model's sessions of every
-        batch size it may run, its own (built and captured on it, now)."""
-        self._backend.bind_thread()
+        batch size it may run, its own (built and captured on it, now), on the worker's stream: a
+        batch's upload, resize and model follow one another there, with no wait on the host."""
+        stream = self._backend.bind_thread().stream
         with device_errors():
-            self.runner.bind_thread(padded_sizes(self._step))
+            self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
@@ -69,15 +71,18 @@ class CudaImagePipeline:
         def run(state: DeviceWorker) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
-                batch = self._batch_array((onnx.padded_batch(len(chunk)), 3, size, size))
+                rows = onnx.padded_batch(len(chunk))
+                target = self.runner.input_buffer(self._input, rows)
+                batch = self._batch_array((rows, 3, size, size), target)
                 # the chunk's images go up end to end: from a worker's pinned arena, or staged
                 flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
                 self.preprocess_batch(flat, [p.shape for p in chunk], batch)
                 if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros
                     row = batch[0].nbytes
-                    cp.cuda.runtime.memsetAsync(batch.data.ptr + len(chunk) * row, 0, (len(batch) - len(chunk)) * row,
-                                                state.stream.ptr)
-                state.stream.synchronize()  # onnxruntime runs on its own stream
+                    cuda_driver.fill_zeros(batch.data.ptr + len(chunk) * row, (len(batch) - len(chunk)) * row,
+                                           state.stream.ptr)
+                if target is None or target.pointer != batch.data.ptr or target.stream != state.stream.ptr:
+                    state.stream.synchronize()  # onnxruntime runs on a stream of its own, or copies the batch
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
                 parts.append(logits[:len(chunk)])
 
@@ -85,14 +90,13 @@ class CudaImagePipeline:
             self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _batch_array(self, shape: tuple[int, int, int, int]) -> cp.ndarray:
-        """Where a batch of ``shape`` is resized to: the model's own input on a bound thread (see
-        ``OnnxRunner.input_buffer``: the run copies nothing), else a new array."""
-        buffer = self.runner.input_buffer(self._input, shape[0])
-        if buffer is None or buffer[1] != shape:
+    def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:
+        """Where a batch of ``shape`` is resized to: the model's own input ``target`` on a bound thread
+        (``OnnxRunner.input_buffer``: the run copies nothing), else a new array."""
+        if target is None or target.shape != shape:
             return cp.empty(shape, dtype=cp.float32)
         nbytes = int(np.prod(shape)) * 4
-        memory = cp.cuda.UnownedMemory(buffer[0], nbytes, self.runner, self._backend.device_id)
+        memory = cp.cuda.UnownedMemory(target.pointer, nbytes, self.runner, self._backend.device_id)
         return cp.ndarray(shape, cp.float32, cp.cuda.MemoryPointer(memory, 0))
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
@@ -122,6 +126,7 @@ class CudaImagePipeline:
         src_w, src_stride = width, height * width * channels
         mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
         null, out_stride = np.uint64(0), np.int64(out[0].size)
+        stream = cp.cuda.get_current_stream().ptr  # the device worker's
         steps = self._plan(width, height)
         for index, (step, bounds, weights) in enumerate(steps):
             last = index == len(steps) - 1
@@ -138,9 +143,10 @@ class CudaImagePipeline:
                         np.int32(step.weights.shape[1]), np.int32(out_n))
                 kernel = self._v
             dst = None if last else cp.empty(count * per_image, dtype=cp.uint8)
-            kernel(((per_image + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK, count), (_THREADS_PER_BLOCK,),
-                   args + (dst if dst is not None else null, out if last else null, mean, std,
-                           np.int64(src_stride), np.int64(per_image), out_stride))
+            cuda_driver.launch(kernel, ((per_image + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK, count),
+                               _THREADS_PER_BLOCK, args + (dst if dst is not None else null, out if last else null,
+                                                           mean, std, np.int64(src_stride), np.int64(per_image),
+                                                           out_stride), stream)
             if dst is not None:
                 src, src_stride = dst, per_image
 

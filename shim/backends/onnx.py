@@ -5,7 +5,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -15,7 +15,8 @@ from accel.datatypes import FIXED
 from ..batching import padded_batch
 from .base import TensorSpec
 
-__all__ = ["FixedSession", "OnnxRunner", "padded_batch", "version", "has_cuda_provider"]
+__all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "padded_batch", "version",
+           "has_cuda_provider"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -31,6 +32,23 @@ _ORT_TYPES = {
 }
 
 
+class ComputeStream(NamedTuple):
+    """A CUDA stream that a thread queues its work on, for its sessions to run on too (the model then
+    follows that work with no wait on the host between): its address, and how to wait for it."""
+
+    pointer: int
+    synchronize: Callable[[], None]
+
+
+class BoundInput(NamedTuple):
+    """A bound thread's session input (``OnnxRunner.input_buffer``): its device address and shape,
+    and the stream (address) the session runs on, None for a stream of onnxruntime's own."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    stream: int | None
+
+
 def _spec(arg: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
     return TensorSpec(arg.name, _ORT_TYPES.get(arg.type), shape)
@@ -41,11 +59,12 @@ class FixedSession:
     device: what a CUDA graph replays (onnxruntime captures one when the provider is asked to).
 
     Every call runs on the session's own thread (``OnnxRunner._on_gpu``), so the buffers are never
-    shared between two runs.
+    shared between two runs. A session on a ``stream`` of its caller's waits for it after each run:
+    onnxruntime does not synchronize a stream it was given, and the outputs are read on the host next.
     """
 
-    def __init__(self, session: Any, device: str, device_id: int) -> None:
-        self.session, self.device = session, device
+    def __init__(self, session: Any, device: str, device_id: int, stream: ComputeStream | None = None) -> None:
+        self.session, self.device, self.stream = session, device, stream
         self.binding = session.io_binding()
         self.inputs: dict[str, Any] = {}
         self.outputs: list[Any] = []
@@ -73,7 +92,7 @@ class FixedSession:
             raise ValueError(f"input {name!r} is {_dtype(value)} {tuple(value.shape())} here, not float32 {shape}")
         if pointer != value.data_ptr():  # else written in place (``OnnxRunner.input_buffer``)
             copy(value.data_ptr(), pointer, int(np.prod(shape)) * 4)
-        self.session.run_with_iobinding(self.binding)
+        self._replay()
         return self._host(self.outputs[0])
 
     def warm_up(self, runs: int) -> None:
@@ -83,8 +102,13 @@ class FixedSession:
             self._run()
 
     def _run(self) -> list[np.ndarray]:
-        self.session.run_with_iobinding(self.binding)
+        self._replay()
         return [self._host(value) for value in self.outputs]
+
+    def _replay(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _host(self, value: Any) -> np.ndarray:
         """A host array of its own (the buffers are reused): ``numpy()`` copies a device buffer and
@@ -167,7 +191,7 @@ class OnnxRunner:
         """Whether each batch size runs on a session of fixed shapes and buffers."""
         return self._batch_axis is not None
 
-    def _new_session(self, batch: int | None = None, graph: bool = False) -> Any:
+    def _new_session(self, batch: int | None = None, graph: bool = False, stream: int | None = None) -> Any:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self._threads:
@@ -176,9 +200,11 @@ class OnnxRunner:
         providers = self._providers
         if batch is not None:
             options.add_free_dimension_override_by_name(self._batch_axis, batch)
-        if graph:
-            providers = [(p[0], {**p[1], "enable_cuda_graph": "1"}) if isinstance(p, tuple) and
-                         p[0] == "CUDAExecutionProvider" else p for p in providers]
+        extra = {**({"enable_cuda_graph": "1"} if graph else {}),
+                 **({"user_compute_stream": str(stream)} if stream is not None else {})}
+        if extra:
+            providers = [(p[0], {**p[1], **extra}) if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"
+                         else p for p in providers]
         return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
 
     def _session_for(self, batch: int) -> list[_Copy]:
@@ -217,10 +243,13 @@ class OnnxRunner:
             with self._lock:
                 return self._by_batch.setdefault(batch, built)
 
-    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor | None, fall_back: bool = True) -> FixedSession:
-        """The fixed session of ``batch`` rows, its graph captured (on ``thread``, which will run it;
-        None: the calling thread) where it can be; where it cannot, with ``fall_back`` the model runs
-        node by node from now on (logged), else the capture's error is raised."""
+    def _new_fixed(self, batch: int, thread: ThreadPoolExecutor | None, fall_back: bool = True,
+                   stream: ComputeStream | None = None) -> FixedSession:
+        """The fixed session of ``batch`` rows (on ``stream`` when given: one that cannot be captured
+        there is built again on a stream of its own, logged), its graph captured (on ``thread``, which
+        will run it; None: the calling thread) where it can be; where it cannot, with ``fall_back`` the
+        model runs node by node from now on (logged), else the capture's error is raised."""
+        on_stream = {} if stream is None else {"stream": stream.pointer}
         def on_its_thread(job: Callable[[], None]) -> None:
             if thread is None:
                 job()
@@ -229,28 +258,35 @@ class OnnxRunner:
 
         if self.graphs:
             try:
-                fixed = FixedSession(self._new_session(batch, graph=True), self.device, self.device_id)
+                fixed = FixedSession(self._new_session(batch, graph=True, **on_stream), self.device, self.device_id,
+                                     stream)
                 with self._capture_lock:  # no pin on another thread may break the capture
                     on_its_thread(lambda: fixed.warm_up(GRAPH_WARMUP_RUNS))
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
+                if stream is not None:
+                    log.warning("%s: the session of %d rows could not be captured on its caller's stream (%s: %s); "
+                                "it runs on a stream of its own", self._path.parent.name, batch, type(exc).__name__,
+                                _first_line(exc))
+                    return self._new_fixed(batch, thread, fall_back)
                 if not fall_back:
                     raise
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
                             type(exc).__name__, _first_line(exc))
-        fixed = FixedSession(self._new_session(batch), self.device, self.device_id)
+        fixed = FixedSession(self._new_session(batch, **on_stream), self.device, self.device_id, stream)
         on_its_thread(lambda: fixed.warm_up(1))
         return fixed
 
-    def bind_thread(self, sizes: Sequence[int] = ()) -> None:
+    def bind_thread(self, sizes: Sequence[int] = (), stream: ComputeStream | None = None) -> None:
         """The calling thread (a batcher's, at its start) runs this model's batches itself from now
         on, on fixed sessions of its own (onnxruntime keeps a captured graph with the thread that
-        captured it): those of ``sizes`` built and captured here and now, any other size on first
-        use. A runner without fixed sessions has none to bind."""
+        captured it), on the thread's ``stream`` when given (CUDA): those of ``sizes`` built and
+        captured here and now, any other size on first use. A runner without fixed sessions has none
+        to bind."""
         if not self.fixed:
             return
-        self._local.sessions = {}
+        self._local.sessions, self._local.stream = {}, stream
         for size in sizes:
             self._bound(size)
 
@@ -263,18 +299,20 @@ class OnnxRunner:
         session = sessions.get(batch)
         if session is None:
             with self._building:  # one build, and so one capture, at a time
-                session = sessions[batch] = self._new_fixed(batch, None)
+                session = sessions[batch] = self._new_fixed(batch, None, stream=self._local.stream)
         return session
 
-    def input_buffer(self, name: str, batch: int) -> tuple[int, tuple[int, ...]] | None:
+    def input_buffer(self, name: str, batch: int) -> BoundInput | None:
         """Where the calling thread's own session of ``batch`` rows takes its FP32 input ``name`` on
-        the device, and its shape, or None (a thread not bound, another type): a batch written
-        there runs with ``run_device`` given that address, copied nowhere."""
+        the device, or None (a thread not bound, another type): a batch written there runs with
+        ``run_device`` given that address, copied nowhere; on the stream it names, the batch's
+        writes need no wait before the run."""
         session = self._bound(batch)
         value = None if session is None else session.inputs.get(name)
         if value is None or _dtype(value) != np.float32:
             return None
-        return value.data_ptr(), tuple(value.shape())
+        return BoundInput(value.data_ptr(), tuple(value.shape()), None if session.stream is None else
+                          session.stream.pointer)
 
     def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
         suffix = f"c{copy}" if copy else ""
