@@ -21,7 +21,8 @@ batch ends, with no thread woken per request, while the batcher's threads go on 
 (on the H200 the replies of a batch took 0.4-0.5 ms of a 3.5 ms cycle). ``submit``'s results are
 set on the batcher's thread: a waiting thread wakes, no more. Each
 batcher thread first runs ``thread_start`` (a device pipeline binding the thread to a CUDA stream
-of its own, so that a batch runs where it was gathered), before the batcher is returned.
+of its own and to the model's sessions, captured on it, so that a batch runs where it was
+gathered), before the batcher is returned.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-START_TIMEOUT_S = 120.0  # for the threads' ``thread_start`` (a CUDA stream and its buffers)
+START_TIMEOUT_S = 120.0  # per thread, for its ``thread_start`` (a CUDA stream, the model's sessions captured on it)
 QUEUE_BUCKETS = (.00005, .0001, .00025, .0005, .001, .002, .005, .01, .025, .05, .1)
 
 
@@ -100,13 +101,13 @@ class Batcher(Generic[Item, Result]):
         try:
             for thread in self._threads:
                 thread.start()
-            started.wait(START_TIMEOUT_S)
+            started.wait(START_TIMEOUT_S * concurrency)  # the threads' starts may take turns (captures do)
         except BaseException as exc:
             self.close(join=False)  # the threads that did start end
             started.abort()
             if isinstance(exc, threading.BrokenBarrierError):
                 raise RuntimeError(f"model {name}: the batcher's threads did not start within "
-                                   f"{START_TIMEOUT_S:.0f} s") from None
+                                   f"{START_TIMEOUT_S * concurrency:.0f} s") from None
             raise
 
     @contextmanager

@@ -334,6 +334,27 @@ def test_batcher_threads_that_do_not_start_in_time_fail_the_load(monkeypatch):
                 thread_start=lambda: time.sleep(1))
 
 
+def test_the_start_timeout_is_each_threads_when_their_starts_take_turns(monkeypatch):
+    """Batcher threads whose starts take turns (each captures the model's CUDA graphs, one capture at a
+    time) get START_TIMEOUT_S each: three starts of 0.2 s one after another fit 3 x 0.3 s."""
+    import threading
+
+    from shim import batching
+
+    monkeypatch.setattr(batching, "START_TIMEOUT_S", 0.3)
+    turns = threading.Lock()
+
+    def start() -> None:
+        with turns:
+            time.sleep(0.2)
+
+    batcher = Batcher("m", _doubler([]), max_batch_size=1, max_queue_delay_us=0, concurrency=3, thread_start=start)
+    try:
+        assert batcher.submit([21], 1).tolist() == [42]
+    finally:
+        batcher.close()
+
+
 def test_a_batchs_items_go_once_it_is_answered_even_while_the_thread_waits():
     """What a batch held (a gone worker's arena pages, pinned) is let go as the batch is answered,
     also when it failed, not when the batcher's thread gathers its next batch."""

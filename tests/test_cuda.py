@@ -600,17 +600,22 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
     def bound():
         pipeline.bind_thread()
         target = runner.input_buffer(pipeline._input, 6)
-        return target, backend._local.worker.stream.ptr, [pipeline.logits(items) for _ in range(3)]
+        told = {size: (session.follows, session.session.get_provider_options()["CUDAExecutionProvider"]
+                       .get("user_compute_stream")) for size, session in runner._local.sessions.items()}
+        return target, backend._local.worker.stream.ptr, told, [pipeline.logits(items) for _ in range(3)]
 
     runner.graphs = True  # sealed by the service's warm-up; nothing else runs beside this capture
     try:
         with ThreadPoolExecutor(1) as pool:
-            target, stream, runs = pool.submit(bound).result()
+            target, stream, told, runs = pool.submit(bound).result()
         assert runner.graphs, "a capture failed"
     finally:
         runner.graphs = False
     alone = pipeline.logits(items)
-    assert target is not None and target.stream == stream  # captured on the worker's stream
+    # every size's session runs on the worker's stream, as onnxruntime itself reports it
+    assert sorted(told) == [1, 2, 4, 6, 8, 12, 16, 24, 32]
+    assert all(follows and option == str(stream) for follows, option in told.values()), told
+    assert target is not None and target.stream == stream
     assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[1], runs[2])
     assert np.abs(runs[0] - alone).max() <= 1e-4
     labels = [op._labels[i].decode() for i in runs[0].argmax(axis=1)]

@@ -232,23 +232,24 @@ def test_a_batch_written_into_the_bound_input_runs_without_a_copy(model, plain):
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
-def test_a_bound_thread_s_sessions_run_on_its_stream_and_wait_for_it_or_fall_back_to_their_own(model, plain, caplog):
+def test_a_bound_thread_s_sessions_run_on_its_stream_and_wait_for_it_and_a_failed_capture_binds_nothing(model, plain):
     """Bound with a ``ComputeStream`` (a batcher's CUDA stream), a thread's sessions run on it and
-    wait for it after each run (onnxruntime leaves a stream it was given unsynchronized), and
-    ``input_buffer`` says so; a size that cannot be captured on that stream is built on a stream of
-    its own, logged, and says so too. On the CPU the stream is a stand-in and the capture's failure
-    is faked."""
+    wait for it after each run, the warm-up's runs too (onnxruntime leaves a stream it was given
+    unsynchronized), and ``input_buffer`` names it. A capture that fails on the stream fails the
+    binding: the thread is not bound at all (the caller drops the stream, which the failed capture
+    may have left capturing) and runs the shared sessions. On the CPU the stream is a stand-in and
+    the capture's failure is faked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from shim.backends.onnx import ComputeStream
+    from shim.backends.onnx import GRAPH_WARMUP_RUNS, ComputeStream
 
     runner = OnnxRunner(model, CPU, fixed=True)
     runner.graphs = True  # as on the GPU
-    original, asked = runner._new_session, []  # noqa: SLF001
+    original, asked, fail = runner._new_session, [], [False]  # noqa: SLF001
 
     def new_session(batch=None, graph=False, stream=None):
         asked.append((batch, graph, stream))
-        if graph and stream is not None and batch == 2:
+        if fail[0] and graph and stream is not None and batch == 2:
             raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
         return original(batch, graph)
 
@@ -265,8 +266,20 @@ def test_a_bound_thread_s_sessions_run_on_its_stream_and_wait_for_it_or_fall_bac
 
     with ThreadPoolExecutor(1) as pool:
         at_bind, per_run, got, one, two = pool.submit(bound).result()
-    assert asked == [(1, True, 77), (2, True, 77), (2, True, None)]
-    assert at_bind >= 1 and per_run == 1  # the warm-up's runs waited too; one wait per run
-    assert one.stream == 77 and two.stream is None and two.shape == (2, 3, 224, 224)
-    assert "could not be captured on its caller's stream" in caplog.text and runner.graphs
+    assert asked == [(1, True, 77), (2, True, 77)]
+    assert at_bind == 2 * GRAPH_WARMUP_RUNS and per_run == 1
+    assert one.stream == 77 and two.stream == 77 and two.shape == (2, 3, 224, 224)
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+    fail[0], asked[:] = True, []
+
+    def failing() -> tuple:
+        with pytest.raises(RuntimeError, match="capturing"):
+            runner.bind_thread([1, 2], ComputeStream(78, lambda: waits.append(2)))
+        return runner.input_buffer("input", 1), runner.run({"input": x})["logits"]
+
+    with ThreadPoolExecutor(1) as pool:
+        unbound, shared = pool.submit(failing).result()
+    assert asked[:2] == [(1, True, 78), (2, True, 78)] and unbound is None
+    assert sorted(runner._by_batch) == [1]  # noqa: SLF001 - the run went to a shared session
+    assert np.abs(shared - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

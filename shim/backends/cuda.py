@@ -82,9 +82,11 @@ class CudaBackend:
 
     def bind_thread(self) -> DeviceWorker:
         """Give the calling thread a worker of its own (stream, cuBLAS handle, pinned buffers):
-        from now on its ``on_device`` jobs run on that worker, borrowing none. Returns it."""
+        from now on its ``on_device`` jobs run on that worker, borrowing none. Returns it. Made while
+        no CUDA graph is being captured (another batcher thread's, at its start: these allocations and
+        the stream's first work would break it)."""
         cp.cuda.Device(self.device_id).use()
-        with device_errors():
+        with self.pinned.capture_lock, device_errors():
             worker = DeviceWorker(self.pinned)
             with worker.stream:  # its pinned buffer for batches of pixels, and a first copy and kernel, now
                 worker.upload_concatenated([np.zeros(1 << 20, np.uint8)], IMAGE_SLOT).sum()

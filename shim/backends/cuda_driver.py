@@ -4,8 +4,10 @@ made through the driver API while holding the interpreter lock.
 cupy's own calls let go of the lock around each CUDA call, and a thread that lets go has to wait to
 take it back: in the device process, where the link's readers and the reply thread want it too, a
 batcher waited about 0.1-0.2 ms after each call (the H200's stage probe: the pixels' upload 0.81 ms
-of wall time for 0.26 of CPU). These calls only queue work (microseconds), so they keep the lock.
-Errors raise cupy's ``CUDADriverError``, which ``device_errors`` maps like the runtime's.
+of wall time for 0.26 of CPU). These calls only queue work (microseconds), so they keep the lock;
+the price: should one block (a full launch queue, another thread's allocation holding the driver),
+every thread of the process waits with it. Errors raise cupy's ``CUDADriverError``, which
+``device_errors`` maps like the runtime's.
 """
 from __future__ import annotations
 
@@ -58,6 +60,14 @@ def launch(function: int, grid: tuple[int, int], block: int, args: Sequence[Any]
     """Queue the kernel ``function`` (``kernel_handle``) on ``stream``; ``args`` are device arrays
     (passed as their pointers) and numpy scalars of 32- or 64-bit types, as the kernel declares
     its parameters."""
-    values = [ctypes.c_void_p(a.data.ptr) if isinstance(a, cp.ndarray) else _C_SCALARS[a.dtype](a) for a in args]
+    values = [ctypes.c_void_p(a.data.ptr) if isinstance(a, cp.ndarray) else _scalar(a) for a in args]
     params = (ctypes.c_void_p * len(values))(*map(ctypes.addressof, values))
     _check(_driver().cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None))
+
+
+def _scalar(value: Any) -> ctypes._SimpleCData:
+    kind = _C_SCALARS.get(getattr(value, "dtype", None))
+    if kind is None:
+        raise TypeError(f"a kernel argument must be a device array or a numpy int32, int64, uint64 or float32 "
+                        f"scalar, not {type(value).__name__}")
+    return kind(value)

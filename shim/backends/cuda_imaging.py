@@ -2,6 +2,7 @@
 (the preloaded kernels of ``shim/kernels/resample.cu``), the batch straight into the model."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
@@ -9,7 +10,10 @@ from typing import TYPE_CHECKING, Sequence
 import cupy as cp
 import numpy as np
 
+from accel.errors import AccelError
+
 from ..batching import padded_sizes
+from ..faults import DeviceLost
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import cuda_driver, onnx
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
     from .cuda_host import DeviceWorker
 
 _THREADS_PER_BLOCK = 256
+log = logging.getLogger(__name__)
 
 
 def same_shape_runs(shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
@@ -44,10 +49,12 @@ class CudaImagePipeline:
         self.runner = runner
         self._backend = backend
         self._pre = config.preprocessing
+        self._name = config.name
         self._step = max(1, config.max_batch_size)
         self._input = runner.inputs[0].name
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
+            self._module = module  # kept: the kernels' handles below are valid while it is loaded
             self._h, self._v = (cuda_driver.kernel_handle(module.get_function(name))
                                 for name in ("resample_h", "resample_v"))
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
@@ -59,10 +66,19 @@ class CudaImagePipeline:
     def bind_thread(self) -> None:
         """The calling thread (a batcher's) gets a device worker and the model's sessions of every
         batch size it may run, its own (built and captured on it, now), on the worker's stream: a
-        batch's upload, resize and model follow one another there, with no wait on the host."""
+        batch's upload, resize and model follow one another there, with no wait on the host. Where
+        that fails, the thread runs the shared sessions (logged), on a new worker: a failed capture
+        may have left the first one's stream capturing."""
         stream = self._backend.bind_thread().stream
-        with device_errors():
-            self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
+        try:
+            with device_errors():
+                self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
+        except DeviceLost:
+            raise
+        except AccelError as exc:
+            log.warning("%s: a batcher thread could not build the model's sessions on its stream (%s); it runs the "
+                        "shared ones", self._name, exc.message)
+            self._backend.bind_thread()
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         size = self._pre.size
@@ -81,6 +97,8 @@ class CudaImagePipeline:
                     row = batch[0].nbytes
                     cuda_driver.fill_zeros(batch.data.ptr + len(chunk) * row, (len(batch) - len(chunk)) * row,
                                            state.stream.ptr)
+                # the session on this stream runs after the resize and waits for the stream once done
+                # (FixedSession), so the parts and the staging slot stay put until then; else wait here
                 if target is None or target.pointer != batch.data.ptr or target.stream != state.stream.ptr:
                     state.stream.synchronize()  # onnxruntime runs on a stream of its own, or copies the batch
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)

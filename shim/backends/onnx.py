@@ -42,7 +42,8 @@ class ComputeStream(NamedTuple):
 
 class BoundInput(NamedTuple):
     """A bound thread's session input (``OnnxRunner.input_buffer``): its device address and shape,
-    and the stream (address) the session runs on, None for a stream of onnxruntime's own."""
+    and the stream (address) the session runs on, as onnxruntime reports it, None for a stream of
+    its own."""
 
     pointer: int
     shape: tuple[int, ...]
@@ -59,12 +60,15 @@ class FixedSession:
     device: what a CUDA graph replays (onnxruntime captures one when the provider is asked to).
 
     Every call runs on the session's own thread (``OnnxRunner._on_gpu``), so the buffers are never
-    shared between two runs. A session on a ``stream`` of its caller's waits for it after each run:
-    onnxruntime does not synchronize a stream it was given, and the outputs are read on the host next.
+    shared between two runs. A session given a ``stream`` of its caller's waits for it after each
+    run (onnxruntime does not synchronize a stream it was given, and the outputs are read on the host
+    next); ``follows`` says whether onnxruntime reports running on that stream, so that the caller's
+    work queued there before a run needs no wait.
     """
 
     def __init__(self, session: Any, device: str, device_id: int, stream: ComputeStream | None = None) -> None:
         self.session, self.device, self.stream = session, device, stream
+        self.follows = stream is not None and _runs_on(session, stream.pointer)
         self.binding = session.io_binding()
         self.inputs: dict[str, Any] = {}
         self.outputs: list[Any] = []
@@ -85,8 +89,8 @@ class FixedSession:
         return self._run()
 
     def run_device(self, name: str, pointer: int, shape: tuple[int, ...], copy: DeviceCopy) -> np.ndarray:
-        """The first output, of the FP32 input ``name`` of ``shape`` copied from the device address
-        ``pointer``."""
+        """The first output, of the FP32 input ``name`` of ``shape`` at the device address ``pointer``
+        (copied in first, unless it is this session's own input)."""
         value = self.inputs[name]
         if tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32:
             raise ValueError(f"input {name!r} is {_dtype(value)} {tuple(value.shape())} here, not float32 {shape}")
@@ -120,6 +124,18 @@ class FixedSession:
 #: onnxruntime element type -> numpy scalar type, for the fixed-size ones (what a fixed buffer can hold)
 _NUMPY = {ort_type: np.dtype(FIXED[datatype][2]).type for ort_type, datatype in _ORT_TYPES.items()
           if datatype in FIXED}
+
+
+def _runs_on(session: Any, stream: int) -> bool:
+    """Whether onnxruntime reports ``session``'s CUDA provider running on ``stream`` (a session of
+    another provider: taken at its word, there is no stream to check)."""
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return True
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    try:
+        return int(options.get("user_compute_stream", "0")) == stream
+    except ValueError:
+        return False
 
 
 def _dtype(value: Any) -> np.dtype:
@@ -245,10 +261,11 @@ class OnnxRunner:
 
     def _new_fixed(self, batch: int, thread: ThreadPoolExecutor | None, fall_back: bool = True,
                    stream: ComputeStream | None = None) -> FixedSession:
-        """The fixed session of ``batch`` rows (on ``stream`` when given: one that cannot be captured
-        there is built again on a stream of its own, logged), its graph captured (on ``thread``, which
-        will run it; None: the calling thread) where it can be; where it cannot, with ``fall_back`` the
-        model runs node by node from now on (logged), else the capture's error is raised."""
+        """The fixed session of ``batch`` rows (on ``stream`` when given), its graph captured (on
+        ``thread``, which will run it; None: the calling thread) where it can be; where it cannot,
+        with ``fall_back`` and no ``stream`` the model runs node by node from now on (logged), else
+        the capture's error is raised (a caller's stream that a failed capture may have left
+        capturing is the caller's to drop)."""
         on_stream = {} if stream is None else {"stream": stream.pointer}
         def on_its_thread(job: Callable[[], None]) -> None:
             if thread is None:
@@ -264,12 +281,7 @@ class OnnxRunner:
                     on_its_thread(lambda: fixed.warm_up(GRAPH_WARMUP_RUNS))
                 return fixed
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; the model still runs
-                if stream is not None:
-                    log.warning("%s: the session of %d rows could not be captured on its caller's stream (%s: %s); "
-                                "it runs on a stream of its own", self._path.parent.name, batch, type(exc).__name__,
-                                _first_line(exc))
-                    return self._new_fixed(batch, thread, fall_back)
-                if not fall_back:
+                if not fall_back or stream is not None:
                     raise
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
@@ -283,12 +295,18 @@ class OnnxRunner:
         on, on fixed sessions of its own (onnxruntime keeps a captured graph with the thread that
         captured it), on the thread's ``stream`` when given (CUDA): those of ``sizes`` built and
         captured here and now, any other size on first use. A runner without fixed sessions has none
-        to bind."""
+        to bind.
+
+        Raises:
+            Exception: what building or capturing a session raised; the thread is then not bound.
+        """
         if not self.fixed:
             return
-        self._local.sessions, self._local.stream = {}, stream
-        for size in sizes:
-            self._bound(size)
+        sessions: dict[int, FixedSession] = {}
+        with self._building:  # one build, and so one capture, at a time
+            for size in sizes:
+                sessions[size] = self._new_fixed(size, None, stream=stream)
+        self._local.sessions, self._local.stream = sessions, stream
 
     def _bound(self, batch: int) -> FixedSession | None:
         """The calling thread's own session of ``batch`` rows (built now if need be), or None when
@@ -311,8 +329,8 @@ class OnnxRunner:
         value = None if session is None else session.inputs.get(name)
         if value is None or _dtype(value) != np.float32:
             return None
-        return BoundInput(value.data_ptr(), tuple(value.shape()), None if session.stream is None else
-                          session.stream.pointer)
+        return BoundInput(value.data_ptr(), tuple(value.shape()),
+                          session.stream.pointer if session.stream is not None and session.follows else None)
 
     def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
         suffix = f"c{copy}" if copy else ""
@@ -367,8 +385,9 @@ class OnnxRunner:
         return dict(zip(self._names, outputs))
 
     def run_device(self, name: str, pointer: int, shape: tuple[int, ...], device_id: int = 0) -> np.ndarray:
-        """Run on an FP32 input already on the GPU (no host round trip; its batch a padded size,
-        its producer synchronized); the first output, on the host."""
+        """Run on an FP32 input already on the GPU (no host round trip; its batch a padded size, its
+        producer synchronized, or queued on the stream the session follows: ``input_buffer``); the
+        first output, on the host."""
         def run(session: Any) -> np.ndarray:
             if isinstance(session, FixedSession):
                 assert self._device_copy is not None, "a fixed CUDA runner needs its device_copy"
