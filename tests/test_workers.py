@@ -853,3 +853,39 @@ def test_a_workers_bundle_carries_each_counter_summed_and_every_observation():
                                      ("requests", ("eve", "401"), 1.0), ("queue_wait", ("bob",), 0.5),
                                      ("queue_wait", ("bob",), 0.25)])
     assert dispatcher.flush() and len(link.sent) == 1  # nothing new: nothing sent
+
+
+def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_path, monkeypatch):
+    """SIGTERM: a request worker drains for up to DRAIN_SECONDS, then sends its last bundle of
+    records and exits; the pool kills a worker only EXIT_GRACE_S after the drain could end, so one
+    that drained the whole time is not killed in the middle of that last send. Stand-in workers
+    (DRAIN_SECONDS made 0.5 s) drain the whole 0.5 s, take 0.3 s more to 'send', and note it."""
+    import subprocess
+    import sys
+
+    from shim.config import Settings
+    from shim.workers import pool as pool_module
+    from shim.workers.front import WorkerConfig
+
+    monkeypatch.setattr(pool_module, "DRAIN_SECONDS", 0.5)
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), time.sleep(0.3),"
+              " open(sys.argv[1], 'w').write('sent'), sys.exit(0)))\n"
+              "print('up', flush=True)\n"
+              "while True: time.sleep(1)\n")
+    marks = [tmp_path / f"sent-{slot}" for slot in range(2)]
+
+    def spawn(self, slot):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(marks[slot])], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"up\n"  # its SIGTERM handler is in place
+        return proc
+
+    monkeypatch.setattr(pool_module.WorkerPool, "_spawn", spawn)
+    pool = pool_module.WorkerPool(2, WorkerConfig(Settings(), "unused", b"k", [], "cpu", {}), on_exit=lambda pid: None)
+    pool.start()
+    procs = list(pool._procs)
+    started = time.monotonic()
+    pool.stop()
+    assert time.monotonic() - started < pool_module.EXIT_GRACE_S  # they exited; nobody waited it out
+    assert [p.returncode for p in procs] == [0, 0]  # not killed
+    assert all(mark.read_text() == "sent" for mark in marks)

@@ -29,6 +29,8 @@ from ..service import Service
 from .guard import RECEIVED_KEY
 
 log = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 30.0  # after SIGTERM, requests in flight are finished for up to this long
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
 
 
@@ -210,7 +212,7 @@ class Server:
         self.service = service
         self.sockets = sockets
         self.exit_code = 0
-        self.drain_seconds = 30.0
+        self.drain_seconds = DRAIN_SECONDS
         # waitress will not mix TCP and unix sockets in one server, so each socket gets its own
         # server, all on one socket map (one event loop) and one pool of worker threads.
         self._map: dict = {}

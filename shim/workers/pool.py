@@ -10,12 +10,14 @@ import threading
 import time
 from typing import Callable
 
+from ..server.serving import DRAIN_SECONDS
 from .balance import ConnectionBoard
 from .front import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a worker that keeps dying is restarted less often
+EXIT_GRACE_S = 5.0  # after a worker's whole drain: its last bundle of records, its exit
 
 
 class WorkerPool:
@@ -79,8 +81,12 @@ class WorkerPool:
                 with self._lock:
                     self._procs[slot] = self._spawn(slot)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every worker (each drains its requests in flight), SIGKILL what is left after ``timeout``."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM every worker (each drains its requests in flight, for up to ``DRAIN_SECONDS``, then
+        sends its last bundle of records), SIGKILL what is left after ``timeout`` (default: the drain
+        and ``EXIT_GRACE_S``: a worker that drains the whole time still sends its last bundle)."""
+        if timeout is None:
+            timeout = DRAIN_SECONDS + EXIT_GRACE_S
         self._stopping.set()
         with self._lock:
             procs = list(self._procs)
