@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "ACCELSHIM_"
+DRAIN_SECONDS = 30.0       # after SIGTERM, requests in flight are finished for up to this long
+TASKS_SHUTDOWN_S = 5.0     # then the request threads still running are waited for this long
 
 
 @dataclass

@@ -599,6 +599,7 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
 
     def bound():
         pipeline.bind_thread()
+        assert hasattr(runner._local, "sessions"), "the batcher thread's sessions could not be built on its stream"
         target = runner.input_buffer(pipeline._input, 6)
         told = {size: (session.follows, session.session.get_provider_options()["CUDAExecutionProvider"]
                        .get("user_compute_stream")) for size, session in runner._local.sessions.items()}
@@ -608,7 +609,7 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
     try:
         with ThreadPoolExecutor(1) as pool:
             target, stream, told, runs = pool.submit(bound).result()
-        assert runner.graphs, "a capture failed"
+        assert runner.graphs, "a capture failed"  # (no later build of the shared sessions fell back)
     finally:
         runner.graphs = False
     alone = pipeline.logits(items)

@@ -856,10 +856,11 @@ def test_a_workers_bundle_carries_each_counter_summed_and_every_observation():
 
 
 def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_path, monkeypatch):
-    """SIGTERM: a request worker drains for up to DRAIN_SECONDS, then sends its last bundle of
-    records and exits; the pool kills a worker only EXIT_GRACE_S after the drain could end, so one
-    that drained the whole time is not killed in the middle of that last send. Stand-in workers
-    (DRAIN_SECONDS made 0.5 s) drain the whole 0.5 s, take 0.3 s more to 'send', and note it."""
+    """SIGTERM: a request worker drains for up to DRAIN_SECONDS, waits up to TASKS_SHUTDOWN_S for its
+    request threads, then sends its last bundle of records and exits; the pool kills a worker only
+    EXIT_GRACE_S after all that, so one that used the whole time is not killed in the middle of its
+    last send. Stand-in workers (the drain made 0.5 s, the threads' wait 1 s, the grace 0.6 s) use
+    both whole, take 0.2 s more to 'send', and note it."""
     import subprocess
     import sys
 
@@ -868,8 +869,10 @@ def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_pat
     from shim.workers.front import WorkerConfig
 
     monkeypatch.setattr(pool_module, "DRAIN_SECONDS", 0.5)
+    monkeypatch.setattr(pool_module, "TASKS_SHUTDOWN_S", 1.0)
+    monkeypatch.setattr(pool_module, "EXIT_GRACE_S", 0.6)
     script = ("import signal, sys, time\n"
-              "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), time.sleep(0.3),"
+              "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), time.sleep(1.0), time.sleep(0.2),"
               " open(sys.argv[1], 'w').write('sent'), sys.exit(0)))\n"
               "print('up', flush=True)\n"
               "while True: time.sleep(1)\n")
@@ -886,6 +889,6 @@ def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_pat
     procs = list(pool._procs)
     started = time.monotonic()
     pool.stop()
-    assert time.monotonic() - started < pool_module.EXIT_GRACE_S  # they exited; nobody waited it out
+    assert time.monotonic() - started < 2.1  # they exited by themselves
     assert [p.returncode for p in procs] == [0, 0]  # not killed
     assert all(mark.read_text() == "sent" for mark in marks)

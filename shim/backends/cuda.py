@@ -94,6 +94,10 @@ class CudaBackend:
             self._local.worker = worker
         return worker
 
+    def unbind_thread(self) -> None:
+        """The calling thread's own worker is dropped: its ``on_device`` jobs borrow one from now on."""
+        self._local.worker = None
+
     def on_device(self, job: Callable[["DeviceWorker"], T]) -> T:
         """Run ``job(worker)`` on the calling thread, in a worker's stream: the thread's own (one
         ``bind_thread`` bound, or the one it has borrowed: a nested call runs in the same stream),

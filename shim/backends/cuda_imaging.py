@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Sequence
 import cupy as cp
 import numpy as np
 
-from accel.errors import AccelError
-
 from ..batching import padded_sizes
 from ..faults import DeviceLost
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
@@ -75,9 +73,10 @@ class CudaImagePipeline:
                 self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
         except DeviceLost:
             raise
-        except AccelError as exc:
-            log.warning("%s: a batcher thread could not build the model's sessions on its stream (%s); it runs the "
-                        "shared ones", self._name, exc.message)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's run raises plain RuntimeErrors; the thread still serves
+            log.warning("%s: a batcher thread could not build the model's sessions on its stream (%s: %s); it runs "
+                        "the shared ones", self._name, type(exc).__name__, onnx.first_line(exc))
+            self._backend.unbind_thread()  # a borrowed worker, should a new one fail too
             self._backend.bind_thread()
 
     def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:

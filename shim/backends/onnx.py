@@ -15,7 +15,7 @@ from accel.datatypes import FIXED
 from ..batching import padded_batch
 from .base import TensorSpec
 
-__all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "padded_batch", "version",
+__all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "first_line", "padded_batch", "version",
            "has_cuda_provider"]
 
 T = TypeVar("T")
@@ -142,7 +142,7 @@ def _dtype(value: Any) -> np.dtype:
     return np.dtype(_NUMPY[value.data_type()])
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, at most 200 characters (onnxruntime's run on)."""
     return (str(exc).splitlines() or [""])[0][:200]
 
@@ -250,7 +250,7 @@ class OnnxRunner:
                         # the copies that were built serve (out of GPU memory for another, say): no
                         # request of this size pays for a failed build again
                         log.warning("%s: %d of %d copies of the session of %d rows (%s: %s)", self._path.parent.name,
-                                    len(built), self.copies, batch, type(exc).__name__, _first_line(exc))
+                                    len(built), self.copies, batch, type(exc).__name__, first_line(exc))
                         break
                     for copy in built:
                         copy.thread.shutdown(wait=False)
@@ -285,7 +285,7 @@ class OnnxRunner:
                     raise
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
-                            type(exc).__name__, _first_line(exc))
+                            type(exc).__name__, first_line(exc))
         fixed = FixedSession(self._new_session(batch, **on_stream), self.device, self.device_id, stream)
         on_its_thread(lambda: fixed.warm_up(1))
         return fixed

@@ -24,13 +24,12 @@ from waitress.utilities import Error as WaitressError
 from accel.errors import Unauthorized
 
 from ..auth import TokenStore
+from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
 
 log = logging.getLogger(__name__)
-
-DRAIN_SECONDS = 30.0  # after SIGTERM, requests in flight are finished for up to this long
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
 
 
@@ -362,7 +361,7 @@ class Server:
             for server in self._servers:
                 server.trigger.close()
         finally:
-            self._tasks.shutdown()
+            self._tasks.shutdown(timeout=TASKS_SHUTDOWN_S)
             for path in unix_paths:  # named before: a closed socket no longer knows its name
                 try:
                     os.unlink(path)

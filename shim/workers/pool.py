@@ -10,14 +10,14 @@ import threading
 import time
 from typing import Callable
 
-from ..server.serving import DRAIN_SECONDS
+from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from .balance import ConnectionBoard
 from .front import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a worker that keeps dying is restarted less often
-EXIT_GRACE_S = 5.0  # after a worker's whole drain: its last bundle of records, its exit
+EXIT_GRACE_S = 3.0  # after a worker's whole drain and its threads' shutdown: its last bundle, its exit
 
 
 class WorkerPool:
@@ -82,11 +82,12 @@ class WorkerPool:
                     self._procs[slot] = self._spawn(slot)
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM every worker (each drains its requests in flight, for up to ``DRAIN_SECONDS``, then
-        sends its last bundle of records), SIGKILL what is left after ``timeout`` (default: the drain
-        and ``EXIT_GRACE_S``: a worker that drains the whole time still sends its last bundle)."""
+        """SIGTERM every worker (each drains its requests in flight, for up to ``DRAIN_SECONDS``, waits
+        up to ``TASKS_SHUTDOWN_S`` for its request threads, then sends its last bundle of records),
+        SIGKILL what is left after ``timeout`` (default: those two and ``EXIT_GRACE_S``: a worker that
+        drains the whole time still sends its last bundle)."""
         if timeout is None:
-            timeout = DRAIN_SECONDS + EXIT_GRACE_S
+            timeout = DRAIN_SECONDS + TASKS_SHUTDOWN_S + EXIT_GRACE_S
         self._stopping.set()
         with self._lock:
             procs = list(self._procs)
