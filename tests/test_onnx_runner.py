@@ -283,3 +283,26 @@ def test_a_bound_thread_s_sessions_run_on_its_stream_and_wait_for_it_and_a_faile
     assert asked[:2] == [(1, True, 78), (2, True, 78)] and unbound is None
     assert sorted(runner._by_batch) == [1]  # noqa: SLF001 - the run went to a shared session
     assert np.abs(shared - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("providers,options,follows", [
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], {"user_compute_stream": "140737"}, True),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], {"user_compute_stream": "0"}, False),   # ignored
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], {}, False),                            # not reported
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], {"user_compute_stream": "0x22611"}, False),  # unreadable
+    (["CPUExecutionProvider"], {}, True),                                                      # no stream to check
+])
+def test_a_session_follows_its_callers_stream_only_where_onnxruntime_reports_it(providers, options, follows):
+    """``FixedSession.follows`` (a bound thread's work before a run then needs no wait) comes from what
+    onnxruntime reports of its CUDA provider, the decimal address of the stream it was given: anything
+    else (not reported, another stream, unreadable) is not following, and the caller waits."""
+    from types import SimpleNamespace
+
+    from shim.backends.onnx import ComputeStream
+
+    reported = {"CUDAExecutionProvider": options, "CPUExecutionProvider": {}}
+    session = SimpleNamespace(get_providers=lambda: providers, get_provider_options=lambda: reported,
+                              io_binding=lambda: SimpleNamespace(), get_inputs=lambda: [], get_outputs=lambda: [])
+    fixed = FixedSession(session, "cuda", 0, ComputeStream(140737, lambda: None))
+    assert fixed.follows is follows
+    assert FixedSession(session, "cuda", 0).follows is False  # no stream given: nothing to follow
