@@ -248,18 +248,19 @@ def pipeline() -> None:
     import io
     import statistics
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
     from shim.backends.cuda import CudaBackend
+    from shim.batching import padded_sizes
     from shim.modelrepo import ModelRepository
-
-    from concurrent.futures import ThreadPoolExecutor
 
     backend = CudaBackend()
     pipe = backend.image_pipeline(ModelRepository(ROOT / "models").load("efficientnet-lite0"))
     pixels = pipe.prepare(Image.open(io.BytesIO(cat_jpeg())))
-    for n in (1, 2, 4, 6, 8, 12, 16, 24, 32):  # warm-up: each padded size captured, as in the shim
+    sizes = padded_sizes(32)
+    for n in sizes:  # warm-up: each padded size captured, as in the shim
         pipe.logits([pixels] * n)
     # a thread bound as a batcher's is: sessions of its own, captured on it, the batch resized into them
     bound = ThreadPoolExecutor(1, thread_name_prefix="bound", initializer=pipe.bind_thread)
@@ -274,7 +275,6 @@ def pipeline() -> None:
             times.append(time.perf_counter() - t)
         return 1e3 * statistics.median(times)
 
-    sizes = (1, 2, 4, 6, 8, 12, 16, 24, 32)
     print("one thread, median ms per logits():", {n: round(median_ms(n), 3) for n in sizes}, flush=True)
     print("a bound thread (a batcher's), median ms per logits():",
           bound.submit(lambda: {n: round(median_ms(n), 3) for n in sizes}).result(), flush=True)

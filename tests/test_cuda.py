@@ -609,7 +609,7 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
     try:
         with ThreadPoolExecutor(1) as pool:
             target, stream, told, runs = pool.submit(bound).result()
-        assert runner.graphs, "a capture failed"  # (no later build of the shared sessions fell back)
+        assert runner.graphs, "a capture failed"
     finally:
         runner.graphs = False
     alone = pipeline.logits(items)

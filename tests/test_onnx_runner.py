@@ -151,12 +151,12 @@ def test_a_later_copy_that_cannot_be_captured_is_dropped_and_the_model_keeps_its
     runner.graphs = True  # as on the GPU
     original, captures = runner._new_session, []  # noqa: SLF001
 
-    def new_session(batch=None, graph=False):
+    def new_session(batch=None, graph=False, stream=None):
         if graph:
             captures.append(batch)
             if len(captures) == 2:
                 raise RuntimeError("CUDA failure 2: out of memory capturing")
-        return original(batch, graph)
+        return original(batch, graph, stream)
 
     runner._new_session = new_session  # noqa: SLF001
     x = np.zeros((1, 3, 224, 224), np.float32)

@@ -266,7 +266,8 @@ class OnnxRunner:
         with ``fall_back`` and no ``stream`` the model runs node by node from now on (logged), else
         the capture's error is raised (a caller's stream that a failed capture may have left
         capturing is the caller's to drop)."""
-        on_stream = {} if stream is None else {"stream": stream.pointer}
+        pointer = None if stream is None else stream.pointer
+
         def on_its_thread(job: Callable[[], None]) -> None:
             if thread is None:
                 job()
@@ -275,8 +276,8 @@ class OnnxRunner:
 
         if self.graphs:
             try:
-                fixed = FixedSession(self._new_session(batch, graph=True, **on_stream), self.device, self.device_id,
-                                     stream)
+                fixed = FixedSession(self._new_session(batch, graph=True, stream=pointer), self.device,
+                                     self.device_id, stream)
                 with self._capture_lock:  # no pin on another thread may break the capture
                     on_its_thread(lambda: fixed.warm_up(GRAPH_WARMUP_RUNS))
                 return fixed
@@ -286,7 +287,7 @@ class OnnxRunner:
                 self.graphs = False
                 log.warning("%s: no CUDA graph (%s: %s); it runs node by node", self._path.parent.name,
                             type(exc).__name__, first_line(exc))
-        fixed = FixedSession(self._new_session(batch, **on_stream), self.device, self.device_id, stream)
+        fixed = FixedSession(self._new_session(batch, stream=pointer), self.device, self.device_id, stream)
         on_its_thread(lambda: fixed.warm_up(1))
         return fixed
 
@@ -329,8 +330,7 @@ class OnnxRunner:
         value = None if session is None else session.inputs.get(name)
         if value is None or _dtype(value) != np.float32:
             return None
-        return BoundInput(value.data_ptr(), tuple(value.shape()),
-                          session.stream.pointer if session.stream is not None and session.follows else None)
+        return BoundInput(value.data_ptr(), tuple(value.shape()), session.stream.pointer if session.follows else None)
 
     def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
         suffix = f"c{copy}" if copy else ""
