@@ -227,9 +227,12 @@ class Server:
                            max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
                            connection_limit=1000, clear_untrusted_proxy_headers=True,
                            # tensors are large: keep bodies in memory (waitress spills anything over
-                           # 512 KiB to a temp file by default) and move them in big reads and writes
+                           # 512 KiB to a temp file by default) and read them in big pieces. A response
+                           # goes out from its request's thread as it is written (waitress's send_bytes
+                           # of 1, deprecated to set): a threshold above it would leave each one to the
+                           # event loop's thread, one more hand-off under the interpreter lock
                            inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
-                           recv_bytes=1 << 18, send_bytes=1 << 18, outbuf_high_watermark=1 << 30)
+                           recv_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
         tokens = service.guard.tokens if service.guard is not None else None
