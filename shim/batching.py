@@ -15,6 +15,13 @@ gathers at a time, so concurrency never splits a batch that could form.
 If a batch of several requests fails, each request is run again alone, so that one request's
 failure (say, out of memory for its size) fails that request only.
 
+With ``run_batch_later`` (a request worker's batchers: the device call goes over the link) a batch
+is only started on the batcher's thread: its results come in a Future, and are split back out on
+whichever thread sets it (the link's reader, as the reply comes in), so the batcher's one thread
+gathers the next batch at once, up to ``concurrency`` batches on their way, and no thread is woken
+just to hand a reply on. A batch of several requests that fails goes back to that thread, which
+runs its requests again, each alone.
+
 ``submit_later`` queues an item without waiting: its result comes as a Future, set (and its
 callbacks run: a request worker's reply over the link, say) on the batcher's reply thread as the
 batch ends, with no thread woken per request, while the batcher's threads go on to the next batch
@@ -68,14 +75,19 @@ class Batcher(Generic[Item, Result]):
         max_queue_delay_us: how long the oldest request may wait for others on their way.
         batch_sizes, queue_seconds, batch_seconds: histograms (label ``op``) of rows per run, time
             queued and time per run.
-        concurrency: batches that may run at once (worker threads).
+        concurrency: batches that may run at once (worker threads; with ``run_batch_later``, batches
+            on their way from its one thread).
         thread_start: run first on each worker thread (its failure is logged; the thread goes on).
+        run_batch_later: starts a batch and returns at once, its results to come in a Future (used
+            instead of ``run_batch``, which is then only its name's holder: pass the same function's
+            blocking twin).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
                  max_queue_delay_us: int, batch_sizes: Histogram | None = None,
                  queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None,
-                 concurrency: int = 1, thread_start: Callable[[], None] | None = None) -> None:
+                 concurrency: int = 1, thread_start: Callable[[], None] | None = None,
+                 run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1:
             raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
                              "max_queue_delay_us >= 0")
@@ -83,6 +95,10 @@ class Batcher(Generic[Item, Result]):
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_us / 1e6
         self._run_batch = run_batch
+        self._run_later = run_batch_later
+        self._cap = concurrency if run_batch_later is not None else 0  # batches on their way, at most
+        self._in_flight = 0
+        self._alone: deque[_Job[Item, Result]] = deque()  # of a failed batch, each to run again alone
         self._batch_sizes = batch_sizes.labels(name) if batch_sizes is not None else None
         self._queue_seconds = queue_seconds.labels(name) if queue_seconds is not None else None
         self._batch_seconds = batch_seconds.labels(name) if batch_seconds is not None else None
@@ -95,19 +111,20 @@ class Batcher(Generic[Item, Result]):
         self._replies: queue.SimpleQueue[list[tuple[_Job[Item, Result], Result]] | None] = queue.SimpleQueue()
         self._replier = threading.Thread(target=self._reply_loop, name=f"replies-{name}", daemon=True)
         self._replier.start()
-        started = threading.Barrier(concurrency + 1)
+        threads = 1 if run_batch_later is not None else concurrency
+        started = threading.Barrier(threads + 1)
         self._threads = [threading.Thread(target=self._loop, args=(thread_start, started),
-                                          name=f"batcher-{name}-{i}", daemon=True) for i in range(concurrency)]
+                                          name=f"batcher-{name}-{i}", daemon=True) for i in range(threads)]
         try:
             for thread in self._threads:
                 thread.start()
-            started.wait(START_TIMEOUT_S * concurrency)  # the threads' starts may take turns (captures do)
+            started.wait(START_TIMEOUT_S * threads)  # the threads' starts may take turns (captures do)
         except BaseException as exc:
             self.close(join=False)  # the threads that did start end
             started.abort()
             if isinstance(exc, threading.BrokenBarrierError):
                 raise RuntimeError(f"model {name}: the batcher's threads did not start within "
-                                   f"{START_TIMEOUT_S * concurrency:.0f} s") from None
+                                   f"{START_TIMEOUT_S * threads:.0f} s") from None
             raise
 
     @contextmanager
@@ -167,16 +184,24 @@ class Batcher(Generic[Item, Result]):
     # --- the worker ---------------------------------------------------------------------------
     def _take(self) -> list[_Job[Item, Result]] | None:
         with self._cond:
-            while not self._queue or self._gathering:
-                if self._closed:
+            while not (self._queue or self._alone) or self._gathering or self._full():
+                # closed: once nothing is queued and no batch is on its way (its requests may come back)
+                if self._closed and (self._gathering or not (self._queue or self._alone)) and not self._in_flight:
                     return None
                 self._cond.wait()
+            if self._cap:
+                self._in_flight += 1
+            if self._alone:
+                return [self._alone.popleft()]
             self._gathering = True
             try:
                 return self._gather()
             finally:
                 self._gathering = False
                 self._cond.notify_all()
+
+    def _full(self) -> bool:
+        return bool(self._cap) and self._in_flight >= self._cap
 
     def _gather(self) -> list[_Job[Item, Result]]:
         """The oldest job and those that join it (called holding the condition's lock)."""
@@ -206,13 +231,20 @@ class Batcher(Generic[Item, Result]):
             except threading.BrokenBarrierError:
                 pass  # the batcher failed to start: closed, this thread ends below
         while (batch := self._take()) is not None:
+            began = time.perf_counter()
+            if len(batch) == 1 and batch[0].future.running():  # a request of a failed batch, alone
+                self._launch(batch, began)
+                continue
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # not cancelled
             if not batch:
+                self._landed_one()
                 continue
-            began = time.perf_counter()
             if self._queue_seconds is not None:
                 for job in batch:
                     self._queue_seconds.observe(began - job.arrived)
+            if self._run_later is not None:
+                self._launch(batch, began)
+                continue
             self._run(batch)
             if self._batch_seconds is not None:
                 self._batch_seconds.observe(time.perf_counter() - began)
@@ -245,6 +277,46 @@ class Batcher(Generic[Item, Result]):
         if later:
             self._replies.put(later)
 
+    def _launch(self, batch: list[_Job[Item, Result]], began: float) -> None:
+        """Start ``batch`` with ``run_batch_later``; ``_landed`` answers it when its Future is set."""
+        try:
+            future = self._run_later([job.item for job in batch])  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001 - answered like a batch that failed on its way
+            future = Future()
+            future.set_exception(exc)
+        future.add_done_callback(lambda done: self._landed(batch, began, done))
+
+    def _landed(self, batch: list[_Job[Item, Result]], began: float, done: Future[Sequence[Result]]) -> None:
+        """A started batch's results (on the thread that set them) to its requests; a failed batch
+        of several goes back to the batcher's thread, to run each request alone."""
+        try:
+            exc = done.exception()
+            if exc is None and len(done.result()) != len(batch):
+                exc = RuntimeError(f"model {self.name}: {len(done.result())} results for {len(batch)} requests")
+            if exc is not None and len(batch) > 1:
+                with self._cond:
+                    self._alone.extend(batch)
+                return
+            if exc is not None:
+                traceback.clear_frames(exc.__traceback__)
+                batch[0].future.set_exception(exc)
+                return
+            if self._batch_sizes is not None:
+                self._batch_sizes.observe(sum(job.rows for job in batch))
+            if self._batch_seconds is not None:
+                self._batch_seconds.observe(time.perf_counter() - began)
+            for job, result in zip(batch, done.result()):
+                job.future.set_result(result)
+        finally:
+            self._landed_one()
+
+    def _landed_one(self) -> None:
+        """A batch taken is done with (answered, sent back to run alone, or all of it cancelled)."""
+        if self._cap:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
     def _reply_loop(self) -> None:
         """Sets the results of ``submit_later`` jobs (their callbacks run here), batch by batch."""
         while (replies := self._replies.get()) is not None:
@@ -254,6 +326,22 @@ class Batcher(Generic[Item, Result]):
                 except Exception:  # noqa: BLE001 - Future logs its callbacks' errors; this is anything else
                     log.exception("model %s: a result could not be set", self.name)
             del replies
+
+
+def then(future: Future[Item], fn: Callable[[Item], Result]) -> Future[Result]:
+    """A Future of ``fn`` of ``future``'s result (or of its error), set on the thread that sets
+    ``future``."""
+    out: Future[Result] = Future()
+    out.set_running_or_notify_cancel()
+
+    def done(got: Future[Item]) -> None:
+        try:
+            out.set_result(fn(got.result()))
+        except BaseException as exc:  # noqa: BLE001 - carried to whoever waits for ``out``
+            out.set_exception(exc)
+
+    future.add_done_callback(done)
+    return out
 
 
 def padded_batch(rows: int) -> int:
@@ -285,7 +373,8 @@ class BatchingFactory:
         self._concurrency = concurrency
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
-             max_queue_delay_us: int, concurrency: int = 1,
-             thread_start: Callable[[], None] | None = None) -> Batcher[Item, Result]:
+             max_queue_delay_us: int, concurrency: int = 1, thread_start: Callable[[], None] | None = None,
+             run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None
+             ) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
-                       self._batch_seconds, self._concurrency or concurrency, thread_start)
+                       self._batch_seconds, self._concurrency or concurrency, thread_start, run_batch_later)

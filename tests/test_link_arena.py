@@ -155,6 +155,29 @@ def test_slots_come_back_after_an_error_and_when_the_link_closes(arena_link) -> 
     assert arena.free_bytes() == 4 << 20
 
 
+def test_the_slots_of_calls_answered_later_come_back(arena_link, monkeypatch) -> None:
+    client, arena, seen, *_ = arena_link
+    x = np.random.default_rng(2).random(1 << 16, dtype=np.float32)
+    futures = [client.call_later("echo", x) for _ in range(16)]
+    for future in futures:
+        np.testing.assert_array_equal(future.result(5), x)
+    assert "mmap" in seen  # lent through the arena
+    assert arena.free_bytes() == 4 << 20
+    # a caller held up between its send and noting the slots: the reply lands first; they come back all the same
+    send = client._send  # noqa: SLF001
+
+    def send_then_stall(*args):
+        lent = send(*args)
+        time.sleep(0.2)
+        return lent
+
+    monkeypatch.setattr(client, "_send", send_then_stall)
+    future = client.call_later("echo", x)
+    assert future.done()  # answered while the caller stalled
+    np.testing.assert_array_equal(future.result(), x)
+    assert arena.free_bytes() == 4 << 20
+
+
 def test_a_gone_workers_arena_is_unmapped_by_the_device(tmp_path) -> None:
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: x}, threads=4)

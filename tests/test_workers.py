@@ -74,6 +74,20 @@ def test_link_answers_out_of_order(link):
         assert slow.result(5) == 40
 
 
+def test_link_call_later_is_answered_on_the_readers_thread(link):
+    client, _server, release, *_ = link
+    slow = client.call_later("slow", 4)
+    answered_on: list[str] = []
+    slow.add_done_callback(lambda _done: answered_on.append(threading.current_thread().name))
+    assert client.call_later("echo", 1).result(5) == (1,)  # not behind the slow one
+    assert not slow.done()
+    release.set()
+    assert slow.result(5) == 40
+    assert answered_on == ["link-reader"]  # set where the reply came in: no thread woken to hand it on
+    assert isinstance(client.call_later("fail", "input").exception(5), InvalidInput)
+    assert isinstance(client.call_later("fail", "lost").exception(5), DeviceLost)
+
+
 def test_link_carries_errors_by_class(link):
     client, *_ = link
     with pytest.raises(InvalidInput, match="bad tensor 'A'"):

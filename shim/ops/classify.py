@@ -9,7 +9,7 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ImagePipeline, TensorSpec
-from ..batching import Batcher, BatchingFactory, padded_sizes
+from ..batching import Batcher, BatchingFactory, padded_sizes, then
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
@@ -46,9 +46,12 @@ class ClassifyOp(Op):
         self._pipeline = self._backend.image_pipeline(self.config)
         self.backend = self._pipeline.device
         if self._batching is not None:
+            # a request worker's pipeline answers in a Future (over the link): its batches are only
+            # started on the batcher's thread, and answered on the link's reader thread
+            later = self._run_batch_later if hasattr(self._pipeline, "logits_later") else None
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us, self.config.instances(),
-                                                thread_start=self._pipeline.bind_thread)
+                                                thread_start=self._pipeline.bind_thread, run_batch_later=later)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -104,9 +107,12 @@ class ClassifyOp(Op):
     def _run_batch(self, groups: Sequence[list[Any]]) -> list[np.ndarray]:
         """The images of several requests as one batch; each request gets its own rows back."""
         assert self._pipeline is not None
-        logits = self._pipeline.logits([item for group in groups for item in group])
-        bounds = np.cumsum([len(g) for g in groups])[:-1]
-        return np.split(logits, bounds)
+        return _rows_by_request(self._pipeline.logits([item for group in groups for item in group]), groups)
+
+    def _run_batch_later(self, groups: Sequence[list[Any]]) -> Future[list[np.ndarray]]:
+        """``_run_batch`` through a pipeline that answers in a Future (``logits_later``)."""
+        logits = self._pipeline.logits_later([item for group in groups for item in group])  # type: ignore[union-attr]
+        return then(logits, lambda batch: _rows_by_request(batch, groups))
 
     def warmup(self) -> None:
         """The whole path once, then every batch size the batcher makes on a GPU: each size a batch
@@ -122,6 +128,11 @@ class ClassifyOp(Op):
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close()
+
+
+def _rows_by_request(logits: np.ndarray, groups: Sequence[list[Any]]) -> list[np.ndarray]:
+    """A batch's rows split back out, one array per request of ``groups``."""
+    return np.split(logits, np.cumsum([len(g) for g in groups])[:-1])
 
 
 def top_k_softmax(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, np.ndarray]:

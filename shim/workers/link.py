@@ -2,7 +2,8 @@
 per worker (``multiprocessing.connection``, authenticated with a per-run key).
 
 A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
-thread hands every reply to the thread that waits for it. Messages are pickles (protocol 5) whose
+thread sets each call's Future as its reply comes in (``call_later`` returns that Future: its
+callbacks run on the reader, so a batch's requests are answered with no other thread woken). Messages are pickles (protocol 5) whose
 arrays travel out of band: a call's large buffers are lent through the worker's shared-memory
 ``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
 once the reply is in), the others written from where they lie and read straight into the buffers
@@ -59,10 +60,22 @@ def _as_reply(exc: BaseException) -> tuple[str, int, str, float | None]:
     return "error", 500, f"internal error: {type(exc).__name__}: {exc}", None
 
 
-def _raise_reply(kind: str, status: int, message: str, retry_after: float | None) -> None:
+def _reply_error(kind: str, status: int, message: str, retry_after: float | None) -> AccelError:
+    """The error a failed reply stands for (the class the device raised, by status)."""
     if kind == _LOST:
-        raise DeviceLost(message, retry_after=retry_after)
-    raise error_for_status(status, message, retry_after)
+        return DeviceLost(message, retry_after=retry_after)
+    return error_for_status(status, message, retry_after)
+
+
+class _Pending:
+    """A call on its way: its Future, and the arena slots its message took (given back once the
+    reply is in: by then the device has done with them)."""
+
+    __slots__ = ("future", "lent")
+
+    def __init__(self, future: "Future[Any]") -> None:
+        self.future = future
+        self.lent: Lent = []
 
 
 class _Unencodable(Exception):
@@ -199,7 +212,7 @@ class LinkClient:
         # the arena is used only once the device process has mapped it
         self._arena = arena if self._chan.offer_arena(arena) and arena is not None else None
         self._ids = itertools.count(1)
-        self._waiting: dict[int, list[Any]] = {}  # id -> [event, reply]
+        self._waiting: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._on_close = on_close
@@ -213,22 +226,30 @@ class LinkClient:
             AccelError: what the device raised (same class by status); DeviceLost for a lost device;
                 LinkClosed when the device process is gone.
         """
+        return self.call_later(method, *args).result()
+
+    def call_later(self, method: str, *args: Any) -> "Future[Any]":
+        """``call`` without waiting: the Future is set (its callbacks run) on the link's reader
+        thread as the reply comes in, so a callback must not block.
+
+        Raises:
+            LinkClosed: the device process is gone (also what the Future holds if it goes meanwhile).
+        """
         call_id = next(self._ids)
-        slot: list[Any] = [threading.Event(), None]
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+        pending = _Pending(future)
         with self._lock:
             if self._closed:
                 raise LinkClosed("the shim's device process is gone; retry", retry_after=1.0)
-            self._waiting[call_id] = slot
+            self._waiting[call_id] = pending
         lent = self._send((call_id, method, args), self._arena)
-        try:
-            slot[0].wait()
-        finally:  # answered (or the device is gone): it reads these slots no more
-            if self._arena is not None:
-                self._arena.give_back_all(lent)
-        ok, payload = slot[1]
-        if not ok:
-            _raise_reply(*payload)
-        return payload
+        with self._lock:
+            if call_id in self._waiting:  # the reply's reader gives them back
+                pending.lent, lent = lent, []
+        if lent and self._arena is not None:  # answered already: the device has done with them
+            self._arena.give_back_all(lent)
+        return future
 
     def notify(self, method: str, *args: Any) -> None:
         """Send ``method(*args)`` without waiting (nothing comes back, errors are the device's to log)."""
@@ -246,10 +267,9 @@ class LinkClient:
             while True:
                 call_id, ok, payload = self._chan.recv()
                 with self._lock:
-                    slot = self._waiting.pop(call_id, None)
-                if slot is not None:
-                    slot[1] = (ok, payload)
-                    slot[0].set()
+                    pending = self._waiting.pop(call_id, None)
+                if pending is not None:
+                    self._settle(pending, ok, payload)
         except (EOFError, OSError):
             pass
         except Exception:  # noqa: BLE001 - a garbled message: the link is no longer usable
@@ -263,11 +283,20 @@ class LinkClient:
                 return
             self._closed = True
             waiting, self._waiting = self._waiting, {}
-        for slot in waiting.values():
-            slot[1] = (False, ("error", 503, "the shim's device process is gone; retry", 1.0))
-            slot[0].set()
+        for pending in waiting.values():
+            self._settle(pending, False, ("error", 503, "the shim's device process is gone; retry", 1.0))
         if self._on_close is not None:
             self._on_close()
+
+    def _settle(self, pending: _Pending, ok: bool, payload: Any) -> None:
+        """A call's slots back to the arena, then its Future set (its callbacks run here)."""
+        if pending.lent and self._arena is not None:
+            self._arena.give_back_all(pending.lent)
+        pending.lent = []
+        if ok:
+            pending.future.set_result(payload)
+        else:
+            pending.future.set_exception(_reply_error(*payload))
 
     def close(self) -> None:
         shut_down(self._chan.sock)  # the reader wakes up, closes the connection and fails what waits

@@ -7,6 +7,7 @@ the requests of every worker.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,7 +45,11 @@ class RemotePipeline:
         return rgb_pixels(image) if self.device == "cuda" else pillow_preprocess(image, self._pre)
 
     def logits(self, items: Sequence[Any]) -> np.ndarray:
-        return self._link.call("logits", self._model, list(items))
+        return self.logits_later(items).result()
+
+    def logits_later(self, items: Sequence[Any]) -> Future[np.ndarray]:
+        """``logits`` without waiting: set on the link's reader thread as the reply comes in."""
+        return self._link.call_later("logits", self._model, list(items))
 
     def bind_thread(self) -> None:
         """Nothing to bind: the device process runs the batch."""

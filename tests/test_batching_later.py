@@ -1,0 +1,170 @@
+"""Batches started on the batcher's thread and answered where their Future is set (a request
+worker's batchers: the device call goes over the link and its reply lands on the link's reader)."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import pytest
+
+from shim.batching import Batcher, then
+
+
+class _Device:
+    """Answers started batches on a thread of its own, in order, uppercasing each item; a batch
+    holding "poison" fails. Holds its answers until ``hold`` batches are on their way (or for
+    ``patience`` seconds, once)."""
+
+    def __init__(self, hold: int = 1, patience: float = 5.0) -> None:
+        self.started: list[list[str]] = []
+        self.on_their_way = self.most_on_their_way = 0
+        self.answered_on: set[str] = set()
+        self._hold, self._patience = hold, patience
+        self._jobs: queue.SimpleQueue[tuple[list[str], Future[list[str]]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._enough = threading.Event()
+        self._thread = threading.Thread(target=self._answer, name="device", daemon=True)
+        self._thread.start()
+
+    def run_later(self, items: Sequence[str]) -> Future[list[str]]:
+        future: Future[list[str]] = Future()
+        with self._lock:
+            self.started.append(list(items))
+            self.on_their_way += 1
+            self.most_on_their_way = max(self.most_on_their_way, self.on_their_way)
+            if self.on_their_way >= self._hold:
+                self._enough.set()
+        self._jobs.put((list(items), future))
+        return future
+
+    def _answer(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._enough.wait(self._patience)
+            self._enough.set()
+            items, future = job
+            time.sleep(0.002)
+            with self._lock:
+                self.on_their_way -= 1
+            self.answered_on.add(threading.current_thread().name)
+            if "poison" in items:
+                future.set_exception(ValueError("poisoned"))
+            else:
+                future.set_result([i.upper() for i in items])
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(5)
+
+
+def _blocking(items: Sequence[str]) -> list[str]:
+    raise AssertionError("a batcher with run_batch_later never runs a batch on its own thread")
+
+
+def _call_all(batcher: Batcher, items: list[str]) -> list[Any]:
+    """Each item submitted by a thread of its own, all at once; each result or error (a request
+    left unanswered fails the test after 10 s instead of hanging it)."""
+    gate = threading.Barrier(len(items))
+    got: dict[int, Any] = {}
+
+    def call(k: int, item: str) -> None:
+        with batcher.incoming() as submit:
+            gate.wait(5)
+            try:
+                got[k] = submit(item, 1)
+            except ValueError as exc:
+                got[k] = exc
+
+    threads = [threading.Thread(target=call, args=(k, item), daemon=True) for k, item in enumerate(items)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(got) == len(items), f"{len(items) - len(got)} requests were never answered"
+    return [got[k] for k in range(len(items))]
+
+
+def test_batches_go_out_without_waiting_and_at_most_concurrency_are_on_their_way():
+    device = _Device(hold=2)
+    batcher = Batcher("m", _blocking, max_batch_size=2, max_queue_delay_us=0, concurrency=2,
+                      run_batch_later=device.run_later)
+    try:
+        items = [f"item{i}" for i in range(12)]
+        assert _call_all(batcher, items) == [i.upper() for i in items]
+    finally:
+        batcher.close()
+        device.stop()
+    # the batcher's thread started a second batch before the first was answered, never a third
+    assert device.most_on_their_way == 2
+    assert all(len(b) <= 2 for b in device.started) and sorted(sum(device.started, [])) == sorted(items)
+    assert device.answered_on == {"device"}
+    assert len(batcher._threads) == 1  # noqa: SLF001 - one thread gathers; the batches need none
+
+
+def test_a_failed_batch_runs_its_requests_again_each_alone():
+    device = _Device()
+    batcher = Batcher("m", _blocking, max_batch_size=8, max_queue_delay_us=200_000, concurrency=2,
+                      run_batch_later=device.run_later)
+    try:
+        got = _call_all(batcher, ["a", "b", "poison", "c", "d", "e"])
+    finally:
+        batcher.close()
+        device.stop()
+    assert [g for g in got if not isinstance(g, ValueError)] == ["A", "B", "C", "D", "E"]
+    assert isinstance(got[2], ValueError) and str(got[2]) == "poisoned"
+    assert any("poison" in b and len(b) > 1 for b in device.started)  # it was batched with others
+    assert ["poison"] in device.started and ["a"] in device.started  # then each ran alone
+
+
+def test_a_batch_that_cannot_start_fails_its_request_and_the_batcher_goes_on():
+    started: list[list[str]] = []
+
+    def run_later(items: Sequence[str]) -> Future[list[str]]:
+        started.append(list(items))
+        if items == ["down"]:
+            raise ConnectionError("the device process is gone")
+        done: Future[list[str]] = Future()
+        done.set_result([i * 2 for i in items])
+        return done
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=1,
+                      run_batch_later=run_later)
+    try:
+        with pytest.raises(ConnectionError, match="gone"):
+            batcher.submit("down", 1)
+        assert batcher.submit("up", 1) == "upup"
+    finally:
+        batcher.close()
+    assert started == [["down"], ["up"]]
+
+
+def test_closing_answers_what_is_queued_and_on_its_way():
+    device = _Device(hold=3, patience=1.0)  # holds its answers for 1 s: a third batch never goes
+    batcher = Batcher("m", _blocking, max_batch_size=1, max_queue_delay_us=0, concurrency=2,
+                      run_batch_later=device.run_later)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.submit, f"x{i}", 1) for i in range(4)]
+        time.sleep(0.3)
+        assert device.most_on_their_way == 2 and not any(f.done() for f in futures)
+        closing = threading.Thread(target=batcher.close)
+        closing.start()  # the device answers after 1 s: the queue drains as batches land
+        assert sorted(f.result(30) for f in futures) == ["X0", "X1", "X2", "X3"]
+        closing.join(30)
+    device.stop()
+    assert not closing.is_alive() and not batcher._threads[0].is_alive()  # noqa: SLF001
+
+
+def test_then_maps_a_result_and_carries_an_error():
+    done: Future[int] = Future()
+    doubled = then(done, lambda x: 2 * x)
+    assert not doubled.done()
+    done.set_result(21)
+    assert doubled.result(0) == 42
+    failed: Future[int] = Future()
+    failed.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        then(failed, lambda x: x).result(0)
+    with pytest.raises(ZeroDivisionError):
+        then(done, lambda x: x / 0).result(0)
