@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, ShimProcess  # noqa: E402
+from bench.front_probe import faked_device_handlers  # noqa: E402
 from bench.loop import process_closed_loop  # noqa: E402
 from bench.procs import cat_jpeg  # noqa: E402
 
@@ -301,8 +302,6 @@ def pipeline() -> None:
 def parts() -> None:
     import io
     import tempfile
-    from concurrent.futures import Future
-
     import numpy as np
     from werkzeug.test import EnvironBuilder
 
@@ -312,26 +311,14 @@ def parts() -> None:
     from shim.kernels.resample import rgb_pixels
     from shim.ops.classify import top_k_softmax
     from shim.ops.imaging import decode_image
-    from shim.service import build_service
-    from shim.workers.device import DeviceEndpoint
     from shim.workers.front import WorkerConfig, build_front
-    from shim.workers.link import Deferred, LinkServer
+    from shim.workers.link import LinkServer
 
     settings = Settings(device="cpu", models_dir=ROOT / "models")
-    device = build_service(settings)
-    device.load()
-    handlers = DeviceEndpoint(device, workers=1).handlers()
-    handlers["pipeline_device"] = lambda model: "cuda"  # the worker sends raw pixels, as in front of a GPU
-
-    def logits(model: str, items: list) -> Future:
-        done: Future = Future()
-        done.set_result(np.zeros((len(items), 1000), np.float32))
-        return done
-
-    handlers["logits"] = Deferred(logits)
+    handlers = faked_device_handlers(settings)
     key = os.urandom(16)
     server = LinkServer(f"{tempfile.mkdtemp()}/link.sock", key, handlers, threads=8)
-    front = build_front(WorkerConfig(settings, server.address, key, [], "cuda", device.backend.describe()))
+    front = build_front(WorkerConfig(settings, server.address, key, [], "cuda", {"name": "cpu"}))
     front.load()
     jpeg = cat_jpeg()
     body, headers = encode_request(InferRequest([Tensor.from_bytes_list("image", [jpeg])], parameters={"top_k": 5},

@@ -1,0 +1,113 @@
+"""Probe on any machine: a request worker's front (``build_front``: waitress, Flask, the guard, the
+codec, the JPEG decode, the worker's batcher and its link) served by the shim's ``Server`` on a unix
+socket, its device answered at once by a forked process (``logits`` are zeros: no model runs), C
+clients classifying the cat photo in separate processes for S seconds. Prints requests/s, latency
+and the worker's CPU per request: the request path's own cost, without a GPU.
+
+    python bench/front_probe.py [C] [S]      # default 4 clients, 8 s
+"""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT  # noqa: E402
+from bench.loop import process_closed_loop  # noqa: E402
+from bench.procs import cat_jpeg  # noqa: E402
+
+
+def faked_device_handlers(settings: Any) -> dict[str, Any]:
+    """The device process's link handlers on the CPU, but classify's pixels are answered at once
+    (zeros for logits) and reported as a GPU pipeline's, so the worker sends raw pixels as in
+    front of a GPU."""
+    import numpy as np
+
+    from shim.service import build_service
+    from shim.workers.device import DeviceEndpoint
+    from shim.workers.link import Deferred
+
+    device = build_service(settings)
+    device.load()
+    handlers = DeviceEndpoint(device, workers=1).handlers()
+    handlers["pipeline_device"] = lambda model: "cuda"
+
+    def logits(model: str, items: list) -> Future:
+        done: Future = Future()
+        done.set_result(np.zeros((len(items), 1000), np.float32))
+        return done
+
+    handlers["logits"] = Deferred(logits)
+    return handlers
+
+
+def _serve_device(settings: Any, address: str, key: bytes) -> tuple[int, int]:
+    """A forked process serving the faked device at ``address`` until this one exits; its pid and the
+    read end of a pipe that says it is ready."""
+    ready_r, ready_w = os.pipe()
+    alive_r, alive_w = os.pipe()  # its read end sees EOF once this process is gone
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(alive_w)
+        from shim.workers.link import LinkServer
+
+        LinkServer(address, key, faked_device_handlers(settings), threads=8)
+        os.write(ready_w, b"1")
+        os.read(alive_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(alive_r)
+    return pid, ready_r
+
+
+def main(clients: int = 4, seconds: float = 8.0) -> None:
+    from shim.config import Settings
+    from shim.server.serving import Server
+    from shim.workers.front import WorkerConfig, build_front
+
+    settings = Settings(device="cpu", models_dir=ROOT / "models")
+    work = tempfile.mkdtemp(prefix="front-probe-")
+    key = os.urandom(16)
+    _pid, ready = _serve_device(settings, f"{work}/link.sock", key)
+    if os.read(ready, 1) != b"1":
+        raise RuntimeError("the faked device did not start")
+    front = build_front(WorkerConfig(settings, f"{work}/link.sock", key, [], "cuda", {"name": "cpu"}))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(f"{work}/front.sock")
+    sock.listen(64)
+    url, jpeg = f"unix://{work}/front.sock", cat_jpeg()
+
+    def drive() -> None:
+        try:
+            while not front.registry.is_ready():
+                time.sleep(0.1)
+            process_closed_loop(("accel", url), jpeg, clients, 2.0, clients)  # warm
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            out = process_closed_loop(("accel", url), jpeg, clients, seconds, clients)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            requests = out["images_per_s"] * seconds
+            print(f"front probe, {clients} clients, {seconds:.0f} s: {out['images_per_s']:.1f} requests/s, "
+                  f"p50 {out.get('p50_ms', 0):.2f} p99 {out.get('p99_ms', 0):.2f} ms, errors {out['errors']}; "
+                  f"the worker {1e3 * cpu / max(requests, 1):.3f} ms of CPU per request "
+                  f"({cpu / seconds:.2f} cores while the clients ran)", flush=True)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=drive, name="probe", daemon=True).start()
+    Server(front, [sock]).run()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4, float(sys.argv[2]) if len(sys.argv) > 2 else 8.0)
