@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from accel.codec import HEADER_LENGTH, decode_request, encode_response
+from accel.codec import HEADER_LENGTH, decode_request, encode_response, read_header_length
 from accel.errors import AccelError, InvalidInput, NotReady, PayloadTooLarge
 from accel.shm import REGISTER_HEADER
 
@@ -102,12 +102,10 @@ def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaa
         _check_version(name, version)
         body = _read_body(g.get("body_limit", settings.max_body_bytes))  # the tenant's, set by the guard
         metrics.request_bytes.labels(name).inc(len(body))
-        length = request.headers.get(HEADER_LENGTH)
-        if length is not None and not (length.strip().isascii() and length.strip().isdigit()):
-            raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {length!r}")
+        length = read_header_length(request.headers.get(HEADER_LENGTH))
         with ShmScope(shm, ready=dispatcher.registry.loaded.is_set) as regions:  # inputs and outputs in regions
             regions.register_on_the_way(request.headers.get(REGISTER_HEADER))
-            infer_request = decode_request(body, int(length) if length is not None else None, regions.input)
+            infer_request = decode_request(body, length, regions.input)
             response = dispatcher.infer(name, infer_request, regions.destinations(infer_request))
             regions.place_outputs(infer_request, response)
             binary = {t.name: infer_request.binary_output(t.name) for t in response.outputs}

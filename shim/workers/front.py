@@ -22,7 +22,8 @@ from typing import Any
 
 from flask import Flask, request
 
-from accel.codec import HEADER_LENGTH
+from accel.codec import HEADER_LENGTH, read_header_length
+from accel.errors import InvalidInput
 from accel.shm import REGISTER_HEADER
 
 from ..batching import BatchingFactory
@@ -110,8 +111,11 @@ def served_here(environ: dict[str, Any]) -> bool:
         return False
     stream = environ["wsgi.input"]
     length = int(environ.get("CONTENT_LENGTH") or 0)
-    header = environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_"), "")
-    peek = min(length, int(header)) if header.strip().isascii() and header.strip().isdigit() else length
+    try:
+        declared = read_header_length(environ.get("HTTP_" + HEADER_LENGTH.upper().replace("-", "_")))
+    except InvalidInput:  # the app answers it
+        declared = None
+    peek = length if declared is None else min(length, declared)
     if not peek:
         return True
     if not stream.seekable():

@@ -86,6 +86,21 @@ def encode_request(request: InferRequest, binary: bool = True) -> tuple[bytes, d
     return _write_message(header, "inputs", request.inputs, lambda t: binary)
 
 
+def read_header_length(value: str | None) -> int | None:
+    """The JSON header's length that an ``Inference-Header-Content-Length`` value declares (None:
+    no such header: the whole body is JSON).
+
+    Raises:
+        InvalidInput: not a non-negative integer.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    return int(text)
+
+
 def decode_request(body: bytes, header_length: int | None, resolve: Resolver | None = None) -> InferRequest:
     """Parse a request body; raises InvalidInput naming what is wrong.
 
