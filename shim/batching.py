@@ -266,6 +266,10 @@ class Batcher(Generic[Item, Result]):
             traceback.clear_frames(exc.__traceback__)
             batch[0].future.set_exception(exc)
             return
+        self._answer(batch, results)
+
+    def _answer(self, batch: list[_Job[Item, Result]], results: Sequence[Result]) -> None:
+        """Each request its result: ``submit``'s here, ``submit_later``'s on the reply thread."""
         if self._batch_sizes is not None:
             self._batch_sizes.observe(sum(job.rows for job in batch))
         later = []
@@ -291,8 +295,13 @@ class Batcher(Generic[Item, Result]):
         of several goes back to the batcher's thread, to run each request alone."""
         try:
             exc = done.exception()
-            if exc is None and len(done.result()) != len(batch):
-                exc = RuntimeError(f"model {self.name}: {len(done.result())} results for {len(batch)} requests")
+            if exc is None:
+                results = done.result()
+                try:
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"model {self.name}: {len(results)} results for {len(batch)} requests")
+                except Exception as wrong:  # noqa: BLE001 - not a sequence, or not one per request
+                    exc = wrong
             if exc is not None and len(batch) > 1:
                 with self._cond:
                     self._alone.extend(batch)
@@ -301,12 +310,14 @@ class Batcher(Generic[Item, Result]):
                 traceback.clear_frames(exc.__traceback__)
                 batch[0].future.set_exception(exc)
                 return
-            if self._batch_sizes is not None:
-                self._batch_sizes.observe(sum(job.rows for job in batch))
             if self._batch_seconds is not None:
                 self._batch_seconds.observe(time.perf_counter() - began)
-            for job, result in zip(batch, done.result()):
-                job.future.set_result(result)
+            self._answer(batch, results)
+        except BaseException as exc:  # noqa: BLE001 - nobody would answer them: they get the error
+            log.exception("model %s: a batch's results could not be handed out", self.name)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
         finally:
             self._landed_one()
 

@@ -116,6 +116,7 @@ def test_a_failed_batch_runs_its_requests_again_each_alone():
     assert isinstance(got[2], ValueError) and str(got[2]) == "poisoned"
     assert any("poison" in b and len(b) > 1 for b in device.started)  # it was batched with others
     assert ["poison"] in device.started and ["a"] in device.started  # then each ran alone
+    assert batcher._in_flight == 0  # noqa: SLF001 - every batch taken was counted back
 
 
 def test_a_batch_that_cannot_start_fails_its_request_and_the_batcher_goes_on():
@@ -168,3 +169,42 @@ def test_then_maps_a_result_and_carries_an_error():
         then(failed, lambda x: x).result(0)
     with pytest.raises(ZeroDivisionError):
         then(done, lambda x: x / 0).result(0)
+
+
+def test_results_that_cannot_be_handed_out_fail_their_requests_instead_of_leaving_them_waiting():
+    def run_later(items: Sequence[str]) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(None)  # not one result per request
+        return done
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=1,
+                      run_batch_later=run_later)
+    try:
+        assert isinstance(batcher.submit_later("y", 1).exception(10), TypeError)
+        with pytest.raises(TypeError):
+            batcher.submit("x", 1)
+    finally:
+        batcher.close()
+    assert batcher._in_flight == 0  # noqa: SLF001
+
+
+def test_submit_later_is_answered_on_the_reply_thread_and_cancelled_requests_are_skipped():
+    device = _Device()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=2,
+                      run_batch_later=device.run_later)
+    answered_on: list[str] = []
+    called = threading.Event()
+    try:
+        later = batcher.submit_later("later", 1)
+        later.add_done_callback(lambda _done: (answered_on.append(threading.current_thread().name), called.set()))
+        assert later.result(5) == "LATER" and called.wait(5)
+        cancelled = [batcher.submit_later(f"c{i}", 1) for i in range(8)]
+        for future in cancelled[::2]:
+            future.cancel()  # those not yet taken are skipped
+        for future in cancelled[1::2]:
+            assert future.result(5).startswith("C")
+    finally:
+        batcher.close()
+        device.stop()
+    assert answered_on == ["replies-m"]  # not the device's thread: a callback may block there
+    assert batcher._in_flight == 0  # noqa: SLF001

@@ -78,14 +78,24 @@ def test_link_call_later_is_answered_on_the_readers_thread(link):
     client, _server, release, *_ = link
     slow = client.call_later("slow", 4)
     answered_on: list[str] = []
-    slow.add_done_callback(lambda _done: answered_on.append(threading.current_thread().name))
+    called = threading.Event()  # callbacks run after the Future's waiters are woken
+
+    def note(_done: Future) -> None:
+        answered_on.append(threading.current_thread().name)
+        called.set()
+
+    slow.add_done_callback(note)
     assert client.call_later("echo", 1).result(5) == (1,)  # not behind the slow one
     assert not slow.done()
     release.set()
     assert slow.result(5) == 40
+    assert called.wait(5)
     assert answered_on == ["link-reader"]  # set where the reply came in: no thread woken to hand it on
     assert isinstance(client.call_later("fail", "input").exception(5), InvalidInput)
     assert isinstance(client.call_later("fail", "lost").exception(5), DeviceLost)
+    with pytest.raises(Exception, match="pickle"):
+        client.call_later("echo", threading.Lock())  # cannot be sent: raised, and not left waiting
+    assert not client._waiting  # noqa: SLF001
 
 
 def test_link_carries_errors_by_class(link):

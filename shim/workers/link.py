@@ -243,7 +243,12 @@ class LinkClient:
             if self._closed:
                 raise LinkClosed("the shim's device process is gone; retry", retry_after=1.0)
             self._waiting[call_id] = pending
-        lent = self._send((call_id, method, args), self._arena)
+        try:
+            lent = self._send((call_id, method, args), self._arena)
+        except BaseException:  # not sent (a link that closed has failed the Future already)
+            with self._lock:
+                self._waiting.pop(call_id, None)
+            raise
         with self._lock:
             if call_id in self._waiting:  # the reply's reader gives them back
                 pending.lent, lent = lent, []
@@ -289,14 +294,21 @@ class LinkClient:
             self._on_close()
 
     def _settle(self, pending: _Pending, ok: bool, payload: Any) -> None:
-        """A call's slots back to the arena, then its Future set (its callbacks run here)."""
-        if pending.lent and self._arena is not None:
-            self._arena.give_back_all(pending.lent)
-        pending.lent = []
-        if ok:
-            pending.future.set_result(payload)
-        else:
-            pending.future.set_exception(_reply_error(*payload))
+        """A call's slots back to the arena, then its Future set (its callbacks run here), whatever
+        goes wrong on the way (what did is raised after: the reader closes the link)."""
+        try:
+            if pending.lent and self._arena is not None:
+                self._arena.give_back_all(pending.lent)
+        finally:
+            pending.lent = []
+            if ok:
+                pending.future.set_result(payload)
+            else:
+                try:
+                    error: BaseException = _reply_error(*payload)
+                except Exception as exc:  # noqa: BLE001 - a garbled error reply
+                    error = InternalError(f"an error reply from the device process could not be read: {exc}")
+                pending.future.set_exception(error)
 
     def close(self) -> None:
         shut_down(self._chan.sock)  # the reader wakes up, closes the connection and fails what waits
