@@ -183,10 +183,10 @@ def test_a_reply_never_waits_for_a_worker_that_is_slow_to_read():
     import socket
     from multiprocessing.connection import Connection
 
-    from shim.workers.link import _Channel
+    from shim.workers.channel import Channel
 
     a, b = socket.socketpair()
-    sender, reader = _Channel(Connection(os.dup(a.fileno()))), _Channel(Connection(os.dup(b.fileno())))
+    sender, reader = Channel(Connection(os.dup(a.fileno()))), Channel(Connection(os.dup(b.fileno())))
     a.close(), b.close()
     big = np.arange(1 << 20, dtype=np.uint32)  # 4 MiB: more than the socket's buffers hold
     start = time.monotonic()

@@ -98,6 +98,11 @@ def _patch(name: str, module: Any) -> None:
 
         batcher.__init__ = __init__
         batcher._run = _timed(lambda a: f"{a[0].name}: run + replies", run, rows=lambda a: len(a[1]))
+        # a request worker's batchers only start their batches (run_batch_later): answered on the link's reader
+        batcher._launch = _timed(lambda a: f"{a[0].name}: start a batch (answered later)", batcher._launch,
+                                 rows=lambda a: len(a[1]))
+        batcher._landed = _timed(lambda a: f"{a[0].name}: answer a started batch", batcher._landed,
+                                 rows=lambda a: len(a[1]))
         batcher._gather = _timed(lambda a: f"{a[0].name}: gather", gather)
     elif name == "shim.backends.cuda_host":
         module.DeviceWorker.upload_concatenated = _timed("pixels up (DMA or staging copy, queued)",
@@ -119,16 +124,18 @@ def _patch(name: str, module: Any) -> None:
         module.Dispatcher.infer = _timed("dispatcher infer (the op and its checks)", module.Dispatcher.infer)
     elif name == "flask.app":
         module.Flask.wsgi_app = _timed("the app (Flask, the whole request)", module.Flask.wsgi_app)
+    elif name == "shim.workers.channel":
+        module.Channel.recv = _timed("link message in (the wait for it, read, unpickled)", module.Channel.recv)
+        module.Channel.send = _timed("link message out (pickled, sent or posted)", module.Channel.send)
     elif name == "shim.workers.link":
         module.LinkClient.call = _timed("link call (worker side)", module.LinkClient.call)
-        module._Channel.recv = _timed("link message in (the wait for it, read, unpickled)", module._Channel.recv)
-        module._Channel.send = _timed("link message out (pickled, sent or posted)", module._Channel.send)
         module.LinkServer._dispatch = _timed("link call started (a Deferred: into the batcher)",
                                              module.LinkServer._dispatch)
 
 
 _WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.onnx",
-           "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link"}
+           "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
+           "shim.workers.channel"}
 
 
 class _Finder(importlib.abc.MetaPathFinder):

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import pickle
-import socket
-import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Listener
 from typing import Any, Callable
 
 from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
-from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
-from .outbox import Outbox, shut_down
+from .arena import Arena, Lent
+from .channel import Channel, Unencodable
+from .outbox import shut_down
 
 log = logging.getLogger(__name__)
 
@@ -78,129 +75,6 @@ class _Pending:
         self.lent: Lent = []
 
 
-class _Unencodable(Exception):
-    """A message that cannot be pickled (its cause says why)."""
-
-
-class _Channel:
-    """Messages over the socket of an authenticated ``Connection`` (which it takes over).
-
-    A message is a header (buffer count, pickle size, then per out-of-band buffer its size and where
-    it is: 0 on the socket after the pickle, else 1 + its offset in the sender's arena), the pickle,
-    then the buffers that go on the socket.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
-        conn.close()
-        self._out = Outbox(self.sock)
-        self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
-
-    def send(self, message: Any, arena: Arena | None = None, wait: bool = True) -> Lent:
-        """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
-        caller gives them back once the peer has done with them). Without ``wait`` the calling
-        thread never waits for the peer (``Outbox.post``: a gone peer is then no error)."""
-        buffers: list[pickle.PickleBuffer] = []
-        try:
-            data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-            try:
-                raws = [b.raw() for b in buffers]
-            except BufferError:  # a non-contiguous buffer: everything in band
-                data, raws = pickle.dumps(message, protocol=5), []
-        except Exception as exc:
-            raise _Unencodable(f"{type(exc).__name__}: {exc}") from exc
-        lent: Lent = []
-        places: list[int] = []
-        try:
-            for raw in raws:
-                offset = arena.lend(raw) if arena is not None and raw.nbytes >= MIN_LENT_BYTES else None
-                if offset is not None:
-                    lent.append((offset, raw.nbytes))
-                places += [raw.nbytes, 0 if offset is None else offset + 1]
-            header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
-            parts = [header + data, *(raw for raw, where in zip(raws, places[1::2]) if not where)]
-            if wait:
-                self._out.send(parts)
-            else:
-                self._out.post(parts)
-        except BaseException:
-            if arena is not None:
-                arena.give_back_all(lent)
-            raise
-        return lent
-
-    def close(self) -> None:
-        """Shut the socket down (a writer stuck on a peer that does not read wakes up) and close it
-        (the reading side's own, once it has stopped reading)."""
-        self._out.close()
-        shut_down(self.sock)
-        self.sock.close()
-
-    def recv(self) -> Any:
-        count, size = struct.unpack("!IQ", self._exactly(12))
-        places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
-        data = self._exactly(size)
-        buffers: list[Any] = []
-        for nbytes, where in zip(places[::2], places[1::2]):
-            if not where:
-                buffers.append(self._exactly(nbytes))
-            elif self.peer_arena is None:
-                raise EOFError("a link message names an arena that was never sent")
-            else:
-                buffers.append(self.peer_arena.view(where - 1, nbytes))
-        return pickle.loads(data, buffers=buffers)
-
-    def offer_arena(self, arena: Arena | None) -> bool:
-        """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of
-        its first bytes the device may pin (8 bytes: for a ``pinned`` arena those it never gives
-        back, ``keep``; else 0), or b"-", and read whether the server mapped it (b"1") or will read
-        everything off the socket (b"0")."""
-        if arena is None:
-            socket.send_fds(self.sock, [b"-"], [])
-        else:
-            socket.send_fds(self.sock, [b"A" + struct.pack("!Q", arena.keep if arena.pinned else 0)], [arena.fd])
-        answer = self._exactly(1)
-        return bytes(answer) == b"1"
-
-    def accept_arena(self, pin: Callable[[int, int], None] | None = None,
-                     unpin: Callable[[int], None] | None = None) -> None:
-        """The first thing a server does: map the client's arena, if it sent one (its kept bytes
-        pinned with ``pin``, see ``PeerArena``), and say whether it did; an arena that cannot be
-        mapped is refused (logged), the link goes on without it.
-
-        Raises:
-            EOFError: the link was closed.
-        """
-        tag, fds, flags, _addr = socket.recv_fds(self.sock, 9, 1, socket.MSG_CMSG_CLOEXEC)
-        if not tag:
-            raise EOFError("the link was closed")
-        try:
-            if tag[:1] == b"A" and len(tag) < 9:  # the rest of the offer, after the fd's first bytes
-                tag += self._exactly(9 - len(tag))
-            if tag[:1] == b"A" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
-                keep, = struct.unpack("!Q", tag[1:9])
-                self.peer_arena = PeerArena(fds.pop(), keep, pin, unpin)
-            elif tag != b"-" or fds:
-                raise ValueError(f"the link arena did not arrive whole (tag {tag!r}, {len(fds)} fds, "
-                                 f"flags {flags:#x})")
-        except ValueError as exc:
-            log.warning("a request worker's link goes without its arena: %s", exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        self.sock.sendall(b"1" if self.peer_arena is not None else b"0")
-
-    def _exactly(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            read = self.sock.recv_into(view[got:])
-            if not read:
-                raise EOFError("the link was closed")
-            got += read
-        return buf
-
-
 class LinkClient:
     """A worker's end: ``call(method, *args)`` from any thread; ``notify`` sends without a reply."""
 
@@ -208,7 +82,7 @@ class LinkClient:
                  arena: Arena | None = None) -> None:
         """A ``pinned`` arena's kept bytes may be pinned by the device (its CUDA backend then
         uploads arrays from there by DMA): for the link of device calls, not of forwarded requests."""
-        self._chan = _Channel(Client(address, family="AF_UNIX", authkey=authkey))
+        self._chan = Channel(Client(address, family="AF_UNIX", authkey=authkey))
         # the arena is used only once the device process has mapped it
         self._arena = arena if self._chan.offer_arena(arena) and arena is not None else None
         self._ids = itertools.count(1)
@@ -335,7 +209,7 @@ class LinkServer:
         self._pin, self._unpin = pin, unpin
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
-        self._conns: list[_Channel] = []
+        self._conns: list[Channel] = []
         self._closing = False
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
         self._acceptor.start()
@@ -349,12 +223,12 @@ class LinkServer:
                     break
                 log.warning("refused a request worker connection: %s", exc)
                 continue
-            chan = _Channel(conn)
+            chan = Channel(conn)
             self._conns.append(chan)
             threading.Thread(target=self._serve, args=(chan,), name="link-conn", daemon=True).start()
         self._listener.close()
 
-    def _serve(self, chan: _Channel) -> None:
+    def _serve(self, chan: Channel) -> None:
         try:
             chan.accept_arena(self._pin, self._unpin)
             while True:
@@ -369,7 +243,7 @@ class LinkServer:
                 chan.peer_arena.close()  # unmapped once no call of it holds a view
             self._conns.remove(chan)
 
-    def _dispatch(self, chan: _Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+    def _dispatch(self, chan: Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         """Start one call: a Deferred handler here, any other on a pool thread."""
         handler = self._handlers.get(method)
         if not isinstance(handler, Deferred):
@@ -384,7 +258,7 @@ class LinkServer:
             return
         future.add_done_callback(lambda done: self._reply(chan, call_id, method, *_outcome(done), wait=False))
 
-    def _run(self, chan: _Channel, call_id: int, method: str, handler: Handler | None, args: tuple[Any, ...]) -> None:
+    def _run(self, chan: Channel, call_id: int, method: str, handler: Handler | None, args: tuple[Any, ...]) -> None:
         try:
             if handler is None:
                 raise InternalError(f"the device process has no method {method!r}")
@@ -394,7 +268,7 @@ class LinkServer:
         self._reply(chan, call_id, method, ok, payload)
 
     @staticmethod
-    def _reply(chan: _Channel, call_id: int, method: str, ok: bool, payload: Any, wait: bool = True) -> None:
+    def _reply(chan: Channel, call_id: int, method: str, ok: bool, payload: Any, wait: bool = True) -> None:
         """Answer a call (a notification's failure is logged instead); ``wait`` as ``send`` takes it."""
         if not call_id:
             if not ok:
@@ -403,7 +277,7 @@ class LinkServer:
         try:
             try:
                 chan.send((call_id, ok, payload), wait=wait)
-            except _Unencodable as exc:  # a result that cannot be pickled: say so
+            except Unencodable as exc:  # a result that cannot be pickled: say so
                 chan.send((call_id, False, _as_reply(exc)), wait=wait)
         except (OSError, ValueError) as exc:
             log.debug("the reply to %s went nowhere (the worker is gone, its caller with it): %s", method, exc)

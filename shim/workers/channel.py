@@ -1,0 +1,141 @@
+"""One end of a link's socket: messages framed as a header, a pickle (protocol 5) and its out-of-band
+buffers, which go through the sender's shared-memory ``Arena`` where they fit (the receiver reads
+them where they lie, in its ``PeerArena``) and over the socket otherwise; and the handshake that
+offers the arena's fd first."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import struct
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
+from .outbox import Outbox, shut_down
+
+log = logging.getLogger(__name__)
+
+
+class Unencodable(Exception):
+    """A message that cannot be pickled (its cause says why)."""
+
+
+class Channel:
+    """Messages over the socket of an authenticated ``Connection`` (which it takes over).
+
+    A message is a header (buffer count, pickle size, then per out-of-band buffer its size and where
+    it is: 0 on the socket after the pickle, else 1 + its offset in the sender's arena), the pickle,
+    then the buffers that go on the socket.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        self._out = Outbox(self.sock)
+        self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
+
+    def send(self, message: Any, arena: Arena | None = None, wait: bool = True) -> Lent:
+        """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
+        caller gives them back once the peer has done with them). Without ``wait`` the calling
+        thread never waits for the peer (``Outbox.post``: a gone peer is then no error)."""
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            try:
+                raws = [b.raw() for b in buffers]
+            except BufferError:  # a non-contiguous buffer: everything in band
+                data, raws = pickle.dumps(message, protocol=5), []
+        except Exception as exc:
+            raise Unencodable(f"{type(exc).__name__}: {exc}") from exc
+        lent: Lent = []
+        places: list[int] = []
+        try:
+            for raw in raws:
+                offset = arena.lend(raw) if arena is not None and raw.nbytes >= MIN_LENT_BYTES else None
+                if offset is not None:
+                    lent.append((offset, raw.nbytes))
+                places += [raw.nbytes, 0 if offset is None else offset + 1]
+            header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
+            parts = [header + data, *(raw for raw, where in zip(raws, places[1::2]) if not where)]
+            if wait:
+                self._out.send(parts)
+            else:
+                self._out.post(parts)
+        except BaseException:
+            if arena is not None:
+                arena.give_back_all(lent)
+            raise
+        return lent
+
+    def close(self) -> None:
+        """Shut the socket down (a writer stuck on a peer that does not read wakes up) and close it
+        (the reading side's own, once it has stopped reading)."""
+        self._out.close()
+        shut_down(self.sock)
+        self.sock.close()
+
+    def recv(self) -> Any:
+        count, size = struct.unpack("!IQ", self._exactly(12))
+        places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
+        data = self._exactly(size)
+        buffers: list[Any] = []
+        for nbytes, where in zip(places[::2], places[1::2]):
+            if not where:
+                buffers.append(self._exactly(nbytes))
+            elif self.peer_arena is None:
+                raise EOFError("a link message names an arena that was never sent")
+            else:
+                buffers.append(self.peer_arena.view(where - 1, nbytes))
+        return pickle.loads(data, buffers=buffers)
+
+    def offer_arena(self, arena: Arena | None) -> bool:
+        """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of
+        its first bytes the device may pin (8 bytes: for a ``pinned`` arena those it never gives
+        back, ``keep``; else 0), or b"-", and read whether the server mapped it (b"1") or will read
+        everything off the socket (b"0")."""
+        if arena is None:
+            socket.send_fds(self.sock, [b"-"], [])
+        else:
+            socket.send_fds(self.sock, [b"A" + struct.pack("!Q", arena.keep if arena.pinned else 0)], [arena.fd])
+        answer = self._exactly(1)
+        return bytes(answer) == b"1"
+
+    def accept_arena(self, pin: Callable[[int, int], None] | None = None,
+                     unpin: Callable[[int], None] | None = None) -> None:
+        """The first thing a server does: map the client's arena, if it sent one (its kept bytes
+        pinned with ``pin``, see ``PeerArena``), and say whether it did; an arena that cannot be
+        mapped is refused (logged), the link goes on without it.
+
+        Raises:
+            EOFError: the link was closed.
+        """
+        tag, fds, flags, _addr = socket.recv_fds(self.sock, 9, 1, socket.MSG_CMSG_CLOEXEC)
+        if not tag:
+            raise EOFError("the link was closed")
+        try:
+            if tag[:1] == b"A" and len(tag) < 9:  # the rest of the offer, after the fd's first bytes
+                tag += self._exactly(9 - len(tag))
+            if tag[:1] == b"A" and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
+                keep, = struct.unpack("!Q", tag[1:9])
+                self.peer_arena = PeerArena(fds.pop(), keep, pin, unpin)
+            elif tag != b"-" or fds:
+                raise ValueError(f"the link arena did not arrive whole (tag {tag!r}, {len(fds)} fds, "
+                                 f"flags {flags:#x})")
+        except ValueError as exc:
+            log.warning("a request worker's link goes without its arena: %s", exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.sock.sendall(b"1" if self.peer_arena is not None else b"0")
+
+    def _exactly(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            read = self.sock.recv_into(view[got:])
+            if not read:
+                raise EOFError("the link was closed")
+            got += read
+        return buf
