@@ -98,6 +98,13 @@ def test_link_call_later_is_answered_on_the_readers_thread(link):
     assert not client._waiting  # noqa: SLF001
 
 
+def test_a_call_that_comes_in_as_the_device_side_closes_is_told_to_retry(link):
+    client, server, *_ = link
+    server._pool.shutdown(wait=False)  # noqa: SLF001 - where close() leaves the pool as readers finish
+    with pytest.raises(NotReady, match="stopping"):
+        client.call("echo", 1)
+
+
 def test_link_carries_errors_by_class(link):
     client, *_ = link
     with pytest.raises(InvalidInput, match="bad tensor 'A'"):

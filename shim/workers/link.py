@@ -247,7 +247,11 @@ class LinkServer:
         """Start one call: a Deferred handler here, any other on a pool thread."""
         handler = self._handlers.get(method)
         if not isinstance(handler, Deferred):
-            self._pool.submit(self._run, chan, call_id, method, handler, args)
+            try:
+                self._pool.submit(self._run, chan, call_id, method, handler, args)
+            except RuntimeError:  # closing: the pool takes no more calls
+                stopping = NotReady("the shim's device process is stopping; retry", retry_after=1.0)
+                self._reply(chan, call_id, method, False, _as_reply(stopping), wait=False)
             return
         # neither this reader nor the thread that completes the Future (a batcher's) may wait for a
         # worker that is slow to read: their replies are posted
