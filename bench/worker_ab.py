@@ -254,7 +254,7 @@ def pipeline() -> None:
     from PIL import Image
 
     from shim.backends.cuda import CudaBackend
-    from shim.batching import padded_sizes
+    from shim.padding import padded_sizes
     from shim.modelrepo import ModelRepository
 
     backend = CudaBackend()

@@ -108,7 +108,7 @@ class Batcher(Generic[Item, Result]):
         self._closed = False
         self._gathering = False  # a worker is gathering a batch: the others wait their turn
         # results of ``submit_later`` jobs, set (their callbacks run) on a thread of their own
-        self._replies: queue.SimpleQueue[list[tuple[_Job[Item, Result], Result]] | None] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[list[tuple[_Job[Item, Result], Result | _Failed]] | None] = queue.SimpleQueue()
         self._replier = threading.Thread(target=self._reply_loop, name=f"replies-{name}", daemon=True)
         self._replier.start()
         threads = 1 if run_batch_later is not None else concurrency
@@ -262,9 +262,7 @@ class Batcher(Generic[Item, Result]):
                 for job in batch:  # isolate: only the requests that fail alone get an error
                     self._run([job])
                 return
-            # the error outlives the batch (in the Future): its frames' locals, the items, do not
-            traceback.clear_frames(exc.__traceback__)
-            batch[0].future.set_exception(exc)
+            self._fail(batch[0], exc)
             return
         self._answer(batch, results)
 
@@ -272,7 +270,7 @@ class Batcher(Generic[Item, Result]):
         """Each request its result: ``submit``'s here, ``submit_later``'s on the reply thread."""
         if self._batch_sizes is not None:
             self._batch_sizes.observe(sum(job.rows for job in batch))
-        later = []
+        later: list[tuple[_Job[Item, Result], Result | _Failed]] = []
         for job, result in zip(batch, results):
             if job.later:
                 later.append((job, result))
@@ -281,14 +279,24 @@ class Batcher(Generic[Item, Result]):
         if later:
             self._replies.put(later)
 
+    def _fail(self, job: _Job[Item, Result], exc: BaseException) -> None:
+        """A request its error: ``submit``'s here, ``submit_later``'s on the reply thread."""
+        # the error outlives the batch (in the Future): its frames' locals, the items, do not
+        traceback.clear_frames(exc.__traceback__)
+        if job.later:
+            self._replies.put([(job, _Failed(exc))])
+        else:
+            job.future.set_exception(exc)
+
     def _launch(self, batch: list[_Job[Item, Result]], began: float) -> None:
         """Start ``batch`` with ``run_batch_later``; ``_landed`` answers it when its Future is set."""
         try:
             future = self._run_later([job.item for job in batch])  # type: ignore[misc]
+            future.add_done_callback(lambda done: self._landed(batch, began, done))
         except BaseException as exc:  # noqa: BLE001 - answered like a batch that failed on its way
-            future = Future()
-            future.set_exception(exc)
-        future.add_done_callback(lambda done: self._landed(batch, began, done))
+            failed: Future[Sequence[Result]] = Future()
+            failed.set_exception(exc)
+            self._landed(batch, began, failed)
 
     def _landed(self, batch: list[_Job[Item, Result]], began: float, done: Future[Sequence[Result]]) -> None:
         """A started batch's results (on the thread that set them) to its requests; a failed batch
@@ -307,8 +315,7 @@ class Batcher(Generic[Item, Result]):
                     self._alone.extend(batch)
                 return
             if exc is not None:
-                traceback.clear_frames(exc.__traceback__)
-                batch[0].future.set_exception(exc)
+                self._fail(batch[0], exc)
                 return
             if self._batch_seconds is not None:
                 self._batch_seconds.observe(time.perf_counter() - began)
@@ -317,7 +324,7 @@ class Batcher(Generic[Item, Result]):
             log.exception("model %s: a batch's results could not be handed out", self.name)
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(exc)
+                    self._fail(job, exc)
         finally:
             self._landed_one()
 
@@ -329,14 +336,26 @@ class Batcher(Generic[Item, Result]):
                 self._cond.notify_all()
 
     def _reply_loop(self) -> None:
-        """Sets the results of ``submit_later`` jobs (their callbacks run here), batch by batch."""
+        """Sets the results (or errors) of ``submit_later`` jobs (their callbacks run here), batch by batch."""
         while (replies := self._replies.get()) is not None:
             for job, result in replies:
                 try:
-                    job.future.set_result(result)
+                    if isinstance(result, _Failed):
+                        job.future.set_exception(result.error)
+                    else:
+                        job.future.set_result(result)
                 except Exception:  # noqa: BLE001 - Future logs its callbacks' errors; this is anything else
                     log.exception("model %s: a result could not be set", self.name)
             del replies
+
+
+class _Failed:
+    """A ``submit_later`` request's error, on its way to the reply thread."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 def then(future: Future[Item], fn: Callable[[Item], Result]) -> Future[Result]:
@@ -353,25 +372,6 @@ def then(future: Future[Item], fn: Callable[[Item], Result]) -> Future[Result]:
 
     future.add_done_callback(done)
     return out
-
-
-def padded_batch(rows: int) -> int:
-    """The batch size a GPU run of ``rows`` rows uses, so that batches of any size run as one of a few
-    shapes, each with a warmed session (the padding rows are zeros, dropped): the next power of two,
-    or three quarters of it from 6 on (1, 2, 4, 6, 8, 12, 16, 24, 32, ...): a batch runs as fewer
-    than 1.5 times its rows (17 as 24, not 32), where the GPU's time grows with the rows
-    (efficientnet-lite0's graph replays on the H200: 1.1 ms for 8 rows, 3.3 for 32)."""
-    power = 1 << max(0, rows - 1).bit_length()
-    three_quarters = power // 4 * 3
-    return three_quarters if power >= 8 and rows <= three_quarters else power
-
-
-def padded_sizes(rows: int) -> list[int]:
-    """Every size ``padded_batch`` gives for 1 to ``rows`` rows, smallest first: what a warm-up runs."""
-    top, sizes = padded_batch(rows), [1]
-    while sizes[-1] < top:
-        sizes.append(padded_batch(sizes[-1] + 1))
-    return sizes
 
 
 class BatchingFactory:

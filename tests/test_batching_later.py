@@ -208,3 +208,38 @@ def test_submit_later_is_answered_on_the_reply_thread_and_cancelled_requests_are
         device.stop()
     assert answered_on == ["replies-m"]  # not the device's thread: a callback may block there
     assert batcher._in_flight == 0  # noqa: SLF001
+
+
+def test_a_batch_whose_requests_were_all_cancelled_frees_its_place():
+    device = _Device(hold=2, patience=0.5)  # holds the first answer for 0.5 s
+    batcher = Batcher("m", _blocking, max_batch_size=1, max_queue_delay_us=0, concurrency=1,
+                      run_batch_later=device.run_later)
+    try:
+        first = batcher.submit_later("a", 1)
+        queued = batcher.submit_later("b", 1)  # waits: one batch may be on its way
+        assert queued.cancel()
+        assert first.result(5) == "A"
+        assert batcher.submit_later("c", 1).result(5) == "C"  # the cancelled batch kept no place
+    finally:
+        batcher.close()
+        device.stop()
+    assert batcher._in_flight == 0 and device.started == [["a"], ["c"]]  # noqa: SLF001
+
+
+def test_a_metric_that_fails_fails_the_requests_instead_of_leaving_them_waiting():
+    class Broken:
+        def labels(self, _name: str) -> "Broken":
+            return self
+
+        def observe(self, _value: float) -> None:
+            raise OSError("the metric broke")
+
+    device = _Device()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, batch_seconds=Broken(),
+                      concurrency=2, run_batch_later=device.run_later)
+    try:
+        assert isinstance(batcher.submit_later("x", 1).exception(5), OSError)
+    finally:
+        batcher.close()
+        device.stop()
+    assert batcher._in_flight == 0  # noqa: SLF001

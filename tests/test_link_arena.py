@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from accel.errors import InternalError, InvalidInput, NotReady
 from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
-from shim.workers.link import LinkClient, LinkServer
+from shim.workers.link import LinkClient, LinkServer, _Pending
 
 
 def test_slots_are_aligned_apart_and_coalesce_when_given_back() -> None:
@@ -176,6 +176,34 @@ def test_the_slots_of_calls_answered_later_come_back(arena_link, monkeypatch) ->
     assert future.done()  # answered while the caller stalled
     np.testing.assert_array_equal(future.result(), x)
     assert arena.free_bytes() == 4 << 20
+
+
+def test_every_waiting_call_is_answered_when_the_link_closes_even_if_its_slots_cannot_come_back(tmp_path) -> None:
+    key, release = os.urandom(16), threading.Event()
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"slow": lambda x: release.wait(10)}, threads=4)
+    arena = Arena(8 << 20, keep=0)  # nothing kept: a slot of 1 MiB coming back is given back to the system
+    closed = threading.Event()
+    client = LinkClient(server.address, key, on_close=closed.set, arena=arena)
+    try:
+        x = np.ones(1 << 18, np.float32)
+        waiting = [client.call_later("slow", x) for _ in range(3)]
+        time.sleep(0.2)
+        arena._map.close()  # noqa: SLF001 - giving the slots back now fails (the mapping is gone)
+        server.close()
+        for future in waiting:
+            assert isinstance(future.exception(5), NotReady)
+        assert closed.wait(5)
+    finally:
+        release.set()
+        server.close()
+        os.close(arena.fd)
+
+
+def test_an_error_reply_that_cannot_be_read_is_an_internal_error(arena_link) -> None:
+    client, *_ = arena_link
+    pending = _Pending(Future())
+    client._settle(pending, False, ("error", "not a status"))  # noqa: SLF001 - a reply of the wrong shape
+    assert isinstance(pending.future.exception(0), InternalError)
 
 
 def test_a_gone_workers_arena_is_unmapped_by_the_device(tmp_path) -> None:

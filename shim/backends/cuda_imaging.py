@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 import cupy as cp
 import numpy as np
 
-from ..batching import padded_sizes
+from ..padding import padded_sizes
 from ..faults import DeviceLost
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig

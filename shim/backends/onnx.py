@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from accel.datatypes import FIXED
 
-from ..batching import padded_batch
+from ..padding import padded_batch
 from .base import TensorSpec
 
 __all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "first_line", "padded_batch", "version",

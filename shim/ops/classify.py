@@ -9,7 +9,8 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ImagePipeline, TensorSpec
-from ..batching import Batcher, BatchingFactory, padded_sizes, then
+from ..batching import Batcher, BatchingFactory, then
+from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png

@@ -9,7 +9,8 @@ from accel.datatypes import FIXED
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ModelRunner
-from ..batching import Batcher, BatchingFactory, padded_sizes
+from ..batching import Batcher, BatchingFactory
+from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op
 

@@ -162,10 +162,15 @@ class LinkClient:
                 return
             self._closed = True
             waiting, self._waiting = self._waiting, {}
-        for pending in waiting.values():
-            self._settle(pending, False, ("error", 503, "the shim's device process is gone; retry", 1.0))
-        if self._on_close is not None:
-            self._on_close()
+        try:
+            for pending in waiting.values():
+                try:
+                    self._settle(pending, False, ("error", 503, "the shim's device process is gone; retry", 1.0))
+                except Exception:  # noqa: BLE001 - its Future is set all the same; the others go on
+                    log.exception("a call's arena slots could not be given back as the link closed")
+        finally:
+            if self._on_close is not None:
+                self._on_close()
 
     def _settle(self, pending: _Pending, ok: bool, payload: Any) -> None:
         """A call's slots back to the arena, then its Future set (its callbacks run here), whatever
