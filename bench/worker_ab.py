@@ -302,6 +302,7 @@ def pipeline() -> None:
 def parts() -> None:
     import io
     import tempfile
+
     import numpy as np
     from werkzeug.test import EnvironBuilder
 

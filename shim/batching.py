@@ -4,8 +4,8 @@ A request ``submit``s its item (``rows`` rows: images, or the batch axis of a te
 One worker thread per model takes the oldest item, then keeps adding items while the batch has
 fewer than ``max_batch_size`` rows and more requests are *on their way*: a request announces
 itself with ``incoming()`` before its CPU work (decoding images) and submits through it, so the
-worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest arrived, and never for traffic that does
-not exist: a lone request runs at once. Results are split back out per request.
+worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest
+arrived, and never for traffic that does not exist: a lone request runs at once. Results are split back out per request.
 
 With ``concurrency`` above 1 (a model's ``instance_count``; a request worker's batchers take
 ``BatchingFactory``'s own), that many batches may be in flight at once, as Triton's model
@@ -78,9 +78,8 @@ class Batcher(Generic[Item, Result]):
         concurrency: batches that may run at once (worker threads; with ``run_batch_later``, batches
             on their way from its one thread).
         thread_start: run first on each worker thread (its failure is logged; the thread goes on).
-        run_batch_later: starts a batch and returns at once, its results to come in a Future (used
-            instead of ``run_batch``, which is then only its name's holder: pass the same function's
-            blocking twin).
+        run_batch_later: starts a batch and returns at once, its results to come in a Future; given,
+            it runs every batch and ``run_batch`` (its blocking twin) is not called.
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,

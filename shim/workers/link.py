@@ -3,8 +3,8 @@ per worker (``multiprocessing.connection``, authenticated with a per-run key).
 
 A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
 thread sets each call's Future as its reply comes in (``call_later`` returns that Future: its
-callbacks run on the reader, so a batch's requests are answered with no other thread woken). Messages are pickles (protocol 5) whose
-arrays travel out of band: a call's large buffers are lent through the worker's shared-memory
+callbacks run on the reader, so a batch's requests are answered with no other thread woken).
+Messages (``channel.Channel``) are pickles (protocol 5) whose arrays travel out of band: a call's large buffers are lent through the worker's shared-memory
 ``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
 once the reply is in), the others written from where they lie and read straight into the buffers
 they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
