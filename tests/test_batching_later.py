@@ -96,7 +96,7 @@ def test_batches_go_out_without_waiting_and_at_most_concurrency_are_on_their_way
     finally:
         batcher.close()
         device.stop()
-    # the batcher's thread started a second batch before the first was answered, never a third
+    # a second batch started before the first was answered, never a third
     assert device.most_on_their_way == 2
     assert all(len(b) <= 2 for b in device.started) and sorted(sum(device.started, [])) == sorted(items)
     assert device.answered_on == {"device"}
@@ -242,4 +242,117 @@ def test_a_metric_that_fails_fails_the_requests_instead_of_leaving_them_waiting(
     finally:
         batcher.close()
         device.stop()
+    assert batcher._in_flight == 0  # noqa: SLF001
+
+
+class _Recorder:
+    """A ``run_batch_later`` that notes each batch and the thread that started it; answers each
+    at once (items doubled), or holds it until ``release`` while ``hold`` is set."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.started: list[tuple[list[str], str]] = []
+        self.held: list[tuple[list[str], Future[list[str]]]] = []
+        self._hold = hold
+
+    def run_later(self, items: Sequence[str]) -> Future[list[str]]:
+        self.started.append((list(items), threading.current_thread().name))
+        done: Future[list[str]] = Future()
+        if self._hold:
+            self.held.append((list(items), done))
+        else:
+            done.set_result([i * 2 for i in items])
+        return done
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for items, done in held:
+            done.set_result([i * 2 for i in items])
+
+
+def _in_thread(name: str, fn: Any, *args: Any) -> Future[Any]:
+    """``fn(*args)`` on a thread called ``name``; its result in a Future."""
+    out: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            out.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - carried to the test
+            out.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return out
+
+
+def _until(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_lone_request_starts_its_batch_on_its_own_thread():
+    device = _Recorder()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=5_000_000, concurrency=2,
+                      run_batch_later=device.run_later)
+    try:
+        assert _in_thread("request-1", batcher.submit, "a", 1).result(5) == "aa"
+    finally:
+        batcher.close()
+    assert device.started == [(["a"], "request-1")]  # not woken the batcher's thread for it
+
+
+def test_the_last_request_expected_takes_over_the_batch_being_gathered():
+    device = _Recorder()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=5_000_000, concurrency=2,
+                      run_batch_later=device.run_later)
+    decoded, submitted = threading.Event(), []
+
+    def announced_then(item: str, rows: int) -> str:
+        with batcher.incoming() as submit:
+            decoded.wait(5)  # "decoding" while the batcher's thread gathers the first request
+            submitted.append(time.monotonic())
+            return submit(item, rows)
+
+    try:
+        late = _in_thread("request-late", announced_then, "b", 1)
+        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        first = _in_thread("request-first", batcher.submit, "a", 1)
+        _until(lambda: batcher._forming is not None)  # noqa: SLF001 - its thread waits for the late one
+        decoded.set()
+        assert late.result(5) == "bb" and first.result(5) == "aa"
+        # the late one's thread started both, at once: not after the batcher's thread woke (5 s)
+        assert device.started == [(["a", "b"], "request-late")]
+        assert time.monotonic() - submitted[0] < 2.0
+        # what does not fit is left to the batcher's thread, which is not stuck in the batch taken over
+        decoded.clear()
+        late = _in_thread("request-late", announced_then, "big", 4)
+        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        first = _in_thread("request-first", batcher.submit, "c", 1)
+        _until(lambda: batcher._forming is not None)  # noqa: SLF001
+        decoded.set()
+        assert first.result(5) == "cc" and late.result(2) == "bigbig"
+        assert device.started[1:] == [(["c"], "request-late"), (["big"], "batcher-m-0")]
+    finally:
+        batcher.close()
+    assert batcher._in_flight == 0  # noqa: SLF001
+
+
+def test_a_request_does_not_start_a_batch_beyond_those_that_may_be_on_their_way():
+    device = _Recorder(hold=True)
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=1,
+                      run_batch_later=device.run_later)
+    try:
+        first = _in_thread("request-1", batcher.submit, "a", 1)
+        _until(lambda: len(device.started) == 1)
+        second = _in_thread("request-2", batcher.submit, "b", 1)
+        time.sleep(0.2)
+        assert len(device.started) == 1 and not second.done()  # one batch may be on its way
+        device.release()  # on this thread: the first lands, the batcher's thread starts the second
+        assert first.result(5) == "aa"
+        _until(lambda: len(device.started) == 2)
+        device.release()
+        assert second.result(5) == "bb"
+    finally:
+        batcher.close()
+    assert device.started == [(["a"], "request-1"), (["b"], "batcher-m-0")]
     assert batcher._in_flight == 0  # noqa: SLF001
