@@ -75,12 +75,22 @@ def software(device: str) -> dict[str, Any]:
             info["cuda_driver_api"] = cupy.cuda.runtime.driverGetVersion()
         except Exception as exc:  # noqa: BLE001
             info["cupy_error"] = str(exc)
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    info["git_commit"] = git_commit(ROOT)
     return info
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD's short hash, marked when tracked files differ from it (a copy whose git metadata is
+    older than its files, as on the GPU machine, says so instead of naming a commit it is not)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or None
+        changed = head is not None and bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head} with uncommitted changes" if changed else head
 
 
 def main(argv: list[str] | None = None) -> int:

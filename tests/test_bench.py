@@ -100,3 +100,22 @@ def test_device_batching_reads_the_batchers_histograms(live_shim, chelsea) -> No
     assert out["mean_batch_run_ms"] is not None and 0 < out["mean_batch_run_ms"] < 10_000
     assert out["mean_batch_wait_ms"] is not None and 0 <= out["mean_batch_wait_ms"] < out["mean_batch_run_ms"] * 100
     assert device_batching(before, before)["mean_batch_size"] is None
+
+
+def test_git_commit_says_when_the_files_are_not_the_commit(tmp_path):
+    from bench.gpu import git_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    assert git_commit(tmp_path) is None  # not a repository
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == f"{head} with uncommitted changes"
