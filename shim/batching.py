@@ -1,45 +1,36 @@
 """Dynamic batching: concurrent requests for one model coalesced into one run on the device.
 
-A request ``submit``s its item (``rows`` rows: images, or the batch axis of a tensor) and waits.
-One worker thread per model takes the oldest item, then keeps adding items while the batch has
-fewer than ``max_batch_size`` rows and more requests are *on their way*: a request announces
-itself with ``incoming()`` before its CPU work (decoding images) and submits through it, so the
-worker waits for the requests being decoded, up to ``max_queue_delay_us`` after the oldest
-arrived, and never for traffic that does not exist: a lone request runs at once. Results are split back out per request.
+A request ``submit``s its item (``rows`` rows: images, or a tensor's batch axis) and waits. A
+batcher thread takes the oldest item and adds more while the batch has room and requests are *on
+their way*: a request announces itself with ``incoming()`` before its CPU work (decoding images),
+so the thread waits for those being decoded, up to ``max_queue_delay_us`` after the oldest
+arrived, never for traffic that does not exist (a lone request runs at once). Results are split
+back out per request; if a batch of several fails, each of its requests runs again alone, so that
+one request's failure fails that request only.
 
-With ``concurrency`` above 1 (a model's ``instance_count``; a request worker's batchers take
-``BatchingFactory``'s own), that many batches may be in flight at once, as Triton's model
-instances: while one batch is on the device the next one is gathered and prepared. One worker
-gathers at a time, so concurrency never splits a batch that could form.
-
-If a batch of several requests fails, each request is run again alone, so that one request's
-failure (say, out of memory for its size) fails that request only.
+With ``concurrency`` above 1 (a model's ``instance_count``), that many batches may be in flight,
+as Triton's model instances; one thread gathers at a time, so a batch that could form is not
+split. Each batcher thread first runs ``thread_start`` (a device pipeline binding it to a CUDA
+stream of its own and to sessions captured on it, so that a batch runs where it was gathered).
 
 With ``run_batch_later`` (a request worker's batchers: the device call goes over the link) a batch
-is only started on the batcher's thread: its results come in a Future, and are split back out on
-whichever thread sets it (the link's reader, as the reply comes in), so the batcher's one thread
-gathers the next batch at once, up to ``concurrency`` batches on their way, and no thread is woken
-just to hand a reply on. A batch of several requests that fails goes back to that thread, which
-runs its requests again, each alone. And there a request's own thread starts the batch when it is
-the last one expected (nobody else announced is still decoding, a batch may go): it takes what is
-queued, and what the batcher's thread was gathering, and sends it itself, so that the batch does
-not wait for that thread to wake (on the H200 a thread woken waits 0.3-0.6 ms for the interpreter
-lock). The batcher's thread still starts a batch whose requests waited long enough, ones that
-queued while as many batches as it may have were on their way, and the reruns.
+is only started: its results come in a Future and are split back out on the thread that sets it
+(the link's reader), up to ``concurrency`` batches on their way; a failed batch of several goes
+back to the batcher's one thread, to rerun alone. Without ``thread_start``, the last request
+expected (nobody else announced is still decoding, and a batch may go) starts the batch on its
+own thread, taking what is queued and what the batcher's thread was gathering, rather than wake
+that thread for it (on the H200 a woken thread waits 0.3-0.6 ms for the interpreter lock). The
+batcher's thread starts the rest: batches that waited ``max_queue_delay_us``, those held back while
+``concurrency`` were on their way, and the reruns.
 
-``submit_later`` queues an item without waiting: its result comes as a Future, set (and its
-callbacks run: a request worker's reply over the link, say) on the batcher's reply thread as the
-batch ends, with no thread woken per request, while the batcher's threads go on to the next batch
-(on the H200 the replies of a batch took 0.4-0.5 ms of a 3.5 ms cycle). ``submit``'s results are
-set on the batcher's thread: a waiting thread wakes, no more. Each
-batcher thread first runs ``thread_start`` (a device pipeline binding the thread to a CUDA stream
-of its own and to the model's sessions, captured on it, so that a batch runs where it was
-gathered), before the batcher is returned.
+``submit_later`` queues an item without waiting: its Future is set (its callbacks run: a reply
+over the link, say) on the batcher's reply thread, while the batcher goes on to the next batch (on
+the H200 a batch's replies took 0.4-0.5 ms of a 3.5 ms cycle). ``submit``'s results are set on
+the thread that ran the batch: a waiting thread wakes, no more.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -49,6 +40,8 @@ from contextlib import contextmanager
 from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from prometheus_client import Histogram
+
+from .futures import Replier
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +74,11 @@ class Batcher(Generic[Item, Result]):
         batch_sizes, queue_seconds, batch_seconds: histograms (label ``op``) of rows per run, time
             queued and time per run.
         concurrency: batches that may run at once (worker threads; with ``run_batch_later``, batches
-            on their way from its one thread).
+            on their way at once).
         thread_start: run first on each worker thread (its failure is logged; the thread goes on).
         run_batch_later: starts a batch and returns at once, its results to come in a Future; given,
-            it runs every batch and ``run_batch`` (its blocking twin) is not called.
+            it runs every batch and ``run_batch`` (its blocking twin) is not called. Without
+            ``thread_start`` it may be called from a request's thread too.
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
@@ -101,6 +95,7 @@ class Batcher(Generic[Item, Result]):
         self._run_batch = run_batch
         self._run_later = run_batch_later
         self._cap = concurrency if run_batch_later is not None else 0  # batches on their way, at most
+        self._start_anywhere = run_batch_later is not None and thread_start is None  # on a request's thread too
         self._in_flight = 0
         self._alone: deque[_Job[Item, Result]] = deque()  # of a failed batch, each to run again alone
         self._batch_sizes = batch_sizes.labels(name) if batch_sizes is not None else None
@@ -113,9 +108,7 @@ class Batcher(Generic[Item, Result]):
         self._gathering = False  # a worker is gathering a batch: the others wait their turn
         self._forming: list[_Job[Item, Result]] | None = None  # the batch being gathered (run_batch_later)
         # results of ``submit_later`` jobs, set (their callbacks run) on a thread of their own
-        self._replies: queue.SimpleQueue[list[tuple[_Job[Item, Result], Result | _Failed]] | None] = queue.SimpleQueue()
-        self._replier = threading.Thread(target=self._reply_loop, name=f"replies-{name}", daemon=True)
-        self._replier.start()
+        self._replier = Replier(f"replies-{name}")
         threads = 1 if run_batch_later is not None else concurrency
         started = threading.Barrier(threads + 1)
         self._threads = [threading.Thread(target=self._loop, args=(thread_start, started),
@@ -176,17 +169,29 @@ class Batcher(Generic[Item, Result]):
             batch = None if later else self._ready()
             if batch is None or self._queue:  # the batcher's thread decides, or gathers what is left
                 self._cond.notify_all()
-        if batch is not None:  # this thread starts it
-            began = time.perf_counter()
-            if self._begin(batch, began):
-                self._launch(batch, began)
+        if batch is not None:
+            self._start_here(batch)
         return job
+
+    def _start_here(self, batch: list[_Job[Item, Result]]) -> None:
+        """Start ``batch`` (``_ready``'s) on this thread; should that fail, its requests get the error."""
+        began = time.perf_counter()
+        try:
+            started = self._begin(batch, began)
+        except BaseException as exc:  # noqa: BLE001 - nobody else would answer them
+            for job in batch:
+                if not job.future.done():
+                    self._fail(job, exc)
+            self._landed_one()
+            raise
+        if started:
+            self._launch(batch, began)
 
     def _ready(self) -> list[_Job[Item, Result]] | None:
         """With ``run_batch_later``, the batch the calling thread may start now: what the batcher's
         thread was gathering and what is queued, once nobody announced is still decoding; None when
         the batcher's thread is to decide (called holding the condition's lock)."""
-        if not self._cap or self._incoming or self._alone or not self._queue:
+        if not self._start_anywhere or self._incoming or self._alone:
             return None
         if self._forming is not None:  # taken over: its thread counted it on its way, and goes back
             batch, self._forming, self._gathering = self._forming, None, False
@@ -204,9 +209,7 @@ class Batcher(Generic[Item, Result]):
             self._cond.notify_all()
         for thread in self._threads if join else ():
             thread.join(timeout=5)
-        self._replies.put(None)  # after the batches' replies: those go first
-        if join:
-            self._replier.join(timeout=5)
+        self._replier.close(join)  # after the batches' replies: those go first
 
     # --- the worker ---------------------------------------------------------------------------
     def _take(self) -> list[_Job[Item, Result]] | None:
@@ -321,21 +324,21 @@ class Batcher(Generic[Item, Result]):
         """Each request its result: ``submit``'s here, ``submit_later``'s on the reply thread."""
         if self._batch_sizes is not None:
             self._batch_sizes.observe(sum(job.rows for job in batch))
-        later: list[tuple[_Job[Item, Result], Result | _Failed]] = []
+        later: list[tuple[Future[Result], Result]] = []
         for job, result in zip(batch, results):
             if job.later:
-                later.append((job, result))
+                later.append((job.future, result))
             else:
                 job.future.set_result(result)
         if later:
-            self._replies.put(later)
+            self._replier.results(later)
 
     def _fail(self, job: _Job[Item, Result], exc: BaseException) -> None:
         """A request its error: ``submit``'s here, ``submit_later``'s on the reply thread."""
         # the error outlives the batch (in the Future): its frames' locals, the items, do not
         traceback.clear_frames(exc.__traceback__)
         if job.later:
-            self._replies.put([(job, _Failed(exc))])
+            self._replier.error(job.future, exc)
         else:
             job.future.set_exception(exc)
 
@@ -385,44 +388,6 @@ class Batcher(Generic[Item, Result]):
             with self._cond:
                 self._in_flight -= 1
                 self._cond.notify_all()
-
-    def _reply_loop(self) -> None:
-        """Sets the results (or errors) of ``submit_later`` jobs (their callbacks run here), batch by batch."""
-        while (replies := self._replies.get()) is not None:
-            for job, result in replies:
-                try:
-                    if isinstance(result, _Failed):
-                        job.future.set_exception(result.error)
-                    else:
-                        job.future.set_result(result)
-                except Exception:  # noqa: BLE001 - Future logs its callbacks' errors; this is anything else
-                    log.exception("model %s: a result could not be set", self.name)
-            del replies
-
-
-class _Failed:
-    """A ``submit_later`` request's error, on its way to the reply thread."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-def then(future: Future[Item], fn: Callable[[Item], Result]) -> Future[Result]:
-    """A Future of ``fn`` of ``future``'s result (or of its error), set on the thread that sets
-    ``future``."""
-    out: Future[Result] = Future()
-    out.set_running_or_notify_cancel()
-
-    def done(got: Future[Item]) -> None:
-        try:
-            out.set_result(fn(got.result()))
-        except BaseException as exc:  # noqa: BLE001 - carried to whoever waits for ``out``
-            out.set_exception(exc)
-
-    future.add_done_callback(done)
-    return out
 
 
 class BatchingFactory:

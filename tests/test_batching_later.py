@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import pytest
 
-from shim.batching import Batcher, then
+from shim.batching import Batcher
+from shim.futures import then
 
 
 class _Device:
@@ -331,7 +332,8 @@ def test_the_last_request_expected_takes_over_the_batch_being_gathered():
         _until(lambda: batcher._forming is not None)  # noqa: SLF001
         decoded.set()
         assert first.result(5) == "cc" and late.result(2) == "bigbig"
-        assert device.started[1:] == [(["c"], "request-late"), (["big"], "batcher-m-0")]
+        # (the two start at once, each on its thread: in either order)
+        assert sorted(device.started[1:]) == [(["big"], "batcher-m-0"), (["c"], "request-late")]
     finally:
         batcher.close()
     assert batcher._in_flight == 0  # noqa: SLF001
@@ -356,3 +358,79 @@ def test_a_request_does_not_start_a_batch_beyond_those_that_may_be_on_their_way(
         batcher.close()
     assert device.started == [(["a"], "request-1"), (["b"], "batcher-m-0")]
     assert batcher._in_flight == 0  # noqa: SLF001
+
+
+def test_a_batch_taken_over_that_fails_runs_its_requests_again_each_alone():
+    started: list[tuple[list[str], str]] = []
+
+    def run_later(items: Sequence[str]) -> Future[list[str]]:
+        started.append((list(items), threading.current_thread().name))
+        done: Future[list[str]] = Future()
+        if "poison" in items:
+            done.set_exception(ValueError("poisoned"))
+        else:
+            done.set_result([i * 2 for i in items])
+        return done
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=5_000_000, concurrency=1,
+                      run_batch_later=run_later)
+    decoded = threading.Event()
+
+    def announced_then(item: str) -> str:
+        with batcher.incoming() as submit:
+            decoded.wait(5)
+            return submit(item, 1)
+
+    try:
+        late = _in_thread("request-late", announced_then, "poison")
+        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        first = _in_thread("request-first", batcher.submit, "a", 1)
+        _until(lambda: batcher._forming is not None)  # noqa: SLF001
+        decoded.set()
+        assert first.result(5) == "aa"
+        with pytest.raises(ValueError, match="poisoned"):
+            late.result(5)
+    finally:
+        batcher.close()
+    assert started[0] == (["a", "poison"], "request-late")
+    assert sorted(items for items, _ in started[1:]) == [["a"], ["poison"]]  # each again, alone
+    assert batcher._in_flight == 0  # noqa: SLF001
+
+
+def test_a_batch_that_cannot_start_on_a_requests_thread_fails_its_requests_and_frees_its_place():
+    class Stop(BaseException):
+        pass
+
+    class BreaksOnce:
+        broke = False
+
+        def labels(self, _name: str) -> "BreaksOnce":
+            return self
+
+        def observe(self, _value: float) -> None:
+            if not BreaksOnce.broke:
+                BreaksOnce.broke = True
+                raise Stop()
+
+    device = _Recorder()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, queue_seconds=BreaksOnce(),
+                      concurrency=1, run_batch_later=device.run_later)
+    try:
+        with pytest.raises(Stop):
+            batcher.submit("a", 1)
+        assert batcher._in_flight == 0  # noqa: SLF001 - its place is free: the next batch goes
+        assert _in_thread("request-2", batcher.submit, "b", 1).result(5) == "bb"
+    finally:
+        batcher.close()
+    assert device.started == [(["b"], "request-2")]
+
+
+def test_a_batcher_whose_threads_are_bound_starts_every_batch_on_its_own_thread():
+    device = _Recorder()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=2,
+                      thread_start=lambda: None, run_batch_later=device.run_later)
+    try:
+        assert _in_thread("request-1", batcher.submit, "a", 1).result(5) == "aa"
+    finally:
+        batcher.close()
+    assert device.started == [(["a"], "batcher-m-0")]  # run_batch_later may need the bound thread

@@ -9,7 +9,8 @@ import numpy as np
 from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ImagePipeline, TensorSpec
-from ..batching import Batcher, BatchingFactory, then
+from ..batching import Batcher, BatchingFactory
+from ..futures import then
 from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
@@ -48,11 +49,13 @@ class ClassifyOp(Op):
         self.backend = self._pipeline.device
         if self._batching is not None:
             # a request worker's pipeline answers in a Future (over the link): its batches are only
-            # started on the batcher's thread, and answered on the link's reader thread
+            # started (on the thread of the last request expected, or the batcher's), and answered
+            # on the link's reader thread; it binds no thread, so it needs no thread_start
             later = self._run_batch_later if hasattr(self._pipeline, "logits_later") else None
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us, self.config.instances(),
-                                                thread_start=self._pipeline.bind_thread, run_batch_later=later)
+                                                thread_start=None if later else self._pipeline.bind_thread,
+                                                run_batch_later=later)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
