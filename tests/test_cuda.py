@@ -439,6 +439,35 @@ def test_sticky_cuda_errors_are_device_lost():
             raise cp.cuda.runtime.CUDARuntimeError(1)  # invalid value: this request only
 
 
+def test_out_of_memory_from_any_cuda_call_is_a_503_to_retry_and_frees_the_pool():
+    """cupy's pool, a runtime call, a driver call (a batch's copies and launches), cuBLAS and
+    onnxruntime's arena running out of GPU memory all answer 503 with a retry, not 500."""
+    from accel.errors import InternalError, NotReady
+    from shim.backends.cuda_errors import device_errors
+
+    class Pool:
+        freed = 0
+
+        def free_all_blocks(self) -> None:
+            Pool.freed += 1
+
+    ort_state = pytest.importorskip("onnxruntime.capi.onnxruntime_pybind11_state")
+    raised = [cp.cuda.memory.OutOfMemoryError(1 << 40, 0),
+              cp.cuda.runtime.CUDARuntimeError(2),  # cudaErrorMemoryAllocation
+              cp.cuda.driver.CUDADriverError(2),  # CUDA_ERROR_OUT_OF_MEMORY
+              ort_state.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
+                                         "returned while running Conv node. Failed to allocate memory for "
+                                         "requested buffer of size 1073741824"),
+              ort_state.Fail("CUDA failure 2: out of memory ; GPU=0")]
+    for exc in raised:
+        with pytest.raises(NotReady, match="retry") as got, device_errors(Pool()):
+            raise exc
+        assert got.value.status == 503 and got.value.retry_after
+    assert Pool.freed == len(raised)
+    with pytest.raises(InternalError), device_errors():
+        raise ort_state.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : shape mismatch")
+
+
 def test_registered_host_memory_goes_up_by_dma_and_computes_the_same(cuda):
     """Operands inside memory registered with register_host (a client's shared-memory region)
     skip the staging copy; the product is the CPU twin's."""
