@@ -1,0 +1,102 @@
+"""A link channel's framing on a socket pair: what it reads ahead, and messages cut anywhere."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shim.workers.channel import READ_AHEAD, Channel
+
+
+class _CountingSocket:
+    """A socket whose ``recv_into`` calls are counted (each one lets go of the interpreter lock)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self.reads = sock, 0
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        self.reads += 1
+        return self._sock.recv_into(buffer, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    ends = [Channel(Connection(os.dup(s.fileno()))) for s in (a, b)]
+    a.close()
+    b.close()
+    yield ends
+    for end in ends:
+        end.close()
+
+
+def test_small_messages_sent_together_are_read_in_one_read(pair) -> None:
+    sender, receiver = pair
+    messages = [(i, "logits", {"rows": i, "pad": b"x" * (37 * i)}) for i in range(20)]
+    for message in messages:
+        sender.send(message)
+    counting = _CountingSocket(receiver.sock)
+    receiver.sock = counting  # type: ignore[assignment]
+    assert [receiver.recv() for _ in messages] == messages
+    assert counting.reads == 1  # not three per message (header, places, pickle)
+
+
+def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
+    rng = np.random.default_rng(5)
+    big = rng.standard_normal(3 * READ_AHEAD // 8 + 17)  # over the read-ahead: read straight into place
+    messages = [("small", 1), ("big", big), ("after", b"y" * (READ_AHEAD - 5)), ("last", np.arange(7))]
+    out, wire = socket.socketpair()  # a sender's bytes, caught on ``wire``
+    sender = Channel(Connection(os.dup(out.fileno())))
+    sent = bytearray()
+
+    def catch() -> None:
+        while chunk := wire.recv(1 << 20):
+            sent.extend(chunk)
+
+    catcher = threading.Thread(target=catch)
+    catcher.start()
+    for message in messages:
+        sender.send(message)
+    sender.close()
+    out.close()
+    catcher.join(10)
+    into, peer = socket.socketpair()  # then fed to a receiver 1, 2, 3, ... bytes at a time
+    receiver = Channel(Connection(os.dup(into.fileno())))
+
+    def dribble() -> None:
+        at, step = 0, 1
+        while at < len(sent):
+            peer.sendall(sent[at:at + step])
+            at += step
+            step = step + 1 if step < 64 else 100_000
+
+    writer = threading.Thread(target=dribble)
+    writer.start()
+    try:
+        got = [receiver.recv() for _ in messages]
+    finally:
+        writer.join(10)
+        for end in (receiver, into, peer, wire):
+            end.close()
+    assert [g[0] for g in got] == ["small", "big", "after", "last"]
+    assert got[0][1] == 1 and got[2][1] == b"y" * (READ_AHEAD - 5)
+    np.testing.assert_array_equal(got[1][1], big)
+    np.testing.assert_array_equal(got[3][1], np.arange(7))
+
+
+def test_a_closed_peer_is_eof_even_partway_through_a_message(pair) -> None:
+    sender, receiver = pair
+    sender.send(("whole", 1))
+    sender.sock.sendall(b"\x00\x00")  # the first bytes of a header, then nothing
+    sender.close()
+    assert receiver.recv() == ("whole", 1)
+    with pytest.raises(EOFError):
+        receiver.recv()
