@@ -148,7 +148,7 @@ def test_models_replay_cuda_graphs_that_match_node_by_node_and_the_cpu(cuda, mod
     from shim.backends.onnx import OnnxRunner
 
     path = models_dir / "efficientnet-lite0" / "model.onnx"
-    graphed = cuda.load_model(path)
+    graphed = cuda.runner(path)
     node_by_node = OnnxRunner(path, [("CUDAExecutionProvider", {"use_tf32": 0})])
     cpu = CpuBackend().load_model(path)
     rng = np.random.default_rng(11)
@@ -163,6 +163,30 @@ def test_models_replay_cuda_graphs_that_match_node_by_node_and_the_cpu(cuda, mod
     assert graphed.fixed and graphed.graphs  # captured for every size, none fell back
     x, got = results[0]
     assert np.array_equal(got, graphed.run({"input": x})["logits"])  # replays are deterministic
+
+
+def test_a_raw_models_failures_are_mapped_as_every_cuda_calls(cuda, models_dir, monkeypatch):
+    """A raw model's runs (``ModelOp``'s runner) answer onnxruntime running out of GPU memory with
+    503 and a retry, and a lost context with DeviceLost, as classify and gemm do, not 500."""
+    from accel.errors import NotReady
+    from shim.faults import DeviceLost
+
+    ort_state = pytest.importorskip("onnxruntime.capi.onnxruntime_pybind11_state")
+    runner = cuda.load_model(models_dir / "efficientnet-lite0" / "model.onnx")
+    x = np.random.default_rng(8).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    assert runner.device == "cuda" and [spec.name for spec in runner.inputs] == ["input"]
+    assert runner.run({"input": x})["logits"].shape == (2, 1000)
+    failures = [(ort_state.RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status "
+                                            "code returned while running Conv node. Failed to allocate memory "
+                                            "for requested buffer of size 1073741824"), NotReady),
+                (ort_state.Fail("CUDA failure 700: an illegal memory access was encountered"), DeviceLost)]
+    for exc, answer in failures:
+        def fail(feeds, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(runner._runner, "run", fail)  # onnxruntime's run, as if it had failed so
+        with pytest.raises(answer):
+            runner.run({"input": x})
 
 
 def test_pinning_beside_a_graph_capture_neither_fails_nor_breaks_it(cuda, models_dir):
@@ -188,7 +212,7 @@ def test_pinning_beside_a_graph_capture_neither_fails_nor_breaks_it(cuda, models
     pinner = threading.Thread(target=pin_and_unpin)
     pinner.start()
     try:
-        runner = cuda.load_model(path)
+        runner = cuda.runner(path)
         x = np.random.default_rng(5).standard_normal((4, 3, 224, 224)).astype(np.float32)
         for rows in (1, 2, 4):  # three sizes captured while the pins go on
             runner.run({"input": x[:rows]})

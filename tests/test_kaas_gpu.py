@@ -183,3 +183,13 @@ def test_a_faulting_kernel_fails_its_request_and_loses_the_device(tmp_path):
     # sticky (an illegal address): DeviceLost, a 503 that makes the shim restart; nothing was written
     assert "DeviceLost: 503" in out.stdout and "CUDA error 700" in out.stdout, out.stdout + out.stderr
     assert "store unchanged: True" in out.stdout
+
+
+def test_a_buffer_the_gpu_cannot_hold_is_a_503_to_retry_and_the_runner_goes_on():
+    from accel.errors import NotReady
+    from shim.backends.kaas_cuda import CudaKernelRunner
+
+    runner = CudaKernelRunner()
+    with pytest.raises(NotReady, match="retry"):
+        runner.alloc(1 << 45)  # 32 TiB
+    assert runner.download(runner.upload(b"\x01\x02\x03")) == b"\x01\x02\x03"

@@ -29,7 +29,7 @@ from accel.errors import InsufficientStorage
 
 from ..modelrepo import ModelConfig
 from . import onnx
-from .base import ImagePipeline
+from .base import ImagePipeline, ModelRunner, TensorSpec
 from .cpu import CpuImagePipeline
 from .cuda_errors import device_errors
 from .cuda_host import DeviceWorker, PinnedRanges
@@ -41,6 +41,21 @@ IMAGE_SLOT = 4                 # the pinned buffer that batches of images go up 
 DEVICE_WORKERS = 8             # device workers lent to threads without one (at most this many jobs at once)
 BORROW_TIMEOUT_S = 120.0       # a job that waits longer for a worker gets NotReady (503, retry)
 T = TypeVar("T")
+
+
+class MappedRunner:
+    """A raw model on the CUDA provider whose runs' failures are mapped as every CUDA call's
+    (``device_errors``: out of GPU memory a 503 to retry, a lost context ``DeviceLost``)."""
+
+    def __init__(self, runner: onnx.OnnxRunner, pool: cp.cuda.MemoryPool) -> None:
+        self._runner, self._pool = runner, pool
+        self.inputs: list[TensorSpec] = runner.inputs
+        self.outputs: list[TensorSpec] = runner.outputs
+        self.device: str = runner.device
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with device_errors(self._pool):
+            return self._runner.run(feeds)
 
 
 class CudaBackend:
@@ -56,10 +71,10 @@ class CudaBackend:
         self._runners: weakref.WeakSet[onnx.OnnxRunner] = weakref.WeakSet()  # to seal once warm (``warmed``)
         self._sealed = False
         cp.cuda.Device(device_id).use()
-        self._pool = cp.get_default_memory_pool()
+        self.pool = cp.get_default_memory_pool()  # its cached blocks go back when the GPU runs out
         self.memory_limit = memory_limit
         if memory_limit:
-            self._pool.set_limit(size=memory_limit)
+            self.pool.set_limit(size=memory_limit)
         self.pinned = PinnedRanges(device_id)
         self._local = threading.local()
         # Threads without a worker of their own (a request's) borrow one of these, warmed at start,
@@ -143,7 +158,7 @@ class CudaBackend:
         self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
         try:
-            with device_errors(self._pool):
+            with device_errors(self.pool):
                 return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision, out))
         finally:
             self.pinned.pin_touched()  # regions this gemm used unpinned: their pin starts now, after it
@@ -158,7 +173,12 @@ class CudaBackend:
         # the stream orders this download after the uploads: out may overlap the operands
         return worker.download(dc, 3, out)
 
-    def load_model(self, path: Path, instances: int = 1) -> onnx.OnnxRunner:
+    def load_model(self, path: Path, instances: int = 1) -> ModelRunner:
+        """A raw model (``ModelOp``'s): ``runner``'s, its runs' failures mapped as every CUDA call's."""
+        runner = self.runner(path, instances)
+        return MappedRunner(runner, self.pool) if runner.device == "cuda" else runner
+
+    def runner(self, path: Path, instances: int = 1) -> onnx.OnnxRunner:
         """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent;
         ``instances`` copies of each batch size's session, so that as many batches run side by side."""
         if not onnx.has_cuda_provider():
@@ -197,7 +217,7 @@ class CudaBackend:
         self.pinned.unregister(address)
 
     def image_pipeline(self, config: ModelConfig) -> "ImagePipeline":
-        runner = self.load_model(config.onnx, config.instances())
+        runner = self.runner(config.onnx, config.instances())
         if runner.device != "cuda":
             return CpuImagePipeline(runner, config)
         from .cuda_imaging import CudaImagePipeline  # noqa: PLC0415 - it imports this module

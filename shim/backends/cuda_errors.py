@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Iterator
 
 import cupy as cp
@@ -51,5 +51,7 @@ def device_errors(pool: Any = None) -> Iterator[None]:
 def _held(exc: BaseException, pool: Any) -> NotReady:
     """Out of GPU memory: a 503 to retry, once ``pool``'s cached blocks are given back."""
     if pool is not None:
-        pool.free_all_blocks()
-    return NotReady(f"GPU memory is held by other requests right now ({exc}); retry", retry_after=0.1)
+        with suppress(Exception):  # the answer stands whatever the freeing does
+            pool.free_all_blocks()
+    return NotReady(f"out of memory for now, on the GPU or in its pinned host memory ({exc}); retry",
+                    retry_after=0.1)

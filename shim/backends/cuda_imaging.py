@@ -103,7 +103,7 @@ class CudaImagePipeline:
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
                 parts.append(logits[:len(chunk)])
 
-        with device_errors():
+        with device_errors(self._backend.pool):
             self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 

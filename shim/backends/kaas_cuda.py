@@ -40,16 +40,17 @@ class CudaKernelRunner:
                     self._functions[(lib.name, name)] = module.get_function(name)
                 self._modules[lib.name] = module
 
+    # out of GPU memory on the way (a buffer too many for now) is a 503 to retry, as for every op
     def upload(self, data: bytes) -> cp.ndarray:
-        with self.device:
+        with self.device, device_errors(cp.get_default_memory_pool()):
             return cp.asarray(np.frombuffer(data, np.uint8))
 
     def download(self, buf: cp.ndarray) -> bytes:
-        with self.device:
+        with self.device, device_errors():
             return cp.asnumpy(buf).tobytes()
 
     def alloc(self, size: int) -> cp.ndarray:
-        with self.device:
+        with self.device, device_errors(cp.get_default_memory_pool()):
             return cp.zeros(size, cp.uint8)
 
     def view(self, buf: cp.ndarray, offset: int, size: int) -> cp.ndarray:
