@@ -185,8 +185,9 @@ def test_a_raw_models_failures_are_mapped_as_every_cuda_calls(cuda, models_dir, 
             raise exc
 
         monkeypatch.setattr(runner._runner, "run", fail)  # onnxruntime's run, as if it had failed so
-        with pytest.raises(answer):
+        with pytest.raises(answer) as got:
             runner.run({"input": x})
+        assert type(got.value) is answer  # DeviceLost is a NotReady too: exactly this one
 
 
 def test_pinning_beside_a_graph_capture_neither_fails_nor_breaks_it(cuda, models_dir):

@@ -190,6 +190,7 @@ def test_a_buffer_the_gpu_cannot_hold_is_a_503_to_retry_and_the_runner_goes_on()
     from shim.backends.kaas_cuda import CudaKernelRunner
 
     runner = CudaKernelRunner()
-    with pytest.raises(NotReady, match="retry"):
+    with pytest.raises(NotReady, match="retry") as got:
         runner.alloc(1 << 45)  # 32 TiB
+    assert type(got.value) is NotReady and got.value.status == 503 and got.value.retry_after
     assert runner.download(runner.upload(b"\x01\x02\x03")) == b"\x01\x02\x03"

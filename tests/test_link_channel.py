@@ -61,13 +61,14 @@ def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
         while chunk := wire.recv(1 << 20):
             sent.extend(chunk)
 
-    catcher = threading.Thread(target=catch)
+    catcher = threading.Thread(target=catch, daemon=True)
     catcher.start()
     for message in messages:
         sender.send(message)
     sender.close()
     out.close()
     catcher.join(10)
+    assert not catcher.is_alive()
     into, peer = socket.socketpair()  # then fed to a receiver 1, 2, 3, ... bytes at a time
     receiver = Channel(Connection(os.dup(into.fileno())))
 
@@ -78,7 +79,7 @@ def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
             at += step
             step = step + 1 if step < 64 else 100_000
 
-    writer = threading.Thread(target=dribble)
+    writer = threading.Thread(target=dribble, daemon=True)
     writer.start()
     try:
         got = [receiver.recv() for _ in messages]
@@ -86,6 +87,7 @@ def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
         writer.join(10)
         for end in (receiver, into, peer, wire):
             end.close()
+    assert not writer.is_alive()
     assert [g[0] for g in got] == ["small", "big", "after", "last"]
     assert got[0][1] == 1 and got[2][1] == b"y" * (READ_AHEAD - 5)
     np.testing.assert_array_equal(got[1][1], big)

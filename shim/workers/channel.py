@@ -118,6 +118,7 @@ class Channel:
         Raises:
             EOFError: the link was closed.
         """
+        assert self._start == self._end, "bytes were read ahead of the arena's fd"  # it comes first
         tag, fds, flags, _addr = socket.recv_fds(self.sock, 9, 1, socket.MSG_CMSG_CLOEXEC)
         if not tag:
             raise EOFError("the link was closed")
