@@ -9,8 +9,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     flask==3.1.2 waitress==3.0.2 blinker==1.9.0 itsdangerous==2.2.0 pillow==13.0.0 simplejpeg==1.9.0
-# then device calls 1..4 copy .ortK/part to /tmp/ortw/pK (call 1 also name and sha256), and call 5
-# carries .ort5, .whl and models/ and runs this script (see bench/results/NOTES.md).
+# then device calls 1..4 copy .ortK/part to /tmp/ortw/pK (call 1 also name and sha256), call 5
+# carries .ort5 and .whl, copies .whl to /tmp/whl and runs `bash ci/gpu-run.sh none` (installs);
+# later calls carry models/ (a call carries at most 64 MiB with the tree), first
+# `mkdir -p .whl && cp /tmp/whl/*.whl .whl/ && cp -r models /tmp/models`, then this script.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
