@@ -27,7 +27,8 @@
     python bench/worker_ab.py region             # three gemms through a fresh region in this process, with
                                                  # the shim's hooks: as is, without the prefault, pinned first
 
-An A/B run starts the probe once on the code as it is and once on a variant (for worker-side
+``bench/ab.sh`` alternates a probe between the working tree's shim and earlier commits'. An A/B
+run starts the probe once on the code as it is and once on a variant (for worker-side
 batching: ``shim/workers/front.py`` building its ops without a BatchingFactory), minutes apart on
 the same machine; bench/results/NOTES.md records which.
 """
