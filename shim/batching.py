@@ -276,10 +276,8 @@ class Batcher(Generic[Item, Result]):
                 pass  # the batcher failed to start: closed, this thread ends below
         while (batch := self._take()) is not None:
             began = time.perf_counter()
-            if len(batch) == 1 and batch[0].future.running():  # a request of a failed batch, alone
-                self._launch(batch, began)
-                continue
-            if not self._begin(batch, began):
+            rerun = len(batch) == 1 and batch[0].future.running()  # a request of a failed batch, alone
+            if not rerun and not self._begin(batch, began):
                 continue
             if self._run_later is not None:
                 self._launch(batch, began)
@@ -308,9 +306,7 @@ class Batcher(Generic[Item, Result]):
 
     def _run(self, batch: list[_Job[Item, Result]]) -> None:
         try:
-            results = self._run_batch([job.item for job in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"model {self.name}: {len(results)} results for {len(batch)} requests")
+            results = self._one_each(self._run_batch([job.item for job in batch]), batch)
         except BaseException as exc:  # noqa: BLE001 - handed to the callers
             if len(batch) > 1:
                 for job in batch:  # isolate: only the requests that fail alone get an error
@@ -319,6 +315,12 @@ class Batcher(Generic[Item, Result]):
             self._fail(batch[0], exc)
             return
         self._answer(batch, results)
+
+    def _one_each(self, results: Sequence[Result], batch: list[_Job[Item, Result]]) -> Sequence[Result]:
+        """``results``, checked to hold one result per request of ``batch``."""
+        if len(results) != len(batch):
+            raise RuntimeError(f"model {self.name}: {len(results)} results for {len(batch)} requests")
+        return results
 
     def _answer(self, batch: list[_Job[Item, Result]], results: Sequence[Result]) -> None:
         """Each request its result: ``submit``'s here, ``submit_later``'s on the reply thread."""
@@ -358,10 +360,8 @@ class Batcher(Generic[Item, Result]):
         try:
             exc = done.exception()
             if exc is None:
-                results = done.result()
                 try:
-                    if len(results) != len(batch):
-                        raise RuntimeError(f"model {self.name}: {len(results)} results for {len(batch)} requests")
+                    results = self._one_each(done.result(), batch)
                 except Exception as wrong:  # noqa: BLE001 - not a sequence, or not one per request
                     exc = wrong
             if exc is not None and len(batch) > 1:
