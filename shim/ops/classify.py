@@ -145,6 +145,20 @@ def top_k_softmax(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, n
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
-    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    order = top_k_order(p, k)
     return {"labels": labels[order], "scores": np.take_along_axis(p, order, 1).astype(np.float32),
             "classes": order.astype(np.int64)}
+
+
+def top_k_order(p: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` of each row's indices sorted by value, largest first, ties to the lower index
+    (a stable descending sort's), without sorting whole rows: a stable sort of 1000 classes costs
+    about 40 us a row, the partition a few."""
+    if k >= p.shape[1] or not np.isfinite(p).all():
+        return np.argsort(-p, axis=1, kind="stable")[:, :k]
+    best = np.argpartition(-p, k - 1, axis=1)[:, :k]  # the k largest, in no order
+    values = np.take_along_axis(p, best, 1)
+    if ((p >= values.min(axis=1, keepdims=True)).sum(axis=1) > k).any():
+        # the k-th value is tied with one left out: which of them is in depends on the index
+        return np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(best, np.lexsort((best, -values), axis=1), 1)
