@@ -80,15 +80,19 @@ def test_a_connection_left_to_others_is_taken_after_the_deferral(gated, busy):
         spinning.set()
     assert gate.asked >= asked + 5  # every connection was first left to others
     assert all(w >= ACCEPT_DEFER_S * 0.9 for w in waits), waits
-    assert max(waits) < 0.25, waits  # then taken: a few turns of the loop at most
+    assert max(waits) < 2.0, waits  # then taken (a few turns of the loop; a loaded machine may pause them)
     assert gate.noted and gate.noted[-1] >= 0
 
 
-def test_a_connection_another_process_took_ends_the_wait_and_the_next_one_waits_anew(gated):
+def test_a_connection_another_process_took_ends_the_wait_and_the_next_one_waits_anew(gated, monkeypatch):
     """The wait belongs to one connection: once another process took it, the next connection is left
     to others again for the whole deferral, not taken at once because the old wait ran out."""
     import os
 
+    from shim.server import serving
+
+    defer = 0.3  # long enough for this thread to take the connection first on a loaded machine
+    monkeypatch.setattr(serving, "ACCEPT_DEFER_S", defer)
     path, gate = gated
     _health(path)
     other = socket.socket(fileno=os.dup(gate.listener.fileno()))  # another worker on the same socket
@@ -100,7 +104,7 @@ def test_a_connection_another_process_took_ends_the_wait_and_the_next_one_waits_
             taken, _ = other.accept()
             taken.close()
             first.close()
-            time.sleep(0.05)  # a while later, another connection
-            assert _health(path) >= ACCEPT_DEFER_S * 0.9
+            time.sleep(defer * 1.2)  # later than a wait left running would have ended: another connection
+            assert _health(path) >= defer * 0.9
     finally:
         other.close()

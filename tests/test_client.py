@@ -102,7 +102,11 @@ def test_retries_until_the_shim_comes_up(models_dir, tmp_path):
         np.testing.assert_array_equal(result["c"], np.eye(2))
     finally:
         shim.terminate()
-        shim.wait(10)
+        try:
+            shim.wait(10)
+        except subprocess.TimeoutExpired:
+            shim.kill()
+            shim.wait()
 
 
 def _serve_on(models_dir, port):

@@ -40,7 +40,7 @@ def fuzz_service(models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_service):
-    faulthandler.dump_traceback_later(240, exit=True)  # a hang ends the run with the stacks, not silently
+    faulthandler.dump_traceback_later(900, exit=True)  # a hang ends the run with the stacks, not silently
     yield schemathesis.openapi.from_wsgi("/openapi.json", fuzz_service.app)
     faulthandler.cancel_dump_traceback_later()
 
