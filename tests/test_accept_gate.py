@@ -39,7 +39,9 @@ def gated(service, tmp_path):
 
     def loop() -> None:
         while not stop.is_set():
-            wasyncore.loop(timeout=0.2, map=server._map, count=1)  # noqa: SLF001 - the server's own loop
+            # the server's own loop; its idle wakes are rarer than any wait a test makes (an idle turn
+            # ends a deferral's wait, and would hide a wait that outlived its connection)
+            wasyncore.loop(timeout=1.0, map=server._map, count=1)  # noqa: SLF001
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -80,7 +82,8 @@ def test_a_connection_left_to_others_is_taken_after_the_deferral(gated, busy):
         spinning.set()
     assert gate.asked >= asked + 5  # every connection was first left to others
     assert all(w >= ACCEPT_DEFER_S * 0.9 for w in waits), waits
-    assert max(waits) < 2.0, waits  # then taken (a few turns of the loop; a loaded machine may pause them)
+    assert sorted(waits)[len(waits) // 2] < 0.25, waits  # then taken: a few turns of the loop at most,
+    assert max(waits) < 2.0, waits  # and never left (a loaded machine may pause one of them)
     assert gate.noted and gate.noted[-1] >= 0
 
 

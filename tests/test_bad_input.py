@@ -16,7 +16,7 @@ from PIL import Image
 
 import accel
 from tests.conftest import LiveShim, WSGITransport, encode
-from tests.test_protocol import HCL, Caller, Reply, binary_message, bytes_tensor, make_caller
+from tests.test_protocol import HCL, Caller, Reply, binary_message, bytes_tensor, make_caller, parse
 
 Body = tuple[bytes, dict[str, str]]
 
@@ -230,6 +230,34 @@ def _check_limit(shim: Caller) -> None:
 
 def test_body_over_the_limit_inproc(small_limit_app):
     _check_limit(Caller(http=small_limit_app.test_client()))
+
+
+@pytest.mark.parametrize("piece", [4096, 1 << 20])
+def test_a_compressed_body_may_inflate_to_the_limit_and_not_a_byte_more(small_limit_app, monkeypatch, piece):
+    """Inflated in pieces (``INFLATE_PIECE``) and counted as they come: exactly the limit goes
+    through, whole, across pieces; one byte more is 413."""
+    from shim.server import app as app_module
+
+    monkeypatch.setattr(app_module, "INFLATE_PIECE", piece)
+    shim = Caller(http=small_limit_app.test_client())
+    data = (np.arange(LIMIT, dtype=np.uint64) * 2654435761 % 251).astype(np.uint8).tobytes()  # pieces differ
+
+    def header(n: int) -> bytes:
+        return json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [n],
+                                       "parameters": {"binary_data_size": n}}],
+                           "outputs": [{"name": "x", "parameters": {"binary_data": True}}]}).encode()
+
+    for size, status in ((LIMIT, 200), (LIMIT + 1, 413)):
+        n = size - len(header(size))
+        n = size - len(header(n))  # the tensor takes what the header leaves of ``size`` bytes
+        body = header(n) + data[:n]
+        assert len(body) == size
+        reply = shim.infer("noop", gzip.compress(body), {HCL: str(len(header(n))), "Content-Encoding": "gzip"})
+        if status == 413:
+            assert_error(reply, 413, "inflated body is over the limit")
+        else:
+            out_header, blobs = parse(reply)
+            assert out_header["outputs"][0]["shape"] == [n] and blobs["x"] == data[:n]
 
 
 def test_body_over_the_limit_live(tmp_path):

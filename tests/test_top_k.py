@@ -22,10 +22,11 @@ def test_the_order_is_a_stable_descending_sorts_first_k_with_ties_or_without(see
         assert np.array_equal(top_k_order(p, k), _stable(p, k)), (p, k)
 
 
-def test_rows_with_nan_order_as_the_stable_sort_does():
-    p = np.array([[0.1, np.nan, 0.7, 0.2], [0.25, 0.25, 0.25, 0.25]])
+def test_rows_with_nan_or_ties_order_as_the_stable_sort_does_beside_plain_rows():
+    p = np.array([[0.1, np.nan, 0.7, 0.2], [0.25, 0.25, 0.25, 0.25], [np.nan] * 4, [0.1, 0.4, 0.2, 0.3]])
     assert np.array_equal(top_k_order(p, 2), _stable(p, 2))
-    assert top_k_order(p, 2).tolist() == [[2, 3], [0, 1]]
+    assert top_k_order(p, 2).tolist() == [[2, 3], [0, 1], [0, 1], [1, 3]]
+    assert top_k_order(p, 0).shape == (4, 0)
 
 
 def test_top_k_softmax_of_imagenet_sized_logits_is_the_full_softmax_cut_to_k():

@@ -539,7 +539,8 @@ def test_new_connections_are_not_held_back_by_the_balancing(shim):
     finally:
         for sock in held:
             sock.close()
-    assert sorted(waits)[-2] < 1.0, waits  # a deferral lasts 5 ms at most (a loaded machine pauses longer)
+    assert sorted(waits)[len(waits) // 2] < 0.1, waits  # a deferral lasts 5 ms at most
+    assert sorted(waits)[-2] < 1.0, waits  # a loaded machine may pause one or two longer
 
 
 def _open_connections(shim, count: int) -> list:
@@ -894,9 +895,9 @@ def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_pat
     """SIGTERM: a request worker drains for up to DRAIN_SECONDS, waits up to TASKS_SHUTDOWN_S for its
     request threads, then sends its last bundle of records and exits; the pool kills a worker only
     EXIT_GRACE_S after all that, so one that used the whole time is not killed in the middle of its
-    last send. Stand-in workers (the drain made 0.5 s, the threads' wait 1 s, the grace 1.5 s) use
-    both whole, take 0.2 s more to 'send', and note it: killed when the drain and the wait were over,
-    they would not have."""
+    last send. Stand-in workers (the drain made 1.5 s, the threads' wait 1.5 s, the grace 1 s) use
+    both whole, take 0.2 s more to 'send', and note it: a pool that left any of the three out of its
+    deadline would kill them first."""
     import subprocess
     import sys
 
@@ -904,11 +905,11 @@ def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_pat
     from shim.workers import pool as pool_module
     from shim.workers.front import WorkerConfig
 
-    monkeypatch.setattr(pool_module, "DRAIN_SECONDS", 0.5)
-    monkeypatch.setattr(pool_module, "TASKS_SHUTDOWN_S", 1.0)
-    monkeypatch.setattr(pool_module, "EXIT_GRACE_S", 1.5)
+    monkeypatch.setattr(pool_module, "DRAIN_SECONDS", 1.5)
+    monkeypatch.setattr(pool_module, "TASKS_SHUTDOWN_S", 1.5)
+    monkeypatch.setattr(pool_module, "EXIT_GRACE_S", 1.0)
     script = ("import signal, sys, time\n"
-              "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), time.sleep(1.0), time.sleep(0.2),"
+              "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), time.sleep(1.5), time.sleep(0.2),"
               " open(sys.argv[1], 'w').write('sent'), sys.exit(0)))\n"
               "print('up', flush=True)\n"
               "while True: time.sleep(1)\n")
@@ -926,7 +927,7 @@ def test_a_worker_that_drains_the_whole_time_still_sends_its_last_bundle(tmp_pat
     try:
         started = time.monotonic()
         pool.stop()
-        assert time.monotonic() - started < 3.0  # they exited by themselves, before the grace ran out
+        assert time.monotonic() - started < 4.0  # they exited by themselves, before the grace ran out
         assert [p.returncode for p in procs] == [0, 0]  # not killed
     finally:
         for proc in procs:

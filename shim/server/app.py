@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "statistics", "system_shared_memory"]
+INFLATE_PIECE = 1 << 20  # bytes of an encoded body inflated at a time
 
 
 def create_app(settings: Settings, dispatcher: Dispatcher, metrics: Metrics, kaas: KaasService | None = None,
@@ -146,15 +147,25 @@ def _read_body(limit: int) -> bytes:
     if encoding not in ("gzip", "deflate"):
         raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    # in pieces, counted as they come: a bomb costs the limit in memory, not the doubling buffer of
+    # one call that may return the limit (twice the limit at its peak)
+    parts: list[bytes] = []
+    size, pending = 0, body
     try:
-        out = inflater.decompress(body, limit + 1)
+        while True:
+            part = inflater.decompress(pending, INFLATE_PIECE)
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLarge(f"the inflated body is over the limit of {limit} bytes")
+            parts.append(part)
+            pending = inflater.unconsumed_tail
+            if inflater.eof or not (pending or len(part) == INFLATE_PIECE):
+                break
     except zlib.error as exc:
         raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"the inflated body is over the limit of {limit} bytes")
     if not inflater.eof:
         raise InvalidInput(f"the {encoding} body is truncated: its stream ends before its end marker")
-    return out
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _error_response(exc: Exception) -> Response:
