@@ -1,6 +1,6 @@
 """Probe on any machine: a request worker's front (``build_front``: waitress, Flask, the guard, the
 codec, the JPEG decode, the worker's batcher and its link) served by the shim's ``Server`` on a unix
-socket, its device answered at once by a forked process (``logits`` are zeros: no model runs), C
+socket, its device answered at once by a forked process (``logits`` made up: no model runs), C
 clients classifying the cat photo in separate processes for S seconds. Prints requests/s, latency
 and the worker's CPU per request: the request path's own cost, without a GPU.
 
@@ -29,8 +29,9 @@ from bench.procs import cat_jpeg  # noqa: E402
 
 def faked_device_handlers(settings: Any) -> dict[str, Any]:
     """The device process's link handlers on the CPU, but classify's pixels are answered at once
-    (zeros for logits) and reported as a GPU pipeline's, so the worker sends raw pixels as in
-    front of a GPU."""
+    (fixed random logits, untied as a model's are: all-zero logits tie every class, which sent top-k
+    down a path no model's logits take) and reported as a GPU pipeline's, so the worker sends raw
+    pixels as in front of a GPU."""
     import numpy as np
 
     from shim.service import build_service
@@ -42,9 +43,11 @@ def faked_device_handlers(settings: Any) -> dict[str, Any]:
     handlers = DeviceEndpoint(device, workers=1).handlers()
     handlers["pipeline_device"] = lambda model: "cuda"
 
+    made_up = np.random.default_rng(0).normal(size=(64, 1000)).astype(np.float32)
+
     def logits(model: str, items: list) -> Future:
         done: Future = Future()
-        done.set_result(np.zeros((len(items), 1000), np.float32))
+        done.set_result(made_up[np.arange(len(items)) % len(made_up)])
         return done
 
     handlers["logits"] = Deferred(logits)
