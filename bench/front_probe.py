@@ -4,7 +4,11 @@ socket, its device answered at once by a forked process (``logits`` made up: no 
 clients classifying the cat photo in separate processes for S seconds. Prints requests/s, latency
 and the worker's CPU per request: the request path's own cost, without a GPU.
 
-    python bench/front_probe.py [C] [S]      # default 4 clients, 8 s
+    python bench/front_probe.py [C] [S] [plain]      # default 4 clients, 8 s, the shim's Server
+
+``plain`` serves the same app with ``serve_plain`` instead, a bare thread-per-connection HTTP/1.1
+loop: a bound on what a worker would gain without waitress's event loop (no limits, timeouts,
+chunked bodies, drain or accept gate; measurement only, never a server to run).
 """
 from __future__ import annotations
 
@@ -74,7 +78,39 @@ def _serve_device(settings: Any, address: str, key: bytes) -> tuple[int, int]:
     return pid, ready_r
 
 
-def main(clients: int = 4, seconds: float = 8.0) -> None:
+def serve_plain(app: Any, sock: socket.socket) -> None:
+    """``app`` on ``sock``, one thread per connection reading requests with a Content-Length (or
+    none) and writing each response whole from that thread (measurement only)."""
+    import io
+
+    def connection(conn: socket.socket) -> None:
+        stream = conn.makefile("rb")
+        with conn:
+            while line := stream.readline():
+                method, target, _ = line.decode("latin-1").split(" ", 2)
+                path, _, query = target.partition("?")
+                environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "probe",
+                           "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+                           "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+                           "wsgi.run_once": False, "wsgi.version": (1, 0), "REMOTE_ADDR": "probe"}
+                while (header := stream.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode("latin-1").partition(":")
+                    key = name.strip().upper().replace("-", "_")
+                    environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value.strip()
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+                environ["wsgi.input"] = io.BytesIO(stream.read(length) if length else b"")
+                started: list[tuple[str, list[tuple[str, str]]]] = []
+                body = b"".join(app(environ, lambda status, headers, exc_info=None: started.append((status, headers))))
+                status, headers = started[0]
+                head = "".join(f"{k}: {v}\r\n" for k, v in headers if k.lower() != "content-length")
+                conn.sendall(f"HTTP/1.1 {status}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=connection, args=(conn,), daemon=True).start()
+
+
+def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
     from shim.config import Settings
     from shim.server.serving import Server
     from shim.workers.front import WorkerConfig, build_front
@@ -101,16 +137,20 @@ def main(clients: int = 4, seconds: float = 8.0) -> None:
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             requests = out["images_per_s"] * seconds
-            print(f"front probe, {clients} clients, {seconds:.0f} s: {out['images_per_s']:.1f} requests/s, "
+            print(f"front probe ({server}), {clients} clients, {seconds:.0f} s: {out['images_per_s']:.1f} requests/s, "
                   f"p50 {out.get('p50_ms', 0):.2f} p99 {out.get('p99_ms', 0):.2f} ms, errors {out['errors']}; "
                   f"the worker {1e3 * cpu / max(requests, 1):.3f} ms of CPU per request "
                   f"({cpu / seconds:.2f} cores while the clients ran)", flush=True)
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM if server == "shim" else signal.SIGKILL)
 
     threading.Thread(target=drive, name="probe", daemon=True).start()
+    if server == "plain":
+        threading.Thread(target=front.load, name="warmup", daemon=True).start()
+        serve_plain(front.app, sock)
     Server(front, [sock]).run()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4, float(sys.argv[2]) if len(sys.argv) > 2 else 8.0)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4, float(sys.argv[2]) if len(sys.argv) > 2 else 8.0,
+         sys.argv[3] if len(sys.argv) > 3 else "shim")
