@@ -4,7 +4,9 @@ socket, its device answered at once by a forked process (``logits`` made up: no 
 clients classifying the cat photo in separate processes for S seconds. Prints requests/s, latency
 and the worker's CPU per request: the request path's own cost, without a GPU.
 
-    python bench/front_probe.py [C] [S] [plain]      # default 4 clients, 8 s, the shim's Server
+    python bench/front_probe.py [C] [S] [shim|threads|plain]      # default 4 clients, 8 s, shim
+
+``threads`` is the shim's Server with ``--connection-threads``.
 
 ``plain`` serves the same app with ``serve_plain`` instead, a bare thread-per-connection HTTP/1.1
 loop: a bound on what a worker would gain without waitress's event loop (no limits, timeouts,
@@ -115,7 +117,7 @@ def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
     from shim.server.serving import Server
     from shim.workers.front import WorkerConfig, build_front
 
-    settings = Settings(device="cpu", models_dir=ROOT / "models")
+    settings = Settings(device="cpu", models_dir=ROOT / "models", connection_threads=server == "threads")
     work = tempfile.mkdtemp(prefix="front-probe-")
     key = os.urandom(16)
     _pid, ready = _serve_device(settings, f"{work}/link.sock", key)
@@ -142,7 +144,7 @@ def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
                   f"the worker {1e3 * cpu / max(requests, 1):.3f} ms of CPU per request "
                   f"({cpu / seconds:.2f} cores while the clients ran)", flush=True)
         finally:
-            os.kill(os.getpid(), signal.SIGTERM if server == "shim" else signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if server == "plain" else signal.SIGTERM)
 
     threading.Thread(target=drive, name="probe", daemon=True).start()
     if server == "plain":

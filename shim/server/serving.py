@@ -28,6 +28,7 @@ from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
+from .threaded import threaded
 
 log = logging.getLogger(__name__)
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
@@ -238,6 +239,8 @@ class Server:
         tokens = service.guard.tokens if service.guard is not None else None
         parser = type("_Parser", (_StampedParser,), {"tokens": tokens})
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
+        if settings.connection_threads:
+            channel = threaded(channel)
         for server in self._servers:
             server.channel_class = channel
         self._gate: AcceptGate | None = None
@@ -373,12 +376,18 @@ class Server:
         return self.exit_code
 
     def _drain(self) -> None:
-        """Serve the open connections until none has a request in flight, then close them."""
+        """Serve the open connections until none has a request in flight, then close them (those on
+        threads of their own too: ``active_channels`` holds both kinds)."""
         deadline = time.monotonic() + self.drain_seconds
+
+        def channels() -> list[Any]:
+            return list(self._map.values()) + [ch for s in self._servers for ch in list(s.active_channels.values())
+                                               if ch not in self._map.values()]
+
         # a request is done once its response has left too: the worker pops it from ``requests``
         # as soon as the response is in the channel's out-buffers, before the event loop sends it
         while time.monotonic() < deadline and any(
-                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(self._map.values())):
+                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in channels()):
             wasyncore.loop(timeout=0.05, map=self._map, count=1)
-        for channel in list(self._map.values()):
-            channel.close()
+        for channel in channels():
+            getattr(channel, "stop", channel.close)()

@@ -1,0 +1,184 @@
+"""``--connection-threads``: each connection read and served on a thread of its own, with waitress's
+parser, tasks and error pages: keep-alive, pipelining, chunked bodies, 100-continue, bad requests,
+limits, the early 401, the drain on SIGTERM, and request workers."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+
+import numpy as np
+import pytest
+
+import accel
+from tests.conftest import LiveShim, encode
+from tests.test_auth import ALICE, tokens_file
+from tests.test_faults import http, in_threads, inflight, live, sleep_body, wait_for
+
+LIMIT = 100_000
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    shim = live(tmp_path_factory.mktemp("threads"), "--connection-threads", "--max-body-bytes", str(LIMIT))
+    yield shim
+    shim.stop()
+
+
+def _replies(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` HTTP replies read off ``sock``: status, headers (lower-case names), body."""
+    data, out = b"", []
+    while len(out) < count:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if found:
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length", 0))
+            if len(rest) >= length:
+                out.append((int(lines[0].split()[1]), headers, rest[:length]))
+                data = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {len(out)} of {count} replies"
+        data += chunk
+    return out
+
+
+def _noop(values: list[int]) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [len(values)], "data": values}]}).encode()
+
+
+def _post(body: bytes, extra: str = "") -> bytes:
+    return (f"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_requests_pipelined_on_one_kept_connection_are_answered_in_order(shim):
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+        sock.sendall(_post(_noop([1])) + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + _post(_noop([2, 3])))
+        (s1, _, b1), (s2, _, _), (s3, _, b3) = _replies(sock, 3)
+        assert (s1, s2, s3) == (200, 200, 200)
+        assert json.loads(b1)["outputs"][0]["data"] == [1] and json.loads(b3)["outputs"][0]["data"] == [2, 3]
+        sock.sendall(_post(_noop([4])))  # still open for the next
+        assert json.loads(_replies(sock, 1)[0][2])["outputs"][0]["data"] == [4]
+    client = accel.Client(shim.unix_url, timeout=10)
+    assert [client.noop(x=np.arange(n))["x"].tolist() for n in (1, 3)] == [[0], [0, 1, 2]]
+
+
+def test_a_chunked_body_after_100_continue(shim):
+    body = _noop([5, 6, 7])
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        half = len(body) // 2
+        for part in (body[:half], body[half:]):
+            sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        (status, _, reply), = _replies(sock, 1)
+    assert status == 200 and json.loads(reply)["outputs"][0]["data"] == [5, 6, 7]
+
+
+def test_a_malformed_request_is_a_json_400_and_the_connection_closes(shim):
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        (status, headers, reply), = _replies(sock, 1)
+        assert status == 400 and headers["content-type"] == "application/json" and "error" in json.loads(reply)
+        assert sock.recv(4096) == b""  # closed by the shim
+    assert http(shim.tcp_url, "noop", json.loads(_noop([8])))[0] == 200  # and the shim goes on
+
+
+def test_a_body_over_the_limit_is_413_unread(shim):
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {LIMIT + 1}\r\n\r\n".encode())  # the body never comes
+        (status, _, reply), = _replies(sock, 1)
+    assert status == 413 and str(LIMIT) in json.loads(reply)["error"]
+
+
+def test_sigterm_finishes_the_requests_in_flight_on_their_threads_then_exits_0(tmp_path):
+    shim = live(tmp_path, "--connection-threads")
+    try:
+        threads, out = in_threads(3, lambda: http(shim.tcp_url, "sleep", sleep_body(1.0)))
+        wait_for(lambda: inflight(shim.tcp_url) == 3)
+        idle = socket.create_connection(("127.0.0.1", shim.port), timeout=10)  # open, no request: closed at the end
+        shim.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert [s for s, _ in out] == [200, 200, 200], out
+        assert shim.proc.wait(30) == 0
+        assert idle.recv(4096) == b""
+        idle.close()
+    finally:
+        shim.stop()
+
+
+def test_a_big_body_without_a_valid_token_is_refused_once_its_headers_are_in(tmp_path):
+    (tmp_path / "models").mkdir()
+    live_shim = LiveShim(tmp_path / "models", tmp_path, "--classify-model", "", "--connection-threads",
+                         "--tokens", str(tokens_file(tmp_path)))
+    try:
+        live_shim.wait_ready()
+        with socket.create_connection(("127.0.0.1", live_shim.port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n"
+                         b"Authorization: Bearer not-a-token-of-anyone\r\n\r\n" + b"\0" * 65536)
+            (status, headers, reply), = _replies(sock, 1)
+        assert status == 401 and "token" in json.loads(reply)["error"] and "www-authenticate" in headers
+        assert accel.Client(live_shim.tcp_url, token=ALICE, timeout=10).noop(x=np.arange(2))["x"].tolist() == [0, 1]
+    finally:
+        live_shim.stop()
+
+
+def test_request_workers_serve_on_connection_threads(models_dir, tmp_path, chelsea):
+    live_shim = LiveShim(models_dir, tmp_path, "--workers", "2", "--connection-threads")
+    try:
+        live_shim.wait_ready(90)
+        clients = [accel.Client(live_shim.unix_url, timeout=60) for _ in range(4)]
+        jpeg = encode(chelsea, "JPEG")
+        for client in clients * 2:
+            assert client.classify(jpeg)[0].label in ("tiger cat", "tabby, tabby cat", "Egyptian cat")
+        with accel.Client(live_shim.tcp_url, timeout=10) as client:
+            metrics = client._call("GET", "/metrics").body.decode()  # noqa: SLF001
+        counts = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("accelshim_worker_connections{")]
+        assert len(counts) == 2 and sum(counts) >= 4  # the threaded connections count for the balance
+    finally:
+        assert live_shim.stop() == 0
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
+def test_each_connection_is_served_on_a_thread_of_its_own_only_when_asked(tmp_path, on):
+    import threading
+
+    from shim.config import Settings
+    from shim.server.serving import Server, bind_sockets
+    from shim.service import build_service
+
+    (tmp_path / "models").mkdir()
+    service = build_service(Settings(device="cpu", models_dir=tmp_path / "models", classify_model="",
+                                     connection_threads=on))
+    served_on: list[str] = []
+    inner = service.app.wsgi_app
+
+    def noting(environ, start_response):
+        served_on.append(threading.current_thread().name)
+        return inner(environ, start_response)
+
+    service.app.wsgi_app = noting
+    sockets = bind_sockets(None, 0, str(tmp_path / "s.sock"))
+    server = Server(service, sockets)
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    try:
+        clients = [accel.Client(f"unix://{tmp_path / 's.sock'}", timeout=10) for _ in range(2)]
+        for client in clients * 2:
+            assert client.noop(x=np.arange(2))["x"].tolist() == [0, 1]
+    finally:
+        server.stop()
+        runner.join(15)
+    calls = [name for name in served_on if name != "warmup"]
+    if on:
+        assert all(name.startswith("connection-") for name in calls) and len(set(calls)) == 2, served_on
+    else:
+        assert not any(name.startswith("connection-") for name in calls), served_on
+    assert not runner.is_alive()
