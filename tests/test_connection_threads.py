@@ -101,7 +101,9 @@ def test_sigterm_finishes_the_requests_in_flight_on_their_threads_then_exits_0(t
     try:
         threads, out = in_threads(3, lambda: http(shim.tcp_url, "sleep", sleep_body(1.0)))
         wait_for(lambda: inflight(shim.tcp_url) == 3)
-        idle = socket.create_connection(("127.0.0.1", shim.port), timeout=10)  # open, no request: closed at the end
+        idle = socket.create_connection(("127.0.0.1", shim.port), timeout=10)  # kept open, idle: closed at the end
+        idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _replies(idle, 1)[0][0] == 200  # accepted and served (one left in the backlog would be reset)
         shim.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
