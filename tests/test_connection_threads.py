@@ -148,33 +148,59 @@ def test_request_workers_serve_on_connection_threads(models_dir, tmp_path, chels
         assert live_shim.stop() == 0
 
 
-@pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
-def test_each_connection_is_served_on_a_thread_of_its_own_only_when_asked(tmp_path, on):
+def _in_process(tmp_path, on: bool, wrap=None):
+    """An in-process shim (noop alone) served by ``Server`` on a unix socket, on a thread; its app's
+    WSGI callable wrapped by ``wrap``; returns the server, its thread and the socket's URL."""
     import threading
 
     from shim.config import Settings
     from shim.server.serving import Server, bind_sockets
     from shim.service import build_service
 
-    (tmp_path / "models").mkdir()
+    (tmp_path / "models").mkdir(exist_ok=True)
     service = build_service(Settings(device="cpu", models_dir=tmp_path / "models", classify_model="",
                                      connection_threads=on))
-    served_on: list[str] = []
-    inner = service.app.wsgi_app
-
-    def noting(environ, start_response):
-        served_on.append(threading.current_thread().name)
-        return inner(environ, start_response)
-
-    service.app.wsgi_app = noting
-    sockets = bind_sockets(None, 0, str(tmp_path / "s.sock"))
-    server = Server(service, sockets)
+    if wrap is not None:
+        service.app.wsgi_app = wrap(service.app.wsgi_app)
+    server = Server(service, bind_sockets(None, 0, str(tmp_path / "s.sock")))
     runner = threading.Thread(target=server.run, daemon=True)
     runner.start()
+    return server, runner, f"unix://{tmp_path / 's.sock'}"
+
+
+def _connection_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("connection-")]
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
+def test_each_connection_is_served_on_a_thread_of_its_own_only_when_asked(tmp_path, on):
+    import threading
+    import time
+
+    served_on: list[str] = []
+
+    def wrap(inner):
+        def noting(environ, start_response):
+            served_on.append(threading.current_thread().name)
+            return inner(environ, start_response)
+        return noting
+
+    server, runner, url = _in_process(tmp_path, on, wrap)
     try:
-        clients = [accel.Client(f"unix://{tmp_path / 's.sock'}", timeout=10) for _ in range(2)]
+        clients = [accel.Client(url, timeout=10) for _ in range(2)]
         for client in clients * 2:
             assert client.noop(x=np.arange(2))["x"].tolist() == [0, 1]
+        if on:  # a channel its own thread closed (its client left) is stopped without harm, as a drain may
+            channels = list(server._servers[0].active_channels.values())  # noqa: SLF001
+            for client in clients:
+                client.close()
+            deadline = time.monotonic() + 10
+            while any(ch.socket is not None for ch in channels) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for channel in channels:
+                channel.stop()
     finally:
         server.stop()
         runner.join(15)
@@ -183,4 +209,91 @@ def test_each_connection_is_served_on_a_thread_of_its_own_only_when_asked(tmp_pa
         assert all(name.startswith("connection-") for name in calls) and len(set(calls)) == 2, served_on
     else:
         assert not any(name.startswith("connection-") for name in calls), served_on
-    assert not runner.is_alive()
+    assert not runner.is_alive() and server.exit_code == 0
+    assert not _connection_threads()  # each ended with the drain
+
+
+def test_the_connection_limit_counts_the_threaded_connections(tmp_path, monkeypatch):
+    """Connections over the limit wait in the listen backlog (no thread each) until one closes."""
+    from shim.server import serving
+
+    monkeypatch.setattr(serving, "CONNECTION_LIMIT", 3)
+    server, runner, url = _in_process(tmp_path, True)
+    path = url.removeprefix("unix://")
+    try:
+        accel.Client(url, timeout=10).ready()
+        held = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _replies(sock, 1)[0][0] == 200
+            held.append(sock)
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(10)
+        extra.connect(path)  # into the backlog
+        extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        extra.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            extra.recv(4096)
+        assert len(_connection_threads()) == 3
+        held.pop().close()
+        extra.settimeout(10)
+        assert _replies(extra, 1)[0][0] == 200  # taken once one of the three closed
+        for sock in held + [extra]:
+            sock.close()
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def test_a_connection_without_a_thread_is_closed_and_the_listener_goes_on(tmp_path, monkeypatch):
+    import threading
+
+    from shim.server import threaded
+
+    server, runner, url = _in_process(tmp_path, True)
+    path = url.removeprefix("unix://")
+    real_start = threading.Thread.start
+    refused = []
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            if self.name.startswith("connection-") and not refused:
+                refused.append(self.name)
+                raise RuntimeError("can't start new thread")
+            real_start(self)
+
+    try:
+        accel.Client(url, timeout=10).ready()
+        monkeypatch.setattr(threaded.threading, "Thread", Thread)
+        first = socket.socket(socket.AF_UNIX)
+        first.settimeout(10)
+        first.connect(path)
+        assert first.recv(4096) == b""  # closed, not left hanging
+        first.close()
+        assert refused
+        assert accel.Client(url, timeout=10).noop(x=np.arange(1))["x"].tolist() == [0]  # the next is served
+        assert all(len(s.active_channels) <= 1 for s in server._servers)  # noqa: SLF001 - the failed one is gone
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def test_the_idle_sweep_leaves_threaded_connections_to_their_timeout(tmp_path):
+    """waitress's sweep would mark an idle channel to close (its thread may be reading a request
+    then) while walking ``active_channels``, which connection threads change."""
+    import time
+
+    server, runner, url = _in_process(tmp_path, True)
+    try:
+        client = accel.Client(url, timeout=10)
+        assert client.noop(x=np.arange(1))["x"].tolist() == [0]
+        listener = server._servers[0]  # noqa: SLF001
+        assert listener.active_channels  # the client's connection, kept
+        listener.maintenance(time.time() + 10_000)  # everything idle far past the timeout
+        assert not any(ch.will_close for ch in listener.active_channels.values())
+        assert client.noop(x=np.arange(2))["x"].tolist() == [0, 1]  # the same connection, still served
+    finally:
+        server.stop()
+        runner.join(15)

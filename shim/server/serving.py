@@ -28,7 +28,7 @@ from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
-from .threaded import threaded
+from .threaded import limit_connections, threaded
 
 log = logging.getLogger(__name__)
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
@@ -108,6 +108,7 @@ class _JsonErrorTask(ErrorTask):
         self.write(body)
 
 
+CONNECTION_LIMIT = 1000  # open connections per server process; more wait in the listen backlog
 ACCEPT_DEFER_S = 0.005  # how long a worker leaves a waiting connection to a less loaded one
 ACCEPT_DEFER_POLL_S = 0.0005  # its pause per turn of its event loop meanwhile
 
@@ -226,7 +227,7 @@ class Server:
                            threads=threads, ident="accelshim",
                            # waitress refuses a body of >= its limit; the shim's limit is inclusive
                            max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
-                           connection_limit=1000, clear_untrusted_proxy_headers=True,
+                           connection_limit=CONNECTION_LIMIT, clear_untrusted_proxy_headers=True,
                            # tensors are large: keep bodies in memory (waitress spills anything over
                            # 512 KiB to a temp file by default) and read them in big pieces. A response
                            # goes out from its request's thread as it is written (waitress's send_bytes
@@ -241,6 +242,7 @@ class Server:
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
         if settings.connection_threads:
             channel = threaded(channel)
+            limit_connections(self._servers)
         for server in self._servers:
             server.channel_class = channel
         self._gate: AcceptGate | None = None
@@ -391,3 +393,6 @@ class Server:
             wasyncore.loop(timeout=0.05, map=self._map, count=1)
         for channel in channels():
             getattr(channel, "stop", channel.close)()
+        for channel in channels():  # a request a connection's thread had read is answered first
+            if hasattr(channel, "join"):
+                channel.join(max(0.0, deadline - time.monotonic()))

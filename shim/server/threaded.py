@@ -40,21 +40,27 @@ def threaded(channel_class: type) -> type:
     """``channel_class`` (a waitress HTTPChannel) served on a thread per connection."""
 
     class ThreadedChannel(channel_class):  # type: ignore[misc, valid-type]
+        own_thread = True
+
         def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: dict | None = None) -> None:
             # a map of its own: the event loop never polls it (it stays in ``active_channels``)
             super().__init__(OwnThreadServer(server), sock, addr, adj, map={})
             sock.settimeout(adj.channel_timeout)  # blocking, up to the idle timeout
             self._thread = threading.Thread(target=self._serve, name=f"connection-{self._fileno}", daemon=True)
-            self._thread.start()
+            try:
+                self._thread.start()
+            except Exception:  # noqa: BLE001 - no thread for it (a process limit): this one connection ends
+                log.exception("no thread for a connection from %s: closing it", addr)
+                self.handle_close()
 
         def _serve(self) -> None:
             try:
                 while self.connected and not (self.will_close or self.close_when_flushed):
                     try:
                         data = self.socket.recv(self.adj.recv_bytes)
-                    except OSError:  # idle past channel_timeout, reset, or shut down to stop
+                    except OSError:  # idle past channel_timeout, or reset
                         break
-                    if not data:
+                    if not data:  # closed by the client, or shut down to stop: what was read is served
                         break
                     self.last_activity = time.time()
                     self.received(data)
@@ -74,11 +80,45 @@ def threaded(channel_class: type) -> type:
                 if failed or not flushed:
                     break
 
+        def _flush_outbufs_below_high_watermark(self) -> None:
+            self._flush_all()  # this thread is the only writer: nobody else would drain them
+
         def stop(self) -> None:
-            """End the connection from another thread: its blocking read returns, and it closes."""
+            """Stop reading, from another thread: a request already read is still answered, then the
+            connection closes (``join`` waits for that)."""
+            sock = self.socket
+            if sock is None:  # closed already, by its thread
+                return
             try:
-                self.socket.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
 
+        def join(self, timeout: float) -> None:
+            self._thread.join(timeout)
+
     return ThreadedChannel
+
+
+def limit_connections(servers: list[Any]) -> None:
+    """Waitress's checks for ``servers`` whose channels have threads of their own: the connection
+    limit counts them (they are in no event loop's map, which waitress counts), and the idle sweep
+    leaves them to their sockets' timeout (it would mark them to close while their thread may be
+    reading a request) and walks a copy of ``active_channels``, which their threads change."""
+    limit = servers[0].adj.connection_limit
+
+    def open_connections() -> int:
+        return sum(len(s.active_channels) for s in servers)
+
+    for server in servers:
+        def maintenance(now: float, server: Any = server) -> None:
+            cutoff = now - server.adj.channel_timeout
+            for channel in list(server.active_channels.values()):
+                if not getattr(channel, "own_thread", False) and not channel.requests and channel.last_activity < cutoff:
+                    channel.will_close = True
+
+        def readable(inner: Any = server.readable) -> bool:
+            return inner() and open_connections() < limit
+
+        server.maintenance = maintenance
+        server.readable = readable
