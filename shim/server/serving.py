@@ -348,7 +348,8 @@ class Server:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-        log.info("listening on %s (warming up)", " ".join(self.addresses()))
+        log.info("listening on %s (warming up)%s", " ".join(self.addresses()),
+                 ", each connection on a thread of its own" if self.service.settings.connection_threads else "")
         unix_paths = [s.getsockname() for s in self.sockets if s.family == socket.AF_UNIX and self._unlink_unix]
         self._warmup.start()
         try:
