@@ -297,3 +297,39 @@ def test_the_idle_sweep_leaves_threaded_connections_to_their_timeout(tmp_path):
     finally:
         server.stop()
         runner.join(15)
+
+
+def test_a_small_response_goes_out_in_one_send_a_large_one_as_it_is_written(tmp_path, monkeypatch):
+    """Head and body in one send (the client reads it whole at once); past ``SEND_AT_BYTES`` the body
+    goes out while the task still writes."""
+    import time
+
+    from waitress import wasyncore
+
+    from shim.server import threaded
+
+    sends: list[int] = []
+    real_send = wasyncore.dispatcher.send
+
+    def counting(self, data, do_close=True):
+        sends.append(len(data))  # before it goes: the client may have it all before this thread runs on
+        return real_send(self, data, do_close)
+
+    monkeypatch.setattr(wasyncore.dispatcher, "send", counting)
+    monkeypatch.setattr(threaded, "SEND_AT_BYTES", 4096)
+    server, runner, url = _in_process(tmp_path, True)
+    try:
+        client = accel.Client(url, timeout=10)
+        deadline = time.monotonic() + 30
+        while not client.ready() and time.monotonic() < deadline:  # warmed up: no 503 and retry below
+            time.sleep(0.05)
+        sends.clear()
+        assert client.noop(x=np.arange(3))["x"].tolist() == [0, 1, 2]
+        assert len(sends) == 1, sends
+        sends.clear()
+        big = np.arange(200_000, dtype=np.float32)  # 800 kB out
+        np.testing.assert_array_equal(client.noop(x=big)["x"], big)
+        assert len(sends) >= 2 and sum(sends) > big.nbytes, sends[:8]
+    finally:
+        server.stop()
+        runner.join(15)

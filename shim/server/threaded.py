@@ -9,6 +9,7 @@ accept (and the accept gate), count in the server's ``active_channels`` and drai
 """
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import threading
@@ -16,6 +17,8 @@ import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+SEND_AT_BYTES = 1 << 20  # a response's bytes buffered before they go out while the task still writes
 
 
 class OwnThreadServer:
@@ -43,6 +46,11 @@ def threaded(channel_class: type) -> type:
         own_thread = True
 
         def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: dict | None = None) -> None:
+            # a response's head and body go out in one send once the task is done (waitress writes
+            # each as it comes past ``send_bytes``: two sends, two reads for the client), a large
+            # body as it is written
+            adj = copy.copy(adj)
+            adj.send_bytes = SEND_AT_BYTES
             # a map of its own: the event loop never polls it (it stays in ``active_channels``)
             super().__init__(OwnThreadServer(server), sock, addr, adj, map={})
             sock.settimeout(adj.channel_timeout)  # blocking, up to the idle timeout
@@ -81,7 +89,8 @@ def threaded(channel_class: type) -> type:
                     break
 
         def _flush_outbufs_below_high_watermark(self) -> None:
-            self._flush_all()  # this thread is the only writer: nobody else would drain them
+            if self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                self._flush_all()  # this thread is the only writer: nobody else would drain them
 
         def stop(self) -> None:
             """Stop reading, from another thread: a request already read is still answered, then the
