@@ -146,6 +146,9 @@ def test_request_workers_serve_on_connection_threads(models_dir, tmp_path, chels
         assert len(counts) == 2 and sum(counts) >= 4  # the threaded connections count for the balance
     finally:
         assert live_shim.stop() == 0
+    threaded_workers = [line for line in live_shim.log.read_text().splitlines()
+                        if " worker-" in line and "each connection on a thread of its own" in line]
+    assert len(threaded_workers) == 2, threaded_workers  # both workers took the flag
 
 
 def _in_process(tmp_path, on: bool, wrap=None):

@@ -165,7 +165,7 @@ def _read_body(limit: int) -> bytes:
         raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
     if not inflater.eof:
         raise InvalidInput(f"the {encoding} body is truncated: its stream ends before its end marker")
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return b"".join(parts)  # one part: that part itself, not a copy
 
 
 def _error_response(exc: Exception) -> Response:

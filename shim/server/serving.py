@@ -383,9 +383,9 @@ class Server:
         threads of their own too: ``active_channels`` holds both kinds)."""
         deadline = time.monotonic() + self.drain_seconds
 
-        def channels() -> list[Any]:
+        def channels() -> list[Any]:  # the event loop's, and those on threads of their own
             return list(self._map.values()) + [ch for s in self._servers for ch in list(s.active_channels.values())
-                                               if ch not in self._map.values()]
+                                               if getattr(ch, "own_thread", False)]
 
         # a request is done once its response has left too: the worker pops it from ``requests``
         # as soon as the response is in the channel's out-buffers, before the event loop sends it

@@ -110,24 +110,18 @@ def threaded(channel_class: type) -> type:
 
 
 def limit_connections(servers: list[Any]) -> None:
-    """Waitress's checks for ``servers`` whose channels have threads of their own: the connection
-    limit counts them (they are in no event loop's map, which waitress counts), and the idle sweep
-    leaves them to their sockets' timeout (it would mark them to close while their thread may be
-    reading a request) and walks a copy of ``active_channels``, which their threads change."""
+    """Waitress's checks for ``servers`` whose channels all have threads of their own: the connection
+    limit counts them (they are in no event loop's map, which waitress counts), and there is no idle
+    sweep: their sockets' timeout closes them (the sweep would mark a channel to close while its
+    thread may be reading a request, walking ``active_channels`` while their threads change it)."""
     limit = servers[0].adj.connection_limit
 
     def open_connections() -> int:
         return sum(len(s.active_channels) for s in servers)
 
     for server in servers:
-        def maintenance(now: float, server: Any = server) -> None:
-            cutoff = now - server.adj.channel_timeout
-            for channel in list(server.active_channels.values()):
-                if not getattr(channel, "own_thread", False) and not channel.requests and channel.last_activity < cutoff:
-                    channel.will_close = True
-
         def readable(inner: Any = server.readable) -> bool:
             return inner() and open_connections() < limit
 
-        server.maintenance = maintenance
+        server.maintenance = lambda now: None
         server.readable = readable
