@@ -71,6 +71,9 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             info["gpu"] = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("ACCELSHIM_")}
+    if settings:  # the shims it starts read them: a run's settings are its flags and these
+        info["shim_environment"] = settings
     info.update(extra or {})
     return info
 
@@ -94,13 +97,28 @@ class ShimProcess:
         self.tcp_url, self.unix_url = f"http://127.0.0.1:{self.port}", f"unix://{self.sock}"
 
     def __enter__(self) -> "ShimProcess":
-        import accel
-
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd)
-        accel.Client(self.tcp_url, timeout=300).wait_ready(300)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
         self.ready_seconds = time.perf_counter() - self.started
         return self
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Wait until the shim says it is ready, giving up as soon as it exits (a shim that cannot
+        start, e.g. for a missing package, fails the benchmark at once instead of after ``timeout``)."""
+        import accel
+
+        client, deadline = accel.Client(self.tcp_url, timeout=10), time.monotonic() + timeout
+        while not client.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the shim exited with {self.proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the shim was not ready in {timeout:.0f} s")
+            time.sleep(0.05)
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()

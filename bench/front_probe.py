@@ -6,7 +6,8 @@ and the worker's CPU per request: the request path's own cost, without a GPU.
 
     python bench/front_probe.py [C] [S] [shim|threads|plain]      # default 4 clients, 8 s, shim
 
-``threads`` is the shim's Server with ``--connection-threads``.
+``shim`` is the shim's Server with ``--no-connection-threads`` (waitress's event loop reads each
+request, a task thread serves it), ``threads`` with its default ``--connection-threads``.
 
 ``plain`` serves the same app with ``serve_plain`` instead, a bare thread-per-connection HTTP/1.1
 loop: a bound on what a worker would gain without waitress's event loop (no limits, timeouts,

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         data["function_interpreter"] = fn_what
         b = Bench(args, device, shim, jpeg, jpeg_path, child_env(), data, write_gemm_inputs(workdir / "ab.f32", 1024),
                   fn_python, fn_has_accel, [header])
-        b.markdown.append(f"shim: `{' '.join(shim.cmd[1:])}`, ready in {shim.ready_seconds:.2f} s, backends "
+        settings = "".join(f" {k}={v}" for k, v in data["environment"].get("shim_environment", {}).items())
+        b.markdown.append(f"shim: `{' '.join(shim.cmd[1:])}`{settings and f' (environment:{settings})'}, ready in {shim.ready_seconds:.2f} s, backends "
                           f"{data.get('shim_backends')}, GPU memory held "
                           f"{data['shim_gpu_memory']['added_mib'] if mem_before else 'n/a'} MiB\n")
         for name in names:

@@ -218,19 +218,11 @@ class LoggedShim(ShimProcess):
         self.log_path = log_path
 
     def __enter__(self) -> "LoggedShim":
-        import accel
-
         self.started = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            client, deadline = accel.Client(self.tcp_url, timeout=10), time.monotonic() + 300
-            while not client.ready():  # ShimProcess's wait, but giving up as soon as the shim exits
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the shim exited with {self.proc.returncode} before it was ready")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the shim was not ready in 300 s")
-                time.sleep(0.05)
+            self.wait_ready()
         except BaseException:
             self.__exit__()
             print(self.log_tail(40), file=sys.stderr, flush=True)

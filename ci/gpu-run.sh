@@ -4,8 +4,8 @@
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
 #   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|all]...   (default: all; SHIM_WORKERS=N, default 8)
 #   (probes, not in all: the device pipeline alone, and CPU per image at 32 clients with 4, 8 and 16 workers;
-#    threads, not in all: `cpu N 32` with and without --connection-threads, alternating three times,
-#    then the throughput section with them)
+#    threads, not in all: `cpu N 32` with connection threads (the default) and with --no-connection-threads,
+#    alternating three times, then the throughput section without them)
 # Prepared here, before the device calls (both git-ignored):
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -51,9 +51,9 @@ for step in $what; do
     threads)
       { for _ in 1 2 3; do
           timeout 90 python3 bench/worker_ab.py cpu "$workers" 32
-          timeout 90 python3 bench/worker_ab.py cpu "$workers" 32 --connection-threads
+          timeout 90 python3 bench/worker_ab.py cpu "$workers" 32 --no-connection-threads
         done
-        ACCELSHIM_CONNECTION_THREADS=1 timeout 200 python3 -m bench gpu --device cuda --sections throughput \
+        ACCELSHIM_CONNECTION_THREADS=0 timeout 200 python3 -m bench gpu --device cuda --sections throughput \
           --shim-workers "$workers" --no-plots --out "$OUT/bench-threads"
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/threads.log" | tail -40 ;;
   esac

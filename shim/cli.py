@@ -33,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--gil-switch-us", type=int, metavar="US",
                        help="thread switch interval of the interpreter in microseconds (default Python's 5000): "
                             "shorter lets the batchers' threads back in sooner under load")
-    serve.add_argument("--connection-threads", dest="connection_threads", action="store_true", default=None,
-                       help="read and serve each connection on a thread of its own instead of waitress's "
-                            "event loop and task threads (one hand-off less per request)")
+    serve.add_argument("--connection-threads", dest="connection_threads", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="read and serve each connection on a thread of its own (the default: one hand-off "
+                            "less per request); --no-connection-threads reads them on waitress's event loop and "
+                            "serves them on its task threads")
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,

@@ -36,7 +36,7 @@ class Settings:
     max_gemm_elements: int = 64 * 1024 * 1024  # elements of the output C (and of A and B)
     log_level: str = "INFO"
     gil_switch_us: int = 0                    # the interpreter's thread switch interval (0: Python's 5000)
-    connection_threads: bool = False          # each connection read and served on a thread of its own
+    connection_threads: bool = True           # each connection read and served on a thread of its own
     tokens_file: Path | None = None           # tenant -> token; needed on a non-loopback TCP address
     max_queue: int = 64                       # requests waiting for one of the `threads` slots (429 above)
     tenant_max_inflight: int = 0              # each tenant's share of the slots (0: all of them)

@@ -119,3 +119,24 @@ def test_git_commit_says_when_the_files_are_not_the_commit(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "f.py").write_text("a = 2\n")
     assert git_commit(tmp_path) == f"{head} with uncommitted changes"
+
+
+def test_a_shim_that_cannot_start_fails_the_benchmark_at_once(models_dir):
+    import time
+
+    from bench.common import ShimProcess
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with 2 before it was ready"):
+        with ShimProcess("cpu", models_dir, "--no-such-flag"):
+            pass
+    assert time.monotonic() - started < 60  # not the 300 s wait for a shim that will never answer
+
+
+def test_a_run_records_the_shims_settings_from_its_environment(monkeypatch):
+    from bench.common import environment
+
+    monkeypatch.delenv("ACCELSHIM_CONNECTION_THREADS", raising=False)
+    assert "ACCELSHIM_CONNECTION_THREADS" not in environment().get("shim_environment", {})
+    monkeypatch.setenv("ACCELSHIM_CONNECTION_THREADS", "0")
+    assert environment()["shim_environment"]["ACCELSHIM_CONNECTION_THREADS"] == "0"

@@ -1,6 +1,7 @@
-"""``--connection-threads``: each connection read and served on a thread of its own, with waitress's
-parser, tasks and error pages: keep-alive, pipelining, chunked bodies, 100-continue, bad requests,
-limits, the early 401, the drain on SIGTERM, and request workers."""
+"""``--connection-threads`` (the default): each connection read and served on a thread of its own,
+with waitress's parser, tasks and error pages: keep-alive, pipelining, chunked bodies, 100-continue,
+bad requests, limits, the early 401, the drain on SIGTERM, and request workers; the protocol's edge
+cases also with ``--no-connection-threads`` (waitress's event loop and task threads)."""
 from __future__ import annotations
 
 import json
@@ -16,11 +17,14 @@ from tests.test_auth import ALICE, tokens_file
 from tests.test_faults import http, in_threads, inflight, live, sleep_body, wait_for
 
 LIMIT = 100_000
+MODES = pytest.mark.parametrize("mode", ["--connection-threads", "--no-connection-threads"],
+                                ids=["connection threads", "event loop"])
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
-    shim = live(tmp_path_factory.mktemp("threads"), "--connection-threads", "--max-body-bytes", str(LIMIT))
+@pytest.fixture(scope="module", params=["--connection-threads", "--no-connection-threads"],
+                ids=["connection threads", "event loop"])
+def shim(tmp_path_factory, request):
+    shim = live(tmp_path_factory.mktemp("threads"), request.param, "--max-body-bytes", str(LIMIT))
     yield shim
     shim.stop()
 
@@ -96,8 +100,9 @@ def test_a_body_over_the_limit_is_413_unread(shim):
     assert status == 413 and str(LIMIT) in json.loads(reply)["error"]
 
 
-def test_sigterm_finishes_the_requests_in_flight_on_their_threads_then_exits_0(tmp_path):
-    shim = live(tmp_path, "--connection-threads")
+@MODES
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tmp_path, mode):
+    shim = live(tmp_path, mode)
     try:
         threads, out = in_threads(3, lambda: http(shim.tcp_url, "sleep", sleep_body(1.0)))
         wait_for(lambda: inflight(shim.tcp_url) == 3)
@@ -115,9 +120,10 @@ def test_sigterm_finishes_the_requests_in_flight_on_their_threads_then_exits_0(t
         shim.stop()
 
 
-def test_a_big_body_without_a_valid_token_is_refused_once_its_headers_are_in(tmp_path):
+@MODES
+def test_a_big_body_without_a_valid_token_is_refused_once_its_headers_are_in(tmp_path, mode):
     (tmp_path / "models").mkdir()
-    live_shim = LiveShim(tmp_path / "models", tmp_path, "--classify-model", "", "--connection-threads",
+    live_shim = LiveShim(tmp_path / "models", tmp_path, "--classify-model", "", mode,
                          "--tokens", str(tokens_file(tmp_path)))
     try:
         live_shim.wait_ready()
@@ -131,8 +137,9 @@ def test_a_big_body_without_a_valid_token_is_refused_once_its_headers_are_in(tmp
         live_shim.stop()
 
 
-def test_request_workers_serve_on_connection_threads(models_dir, tmp_path, chelsea):
-    live_shim = LiveShim(models_dir, tmp_path, "--workers", "2", "--connection-threads")
+@pytest.mark.parametrize("mode", [None, "--no-connection-threads"], ids=["by default", "event loop"])
+def test_request_workers_serve_on_connection_threads_unless_told_not_to(models_dir, tmp_path, chelsea, mode):
+    live_shim = LiveShim(models_dir, tmp_path, "--workers", "2", *([mode] if mode else []))
     try:
         live_shim.wait_ready(90)
         clients = [accel.Client(live_shim.unix_url, timeout=60) for _ in range(4)]
@@ -148,7 +155,7 @@ def test_request_workers_serve_on_connection_threads(models_dir, tmp_path, chels
         assert live_shim.stop() == 0
     threaded_workers = [line for line in live_shim.log.read_text().splitlines()
                         if " worker-" in line and "each connection on a thread of its own" in line]
-    assert len(threaded_workers) == 2, threaded_workers  # both workers took the flag
+    assert len(threaded_workers) == (0 if mode else 2), threaded_workers  # both took it
 
 
 def _in_process(tmp_path, on: bool, wrap=None):
@@ -178,7 +185,7 @@ def _connection_threads() -> list:
 
 
 @pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
-def test_each_connection_is_served_on_a_thread_of_its_own_only_when_asked(tmp_path, on):
+def test_each_connection_is_served_on_a_thread_of_its_own_unless_told_not_to(tmp_path, on):
     import threading
     import time
 
