@@ -146,8 +146,14 @@ def top_k_softmax(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, n
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     order = top_k_order(p, k)
-    return {"labels": labels[order], "scores": np.take_along_axis(p, order, 1).astype(np.float32),
+    return {"labels": labels[order], "scores": _along_rows(p, order).astype(np.float32),
             "classes": order.astype(np.int64)}
+
+
+def _along_rows(a: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``a``'s values at ``index`` (one row of indices per row of ``a``): ``np.take_along_axis(a,
+    index, 1)`` without its index building in Python (3 us a call against 1)."""
+    return a[np.arange(a.shape[0])[:, None], index]
 
 
 PARTITION_ROWS = 3  # from this many rows on, top-k partitions rather than sorts whole rows
@@ -167,9 +173,9 @@ def top_k_order(p: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= n or rows < PARTITION_ROWS:
         return np.argsort(-p, axis=1, kind="stable")[:, :max(k, 0)]
     part = np.argpartition(p, (n - k - 1, n - k), axis=1)[:, n - k - 1:]  # the (k+1)-th largest, then the k largest
-    edge = np.take_along_axis(p, part, 1)
+    edge = _along_rows(p, part)
     best, values = part[:, 1:], edge[:, 1:]
-    order = np.take_along_axis(best, np.lexsort((best, -values), axis=1), 1)
+    order = _along_rows(best, np.lexsort((best, -values), axis=1))
     # rows whose k-th value ties the next (which of them is in depends on the index), or with NaN
     # among them (the partition takes NaN for the largest, the stable sort for the last): as the
     # stable sort has them
