@@ -2,19 +2,30 @@
 # On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
 # copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
-#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|all]...   (default: all; SHIM_WORKERS=N, default 8)
+#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|nvjpeg|all]...   (default: all; SHIM_WORKERS=N, default 8)
 #   (probes, not in all: the device pipeline alone, and CPU per image at 32 clients with 4, 8 and 16 workers;
 #    threads, not in all: `cpu N 32` with connection threads (the default) and with --no-connection-threads,
 #    alternating three times, then the throughput section without them)
-# Prepared here, before the device calls (both git-ignored):
+#   (nvjpeg, not in all: installs .whl-gpu/*.whl (nvImageCodec + nvJPEG) into /tmp/site-nvjpeg, then
+#    bench/nvjpeg_probe.py: JPEG decoding on the GPU against the shim's CPU decode -> nvjpeg.log, nvjpeg-probe.json.
+#    libnvjpeg needs no LD_LIBRARY_PATH: nvImageCodec's libraries have RUNPATH $ORIGIN/../../cu13/lib, where the
+#    nvidia-nvjpeg wheel puts libnvjpeg.so.13 (both wheels go to /tmp/site-nvjpeg/nvidia/ in one pip call))
+# Prepared here, before the device calls (all git-ignored):
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     flask==3.1.2 waitress==3.0.2 blinker==1.9.0 itsdangerous==2.2.0 pillow==13.0.0 simplejpeg==1.9.0
+# and, for the nvjpeg step only (.whl-gpu, ~29 MB, git-ignored; and its two sample JPEGs in .probe/nvjpeg):
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl-gpu nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.2.3.58
+#   python bench/nvjpeg_probe.py make-inputs .probe/nvjpeg     (needs scikit-image: .venv here, not there)
 # then device calls 1..4 copy .ortK/part to /tmp/ortw/pK (call 1 also name and sha256), call 5
 # carries .ort5 and .whl, copies .whl to /tmp/whl and runs `bash ci/gpu-run.sh none` (installs);
 # later calls carry models/ (a call carries at most 64 MiB with the tree), first
 # `mkdir -p .whl && cp /tmp/whl/*.whl .whl/ && cp -r models /tmp/models`, then this script.
+# .whl-gpu goes in a call with models (18 MB), never with .ort5 + .whl (a call carries at most 64 MiB):
+# carry models, .whl-gpu and .probe/nvjpeg, then `mkdir -p .whl && cp /tmp/whl/*.whl .whl/ && bash ci/gpu-run.sh nvjpeg`.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -56,6 +67,12 @@ for step in $what; do
         ACCELSHIM_CONNECTION_THREADS=0 timeout 200 python3 -m bench gpu --device cuda --sections throughput \
           --shim-workers "$workers" --no-plots --out "$OUT/bench-threads"
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/threads.log" | tail -40 ;;
+    nvjpeg)  # a target of its own: pip --target --upgrade replaces a top-level directory that is there
+             # (nvidia/), so these wheels never touch what the other steps import from /tmp/site
+      [ -d .whl-gpu ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site-nvjpeg .whl-gpu/*.whl
+      OUT="$OUT" PYTHONPATH=/tmp/site-nvjpeg:$PYTHONPATH timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
+        | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|(nvjpeg2k|nvtiff)_ext\]" | tail -120 ;;
   esac
 done
 for d in bench bench-single bench-threads; do [ -d "$OUT/$d" ] && tar czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"; done
