@@ -2,12 +2,14 @@
 # On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
 # copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
-#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|nvjpeg|all]...   (default: all; SHIM_WORKERS=N, default 8)
+#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|gpujpeg|nvjpeg|all]...   (default: all; SHIM_WORKERS=N, default 8)
 #   (probes, not in all: the device pipeline alone, and CPU per image at 32 clients with 4, 8 and 16 workers;
 #    threads, not in all: `cpu N 32` with connection threads (the default) and with --no-connection-threads,
-#    alternating three times, then the throughput section without them)
-#   (nvjpeg, not in all: installs .whl-gpu/*.whl (nvImageCodec + nvJPEG) into /tmp/site-nvjpeg, then
-#    bench/nvjpeg_probe.py: JPEG decoding on the GPU against the shim's CPU decode -> nvjpeg.log, nvjpeg-probe.json.
+#    alternating three times, then the throughput section without them;
+#    gpujpeg, not in all: the same with --gpu-jpeg (.whl-gpu carried or installed before), then with it)
+#   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
+#    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
+#    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py.
 #    libnvjpeg needs no LD_LIBRARY_PATH: nvImageCodec's libraries have RUNPATH $ORIGIN/../../cu13/lib, where the
 #    nvidia-nvjpeg wheel puts libnvjpeg.so.13 (both wheels go to /tmp/site-nvjpeg/nvidia/ in one pip call))
 # Prepared here, before the device calls (all git-ignored):
@@ -15,7 +17,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     flask==3.1.2 waitress==3.0.2 blinker==1.9.0 itsdangerous==2.2.0 pillow==13.0.0 simplejpeg==1.9.0
-# and, for the nvjpeg step only (.whl-gpu, ~29 MB, git-ignored; and its two sample JPEGs in .probe/nvjpeg):
+# and, for --gpu-jpeg (.whl-gpu, ~29 MB, git-ignored; and the nvjpeg probe's two sample JPEGs in .probe/nvjpeg):
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl-gpu nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.2.3.58
@@ -25,7 +27,7 @@
 # later calls carry models/ (a call carries at most 64 MiB with the tree), first
 # `mkdir -p .whl && cp /tmp/whl/*.whl .whl/ && cp -r models /tmp/models`, then this script.
 # .whl-gpu goes in a call with models (18 MB), never with .ort5 + .whl (a call carries at most 64 MiB):
-# carry models, .whl-gpu and .probe/nvjpeg, then `mkdir -p .whl && cp /tmp/whl/*.whl .whl/ && bash ci/gpu-run.sh nvjpeg`.
+# carry models, .whl-gpu and .probe/nvjpeg in the first call after the install (tests), then models.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -35,16 +37,34 @@ if [ ! -d /tmp/site/onnxruntime ]; then
     && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$(cat name)") || echo "onnxruntime-gpu: not installed"
 fi
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$root:$root/template/python3-accel PYTHONUNBUFFERED=1
+# nvImageCodec + nvJPEG (--gpu-jpeg, the nvjpeg probe) in a target of their own, last on the path: pip
+# --target --upgrade replaces a top-level directory that is there (nvidia/), and their nvidia/ extends
+# the namespace rather than hiding it
+[ -d .whl-gpu ] && [ ! -d /tmp/site-nvjpeg/nvidia ] && python3 -m pip install -q --no-index --no-deps --no-compile \
+  --no-cache-dir --target /tmp/site-nvjpeg .whl-gpu/*.whl
+export PYTHONPATH=/tmp/site:$root:$root/template/python3-accel:/tmp/site-nvjpeg PYTHONUNBUFFERED=1
 [ -d models/efficientnet-lite0 ] || cp -r /tmp/models models 2>/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import onnxruntime as o, cupy as c; print('ort', o.__version__, o.get_available_providers()); print('cupy', c.__version__)" | tee -a "$OUT/gpu.txt"
+# `cpu N 32` alternating without and with FLAG three times, then the throughput section with SETTING
+# (the same, from the environment) -> $OUT/NAME.log and bench-NAME.tgz
+alternate() {
+  local flag=$1 setting=$2 name=$3
+  { for _ in 1 2 3; do
+      timeout 90 python3 bench/worker_ab.py cpu "$workers" 32
+      timeout 90 python3 bench/worker_ab.py cpu "$workers" 32 "$flag"
+    done
+    env "$setting" timeout 200 python3 -m bench gpu --device cuda --sections throughput \
+      --shim-workers "$workers" --no-plots --out "$OUT/bench-$name"
+  } 2>&1 | grep -v "No registered plugin" | tee "$OUT/$name.log" | tail -40
+}
 what=${*:-all}
 workers=${SHIM_WORKERS:-8}
 for step in $what; do
   case $step in
     tests|all)
-      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_workers.py \
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+        tests/test_cuda.py tests/test_cuda_jpeg.py tests/test_workers.py \
         $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
     bench|all)
       timeout 480 python3 -m bench gpu --device cuda --shim-workers "$workers" --out "$OUT/bench" 2>&1 \
@@ -60,20 +80,13 @@ for step in $what; do
         for n in 4 8 16; do timeout 90 python3 bench/worker_ab.py cpu "$n" 32; done
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/probes.log" | tail -20 ;;
     threads)
-      { for _ in 1 2 3; do
-          timeout 90 python3 bench/worker_ab.py cpu "$workers" 32
-          timeout 90 python3 bench/worker_ab.py cpu "$workers" 32 --no-connection-threads
-        done
-        ACCELSHIM_CONNECTION_THREADS=0 timeout 200 python3 -m bench gpu --device cuda --sections throughput \
-          --shim-workers "$workers" --no-plots --out "$OUT/bench-threads"
-      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/threads.log" | tail -40 ;;
-    nvjpeg)  # a target of its own: pip --target --upgrade replaces a top-level directory that is there
-             # (nvidia/), so these wheels never touch what the other steps import from /tmp/site
-      [ -d .whl-gpu ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site-nvjpeg .whl-gpu/*.whl
-      OUT="$OUT" PYTHONPATH=/tmp/site-nvjpeg:$PYTHONPATH timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
+      alternate --no-connection-threads ACCELSHIM_CONNECTION_THREADS=0 threads ;;
+    gpujpeg)
+      alternate --gpu-jpeg ACCELSHIM_GPU_JPEG=1 gpujpeg ;;
+    nvjpeg)
+      OUT="$OUT" timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
         | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|(nvjpeg2k|nvtiff)_ext\]" | tail -120 ;;
   esac
 done
-for d in bench bench-single bench-threads; do [ -d "$OUT/$d" ] && tar czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"; done
+for d in bench bench-single bench-threads bench-gpujpeg; do [ -d "$OUT/$d" ] && tar czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"; done
 ls -la "$OUT"

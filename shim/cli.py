@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                             "serves them on its task threads")
     serve.add_argument("--no-batching", dest="batching", action="store_false", default=None,
                        help="run each classify / raw-model request alone (no dynamic batching)")
+    serve.add_argument("--gpu-jpeg", dest="gpu_jpeg", action="store_true", default=None,
+                       help="decode classify's plain baseline JPEGs on the GPU's JPEG engines (nvImageCodec, the "
+                            "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels) instead of on the CPU; off by default "
+                            "until measured")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                        help="run models on the GPU node by node instead of replaying a CUDA graph per batch size")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")
@@ -123,7 +127,7 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
                                                "threads", "workers", "max_body_bytes", "max_image_pixels", "classify_model",
                                                "log_level", "tokens_file", "max_queue", "tenant_max_inflight",
                                                "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
-                                               "gpu_memory_limit", "gil_switch_us", "connection_threads",
+                                               "gpu_memory_limit", "gil_switch_us", "connection_threads", "gpu_jpeg",
                                                "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
                                                "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs",
                                                "shm_prefault_threads")}

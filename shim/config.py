@@ -26,6 +26,7 @@ class Settings:
     gpu_memory_limit: int = 0                 # bytes of GPU memory for requests' operands (0: no limit)
     batching: bool = True                     # dynamic batching of classify and raw models
     cuda_graphs: bool = True                  # models on the GPU replay a captured CUDA graph per batch size
+    gpu_jpeg: bool = False                    # classify's plain JPEGs decoded on the GPU's JPEG engines
     models_dir: Path = Path("models")
     threads: int = 32                         # requests served at once (more: bigger dynamic batches)
     workers: int = 1                          # request worker processes in front of the device process (1: none)

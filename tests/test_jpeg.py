@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from accel.errors import InvalidInput, PayloadTooLarge
 from shim.ops.imaging import decode_image
-from shim.ops.jpeg import decode_plain_jpeg
+from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
 from tests.conftest import encode
 
 
@@ -122,3 +122,22 @@ def test_classify_reads_a_jpeg_as_the_png_of_its_pixels(inproc_client, chelsea):
     jpeg = encode(chelsea, "JPEG", quality=90)
     png = encode(pillow_rgb(jpeg), "PNG")
     assert inproc_client.classify(jpeg, top_k=5) == inproc_client.classify(png, top_k=5)
+
+
+def test_the_jpegs_left_for_the_gpus_engines_are_baseline_color_plain_ones(chelsea, coffee):
+    """``plain_jpeg_shape`` names the shape ``decode_plain_jpeg`` gives, from the markers alone, for
+    the plain JPEGs a GPU's JPEG engines decode (baseline, YCbCr, 4:4:4 / 4:2:2 / 4:2:0); the rest
+    (progressive, grayscale, anything Pillow decodes) stays with the CPU."""
+    variants = plain_variants(chelsea, coffee)
+    for name, data in variants.items():
+        shape = plain_jpeg_shape(data, 10**8)
+        if name in ("progressive", "grayscale"):
+            assert shape is None, name
+        else:
+            assert shape == decode_plain_jpeg(data, 10**8).shape, name
+    assert plain_jpeg_shape(variants["coffee"], coffee.shape[0] * coffee.shape[1] - 1) is None  # over the limit
+    sideways = np.ascontiguousarray(np.rot90(chelsea))
+    cut = variants["coffee"][:len(variants["coffee"]) // 2]  # its markers whole, the scan cut short
+    for data in (encode(sideways, "JPEG", quality=90, exif=exif(6)), encode(chelsea, "PNG"), b"", cut,
+                 b"\xff\xd8\xff\xe0 a JPEG's first bytes, and then nothing"):
+        assert plain_jpeg_shape(data, 10**8) is None

@@ -10,15 +10,19 @@ log = logging.getLogger(__name__)
 __all__ = ["Backend", "ImagePipeline", "ModelRunner", "TensorSpec", "select_backend"]
 
 
-def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cuda_graphs: bool = True) -> Backend:
+def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cuda_graphs: bool = True,
+                   gpu_jpeg: bool = False) -> Backend:
     """The backend for ``device`` (auto|cpu|cuda); the reason for the choice is logged. ``cuda_graphs``:
-    the CUDA backend's models replay captured CUDA graphs (``OnnxRunner``).
+    the CUDA backend's models replay captured CUDA graphs (``OnnxRunner``); ``gpu_jpeg``: its classify
+    decodes plain JPEGs on the GPU's JPEG engines where it has them (``cuda_jpeg``), else logs why not.
 
     Raises:
         RuntimeError: ``cuda`` was asked for and no usable GPU is there.
     """
     from .cpu import CpuBackend
 
+    if gpu_jpeg and device == "cpu":
+        log.warning("--gpu-jpeg: no GPU with --device cpu; JPEGs are decoded on the CPU")
     if device == "cpu":
         log.info("backend: cpu (asked for with --device cpu)")
         return CpuBackend(threads)
@@ -27,7 +31,7 @@ def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cud
         from .cuda import CudaBackend  # noqa: PLC0415 - imports cupy
 
         log.info("backend: cuda (%s)", "asked for" if device == "cuda" else "auto: cupy sees a GPU")
-        return CudaBackend(threads, memory_limit=gpu_memory_limit or None, graphs=cuda_graphs)
+        return CudaBackend(threads, memory_limit=gpu_memory_limit or None, graphs=cuda_graphs, jpeg=gpu_jpeg)
     if device == "cuda":
         raise RuntimeError(f"--device cuda, but no usable GPU: {reason}")
     log.info("backend: cpu (auto: %s)", reason)

@@ -40,9 +40,11 @@ class ModelRunner(Protocol):
 
 class ImagePipeline(Protocol):
     """classify's device half: ``prepare`` runs in the request's thread on one decoded RGB image;
-    ``logits`` runs a batch of prepared images (from any number of requests) through the model."""
+    ``logits`` runs a batch of prepared images (from any number of requests) through the model, and
+    of plain JPEGs left encoded (``ops.jpeg.PlainJpeg``) where ``decodes_jpeg``."""
 
     device: str
+    decodes_jpeg: bool  # ``logits`` takes ``PlainJpeg`` items too, decoding them on the device
 
     def prepare(self, image: Picture) -> Any: ...
 

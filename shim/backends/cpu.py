@@ -56,6 +56,7 @@ class CpuImagePipeline:
         assert config.preprocessing is not None
         self.runner = runner
         self.device = runner.device
+        self.decodes_jpeg = False
         self._pre = config.preprocessing
         self._step = max(1, config.max_batch_size)
         self._input, self._output = runner.inputs[0].name, runner.outputs[0].name

@@ -33,6 +33,7 @@ from .base import ImagePipeline, ModelRunner, TensorSpec
 from .cpu import CpuImagePipeline
 from .cuda_errors import device_errors
 from .cuda_host import DeviceWorker, PinnedRanges
+from .cuda_jpeg import JpegEngines, jpeg_engines
 from .lending import Lender
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,12 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, threads: int = 0, device_id: int = 0, memory_limit: int | None = None,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, jpeg: bool = False) -> None:
         self.threads = threads
         self.device_id = device_id
         self.graphs = graphs
+        self._jpeg_asked = jpeg
+        self._jpeg: JpegEngines | None = None
         self._runners: weakref.WeakSet[onnx.OnnxRunner] = weakref.WeakSet()  # to seal once warm (``warmed``)
         self._sealed = False
         cp.cuda.Device(device_id).use()
@@ -222,7 +225,10 @@ class CudaBackend:
             return CpuImagePipeline(runner, config)
         from .cuda_imaging import CudaImagePipeline  # noqa: PLC0415 - it imports this module
 
-        return CudaImagePipeline(self, runner, config)
+        if self._jpeg_asked and self._jpeg is None:
+            self._jpeg_asked = False  # asked once: logged once either way
+            self._jpeg = jpeg_engines(self.device_id)
+        return CudaImagePipeline(self, runner, config, self._jpeg)
 
     def describe(self) -> dict[str, object]:
         props = cp.cuda.runtime.getDeviceProperties(self.device_id)

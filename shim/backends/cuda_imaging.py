@@ -1,5 +1,6 @@
-"""classify's device half on the GPU: decoded RGB pixels up, Pillow's resize + normalisation there
-(the preloaded kernels of ``shim/kernels/resample.cu``), the batch straight into the model."""
+"""classify's device half on the GPU: decoded RGB pixels up (or, with ``--gpu-jpeg``, plain JPEGs
+decoded there by the JPEG engines), Pillow's resize + normalisation there (the preloaded kernels of
+``shim/kernels/resample.cu``), the batch straight into the model."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,8 @@ from ..padding import padded_sizes
 from ..faults import DeviceLost
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
+from ..ops.imaging import decode_image
+from ..ops.jpeg import PlainJpeg
 from . import cuda_driver, onnx
 from .cuda import IMAGE_SLOT
 from .cuda_errors import device_errors
@@ -21,6 +24,7 @@ from .cuda_errors import device_errors
 if TYPE_CHECKING:
     from .cuda import CudaBackend
     from .cuda_host import DeviceWorker
+    from .cuda_jpeg import JpegEngines
 
 _THREADS_PER_BLOCK = 256
 log = logging.getLogger(__name__)
@@ -39,11 +43,15 @@ def same_shape_runs(shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, 
 
 class CudaImagePipeline:
     """Decoded RGB pixels up to the GPU, Pillow's resize + normalisation there (bit-exact with the
-    CPU twin), and the batch straight into the model through I/O binding."""
+    CPU twin), and the batch straight into the model through I/O binding. With ``jpeg`` (the JPEG
+    engines), items may be ``PlainJpeg``s, decoded there as one batch (``decodes_jpeg``)."""
 
-    def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig) -> None:
+    def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig,
+                 jpeg: JpegEngines | None = None) -> None:
         assert config.preprocessing is not None
         self.device = "cuda"
+        self.decodes_jpeg = jpeg is not None
+        self._jpeg = jpeg
         self.runner = runner
         self._backend = backend
         self._pre = config.preprocessing
@@ -68,6 +76,9 @@ class CudaImagePipeline:
         that fails, the thread runs the shared sessions (logged), on a new worker: a failed capture
         may have left the first one's stream capturing."""
         stream = self._backend.bind_thread().stream
+        if self._jpeg is not None:
+            with self._backend.pinned.capture_lock:  # its buffers and streams: not while a graph is captured
+                self._jpeg.decoder()
         try:
             with device_errors():
                 self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
@@ -79,19 +90,22 @@ class CudaImagePipeline:
             self._backend.unbind_thread()  # a borrowed worker, should a new one fail too
             self._backend.bind_thread()
 
-    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
+    def logits(self, items: Sequence[np.ndarray | PlainJpeg]) -> np.ndarray:
         size = self._pre.size
         parts = []
 
         def run(state: DeviceWorker) -> None:
+            held: list[cp.ndarray] = []  # decoded images: until the runs have read them (they wait for the stream)
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 rows = onnx.padded_batch(len(chunk))
                 target = self.runner.input_buffer(self._input, rows)
                 batch = self._batch_array((rows, 3, size, size), target)
-                # the chunk's images go up end to end: from a worker's pinned arena, or staged
-                flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)
-                self.preprocess_batch(flat, [p.shape for p in chunk], batch)
+                if any(isinstance(item, PlainJpeg) for item in chunk):
+                    held.extend(self._decode_into(state, chunk, batch))
+                else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
+                    flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
+                    self.preprocess_batch(flat, [p.shape for p in chunk], batch)  # type: ignore[union-attr]
                 if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros
                     row = batch[0].nbytes
                     cuda_driver.fill_zeros(batch.data.ptr + len(chunk) * row, (len(batch) - len(chunk)) * row,
@@ -106,6 +120,33 @@ class CudaImagePipeline:
         with device_errors(self._backend.pool):
             self._backend.on_device(run)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
+                     batch: cp.ndarray) -> list[cp.ndarray]:
+        """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
+        once, the JPEGs decoded by the engines as one batch (one they cannot decode, by the CPU as its
+        twin would: ``decode_image``, whose error fails the batch, then its request alone). Returns
+        what the stream still reads from."""
+        pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
+        jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
+        keep: list[cp.ndarray] = []
+        if pixels:
+            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT)
+            keep.append(flat)
+            offset = 0
+            for row, image in pixels:
+                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1])
+                offset += image.size
+        assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
+        with self._backend.pinned.capture_lock:  # the decoder allocates: not while a graph is captured
+            decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr)
+        for (row, jpeg), image in zip(jpegs, decoded):
+            if image is None or image.shape != jpeg.shape:
+                image = cp.asarray(rgb_pixels(decode_image(jpeg.data, "image", 1 << 62)))  # shape checked before
+            image = cp.ascontiguousarray(image)
+            keep.append(image)
+            self._preprocess(image.reshape(-1), image.shape, batch[row:row + 1])
+        return keep
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:
         """Where a batch of ``shape`` is resized to: the model's own input ``target`` on a bound thread

@@ -15,6 +15,7 @@ from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
+from .jpeg import PlainJpeg, plain_jpeg_shape
 
 
 class ClassifyOp(Op):
@@ -89,6 +90,11 @@ class ClassifyOp(Op):
         return self._batcher.submit(items, len(items))
 
     @property
+    def decodes_jpeg(self) -> bool:
+        """Whether the device decodes plain JPEGs (then they go to it as they came)."""
+        return self._pipeline is not None and self._pipeline.decodes_jpeg
+
+    @property
     def batches(self) -> bool:
         """Whether the op batches (then ``logits_later`` may be used once it is loaded)."""
         return self._batching is not None
@@ -104,9 +110,15 @@ class ClassifyOp(Op):
         return self._batcher.submit_later(items, len(items))
 
     def _prepare(self, images: np.ndarray) -> list[Any]:
-        assert self._pipeline is not None
-        return [self._pipeline.prepare(decode_image(data, f"image[{i}]", self._max_pixels))
-                for i, data in enumerate(images)]
+        """Each image decoded and prepared here, or a plain JPEG left for the device to decode."""
+        pipeline = self._pipeline
+        assert pipeline is not None
+        items = []
+        for i, data in enumerate(images):
+            shape = plain_jpeg_shape(data, self._max_pixels) if pipeline.decodes_jpeg else None
+            items.append(PlainJpeg(bytes(data), shape) if shape is not None
+                         else pipeline.prepare(decode_image(data, f"image[{i}]", self._max_pixels)))
+        return items
 
     def _run_batch(self, groups: Sequence[list[Any]]) -> list[np.ndarray]:
         """The images of several requests as one batch; each request gets its own rows back."""
@@ -125,6 +137,8 @@ class ClassifyOp(Op):
         the CPU."""
         png = sample_png()
         self.run({"image": np.array([png], dtype=object)}, {})
+        if self.decodes_jpeg:  # and the device's decode, once
+            self.run({"image": np.array([sample_png(image_format="JPEG")], dtype=object)}, {})
         top = self.config.max_batch_size if self.backend == "cuda" else 2
         for n in padded_sizes(top)[1:]:  # a batch of max_batch_size rows pads to the last: warm it too
             self.logits(self._prepare(np.array([png] * n, dtype=object)))

@@ -54,10 +54,10 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Picture:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def sample_png(size: int = 64) -> bytes:
-    """A small synthetic RGB gradient as PNG, for warm-up."""
+def sample_png(size: int = 64, image_format: str = "PNG") -> bytes:
+    """A small synthetic RGB gradient as PNG (or ``image_format``: a baseline JPEG), for warm-up."""
     ramp = np.linspace(0, 255, size, dtype=np.uint8)
     rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
     out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
+    Image.fromarray(np.ascontiguousarray(rgb)).save(out, format=image_format)
     return out.getvalue()

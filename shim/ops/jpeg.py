@@ -13,6 +13,7 @@ JPEGs over 64 KiB, which Pillow feeds libjpeg in pieces it cannot resume from.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
@@ -22,57 +23,102 @@ _SOI, _SOS, _EOI, _APP1, _APP2 = 0xD8, 0xDA, 0xD9, 0xE1, 0xE2
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length
 _COLORSPACES = {"YCbCr", "Gray"}  # decoded alike by both; CMYK/YCCK and Adobe RGB are not (off by 1)
 _ORIENTATION = 0x0112
+_BASELINE = 0xC0  # the frame the GPU's JPEG engines decode (Huffman, 8-bit, sequential)
+_DEVICE_SUBSAMPLING = {"444", "422", "420"}
+
+
+@dataclass(frozen=True)
+class PlainJpeg:
+    """A plain JPEG left encoded for the device to decode (``plain_jpeg_shape`` said it may): its
+    bytes and the shape of its pixels, (height, width, 3)."""
+
+    data: bytes
+    shape: tuple[int, int, int]
 
 
 def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     """``data`` decoded to uint8 RGB HWC, or None: not a JPEG this path is sure of (Pillow's turn).
 
     Over ``max_pixels`` also answers None: Pillow's path reads the size first and raises there."""
-    if not isinstance(data, bytes):  # a bytearray or memoryview (requests bring bytes): one copy
-        data = bytes(data)
-    if data[:2] != b"\xff\xd8" or not _upright(data):
+    data = bytes(data) if not isinstance(data, bytes) else data  # a bytearray or memoryview: one copy
+    if _plain_header(data, max_pixels) is None:
         return None
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
-        if colorspace not in _COLORSPACES or width * height > limit:
-            return None
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except Exception:  # noqa: BLE001 - corrupt, truncated, only warned about, or not understood
         return None  # (simplejpeg raises KeyError on 4:4:1 sampling): Pillow decides
 
 
-def _upright(data: bytes) -> bool:
-    """True when the markers before the scan hold nothing that turns the image (Pillow's
-    ``exif_transpose``: EXIF orientation, else XMP's) and no multi-picture index (MPO)."""
-    i, n, exif = 2, len(data), 0
+def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
+    """The shape of ``data``'s pixels when it is a plain JPEG (``decode_plain_jpeg``'s) that a GPU's
+    JPEG engines decode as libjpeg-turbo does: baseline, YCbCr with 4:4:4, 4:2:2 or 4:2:0 chroma,
+    ending in its end-of-image marker (a cut-short one is the CPU's, which refuses it); else None
+    (the CPU decodes it). Reads the markers only: a body that turns out corrupt is found where it is
+    decoded."""
+    data = bytes(data) if not isinstance(data, bytes) else data
+    if not data.endswith(b"\xff\xd9"):
+        return None
+    header = _plain_header(data, max_pixels)
+    if header is None:
+        return None
+    height, width, colorspace, subsampling, frame = header
+    if frame != _BASELINE or colorspace != "YCbCr" or subsampling not in _DEVICE_SUBSAMPLING:
+        return None
+    return height, width, 3
+
+
+def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, int] | None:
+    """(height, width, colorspace, subsampling, frame marker) of a plain JPEG (upright, YCbCr or
+    grayscale, within the pixel limits), or None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    frame = _upright_frame(data)
+    if frame is None:
+        return None
+    try:
+        height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+    except Exception:  # noqa: BLE001 - corrupt, truncated, or not understood: Pillow decides
+        return None
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    if colorspace not in _COLORSPACES or width * height > limit:
+        return None
+    return height, width, colorspace, str(subsampling), frame
+
+
+def _upright_frame(data: bytes) -> int | None:
+    """The frame's marker (0 where none comes before the scan) when the markers before the scan
+    hold nothing that turns the image (Pillow's ``exif_transpose``: EXIF orientation, else XMP's)
+    and no multi-picture index (MPO); else None."""
+    i, n, exif, frame = 2, len(data), 0, 0
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return False
+            return None
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in (_SOS, _EOI):
-            return True
+            return frame
         if marker in _STANDALONE:
             i += 2
             continue
         length = (data[i + 2] << 8) | data[i + 3]
         if length < 2 or i + 2 + length > n:
-            return False
+            return None
         segment = data[i + 4:i + 2 + length]
         if marker == _APP1:
             if segment.startswith(b"Exif\x00\x00"):
                 exif += 1
                 if exif > 1 or _orientation(segment[6:]) != 1:
-                    return False
+                    return None
             elif b"Orientation" in segment:  # XMP: Pillow takes tiff:Orientation from it
-                return False
+                return None
         elif marker == _APP2 and segment.startswith(b"MPF\x00"):
-            return False
+            return None
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            frame = marker
         i += 2 + length
-    return False
+    return None
 
 
 def _orientation(tiff: bytes) -> int | None:

@@ -52,6 +52,7 @@ class DeviceEndpoint:
         device_calls: dict[str, Callable[..., Any]] = {
             "model_specs": self._model_specs,
             "pipeline_device": lambda model: self._classify(model).backend,
+            "pipeline_decodes_jpeg": lambda model: self._classify(model).decodes_jpeg,
             "logits": lambda model, items: self._classify(model).logits(items),
             "run_model": lambda name, feeds: self._registry.get(name).run(feeds, {}),
             "gemm": self._service.backend.gemm,

@@ -32,7 +32,8 @@ class RemoteRunner:
 
 class RemotePipeline:
     """classify's image pipeline: ``prepare`` here, as the device's pipeline would (pixels for the
-    GPU's resize, or Pillow's preprocessing for a CPU pipeline); ``logits`` there."""
+    GPU's resize, or Pillow's preprocessing for a CPU pipeline); ``logits`` there, where plain JPEGs
+    go as they came when the device decodes them (``decodes_jpeg``)."""
 
     def __init__(self, link: LinkClient, config: ModelConfig) -> None:
         assert config.preprocessing is not None
@@ -40,6 +41,7 @@ class RemotePipeline:
         self._model = config.name
         self._pre = config.preprocessing
         self.device: str = link.call("pipeline_device", config.name)
+        self.decodes_jpeg: bool = link.call("pipeline_decodes_jpeg", config.name)
 
     def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image) if self.device == "cuda" else pillow_preprocess(image, self._pre)
