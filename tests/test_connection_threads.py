@@ -257,7 +257,9 @@ def test_the_connection_limit_counts_the_threaded_connections(tmp_path, monkeypa
         runner.join(15)
 
 
-def test_a_connection_without_a_thread_is_closed_and_the_listener_goes_on(tmp_path, monkeypatch):
+def test_a_connection_without_a_thread_gets_a_503_and_the_listener_waits_for_one_to_end(tmp_path, monkeypatch):
+    """No thread for a new connection (a pids limit): it gets a JSON 503 to retry, not a reset, and
+    the listener takes no more connections than are open until one of them ends."""
     import threading
 
     from shim.server import threaded
@@ -274,17 +276,36 @@ def test_a_connection_without_a_thread_is_closed_and_the_listener_goes_on(tmp_pa
                 raise RuntimeError("can't start new thread")
             real_start(self)
 
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(path)
+        return sock
+
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
         accel.Client(url, timeout=10).ready()
+        held = [connect() for _ in range(2)]
+        for sock in held:
+            sock.sendall(live)
+            assert _replies(sock, 1)[0][0] == 200  # both accepted, each on its thread
         monkeypatch.setattr(threaded.threading, "Thread", Thread)
-        first = socket.socket(socket.AF_UNIX)
-        first.settimeout(10)
-        first.connect(path)
-        assert first.recv(4096) == b""  # closed, not left hanging
-        first.close()
+        with connect() as refused_sock:
+            (status, headers, body), = _replies(refused_sock, 1)
+            assert status == 503 and headers["retry-after"] == "1" and "retry" in json.loads(body)["error"]
+            assert refused_sock.recv(4096) == b""  # then closed
         assert refused
-        assert accel.Client(url, timeout=10).noop(x=np.arange(1))["x"].tolist() == [0]  # the next is served
-        assert all(len(s.active_channels) <= 1 for s in server._servers)  # noqa: SLF001 - the failed one is gone
+        waiting = connect()  # in the backlog: two are open, and two is all there is room for now
+        waiting.sendall(live)
+        waiting.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            waiting.recv(4096)
+        held.pop().close()  # one ends: the waiting one is taken and served
+        waiting.settimeout(10)
+        assert _replies(waiting, 1)[0][0] == 200
+        waiting.close()
+        assert accel.Client(url, timeout=10).noop(x=np.arange(1))["x"].tolist() == [0]
+        held.pop().close()
     finally:
         server.stop()
         runner.join(15)
@@ -340,6 +361,44 @@ def test_a_small_response_goes_out_in_one_send_a_large_one_as_it_is_written(tmp_
         big = np.arange(200_000, dtype=np.float32)  # 800 kB out
         np.testing.assert_array_equal(client.noop(x=big)["x"], big)
         assert len(sends) >= 2 and sum(sends) > big.nbytes, sends[:8]
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
+def test_a_client_that_does_not_read_holds_its_response_not_its_request(tmp_path, on):
+    """A large response to a client that stops reading waits in the out-buffers; the request's task
+    ends and its body is freed meanwhile (no task blocked in a send, holding the body, the payload
+    and the buffered copy at once until the client reads or times out)."""
+    import time
+
+    bodies: list = []
+
+    def wrap(inner):
+        def noting(environ, start_response):
+            bodies.append(environ["wsgi.input"])
+            return inner(environ, start_response)
+        return noting
+
+    server, runner, url = _in_process(tmp_path, on, wrap)
+    path = url.removeprefix("unix://")
+    values = list(range(700_000))  # about 5 MB of JSON each way: far more than the socket buffers hold
+    body = _noop(values)
+    try:
+        accel.Client(url, timeout=10).ready()
+        bodies.clear()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(_post(body))  # and never reads the answer
+            deadline = time.monotonic() + 10
+            while not (bodies and bodies[0].closed) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert bodies and bodies[0].closed, "the request's task is still running: blocked in a send"
+            (status, _, reply), = _replies(sock, 1)  # the client reads at last: the whole answer
+        assert status == 200 and json.loads(reply)["outputs"][0]["data"][-3:] == values[-3:]
     finally:
         server.stop()
         runner.join(15)

@@ -28,7 +28,7 @@ from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
-from .threaded import limit_connections, threaded
+from .threaded import ThreadBudget, limit_connections, threaded
 
 log = logging.getLogger(__name__)
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
@@ -221,7 +221,8 @@ class Server:
         # in admission, bounded and deadline-aware, and let health probes through a full shim
         threads = settings.threads + settings.max_queue + 2
         self._tasks = ThreadedTaskDispatcher()
-        self._tasks.set_thread_count(threads)
+        # with connection threads the pool runs nothing: each connection's thread runs its tasks
+        self._tasks.set_thread_count(1 if settings.connection_threads else threads)
         self._servers = [
             _create_server(service.app, sock, map=self._map, dispatcher=self._tasks,
                            threads=threads, ident="accelshim",
@@ -241,8 +242,9 @@ class Server:
         parser = type("_Parser", (_StampedParser,), {"tokens": tokens})
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
         if settings.connection_threads:
-            channel = threaded(channel)
-            limit_connections(self._servers)
+            budget = ThreadBudget(CONNECTION_LIMIT)
+            channel = threaded(channel, budget)
+            limit_connections(self._servers, budget)
         for server in self._servers:
             server.channel_class = channel
         self._gate: AcceptGate | None = None

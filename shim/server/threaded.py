@@ -18,7 +18,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SEND_AT_BYTES = 1 << 20  # a response's bytes buffered before they go out while the task still writes
+# a task never sends: its response goes out once it is done (its request's body freed by then), head
+# and body in one send; past this many buffered bytes it would (waitress's outbuf_high_watermark)
+SEND_AT_BYTES = 1 << 62
+BUSY_RETRY_S = 1  # Retry-After of the 503 a connection gets when no thread can be made for it
 
 
 class OwnThreadServer:
@@ -39,27 +42,64 @@ class OwnThreadServer:
         """Nothing: the channel's thread sends its responses itself."""
 
 
-def threaded(channel_class: type) -> type:
-    """``channel_class`` (a waitress HTTPChannel) served on a thread per connection."""
+class ThreadBudget:
+    """How many connections may have threads: the connection limit, lowered to what there is when a
+    thread cannot be made (a container's pids limit: ``RuntimeError: can't start new thread``),
+    raised by one as each connection ends (the next accept tries again). Logged once per shortage."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.cap = limit
+        self._lock = threading.Lock()
+
+    def short(self, open_connections: int, exc: BaseException) -> None:
+        with self._lock:
+            if self.cap == self.limit:
+                log.warning("no thread for a new connection (%s: %s): answering 503 and accepting no more than "
+                            "the %d open until one ends", type(exc).__name__, exc, open_connections)
+            self.cap = max(1, open_connections)
+
+    def ended(self) -> None:
+        with self._lock:
+            if self.cap < self.limit:
+                self.cap += 1
+                if self.cap == self.limit:
+                    log.info("connections have threads again, up to the limit of %d", self.limit)
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Retry-After: %d\r\nContent-Length: %d\r\n\r\n%s")
+_BUSY_BODY = b'{"error": "the shim cannot take another connection now (no thread for it): retry"}'
+
+
+def threaded(channel_class: type, budget: ThreadBudget) -> type:
+    """``channel_class`` (a waitress HTTPChannel) served on a thread per connection, within ``budget``."""
 
     class ThreadedChannel(channel_class):  # type: ignore[misc, valid-type]
         own_thread = True
 
         def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: dict | None = None) -> None:
-            # a response's head and body go out in one send once the task is done (waitress writes
-            # each as it comes past ``send_bytes``: two sends, two reads for the client), a large
-            # body as it is written
             adj = copy.copy(adj)
             adj.send_bytes = SEND_AT_BYTES
             # a map of its own: the event loop never polls it (it stays in ``active_channels``)
             super().__init__(OwnThreadServer(server), sock, addr, adj, map={})
             sock.settimeout(adj.channel_timeout)  # blocking, up to the idle timeout
+            self._send_failed = False
             self._thread = threading.Thread(target=self._serve, name=f"connection-{self._fileno}", daemon=True)
             try:
                 self._thread.start()
-            except Exception:  # noqa: BLE001 - no thread for it (a process limit): this one connection ends
-                log.exception("no thread for a connection from %s: closing it", addr)
+            except Exception as exc:  # noqa: BLE001 - no thread for it (a process limit): a 503, not a reset
+                budget.short(len(server.active_channels) - 1, exc)
+                try:
+                    sock.send(_BUSY % (BUSY_RETRY_S, len(_BUSY_BODY), _BUSY_BODY))
+                except OSError:
+                    pass
                 self.handle_close()
+
+        def handle_close(self) -> None:
+            was_open = self.connected
+            super().handle_close()
+            if was_open and self._thread.ident is not None:  # one that had a thread: room for the next
+                budget.ended()
 
         def _serve(self) -> None:
             try:
@@ -74,19 +114,23 @@ def threaded(channel_class: type) -> type:
                     self.received(data)
                     while self.requests and self.connected:
                         self.service()
-                    self._flush_all()
+                    if not self._flush_all():
+                        break
             except Exception:  # noqa: BLE001 - the connection ends; the others go on
                 log.exception("connection %s failed", self.addr)
             finally:
-                self._flush_all()
+                if not self._send_failed:
+                    self._flush_all()
                 self.handle_close()
 
-        def _flush_all(self) -> None:
-            """What is left in the out-buffers (a response the socket's buffer did not take at once)."""
-            while self.connected and self.total_outbufs_len:
+        def _flush_all(self) -> bool:
+            """The responses in the out-buffers sent, the socket's timeout for each wait on a client that
+            does not read; False (and no more tries) once a send failed or timed out."""
+            while self.connected and self.total_outbufs_len and not self._send_failed:
                 flushed, failed = self._flush_exception(self._flush_some, do_close=False)
                 if failed or not flushed:
-                    break
+                    self._send_failed = True
+            return not self._send_failed
 
         def _flush_outbufs_below_high_watermark(self) -> None:
             if self.total_outbufs_len > self.adj.outbuf_high_watermark:
@@ -109,19 +153,29 @@ def threaded(channel_class: type) -> type:
     return ThreadedChannel
 
 
-def limit_connections(servers: list[Any]) -> None:
+def limit_connections(servers: list[Any], budget: ThreadBudget) -> None:
     """Waitress's checks for ``servers`` whose channels all have threads of their own: the connection
-    limit counts them (they are in no event loop's map, which waitress counts), and there is no idle
-    sweep: their sockets' timeout closes them (the sweep would mark a channel to close while its
-    thread may be reading a request, walking ``active_channels`` while their threads change it)."""
-    limit = servers[0].adj.connection_limit
+    limit (``budget``'s cap) counts them (they are in no event loop's map, which waitress counts; at
+    the limit, logged as waitress does), and there is no idle sweep: their sockets' timeout closes
+    them (the sweep would mark a channel to close while its thread may be reading a request, walking
+    ``active_channels`` while their threads change it)."""
+    full = [False]
 
     def open_connections() -> int:
         return sum(len(s.active_channels) for s in servers)
 
+    def room() -> bool:
+        now_full = open_connections() >= budget.cap
+        if now_full != full[0] and budget.cap == budget.limit:
+            log.warning("total open connections reached the connection limit, no longer accepting new "
+                        "connections" if now_full else "total open connections dropped below the connection "
+                        "limit, accepting new connections again")
+        full[0] = now_full
+        return not now_full
+
     for server in servers:
         def readable(inner: Any = server.readable) -> bool:
-            return inner() and open_connections() < limit
+            return inner() and room()
 
         server.maintenance = lambda now: None
         server.readable = readable
