@@ -10,9 +10,10 @@ import pytest
 
 from accel.errors import InvalidInput
 from tests.conftest import LiveShim, encode
+from tests.test_jpeg import plain_variants
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("cupy")
+cp = pytest.importorskip("cupy")
 pytest.importorskip("nvidia.nvimgcodec")
 
 CAT_LABELS = {"tiger cat", "tabby, tabby cat", "Egyptian cat"}
@@ -29,70 +30,121 @@ def jpeg_service(models_dir):
     svc.registry.close()
 
 
-def _photos(chelsea: np.ndarray, coffee: np.ndarray) -> dict[str, bytes]:
-    return {"chelsea 4:2:0": encode(chelsea, "JPEG", quality=90), "coffee 4:2:0": encode(coffee, "JPEG", quality=85),
-            "chelsea 4:4:4": encode(chelsea, "JPEG", quality=95, subsampling=0),
-            "chelsea 4:2:2": encode(chelsea, "JPEG", quality=75, subsampling=1),
-            "odd size": encode(np.ascontiguousarray(chelsea[:297, :443]), "JPEG", quality=90)}
+def _engines(jpeg_service):
+    op = jpeg_service.registry.lookup("classify")
+    assert op.decodes_jpeg, "the JPEG engines are not in use (see the log)"
+    return op, op._pipeline._jpeg  # noqa: SLF001
 
 
-def test_plain_jpegs_go_to_the_engines_and_give_the_cpu_twins_logits(jpeg_service, service, chelsea, coffee):
-    from shim.ops.jpeg import PlainJpeg
+def _pixel_items(op, images: np.ndarray) -> list:
+    """``images`` decoded on the CPU (the twin's decode) for ``op``'s pipeline: no PlainJpeg."""
+    from shim.ops.imaging import decode_image
 
-    gpu_op, cpu_op = jpeg_service.registry.lookup("classify"), service.registry.lookup("classify")
-    assert gpu_op.decodes_jpeg and not cpu_op.decodes_jpeg
-    photos = _photos(chelsea, coffee)
-    images = np.array(list(photos.values()), dtype=object)
-    items = gpu_op._prepare(images)  # noqa: SLF001
+    return [op._pipeline.prepare(decode_image(data, "image", 10**8)) for data in images]  # noqa: SLF001
+
+
+def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, chelsea, coffee):
+    from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
+
+    _, engines = _engines(jpeg_service)
+    before = engines.fallbacks
+    plain = {name: data for name, data in plain_variants(chelsea, coffee).items() if plain_jpeg_shape(data, 10**8)}
+    assert len(plain) >= 10
+    stream = cp.cuda.Stream(non_blocking=True)
+    decoded = engines.decode(list(plain.values()), stream.ptr)
+    stream.synchronize()
+    for (name, data), image in zip(plain.items(), decoded):
+        assert image is not None, f"{name}: not decoded by the engines"
+        want = decode_plain_jpeg(data, 10**8)
+        got = cp.asnumpy(image)
+        assert got.shape == want.shape, name
+        off = np.abs(got.astype(np.int16) - want)
+        assert off.max() <= 1 and off.mean() < 0.01, f"{name}: {off.max()} off, {off.mean():.4f} on average"
+    assert engines.fallbacks == before
+
+
+def test_plain_jpegs_go_to_the_engines_and_give_the_logits_of_their_cpu_decode(jpeg_service, service, chelsea,
+                                                                              coffee):
+    from shim.backends.base import PlainJpeg
+
+    op, engines = _engines(jpeg_service)
+    before = engines.fallbacks
+    images = np.array([encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85),
+                       encode(chelsea, "JPEG", quality=95, subsampling=0),
+                       encode(chelsea, "JPEG", quality=75, subsampling=1),
+                       encode(np.ascontiguousarray(chelsea[:297, :443]), "JPEG", quality=90)], dtype=object)
+    items = op._prepare(images)  # noqa: SLF001
     assert all(isinstance(item, PlainJpeg) for item in items)  # left encoded: the device decodes them
-    got, want = gpu_op.logits(items), cpu_op.logits(cpu_op._prepare(images))  # noqa: SLF001
-    for row, name in enumerate(photos):
-        assert np.abs(got[row] - want[row]).max() <= 1e-3, name
-        assert got[row].argmax() == want[row].argmax(), name
+    got = op.logits(items)
+    same_pipeline = op.logits(_pixel_items(op, images))  # the CPU's decode, then the same GPU pipeline
+    assert np.abs(got - same_pipeline).max() <= 1e-3
+    twin = service.registry.lookup("classify")
+    assert got.argmax(axis=1).tolist() == twin.logits(twin._prepare(images)).argmax(axis=1).tolist()  # noqa: SLF001
+    assert engines.fallbacks == before  # every one decoded by the engines
 
 
-def test_a_batch_mixing_jpegs_pixels_and_what_the_engines_do_not_take_matches_row_by_row(
-        jpeg_service, service, chelsea, coffee):
-    from shim.ops.jpeg import PlainJpeg
+def test_a_batch_mixing_jpegs_pixels_and_what_the_engines_do_not_take_matches_row_by_row(jpeg_service, chelsea,
+                                                                                          coffee):
+    from shim.backends.base import PlainJpeg
 
-    gpu_op, cpu_op = jpeg_service.registry.lookup("classify"), service.registry.lookup("classify")
+    op, _ = _engines(jpeg_service)
     images = np.array([encode(chelsea, "JPEG", quality=90), encode(coffee, "PNG"),
                        encode(chelsea, "JPEG", quality=90, progressive=True), encode(coffee, "JPEG", quality=90),
-                       encode(np.ascontiguousarray(chelsea[..., 1]), "JPEG", quality=90)], dtype=object)
-    items = gpu_op._prepare(images)  # noqa: SLF001
-    assert [isinstance(item, PlainJpeg) for item in items] == [True, False, False, True, False]
-    got, want = gpu_op.logits(items), cpu_op.logits(cpu_op._prepare(images))  # noqa: SLF001
+                       encode(np.ascontiguousarray(chelsea[..., 1]), "JPEG", quality=90)] * 8, dtype=object)
+    items = op._prepare(images)  # noqa: SLF001
+    assert [isinstance(item, PlainJpeg) for item in items[:5]] == [True, False, False, True, False]
+    got = op.logits(items)  # 40 rows: more than one batch of the model's
+    want = op.logits(_pixel_items(op, images))
     assert np.abs(got - want).max() <= 1e-3
-    assert got.argmax(axis=1).tolist() == want.argmax(axis=1).tolist()
 
 
-def test_a_jpeg_the_engines_cannot_decode_fails_its_own_request_alone(jpeg_service, service, chelsea, coffee):
-    """A baseline JPEG whose scan is garbage (its markers whole) reaches the engines; whatever they
-    make of it, the request gets what the CPU twin gives it, and 32 requests beside it their own."""
+def test_what_the_engines_give_back_undecoded_the_cpu_decodes(jpeg_service, chelsea, coffee):
+    """A PNG passed off as a plain JPEG: the engines cannot decode it; the op decodes it on the CPU
+    and runs the batch again, every row as its CPU decode gives it."""
+    from shim.backends.base import PlainJpeg
+
+    op, engines = _engines(jpeg_service)
+    before = engines.fallbacks
+    png = encode(chelsea, "PNG")
+    plain = encode(coffee, "JPEG", quality=90)
+    items = [PlainJpeg(png, chelsea.shape, "image[0]"), *op._prepare(np.array([plain], dtype=object))]  # noqa: SLF001
+    assert isinstance(items[1], PlainJpeg)
+    got = op.logits(items)
+    want = op.logits(_pixel_items(op, np.array([png, plain], dtype=object)))
+    assert np.abs(got - want).max() <= 1e-3
+    assert engines.fallbacks > before
+
+
+def test_a_jpeg_that_cannot_be_decoded_fails_its_own_request_alone(jpeg_service, service, chelsea, coffee):
+    """A JPEG whose quantization tables were cut out is refused (the CPU's, as the twin refuses it),
+    one whose scan is garbage is answered or refused as the twin does; 32 requests beside them get
+    their own answers."""
     from accel.codec import InferRequest
     from accel.tensor import Tensor
 
     good = encode(coffee, "JPEG", quality=90)
+    dqt = good.index(b"\xff\xdb")
+    untabled = good[:dqt] + good[dqt + 2 + int.from_bytes(good[dqt + 2:dqt + 4], "big"):]
     scan = good.index(b"\xff\xda")
     start = scan + 2 + int.from_bytes(good[scan + 2:scan + 4], "big")
-    bad = good[:start] + bytes(np.random.default_rng(5).integers(0, 0xFF, len(good) - start - 2, dtype=np.uint8)) \
-        + b"\xff\xd9"
+    garbage = good[:start] + bytes(np.random.default_rng(5).integers(0, 0xFF, len(good) - start - 2,
+                                                                      dtype=np.uint8)) + b"\xff\xd9"
 
     def call(op_service, data: bytes):
         request = InferRequest([Tensor.from_bytes_list("image", [data])], parameters={"top_k": 1})
         try:
             out = op_service.dispatcher.infer("classify", request)
         except InvalidInput as exc:
-            return "InvalidInput", str(exc)
+            return "InvalidInput", type(exc).__name__
         return "ok", {t.name: t.numpy() for t in out.outputs}["classes"].tolist()
 
-    want_bad = call(service, bad)
     cat = encode(chelsea, "JPEG", quality=90)
-    with ThreadPoolExecutor(33) as pool:
-        results = list(pool.map(lambda data: call(jpeg_service, data), [bad] + [cat, good] * 16))
-    assert results[0][0] == want_bad[0]  # refused where the twin refuses it, answered where it answers
+    with ThreadPoolExecutor(34) as pool:
+        results = list(pool.map(lambda data: call(jpeg_service, data), [untabled, garbage] + [cat, good] * 16))
+    assert results[0][0] == call(service, untabled)[0] == "InvalidInput"
+    assert results[1][0] == call(service, garbage)[0]
     want_cat, want_cup = call(service, cat), call(service, good)
-    assert results[1::2] == [want_cat] * 16 and results[2::2] == [want_cup] * 16
+    assert results[2::2] == [want_cat] * 16 and results[3::2] == [want_cup] * 16
 
 
 def test_request_workers_send_plain_jpegs_as_they_came(models_dir, tmp_path, chelsea, coffee):
@@ -107,4 +159,5 @@ def test_request_workers_send_plain_jpegs_as_they_came(models_dir, tmp_path, che
             assert client.classify(encode(coffee, "JPEG", quality=90))[0].label == "espresso"
     finally:
         assert live.stop() == 0
-    assert "decoded on GPU 0's JPEG engines" in live.log.read_text()
+    log = live.log.read_text()
+    assert "decoded on GPU 0's JPEG engines" in log and "not decoded by the engines" not in log

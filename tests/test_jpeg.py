@@ -138,6 +138,27 @@ def test_the_jpegs_left_for_the_gpus_engines_are_baseline_color_plain_ones(chels
     assert plain_jpeg_shape(variants["coffee"], coffee.shape[0] * coffee.shape[1] - 1) is None  # over the limit
     sideways = np.ascontiguousarray(np.rot90(chelsea))
     cut = variants["coffee"][:len(variants["coffee"]) // 2]  # its markers whole, the scan cut short
+    dqt = variants["coffee"].index(b"\xff\xdb")
+    untabled = variants["coffee"][:dqt] + variants["coffee"][dqt + 2 + int.from_bytes(variants["coffee"][dqt + 2:dqt + 4],
+                                                                                       "big"):]  # a DQT segment less
+    assert untabled.count(b"\xff\xdb") == variants["coffee"].count(b"\xff\xdb") - 1
     for data in (encode(sideways, "JPEG", quality=90, exif=exif(6)), encode(chelsea, "PNG"), b"", cut,
                  b"\xff\xd8\xff\xe0 a JPEG's first bytes, and then nothing"):
         assert plain_jpeg_shape(data, 10**8) is None
+
+
+def test_gpu_jpeg_without_a_gpu_says_so_and_serves(models_dir, caplog):
+    """``--gpu-jpeg`` on a machine without a GPU: logged, and classify decodes on the CPU as before."""
+    from shim.config import Settings
+    from shim.service import build_service
+
+    caplog.set_level("WARNING", logger="shim.backends")
+    svc = build_service(Settings(device="cpu", models_dir=models_dir, gpu_jpeg=True))
+    svc.load()
+    try:
+        op = svc.registry.lookup("classify")
+        assert not op.decodes_jpeg and "--gpu-jpeg: no GPU" in caplog.text
+        jpeg = np.array([encode(np.zeros((8, 8, 3), np.uint8), "JPEG")], dtype=object)
+        assert all(isinstance(item, np.ndarray) for item in op._prepare(jpeg))  # noqa: SLF001 - decoded here
+    finally:
+        svc.registry.close()

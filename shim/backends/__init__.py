@@ -21,10 +21,10 @@ def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cud
     """
     from .cpu import CpuBackend
 
-    if gpu_jpeg and device == "cpu":
-        log.warning("--gpu-jpeg: no GPU with --device cpu; JPEGs are decoded on the CPU")
     if device == "cpu":
         log.info("backend: cpu (asked for with --device cpu)")
+        if gpu_jpeg:
+            log.warning("--gpu-jpeg: no GPU with --device cpu; JPEGs are decoded on the CPU")
         return CpuBackend(threads)
     reason = _cuda_unavailable()
     if reason is None:
@@ -35,6 +35,8 @@ def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cud
     if device == "cuda":
         raise RuntimeError(f"--device cuda, but no usable GPU: {reason}")
     log.info("backend: cpu (auto: %s)", reason)
+    if gpu_jpeg:
+        log.warning("--gpu-jpeg: no GPU (%s); JPEGs are decoded on the CPU", reason)
     return CpuBackend(threads)
 
 

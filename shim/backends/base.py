@@ -38,10 +38,29 @@ class ModelRunner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class PlainJpeg:
+    """An image left encoded for a pipeline that ``decodes_jpeg``: a plain baseline JPEG (the op
+    checked its markers), the shape of its pixels (height, width, 3) and what the request calls it."""
+
+    data: bytes
+    shape: tuple[int, int, int]
+    what: str = "image"
+
+
+class UndecodedImages(Exception):
+    """A pipeline could not decode these ``rows`` of the batch it was given (``PlainJpeg``s): the
+    caller decodes them on the CPU and runs the batch again."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"rows {rows} not decoded on the device")
+        self.rows = rows
+
+
 class ImagePipeline(Protocol):
     """classify's device half: ``prepare`` runs in the request's thread on one decoded RGB image;
     ``logits`` runs a batch of prepared images (from any number of requests) through the model, and
-    of plain JPEGs left encoded (``ops.jpeg.PlainJpeg``) where ``decodes_jpeg``."""
+    of plain JPEGs left encoded (``PlainJpeg``) where ``decodes_jpeg``."""
 
     device: str
     decodes_jpeg: bool  # ``logits`` takes ``PlainJpeg`` items too, decoding them on the device

@@ -206,6 +206,11 @@ class CudaBackend:
         self._runners.add(runner)
         return runner
 
+    @property
+    def sealed(self) -> bool:
+        """Warmed up: no CUDA graph is captured any more (``warmed``)."""
+        return self._sealed
+
     def warmed(self) -> None:
         self._sealed = True
         for runner in self._runners:
@@ -222,6 +227,9 @@ class CudaBackend:
     def image_pipeline(self, config: ModelConfig) -> "ImagePipeline":
         runner = self.runner(config.onnx, config.instances())
         if runner.device != "cuda":
+            if self._jpeg_asked:
+                log.warning("--gpu-jpeg: %s runs on the CPU (no CUDA provider); its JPEGs are decoded there",
+                            config.name)
             return CpuImagePipeline(runner, config)
         from .cuda_imaging import CudaImagePipeline  # noqa: PLC0415 - it imports this module
 

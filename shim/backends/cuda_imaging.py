@@ -15,9 +15,8 @@ from ..padding import padded_sizes
 from ..faults import DeviceLost
 from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
 from ..modelrepo import ModelConfig
-from ..ops.imaging import decode_image
-from ..ops.jpeg import PlainJpeg
 from . import cuda_driver, onnx
+from .base import PlainJpeg, UndecodedImages
 from .cuda import IMAGE_SLOT
 from .cuda_errors import device_errors
 
@@ -77,8 +76,11 @@ class CudaImagePipeline:
         may have left the first one's stream capturing."""
         stream = self._backend.bind_thread().stream
         if self._jpeg is not None:
-            with self._backend.pinned.capture_lock:  # its buffers and streams: not while a graph is captured
-                self._jpeg.decoder()
+            try:
+                with self._backend.pinned.capture_lock:  # its buffers and streams: not while a graph is captured
+                    self._jpeg.decoder()
+            except RuntimeError as exc:  # its batches' JPEGs are decoded on the CPU (each logged)
+                log.warning("%s: a batcher thread has no JPEG decoder (%s)", self._name, exc)
         try:
             with device_errors():
                 self.runner.bind_thread(padded_sizes(self._step), onnx.ComputeStream(stream.ptr, stream.synchronize))
@@ -91,6 +93,9 @@ class CudaImagePipeline:
             self._backend.bind_thread()
 
     def logits(self, items: Sequence[np.ndarray | PlainJpeg]) -> np.ndarray:
+        """Raises:
+            UndecodedImages: ``PlainJpeg`` items the JPEG engines did not decode (nothing ran).
+        """
         size = self._pre.size
         parts = []
 
@@ -102,7 +107,10 @@ class CudaImagePipeline:
                 target = self.runner.input_buffer(self._input, rows)
                 batch = self._batch_array((rows, 3, size, size), target)
                 if any(isinstance(item, PlainJpeg) for item in chunk):
-                    held.extend(self._decode_into(state, chunk, batch))
+                    decoded, missed = self._decode_into(state, chunk, batch)
+                    held.extend(decoded)
+                    if missed:
+                        raise UndecodedImages([start + row for row in missed])
                 else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
                     flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
                     self.preprocess_batch(flat, [p.shape for p in chunk], batch)  # type: ignore[union-attr]
@@ -122,11 +130,10 @@ class CudaImagePipeline:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
-                     batch: cp.ndarray) -> list[cp.ndarray]:
+                     batch: cp.ndarray) -> tuple[list[cp.ndarray], list[int]]:
         """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
-        once, the JPEGs decoded by the engines as one batch (one they cannot decode, by the CPU as its
-        twin would: ``decode_image``, whose error fails the batch, then its request alone). Returns
-        what the stream still reads from."""
+        once, the JPEGs decoded by the engines as one batch. Returns what the stream still reads
+        from, and the rows of the JPEGs the engines did not decode."""
         pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
         jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
         keep: list[cp.ndarray] = []
@@ -138,15 +145,21 @@ class CudaImagePipeline:
                 self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1])
                 offset += image.size
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
-        with self._backend.pinned.capture_lock:  # the decoder allocates: not while a graph is captured
-            decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr)
+        data = [jpeg.data for _, jpeg in jpegs]
+        if self._backend.sealed:  # no graph is captured any more
+            decoded = self._jpeg.decode(data, state.stream.ptr)
+        else:
+            with self._backend.pinned.capture_lock:  # the decoder allocates: not while a graph is captured
+                decoded = self._jpeg.decode(data, state.stream.ptr)
+        missed = []
         for (row, jpeg), image in zip(jpegs, decoded):
             if image is None or image.shape != jpeg.shape:
-                image = cp.asarray(rgb_pixels(decode_image(jpeg.data, "image", 1 << 62)))  # shape checked before
+                missed.append(row)
+                continue
             image = cp.ascontiguousarray(image)
             keep.append(image)
-            self._preprocess(image.reshape(-1), image.shape, batch[row:row + 1])
-        return keep
+            self._preprocess(image.reshape(-1), jpeg.shape, batch[row:row + 1])
+        return keep, missed
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:
         """Where a batch of ``shape`` is resized to: the model's own input ``target`` on a bound thread

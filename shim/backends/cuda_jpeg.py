@@ -5,26 +5,44 @@ Only plain baseline JPEGs come here (``ops.jpeg.plain_jpeg_shape``): on an H200 
 sample photos' pixels as libjpeg-turbo does (the chelsea photo bit for bit, coffee at most 1 off in a
 few values; classify's logits 0 and 0.0009 apart, ``bench/results/...-nvjpeg-probe.md``), in 0.5 ms
 for a batch of 6 with 0.1 ms of CPU per image, where the CPU decode takes 0.6-1.1 ms of CPU each.
+Whatever the engines do not decode comes back as None: the op decodes it on the CPU, as its twin.
 """
 from __future__ import annotations
 
+import io
 import logging
 import threading
+import time
 from typing import Any, Sequence
 
 import cupy as cp
 import numpy as np
+import simplejpeg
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
+CPU_THREADS = 2  # each decoder's own pool (nvImageCodec's default: one thread per core, per decoder)
+WARN_EVERY_S = 60.0
+MAX_OFF = 1  # a warm-up pixel may differ from libjpeg-turbo's by this much (rounding in the colour conversion)
+
+
+def _sample_jpeg() -> bytes:
+    """A 64 x 48 gradient as a baseline 4:2:0 JPEG (the engines' warm-up and check)."""
+    y, x = np.mgrid[0:48, 0:64]
+    rgb = np.stack([x * 4, y * 5, 255 - x * 3], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
 
 class JpegEngines:
-    """One nvImageCodec decoder per thread (a batcher's), on the hardware backend only: an image it
-    cannot decode comes back as None, for the CPU to decode, never through a slower GPU decoder
-    whose pixels differ from libjpeg-turbo's.
+    """One nvImageCodec decoder per thread (a batcher's), on the hardware backend only, never a slower
+    GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it is made
+    (its buffers, now), and the first one checks the pixels against libjpeg-turbo's.
 
     Raises (constructor):
-        RuntimeError: nvImageCodec is not installed, or the GPU has no JPEG engines.
+        RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
     """
 
     def __init__(self, device_id: int) -> None:
@@ -37,27 +55,62 @@ class JpegEngines:
         # plain JPEGs are upright (no orientation to apply); sRGB: YCbCr to RGB as libjpeg does
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                allow_any_depth=False)
+        self._sample = _sample_jpeg()
         self._local = threading.local()
-        self.decoder()  # here, so that a GPU without engines fails the start, not a batch
+        self._warned = 0.0
+        self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
+        got = self._decoded_sample(self.decoder())
+        want = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
+        if got.shape != want.shape or np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
+            raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
 
     def decoder(self) -> Any:
-        """The calling thread's decoder, made on first use."""
+        """The calling thread's decoder, made (and warmed up) on first use.
+
+        Raises:
+            RuntimeError: it cannot be made.
+        """
         decoder = getattr(self._local, "decoder", None)
         if decoder is None:
             try:
-                decoder = self._nv.Decoder(device_id=self._device_id,
+                decoder = self._nv.Decoder(device_id=self._device_id, max_num_cpu_threads=CPU_THREADS,
                                            backends=[self._nv.Backend(self._nv.BackendKind.HW_GPU_ONLY)])
+                self._decoded_sample(decoder)
             except Exception as exc:  # noqa: BLE001 - nvImageCodec raises plain RuntimeErrors
                 raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
             self._local.decoder = decoder
         return decoder
 
+    def _decoded_sample(self, decoder: Any) -> np.ndarray:
+        image = decoder.decode(self._nv.CodeStream(self._sample), params=self._params)
+        if image is None:
+            raise RuntimeError("the JPEG engines did not decode a plain baseline JPEG")
+        return np.asarray(image.cpu())
+
     def decode(self, jpegs: Sequence[bytes], stream: int) -> list[cp.ndarray | None]:
         """``jpegs`` decoded as one batch to uint8 RGB HWC arrays on the device, ready in ``stream``'s
-        order; None for each the engines could not decode. The arrays own their memory."""
-        images = self.decoder().decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
-                                       cuda_stream=stream)
-        return [None if image is None else device_array(image) for image in images]
+        order (the engines' work and their buffers' allocation and release are queued there); None
+        for each they did not decode, all None where the decoder failed (logged, at most once a
+        minute). The arrays keep the decoded images alive."""
+        try:
+            images = self.decoder().decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
+                                           cuda_stream=stream)
+        except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
+            self._warn(f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
+            images = [None] * len(jpegs)
+        arrays = [None if image is None else device_array(image) for image in images]
+        missed = arrays.count(None)
+        if missed:
+            self.fallbacks += missed
+            self._warn(f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes them "
+                       f"({self.fallbacks} so far)")
+        return arrays
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_S:
+            self._warned = now
+            log.warning("--gpu-jpeg: %s", message)
 
 
 def device_array(image: Any) -> cp.ndarray:
@@ -76,7 +129,7 @@ def jpeg_engines(device_id: int) -> JpegEngines | None:
     """The JPEG engines of GPU ``device_id``, or None (logged: classify then decodes on the CPU)."""
     try:
         engines = JpegEngines(device_id)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the shim serves without them
         log.warning("--gpu-jpeg: %s; JPEGs are decoded on the CPU", exc)
         return None
     log.info("--gpu-jpeg: classify's plain baseline JPEGs are decoded on GPU %d's JPEG engines", device_id)

@@ -8,14 +8,14 @@ import numpy as np
 
 from accel.errors import InvalidInput
 
-from ..backends.base import Backend, ImagePipeline, TensorSpec
+from ..backends.base import Backend, ImagePipeline, PlainJpeg, TensorSpec, UndecodedImages
 from ..batching import Batcher, BatchingFactory
 from ..futures import then
 from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
-from .jpeg import PlainJpeg, plain_jpeg_shape
+from .jpeg import plain_jpeg_shape
 
 
 class ClassifyOp(Op):
@@ -86,8 +86,22 @@ class ClassifyOp(Op):
         in a dynamic batch with other requests' images when batching."""
         assert self._pipeline is not None, "classify used before load()"
         if self._batcher is None:
-            return self._pipeline.logits(items)
+            return self._pipeline_logits(items)
         return self._batcher.submit(items, len(items))
+
+    def _pipeline_logits(self, items: Sequence[Any]) -> np.ndarray:
+        """The pipeline's logits of ``items``; JPEGs the device did not decode are decoded here, as
+        the CPU twin decodes them (an error is that image's request's: a failed batch of several is
+        run again request by request), and the batch runs again."""
+        assert self._pipeline is not None
+        try:
+            return self._pipeline.logits(items)
+        except UndecodedImages as exc:
+            items = list(items)
+            for row in exc.rows:
+                jpeg = items[row]
+                items[row] = self._pipeline.prepare(decode_image(jpeg.data, jpeg.what, self._max_pixels))
+            return self._pipeline.logits(items)
 
     @property
     def decodes_jpeg(self) -> bool:
@@ -116,14 +130,15 @@ class ClassifyOp(Op):
         items = []
         for i, data in enumerate(images):
             shape = plain_jpeg_shape(data, self._max_pixels) if pipeline.decodes_jpeg else None
-            items.append(PlainJpeg(bytes(data), shape) if shape is not None
-                         else pipeline.prepare(decode_image(data, f"image[{i}]", self._max_pixels)))
+            what = f"image[{i}]"
+            items.append(PlainJpeg(bytes(data), shape, what) if shape is not None
+                         else pipeline.prepare(decode_image(data, what, self._max_pixels)))
         return items
 
     def _run_batch(self, groups: Sequence[list[Any]]) -> list[np.ndarray]:
         """The images of several requests as one batch; each request gets its own rows back."""
         assert self._pipeline is not None
-        return _rows_by_request(self._pipeline.logits([item for group in groups for item in group]), groups)
+        return _rows_by_request(self._pipeline_logits([item for group in groups for item in group]), groups)
 
     def _run_batch_later(self, groups: Sequence[list[Any]]) -> Future[list[np.ndarray]]:
         """``_run_batch`` through a pipeline that answers in a Future (``logits_later``)."""

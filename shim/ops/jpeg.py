@@ -13,7 +13,6 @@ JPEGs over 64 KiB, which Pillow feeds libjpeg in pieces it cannot resume from.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
@@ -23,17 +22,8 @@ _SOI, _SOS, _EOI, _APP1, _APP2 = 0xD8, 0xDA, 0xD9, 0xE1, 0xE2
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length
 _COLORSPACES = {"YCbCr", "Gray"}  # decoded alike by both; CMYK/YCCK and Adobe RGB are not (off by 1)
 _ORIENTATION = 0x0112
-_BASELINE = 0xC0  # the frame the GPU's JPEG engines decode (Huffman, 8-bit, sequential)
+_BASELINE, _DHT, _DQT = 0xC0, 0xC4, 0xDB  # the frame the GPU's JPEG engines decode, and its tables
 _DEVICE_SUBSAMPLING = {"444", "422", "420"}
-
-
-@dataclass(frozen=True)
-class PlainJpeg:
-    """A plain JPEG left encoded for the device to decode (``plain_jpeg_shape`` said it may): its
-    bytes and the shape of its pixels, (height, width, 3)."""
-
-    data: bytes
-    shape: tuple[int, int, int]
 
 
 def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
@@ -52,28 +42,30 @@ def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
 def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     """The shape of ``data``'s pixels when it is a plain JPEG (``decode_plain_jpeg``'s) that a GPU's
     JPEG engines decode as libjpeg-turbo does: baseline, YCbCr with 4:4:4, 4:2:2 or 4:2:0 chroma,
-    ending in its end-of-image marker (a cut-short one is the CPU's, which refuses it); else None
-    (the CPU decodes it). Reads the markers only: a body that turns out corrupt is found where it is
-    decoded."""
+    its quantization and Huffman tables in it, ending in its end-of-image marker (without them the
+    CPU refuses it, where the engines might make pixels up); else None (the CPU decodes it). Reads
+    the markers only: a scan that turns out corrupt is found where it is decoded."""
     data = bytes(data) if not isinstance(data, bytes) else data
     if not data.endswith(b"\xff\xd9"):
         return None
     header = _plain_header(data, max_pixels)
     if header is None:
         return None
-    height, width, colorspace, subsampling, frame = header
-    if frame != _BASELINE or colorspace != "YCbCr" or subsampling not in _DEVICE_SUBSAMPLING:
+    height, width, colorspace, subsampling, markers = header
+    frames = {m for m in markers if 0xC0 <= m <= 0xCF and m not in (_DHT, 0xC8, 0xCC)}
+    if frames != {_BASELINE} or not {_DHT, _DQT} <= markers or colorspace != "YCbCr" \
+            or subsampling not in _DEVICE_SUBSAMPLING:
         return None
     return height, width, 3
 
 
-def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, int] | None:
-    """(height, width, colorspace, subsampling, frame marker) of a plain JPEG (upright, YCbCr or
-    grayscale, within the pixel limits), or None."""
+def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, set[int]] | None:
+    """(height, width, colorspace, subsampling, the markers before the scan) of a plain JPEG
+    (upright, YCbCr or grayscale, within the pixel limits), or None."""
     if data[:2] != b"\xff\xd8":
         return None
-    frame = _upright_frame(data)
-    if frame is None:
+    markers = _upright_markers(data)
+    if markers is None:
         return None
     try:
         height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
@@ -82,14 +74,13 @@ def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, int
     limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     if colorspace not in _COLORSPACES or width * height > limit:
         return None
-    return height, width, colorspace, str(subsampling), frame
+    return height, width, colorspace, str(subsampling), markers
 
 
-def _upright_frame(data: bytes) -> int | None:
-    """The frame's marker (0 where none comes before the scan) when the markers before the scan
-    hold nothing that turns the image (Pillow's ``exif_transpose``: EXIF orientation, else XMP's)
-    and no multi-picture index (MPO); else None."""
-    i, n, exif, frame = 2, len(data), 0, 0
+def _upright_markers(data: bytes) -> set[int] | None:
+    """The markers before the scan when they hold nothing that turns the image (Pillow's
+    ``exif_transpose``: EXIF orientation, else XMP's) and no multi-picture index (MPO); else None."""
+    i, n, exif, markers = 2, len(data), 0, set()
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
@@ -98,7 +89,7 @@ def _upright_frame(data: bytes) -> int | None:
             i += 1
             continue
         if marker in (_SOS, _EOI):
-            return frame
+            return markers
         if marker in _STANDALONE:
             i += 2
             continue
@@ -115,8 +106,7 @@ def _upright_frame(data: bytes) -> int | None:
                 return None
         elif marker == _APP2 and segment.startswith(b"MPF\x00"):
             return None
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
-            frame = marker
+        markers.add(marker)
         i += 2 + length
     return None
 
