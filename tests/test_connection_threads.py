@@ -408,3 +408,43 @@ def test_a_client_that_does_not_read_holds_its_response_not_its_request(tmp_path
     finally:
         server.stop()
         runner.join(15)
+
+
+@MODES
+def test_once_stopping_a_busy_kept_connection_is_told_to_close_and_the_drain_ends_with_it(tmp_path, mode):
+    """A client keeping its connection busy during SIGTERM: the response after it says
+    ``Connection: close``, the connection closes, no request is cut, and the shim exits long before
+    the drain's deadline."""
+    import threading
+    import time
+
+    shim = live(tmp_path, mode)
+    replies: list = []
+    body = json.dumps(sleep_body(0.05)).encode()
+    request = (f"POST /v2/models/sleep/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def busy() -> None:
+        with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+            for _ in range(400):  # back to back, 20 s at most
+                sock.sendall(request)
+                status, headers, _ = _replies(sock, 1)[0]
+                replies.append((status, headers.get("connection")))
+                if headers.get("connection") == "close":
+                    replies.append(("then", sock.recv(4096)))
+                    return
+
+    try:
+        client = threading.Thread(target=busy)
+        client.start()
+        wait_for(lambda: len(replies) >= 3)
+        stopped = time.monotonic()
+        shim.proc.send_signal(signal.SIGTERM)
+        client.join(30)
+        assert shim.proc.wait(30) == 0
+        took = time.monotonic() - stopped
+    finally:
+        shim.stop()
+    assert replies[-2] == (200, "close") and replies[-1] == ("then", b"")  # told, then closed
+    assert all(status == 200 for status, _ in replies[:-1])
+    assert took < 10, f"the drain took {took:.1f} s: the busy connection was served to its deadline"

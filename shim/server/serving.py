@@ -159,10 +159,21 @@ class _StampedParser(HTTPRequestParser):
 
 
 class _StampedTask(WSGITask):
+    """Stamps the request's arrival into its environ; once the server is ``stopping``, its response
+    says ``Connection: close`` and the connection closes after it: a client that keeps its connection
+    busy hears that it ends, rather than being served until the drain's deadline and then cut."""
+
+    stopping: threading.Event | None = None  # set on a subclass per server
+
     def get_environment(self) -> dict:
         environ = super().get_environment()
         environ[RECEIVED_KEY] = getattr(self.request, "received_at", None)
         return environ
+
+    def build_response_header(self) -> bytes:
+        if self.stopping is not None and self.stopping.is_set():
+            self.set_close_on_finish()
+        return super().build_response_header()
 
 
 class _JsonErrorChannel(HTTPChannel):
@@ -208,6 +219,7 @@ class Server:
                 taken while it says so, else left to another process for up to ``ACCEPT_DEFER_S``.
         """
         settings = service.settings
+        self._stopping = threading.Event()
         self._unlink_unix = unlink_unix
         self._before_drain = before_drain
         self.service = service
@@ -240,7 +252,8 @@ class Server:
         ]
         tokens = service.guard.tokens if service.guard is not None else None
         parser = type("_Parser", (_StampedParser,), {"tokens": tokens})
-        channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser})
+        task = type("_Task", (_StampedTask,), {"stopping": self._stopping})
+        channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser, "task_class": task})
         if settings.connection_threads:
             budget = ThreadBudget(CONNECTION_LIMIT)
             channel = threaded(channel, budget)
@@ -250,7 +263,6 @@ class Server:
         self._gate: AcceptGate | None = None
         if accept_gate is not None:
             self._gate_accepts(accept_gate)
-        self._stopping = threading.Event()
         self._warmup = threading.Thread(target=self._load, name="warmup", daemon=True)
         if service.guard is not None:
             service.guard.monitor.on_trip(self._device_lost)
