@@ -448,3 +448,48 @@ def test_once_stopping_a_busy_kept_connection_is_told_to_close_and_the_drain_end
     assert replies[-2] == (200, "close") and replies[-1] == ("then", b"")  # told, then closed
     assert all(status == 200 for status, _ in replies[:-1])
     assert took < 10, f"the drain took {took:.1f} s: the busy connection was served to its deadline"
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_request_trickling_in_gets_a_408_at_its_deadline(tmp_path, monkeypatch, part):
+    """A client sending a byte now and then keeps every read short of the idle timeout, but its
+    request must be in within its deadline (head, or head and body), or it gets a JSON 408 and the
+    connection closes; the shim goes on."""
+    import threading
+    import time
+
+    from shim.server import threaded
+
+    monkeypatch.setattr(threaded, "HEADERS_S", 1.0)
+    monkeypatch.setattr(threaded, "BODY_S", 1.5)
+    server, runner, url = _in_process(tmp_path, True)
+    head = b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+    trickle = b"{" * 100 if part == "body" else b"X-Slow: " + b"a" * 100  # a byte every 0.1 s: 10 s, were it let to
+
+    def trickling(sock: socket.socket) -> None:
+        for byte in trickle:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # closed on it after the 408
+                return
+            time.sleep(0.1)
+
+    try:
+        accel.Client(url, timeout=10).ready()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(url.removeprefix("unix://"))
+            started = time.monotonic()
+            if part == "body":
+                sock.sendall(head + b"\r\n")
+            sender = threading.Thread(target=trickling, args=(sock,), daemon=True)
+            sender.start()
+            (status, _, body), = _replies(sock, 1)
+            took = time.monotonic() - started
+            assert sock.recv(4096) == b""  # then closed
+        assert status == 408 and f"its {part}" in json.loads(body)["error"], body
+        assert took < 4, f"answered after {took:.1f} s"
+        assert accel.Client(url, timeout=10).noop(x=np.arange(2))["x"].tolist() == [0, 1]  # the shim goes on
+    finally:
+        server.stop()
+        runner.join(15)

@@ -10,6 +10,7 @@ accept (and the accept gate), count in the server's ``active_channels`` and drai
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import socket
 import threading
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 # and body in one send; past this many buffered bytes it would (waitress's outbuf_high_watermark)
 SEND_AT_BYTES = 1 << 62
 BUSY_RETRY_S = 1  # Retry-After of the 503 a connection gets when no thread can be made for it
+# a request must arrive in time, however its bytes trickle in (each read only bounds the silence):
+HEADERS_S = 30.0              # its head, from its first byte
+BODY_S = 60.0                 # the whole request, from its first byte, plus its body's length at
+BODY_MIN_BYTES_PER_S = 1 << 20  # this rate (a 256 MiB body: 60 s + 256 s)
 
 
 class OwnThreadServer:
@@ -66,9 +71,16 @@ class ThreadBudget:
                     log.info("connections have threads again, up to the limit of %d", self.limit)
 
 
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Retry-After: %d\r\nContent-Length: %d\r\n\r\n%s")
-_BUSY_BODY = b'{"error": "the shim cannot take another connection now (no thread for it): retry"}'
+def closing_error(status: str, message: str, *headers: str) -> bytes:
+    """A whole HTTP/1.1 response with a JSON error body, that closes the connection."""
+    body = json.dumps({"error": message}).encode()
+    head = "".join(f"{h}\r\n" for h in (f"HTTP/1.1 {status}", "Content-Type: application/json",
+                                          "Connection: close", *headers, f"Content-Length: {len(body)}"))
+    return head.encode() + b"\r\n" + body
+
+
+_BUSY = closing_error("503 Service Unavailable", "the shim cannot take another connection now (no thread for it): "
+                      "retry", f"Retry-After: {BUSY_RETRY_S}")
 
 
 def threaded(channel_class: type, budget: ThreadBudget) -> type:
@@ -90,7 +102,7 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
             except Exception as exc:  # noqa: BLE001 - no thread for it (a process limit): a 503, not a reset
                 budget.short(len(server.active_channels) - 1, exc)
                 try:
-                    sock.send(_BUSY % (BUSY_RETRY_S, len(_BUSY_BODY), _BUSY_BODY))
+                    sock.send(_BUSY)
                 except OSError:
                     pass
                 self.handle_close()
@@ -102,16 +114,32 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
                 budget.ended()
 
         def _serve(self) -> None:
+            began: float | None = None  # when the request being read sent its first byte
             try:
                 while self.connected and not (self.will_close or self.close_when_flushed):
+                    deadline = self._deadline(began)
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        self._late(self.request)
+                        break
+                    self.socket.settimeout(self.adj.channel_timeout if deadline is None
+                                           else min(self.adj.channel_timeout, deadline - now))
                     try:
                         data = self.socket.recv(self.adj.recv_bytes)
-                    except OSError:  # idle past channel_timeout, or reset
+                    except TimeoutError:
+                        if deadline is not None:
+                            continue  # its deadline: answered above
+                        break  # idle past channel_timeout
+                    except OSError:  # reset
                         break
                     if not data:  # closed by the client, or shut down to stop: what was read is served
                         break
                     self.last_activity = time.time()
+                    if self.request is None:
+                        began = time.monotonic()
                     self.received(data)
+                    if self.request is None:
+                        began = None
                     while self.requests and self.connected:
                         self.service()
                     if not self._flush_all():
@@ -122,6 +150,28 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
                 if not self._send_failed:
                     self._flush_all()
                 self.handle_close()
+
+        def _late(self, request: Any) -> None:
+            """A 408 for ``request``, which did not arrive in time; nothing more goes out after it."""
+            part = ("its head", HEADERS_S) if not request.headers_finished else (
+                "its body", BODY_S + (request.content_length or 0) / BODY_MIN_BYTES_PER_S)
+            self._send_failed = True
+            try:
+                self.socket.settimeout(5.0)
+                self.socket.sendall(closing_error("408 Request Timeout", f"the request did not arrive in time "
+                                                  f"({part[0]} within {part[1]:.0f} s of its first byte)"))
+            except OSError:
+                pass
+
+        def _deadline(self, began: float | None) -> float | None:
+            """When the request being read must be in (``HEADERS_S`` for its head, ``BODY_S`` and
+            its length at ``BODY_MIN_BYTES_PER_S`` for the rest); None between requests."""
+            request = self.request
+            if request is None or began is None:
+                return None
+            if not request.headers_finished:
+                return began + HEADERS_S
+            return began + BODY_S + (request.content_length or 0) / BODY_MIN_BYTES_PER_S
 
         def _flush_all(self) -> bool:
             """The responses in the out-buffers sent, the socket's timeout for each wait on a client that
