@@ -487,9 +487,136 @@ def test_a_request_trickling_in_gets_a_408_at_its_deadline(tmp_path, monkeypatch
             (status, _, body), = _replies(sock, 1)
             took = time.monotonic() - started
             assert sock.recv(4096) == b""  # then closed
-        assert status == 408 and f"its {part}" in json.loads(body)["error"], body
+        assert status == 408 and ("its head" if part == "head" else "all of it") in json.loads(body)["error"], body
         assert took < 4, f"answered after {took:.1f} s"
         assert accel.Client(url, timeout=10).noop(x=np.arange(2))["x"].tolist() == [0, 1]  # the shim goes on
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def _timeouts(monkeypatch, channel: float = 120, head: float = 30, body: float = 60) -> None:
+    from shim.server import serving, threaded
+
+    monkeypatch.setattr(serving, "CHANNEL_TIMEOUT_S", channel)
+    monkeypatch.setattr(threaded, "HEADERS_S", head)
+    monkeypatch.setattr(threaded, "BODY_S", body)
+
+
+def _unix(url: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(url.removeprefix("unix://"))
+    return sock
+
+
+def test_a_request_gone_silent_is_closed_at_the_idle_timeout_not_its_deadline(tmp_path, monkeypatch):
+    import time
+
+    _timeouts(monkeypatch, channel=1.0, body=20)
+    server, runner, url = _in_process(tmp_path, True)
+    try:
+        accel.Client(url, timeout=10).ready()
+        with _unix(url) as sock:
+            sock.sendall(_post(_noop([1]))[:-5])  # all but the body's last bytes, then silence
+            started = time.monotonic()
+            try:
+                assert sock.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+            took = time.monotonic() - started
+        assert 0.5 < took < 5, f"closed after {took:.1f} s"
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def test_an_answer_after_a_slow_request_gets_the_whole_send_timeout(tmp_path, monkeypatch):
+    """The request came in pieces close to its deadline; its large answer still has the idle timeout
+    for each send, not what the deadline had left."""
+    import time
+
+    _timeouts(monkeypatch, body=1.0)
+    server, runner, url = _in_process(tmp_path, True)
+    values = list(range(700_000))  # about 5 MB each way
+    request = _post(_noop(values))
+    try:
+        accel.Client(url, timeout=10).ready()
+        with _unix(url) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            third = len(request) // 3
+            for piece in (request[:third], request[third:2 * third], request[2 * third:]):
+                sock.sendall(piece)
+                time.sleep(0.25)
+            time.sleep(1.5)  # reads nothing for longer than the request's deadline had left
+            (status, _, reply), = _replies(sock, 1)
+        assert status == 200 and json.loads(reply)["outputs"][0]["data"][-2:] == values[-2:]
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def test_a_blank_line_after_a_request_is_not_a_late_request(tmp_path, monkeypatch):
+    import time
+
+    _timeouts(monkeypatch, head=0.5)
+    server, runner, url = _in_process(tmp_path, True)
+    try:
+        accel.Client(url, timeout=10).ready()
+        with _unix(url) as sock:
+            sock.sendall(_post(_noop([1])) + b"\r\n")  # RFC 9112 2.2: a stray CRLF between requests
+            assert _replies(sock, 1)[0][0] == 200
+            time.sleep(1.0)
+            sock.sendall(_post(_noop([2])))
+            (status, _, reply), = _replies(sock, 1)
+        assert status == 200 and json.loads(reply)["outputs"][0]["data"] == [2]
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+def test_a_pipelined_request_counts_from_the_answer_before_it(tmp_path, monkeypatch):
+    """The next request's first bytes came with the last one, which took longer to answer than a
+    head may take: the next one's clock starts when that answer is out."""
+    import time
+
+    def slow(inner):
+        def sleeping(environ, start_response):
+            if environ.get("HTTP_X_SLOW"):
+                time.sleep(1.0)
+            return inner(environ, start_response)
+        return sleeping
+
+    _timeouts(monkeypatch, head=0.6)
+    server, runner, url = _in_process(tmp_path, True, slow)
+    try:
+        accel.Client(url, timeout=10).ready()
+        with _unix(url) as sock:
+            second = _post(_noop([2]))
+            sock.sendall(_post(_noop([1]), "X-Slow: 1\r\n") + second[:10])
+            assert _replies(sock, 1)[0][0] == 200
+            time.sleep(0.2)
+            sock.sendall(second[10:])
+            (status, _, reply), = _replies(sock, 1)
+        assert status == 200 and json.loads(reply)["outputs"][0]["data"] == [2]
+    finally:
+        server.stop()
+        runner.join(15)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["connection threads", "waitress's task threads"])
+def test_a_refused_request_expecting_100_continue_gets_no_continue(tmp_path, on):
+    """A body over the limit announced with ``Expect: 100-continue`` is refused at once, without the
+    100 that would have the client send it (curl sends large bodies so)."""
+    server, runner, url = _in_process(tmp_path, on)
+    limit = server.service.settings.max_body_bytes
+    try:
+        accel.Client(url, timeout=10).ready()
+        with _unix(url) as sock:
+            sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {limit + 1}\r\nExpect: 100-continue\r\n\r\n".encode())
+            first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 413"), first[:40]
     finally:
         server.stop()
         runner.join(15)

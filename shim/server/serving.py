@@ -109,6 +109,7 @@ class _JsonErrorTask(ErrorTask):
 
 
 CONNECTION_LIMIT = 1000  # open connections per server process; more wait in the listen backlog
+CHANNEL_TIMEOUT_S = 120  # a connection silent this long is closed (idle, or in a request)
 ACCEPT_DEFER_S = 0.005  # how long a worker leaves a waiting connection to a less loaded one
 ACCEPT_DEFER_POLL_S = 0.0005  # its pause per turn of its event loop meanwhile
 
@@ -155,6 +156,8 @@ class _StampedParser(HTTPRequestParser):
                     self.error, self.completed = _Unauthorized(exc.message), True
         if self.completed and self.received_at is None:
             self.received_at = time.monotonic()
+        if self.error is not None:  # refused (413, 431, the early 401): no 100 Continue to send its body
+            self.expect_continue = False
         return consumed
 
 
@@ -172,6 +175,7 @@ class _StampedTask(WSGITask):
 
     def build_response_header(self) -> bytes:
         if self.stopping is not None and self.stopping.is_set():
+            self.request.headers["CONNECTION"] = "close"  # an HTTP/1.0 keep-alive is not kept either
             self.set_close_on_finish()
         return super().build_response_header()
 
@@ -239,7 +243,7 @@ class Server:
             _create_server(service.app, sock, map=self._map, dispatcher=self._tasks,
                            threads=threads, ident="accelshim",
                            # waitress refuses a body of >= its limit; the shim's limit is inclusive
-                           max_request_body_size=settings.max_body_bytes + 1, channel_timeout=120,
+                           max_request_body_size=settings.max_body_bytes + 1, channel_timeout=CHANNEL_TIMEOUT_S,
                            connection_limit=CONNECTION_LIMIT, clear_untrusted_proxy_headers=True,
                            # tensors are large: keep bodies in memory (waitress spills anything over
                            # 512 KiB to a temp file by default) and read them in big pieces. A response

@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ BUSY_RETRY_S = 1  # Retry-After of the 503 a connection gets when no thread can 
 HEADERS_S = 30.0              # its head, from its first byte
 BODY_S = 60.0                 # the whole request, from its first byte, plus its body's length at
 BODY_MIN_BYTES_PER_S = 1 << 20  # this rate (a 256 MiB body: 60 s + 256 s)
+LINGER_S = 1.0                # after a 408, what the client still sends is read (then dropped) this long
 
 
 class OwnThreadServer:
@@ -55,8 +56,11 @@ class ThreadBudget:
     def __init__(self, limit: int) -> None:
         self.limit = self.cap = limit
         self._lock = threading.Lock()
+        self.open_connections: Callable[[], int] = lambda: 0  # all servers' (``limit_connections`` sets it)
 
-    def short(self, open_connections: int, exc: BaseException) -> None:
+    def short(self, exc: BaseException) -> None:
+        """No thread for the connection just accepted (still counted among the open ones)."""
+        open_connections = self.open_connections() - 1
         with self._lock:
             if self.cap == self.limit:
                 log.warning("no thread for a new connection (%s: %s): answering 503 and accepting no more than "
@@ -100,7 +104,7 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
             try:
                 self._thread.start()
             except Exception as exc:  # noqa: BLE001 - no thread for it (a process limit): a 503, not a reset
-                budget.short(len(server.active_channels) - 1, exc)
+                budget.short(exc)
                 try:
                     sock.send(_BUSY)
                 except OSError:
@@ -122,28 +126,34 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
                     if deadline is not None and now >= deadline:
                         self._late(self.request)
                         break
-                    self.socket.settimeout(self.adj.channel_timeout if deadline is None
-                                           else min(self.adj.channel_timeout, deadline - now))
+                    by_deadline = deadline is not None and deadline - now < self.adj.channel_timeout
+                    self.socket.settimeout(deadline - now if by_deadline else self.adj.channel_timeout)
                     try:
                         data = self.socket.recv(self.adj.recv_bytes)
                     except TimeoutError:
-                        if deadline is not None:
+                        if by_deadline:
                             continue  # its deadline: answered above
-                        break  # idle past channel_timeout
+                        break  # silent for channel_timeout, between requests or in one
                     except OSError:  # reset
                         break
                     if not data:  # closed by the client, or shut down to stop: what was read is served
                         break
+                    arrived = time.monotonic()
+                    self.socket.settimeout(self.adj.channel_timeout)  # its answers' sends: the whole timeout
                     self.last_activity = time.time()
-                    if self.request is None:
-                        began = time.monotonic()
                     self.received(data)
-                    if self.request is None:
-                        began = None
+                    served = bool(self.requests)
                     while self.requests and self.connected:
                         self.service()
                     if not self._flush_all():
                         break
+                    request = self.request
+                    if request is None or not (request.headers_finished or request.header_plus.strip()):
+                        began = None  # between requests (blank lines between them are none)
+                    elif served:
+                        began = time.monotonic()  # came with the last one's tail: counted from its answer
+                    elif began is None:
+                        began = arrived
             except Exception:  # noqa: BLE001 - the connection ends; the others go on
                 log.exception("connection %s failed", self.addr)
             finally:
@@ -152,26 +162,36 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
                 self.handle_close()
 
         def _late(self, request: Any) -> None:
-            """A 408 for ``request``, which did not arrive in time; nothing more goes out after it."""
-            part = ("its head", HEADERS_S) if not request.headers_finished else (
-                "its body", BODY_S + (request.content_length or 0) / BODY_MIN_BYTES_PER_S)
+            """A 408 for ``request``, which did not arrive in time; nothing more goes out after it,
+            and what the client still sends is read for a moment (a close with unread input would
+            reset the connection before the client reads the 408)."""
+            part = ("its head", HEADERS_S) if not request.headers_finished else ("all of it", self._body_s(request))
             self._send_failed = True
             try:
                 self.socket.settimeout(5.0)
                 self.socket.sendall(closing_error("408 Request Timeout", f"the request did not arrive in time "
                                                   f"({part[0]} within {part[1]:.0f} s of its first byte)"))
+                self.socket.shutdown(socket.SHUT_WR)
+                self.socket.settimeout(LINGER_S)
+                while self.socket.recv(1 << 16):
+                    pass
             except OSError:
                 pass
 
+        def _body_s(self, request: Any) -> float:
+            """Seconds a request with a head may take in all: ``BODY_S``, and its body's length (up to the
+            body limit; a chunked body's as it grows) at ``BODY_MIN_BYTES_PER_S``."""
+            length = min(max(request.content_length or 0, request.body_bytes_received or 0),
+                         self.adj.max_request_body_size)
+            return BODY_S + length / BODY_MIN_BYTES_PER_S
+
         def _deadline(self, began: float | None) -> float | None:
-            """When the request being read must be in (``HEADERS_S`` for its head, ``BODY_S`` and
-            its length at ``BODY_MIN_BYTES_PER_S`` for the rest); None between requests."""
+            """When the request being read must be in (``HEADERS_S`` for its head, ``_body_s`` in all);
+            None between requests."""
             request = self.request
             if request is None or began is None:
                 return None
-            if not request.headers_finished:
-                return began + HEADERS_S
-            return began + BODY_S + (request.content_length or 0) / BODY_MIN_BYTES_PER_S
+            return began + (self._body_s(request) if request.headers_finished else HEADERS_S)
 
         def _flush_all(self) -> bool:
             """The responses in the out-buffers sent, the socket's timeout for each wait on a client that
@@ -213,6 +233,8 @@ def limit_connections(servers: list[Any], budget: ThreadBudget) -> None:
 
     def open_connections() -> int:
         return sum(len(s.active_channels) for s in servers)
+
+    budget.open_connections = open_connections
 
     def room() -> bool:
         now_full = open_connections() >= budget.cap
