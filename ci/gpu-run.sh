@@ -63,7 +63,7 @@ workers=${SHIM_WORKERS:-8}
 for step in $what; do
   case $step in
     tests|all)
-      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+      timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
         tests/test_cuda.py tests/test_cuda_jpeg.py tests/test_workers.py \
         $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
     bench|all)

@@ -124,6 +124,14 @@ def test_classify_reads_a_jpeg_as_the_png_of_its_pixels(inproc_client, chelsea):
     assert inproc_client.classify(jpeg, top_k=5) == inproc_client.classify(png, top_k=5)
 
 
+def without_segment(data: bytes, marker: bytes) -> bytes:
+    """``data`` without the first segment of ``marker`` (the tables of a DQT or a DHT it defines)."""
+    at = data.index(marker)
+    rest = data[:at] + data[at + 2 + int.from_bytes(data[at + 2:at + 4], "big"):]
+    assert rest.count(marker) == data.count(marker) - 1
+    return rest
+
+
 def test_the_jpegs_left_for_the_gpus_engines_are_baseline_color_plain_ones(chelsea, coffee):
     """``plain_jpeg_shape`` names the shape ``decode_plain_jpeg`` gives, from the markers alone, for
     the plain JPEGs a GPU's JPEG engines decode (baseline, YCbCr, 4:4:4 / 4:2:2 / 4:2:0); the rest
@@ -138,11 +146,8 @@ def test_the_jpegs_left_for_the_gpus_engines_are_baseline_color_plain_ones(chels
     assert plain_jpeg_shape(variants["coffee"], coffee.shape[0] * coffee.shape[1] - 1) is None  # over the limit
     sideways = np.ascontiguousarray(np.rot90(chelsea))
     cut = variants["coffee"][:len(variants["coffee"]) // 2]  # its markers whole, the scan cut short
-    dqt = variants["coffee"].index(b"\xff\xdb")
-    untabled = variants["coffee"][:dqt] + variants["coffee"][dqt + 2 + int.from_bytes(variants["coffee"][dqt + 2:dqt + 4],
-                                                                                       "big"):]  # a DQT segment less
-    assert untabled.count(b"\xff\xdb") == variants["coffee"].count(b"\xff\xdb") - 1
-    for data in (encode(sideways, "JPEG", quality=90, exif=exif(6)), encode(chelsea, "PNG"), b"", cut,
+    untabled = [without_segment(variants["coffee"], marker) for marker in (b"\xff\xdb", b"\xff\xc4")]  # a table less
+    for data in (encode(sideways, "JPEG", quality=90, exif=exif(6)), encode(chelsea, "PNG"), b"", cut, *untabled,
                  b"\xff\xd8\xff\xe0 a JPEG's first bytes, and then nothing"):
         assert plain_jpeg_shape(data, 10**8) is None
 

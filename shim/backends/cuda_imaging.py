@@ -74,12 +74,13 @@ class CudaImagePipeline:
         batch's upload, resize and model follow one another there, with no wait on the host. Where
         that fails, the thread runs the shared sessions (logged), on a new worker: a failed capture
         may have left the first one's stream capturing."""
-        stream = self._backend.bind_thread().stream
+        worker = self._backend.bind_thread()
+        stream = worker.stream
         if self._jpeg is not None:
             try:
                 with self._backend.pinned.capture_lock:  # its buffers and streams: not while a graph is captured
-                    self._jpeg.decoder()
-            except RuntimeError as exc:  # its batches' JPEGs are decoded on the CPU (each logged)
+                    self._jpeg.decoder(worker)
+            except RuntimeError as exc:  # its batches' JPEGs are decoded on the CPU
                 log.warning("%s: a batcher thread has no JPEG decoder (%s)", self._name, exc)
         try:
             with device_errors():
@@ -94,10 +95,12 @@ class CudaImagePipeline:
 
     def logits(self, items: Sequence[np.ndarray | PlainJpeg]) -> np.ndarray:
         """Raises:
-            UndecodedImages: ``PlainJpeg`` items the JPEG engines did not decode (nothing ran).
+            UndecodedImages: ``PlainJpeg`` items the JPEG engines did not decode (every chunk's, the
+                others' chunks run or not: the caller runs the whole batch again).
         """
         size = self._pre.size
         parts = []
+        missed: list[int] = []  # rows of JPEGs the engines did not decode
 
         def run(state: DeviceWorker) -> None:
             held: list[cp.ndarray] = []  # decoded images: until the runs have read them (they wait for the stream)
@@ -107,13 +110,15 @@ class CudaImagePipeline:
                 target = self.runner.input_buffer(self._input, rows)
                 batch = self._batch_array((rows, 3, size, size), target)
                 if any(isinstance(item, PlainJpeg) for item in chunk):
-                    decoded, missed = self._decode_into(state, chunk, batch)
+                    decoded, undecoded = self._decode_into(state, chunk, batch)
                     held.extend(decoded)
-                    if missed:
-                        raise UndecodedImages([start + row for row in missed])
+                    missed.extend(start + row for row in undecoded)
                 else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
                     flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
                     self.preprocess_batch(flat, [p.shape for p in chunk], batch)  # type: ignore[union-attr]
+                if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
+                    state.stream.synchronize()  # what went up and was decoded is read before it goes
+                    continue
                 if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros
                     row = batch[0].nbytes
                     cuda_driver.fill_zeros(batch.data.ptr + len(chunk) * row, (len(batch) - len(chunk)) * row,
@@ -127,6 +132,8 @@ class CudaImagePipeline:
 
         with device_errors(self._backend.pool):
             self._backend.on_device(run)
+        if missed:
+            raise UndecodedImages(missed)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
@@ -147,10 +154,10 @@ class CudaImagePipeline:
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
         data = [jpeg.data for _, jpeg in jpegs]
         if self._backend.sealed:  # no graph is captured any more
-            decoded = self._jpeg.decode(data, state.stream.ptr)
+            decoded = self._jpeg.decode(data, state.stream.ptr, state)
         else:
             with self._backend.pinned.capture_lock:  # the decoder allocates: not while a graph is captured
-                decoded = self._jpeg.decode(data, state.stream.ptr)
+                decoded = self._jpeg.decode(data, state.stream.ptr, state)
         missed = []
         for (row, jpeg), image in zip(jpegs, decoded):
             if image is None or image.shape != jpeg.shape:

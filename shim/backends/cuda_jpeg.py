@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 from typing import Any, Sequence
 
@@ -37,9 +36,9 @@ def _sample_jpeg() -> bytes:
 
 
 class JpegEngines:
-    """One nvImageCodec decoder per thread (a batcher's), on the hardware backend only, never a slower
-    GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it is made
-    (its buffers, now), and the first one checks the pixels against libjpeg-turbo's.
+    """One nvImageCodec decoder per device worker (per stream), on the hardware backend only, never a
+    slower GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it
+    is made (its buffers, now), and the first one checks the pixels against libjpeg-turbo's.
 
     Raises (constructor):
         RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
@@ -56,29 +55,37 @@ class JpegEngines:
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                allow_any_depth=False)
         self._sample = _sample_jpeg()
-        self._local = threading.local()
-        self._warned = 0.0
+        self._warned: dict[str, float] = {}
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
-        got = self._decoded_sample(self.decoder())
+        got = self._decoded_sample(self._new_decoder())
         want = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         if got.shape != want.shape or np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
             raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
 
-    def decoder(self) -> Any:
-        """The calling thread's decoder, made (and warmed up) on first use.
+    def decoder(self, owner: Any) -> Any:
+        """``owner``'s decoder (a device worker's: one per stream), made and warmed up on first use;
+        None where it could not be made (logged, once for each owner).
 
         Raises:
-            RuntimeError: it cannot be made.
+            RuntimeError: it cannot be made (the first time for ``owner``; None after that).
         """
-        decoder = getattr(self._local, "decoder", None)
+        decoder = getattr(owner, "_jpeg_decoder", None)
         if decoder is None:
             try:
-                decoder = self._nv.Decoder(device_id=self._device_id, max_num_cpu_threads=CPU_THREADS,
-                                           backends=[self._nv.Backend(self._nv.BackendKind.HW_GPU_ONLY)])
-                self._decoded_sample(decoder)
-            except Exception as exc:  # noqa: BLE001 - nvImageCodec raises plain RuntimeErrors
-                raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
-            self._local.decoder = decoder
+                decoder = self._new_decoder()
+            except RuntimeError:
+                owner._jpeg_decoder = False  # not again for it: its JPEGs are decoded on the CPU
+                raise
+            owner._jpeg_decoder = decoder
+        return decoder or None
+
+    def _new_decoder(self) -> Any:
+        try:
+            decoder = self._nv.Decoder(device_id=self._device_id, max_num_cpu_threads=CPU_THREADS,
+                                       backends=[self._nv.Backend(self._nv.BackendKind.HW_GPU_ONLY)])
+            self._decoded_sample(decoder)
+        except Exception as exc:  # noqa: BLE001 - nvImageCodec raises plain RuntimeErrors
+            raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
         return decoder
 
     def _decoded_sample(self, decoder: Any) -> np.ndarray:
@@ -87,33 +94,45 @@ class JpegEngines:
             raise RuntimeError("the JPEG engines did not decode a plain baseline JPEG")
         return np.asarray(image.cpu())
 
-    def decode(self, jpegs: Sequence[bytes], stream: int) -> list[cp.ndarray | None]:
-        """``jpegs`` decoded as one batch to uint8 RGB HWC arrays on the device, ready in ``stream``'s
-        order (the engines' work and their buffers' allocation and release are queued there); None
-        for each they did not decode, all None where the decoder failed (logged, at most once a
-        minute). The arrays keep the decoded images alive."""
+    def decode(self, jpegs: Sequence[bytes], stream: int, owner: Any) -> list[cp.ndarray | None]:
+        """``jpegs`` decoded as one batch by ``owner``'s decoder (``decoder``) to uint8 RGB HWC arrays
+        on the device, ready in ``stream``'s order (the engines' work and their buffers' allocation
+        and release are queued there); None for each they did not decode, all None where the decoder
+        failed (each kind of trouble logged at most once a minute). The arrays keep the decoded
+        images alive."""
+        images: list[Any] = [None] * len(jpegs)
         try:
-            images = self.decoder().decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
-                                           cuda_stream=stream)
+            decoder = self.decoder(owner)
+            if decoder is not None:
+                images = decoder.decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
+                                        cuda_stream=stream)
         except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
-            self._warn(f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-            images = [None] * len(jpegs)
-        arrays = [None if image is None else device_array(image) for image in images]
+            self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
+        arrays = [self._array(image) for image in images]
         missed = arrays.count(None)
         if missed:
             self.fallbacks += missed
-            self._warn(f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes them "
-                       f"({self.fallbacks} so far)")
+            self._warn("missed", f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
+                                 f"them ({self.fallbacks} so far)")
         return arrays
 
-    def _warn(self, message: str) -> None:
+    def _array(self, image: Any) -> cp.ndarray | None:
+        if image is None:
+            return None
+        try:
+            return device_array(image, self._device_id)
+        except Exception as exc:  # noqa: BLE001 - an image not as expected: the CPU decodes it
+            self._warn("array", f"a decoded image could not be read ({type(exc).__name__}: {exc})")
+            return None
+
+    def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()
-        if now - self._warned >= WARN_EVERY_S:
-            self._warned = now
+        if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned[kind] = now
             log.warning("--gpu-jpeg: %s", message)
 
 
-def device_array(image: Any) -> cp.ndarray:
+def device_array(image: Any, device_id: int) -> cp.ndarray:
     """A decoded image's device buffer as a cupy array that keeps ``image`` alive, without the host
     wait ``cp.asarray`` makes for the stream its interface names (that work is ordered on the stream
     anyway)."""
@@ -121,7 +140,7 @@ def device_array(image: Any) -> cp.ndarray:
     shape = tuple(face["shape"])
     strides = face.get("strides")
     nbytes = strides[0] * shape[0] if strides else int(np.prod(shape))
-    memory = cp.cuda.UnownedMemory(face["data"][0], nbytes, image)
+    memory = cp.cuda.UnownedMemory(face["data"][0], nbytes, image, device_id)
     return cp.ndarray(shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0), strides=strides)
 
 

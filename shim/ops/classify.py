@@ -94,14 +94,14 @@ class ClassifyOp(Op):
         the CPU twin decodes them (an error is that image's request's: a failed batch of several is
         run again request by request), and the batch runs again."""
         assert self._pipeline is not None
-        try:
-            return self._pipeline.logits(items)
-        except UndecodedImages as exc:
-            items = list(items)
-            for row in exc.rows:
-                jpeg = items[row]
-                items[row] = self._pipeline.prepare(decode_image(jpeg.data, jpeg.what, self._max_pixels))
-            return self._pipeline.logits(items)
+        while True:  # each round decodes at least one more image here: it ends
+            try:
+                return self._pipeline.logits(items)
+            except UndecodedImages as exc:
+                items = list(items)
+                for row in exc.rows:
+                    jpeg = items[row]
+                    items[row] = self._pipeline.prepare(decode_image(jpeg.data, jpeg.what, self._max_pixels))
 
     @property
     def decodes_jpeg(self) -> bool:

@@ -53,10 +53,48 @@ def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | Non
         return None
     height, width, colorspace, subsampling, markers = header
     frames = {m for m in markers if 0xC0 <= m <= 0xCF and m not in (_DHT, 0xC8, 0xCC)}
-    if frames != {_BASELINE} or not {_DHT, _DQT} <= markers or colorspace != "YCbCr" \
-            or subsampling not in _DEVICE_SUBSAMPLING:
+    if frames != {_BASELINE} or colorspace != "YCbCr" or subsampling not in _DEVICE_SUBSAMPLING \
+            or not _tables_defined(data):
         return None
     return height, width, 3
+
+
+def _tables_defined(data: bytes) -> bool:
+    """Whether each quantization table the frame's components use, and each Huffman table the first
+    scan's use, is defined before that scan."""
+    i, n, quant, huffman, used_quant = 2, len(data), set(), set(), None
+    try:
+        while i + 4 <= n:
+            marker = data[i + 1]
+            if data[i] != 0xFF:
+                return False
+            if marker == 0xFF or marker in _STANDALONE:  # a fill byte; a marker without a length
+                i += 1 if marker == 0xFF else 2
+                continue
+            length = (data[i + 2] << 8) | data[i + 3]
+            segment = data[i + 4:i + 2 + length]
+            if marker == _DQT:  # tables of (precision << 4 | id) and 64 values of 1 or 2 bytes
+                j = 0
+                while j < len(segment):
+                    quant.add(segment[j] & 15)
+                    j += 1 + (128 if segment[j] >> 4 else 64)
+            elif marker == _DHT:  # tables of (class << 4 | id), 16 counts, then the values
+                j = 0
+                while j + 17 <= len(segment):
+                    huffman.add((segment[j] >> 4, segment[j] & 15))
+                    j += 17 + sum(segment[j + 1:j + 17])
+            elif marker == _BASELINE:  # precision, height, width, components: (id, sampling, quant table)
+                used_quant = {segment[5 + 3 * k + 3] for k in range(segment[5])}
+            elif marker == _SOS:  # components: (id, dc table << 4 | ac table)
+                used = set()
+                for k in range(segment[0]):
+                    tables = segment[2 + 2 * k]
+                    used |= {(0, tables >> 4), (1, tables & 15)}
+                return used_quant is not None and used_quant <= quant and used <= huffman
+            i += 2 + length
+    except IndexError:  # a segment cut short
+        return False
+    return False
 
 
 def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, set[int]] | None:
