@@ -4,7 +4,10 @@ socket, its device answered at once by a forked process (``logits`` made up: no 
 clients classifying the cat photo in separate processes for S seconds. Prints requests/s, latency
 and the worker's CPU per request: the request path's own cost, without a GPU.
 
-    python bench/front_probe.py [C] [S] [shim|threads|plain]      # default 4 clients, 8 s, shim
+    python bench/front_probe.py [C] [S] [shim|threads|plain] [gpu-jpeg]   # default 4 clients, 8 s, shim
+
+``gpu-jpeg``: the faked device says it decodes plain JPEGs (``--gpu-jpeg``), so the worker sends the
+cat's JPEG as it came instead of decoding it: the worker's side of that change.
 
 ``shim`` is the shim's Server with ``--no-connection-threads`` (waitress's event loop reads each
 request, a task thread serves it), ``threads`` with its default ``--connection-threads``.
@@ -34,11 +37,11 @@ from bench.loop import process_closed_loop  # noqa: E402
 from bench.procs import cat_jpeg  # noqa: E402
 
 
-def faked_device_handlers(settings: Any) -> dict[str, Any]:
+def faked_device_handlers(settings: Any, gpu_jpeg: bool = False) -> dict[str, Any]:
     """The device process's link handlers on the CPU, but classify's pixels are answered at once
     (fixed random logits, untied as a model's are: all-zero logits tie every class, which sent top-k
     down a path no model's logits take) and reported as a GPU pipeline's, so the worker sends raw
-    pixels as in front of a GPU."""
+    pixels as in front of a GPU (``gpu_jpeg``: plain JPEGs as they came, as to ``--gpu-jpeg``'s)."""
     import numpy as np
 
     from shim.service import build_service
@@ -49,6 +52,7 @@ def faked_device_handlers(settings: Any) -> dict[str, Any]:
     device.load()
     handlers = DeviceEndpoint(device, workers=1).handlers()
     handlers["pipeline_device"] = lambda model: "cuda"
+    handlers["pipeline_decodes_jpeg"] = lambda model: gpu_jpeg
 
     made_up = np.random.default_rng(0).normal(size=(64, 1000)).astype(np.float32)
 
@@ -61,7 +65,7 @@ def faked_device_handlers(settings: Any) -> dict[str, Any]:
     return handlers
 
 
-def _serve_device(settings: Any, address: str, key: bytes) -> tuple[int, int]:
+def _serve_device(settings: Any, address: str, key: bytes, gpu_jpeg: bool) -> tuple[int, int]:
     """A forked process serving the faked device at ``address`` until this one exits; its pid and the
     read end of a pipe that says it is ready."""
     ready_r, ready_w = os.pipe()
@@ -72,7 +76,7 @@ def _serve_device(settings: Any, address: str, key: bytes) -> tuple[int, int]:
         os.close(alive_w)
         from shim.workers.link import LinkServer
 
-        LinkServer(address, key, faked_device_handlers(settings), threads=8)
+        LinkServer(address, key, faked_device_handlers(settings, gpu_jpeg), threads=8)
         os.write(ready_w, b"1")
         os.read(alive_r, 1)
         os._exit(0)
@@ -113,7 +117,7 @@ def serve_plain(app: Any, sock: socket.socket) -> None:
         threading.Thread(target=connection, args=(conn,), daemon=True).start()
 
 
-def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
+def main(clients: int = 4, seconds: float = 8.0, server: str = "shim", gpu_jpeg: bool = False) -> None:
     from shim.config import Settings
     from shim.server.serving import Server
     from shim.workers.front import WorkerConfig, build_front
@@ -121,7 +125,7 @@ def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
     settings = Settings(device="cpu", models_dir=ROOT / "models", connection_threads=server == "threads")
     work = tempfile.mkdtemp(prefix="front-probe-")
     key = os.urandom(16)
-    _pid, ready = _serve_device(settings, f"{work}/link.sock", key)
+    _pid, ready = _serve_device(settings, f"{work}/link.sock", key, gpu_jpeg)
     if os.read(ready, 1) != b"1":
         raise RuntimeError("the faked device did not start")
     front = build_front(WorkerConfig(settings, f"{work}/link.sock", key, [], "cuda", {"name": "cpu"}))
@@ -140,7 +144,7 @@ def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             requests = out["images_per_s"] * seconds
-            print(f"front probe ({server}), {clients} clients, {seconds:.0f} s: {out['images_per_s']:.1f} requests/s, "
+            print(f"front probe ({server}{', gpu-jpeg' if gpu_jpeg else ''}), {clients} clients, {seconds:.0f} s: {out['images_per_s']:.1f} requests/s, "
                   f"p50 {out.get('p50_ms', 0):.2f} p99 {out.get('p99_ms', 0):.2f} ms, errors {out['errors']}; "
                   f"the worker {1e3 * cpu / max(requests, 1):.3f} ms of CPU per request "
                   f"({cpu / seconds:.2f} cores while the clients ran)", flush=True)
@@ -156,4 +160,4 @@ def main(clients: int = 4, seconds: float = 8.0, server: str = "shim") -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 4, float(sys.argv[2]) if len(sys.argv) > 2 else 8.0,
-         sys.argv[3] if len(sys.argv) > 3 else "shim")
+         sys.argv[3] if len(sys.argv) > 3 else "shim", sys.argv[4:5] == ["gpu-jpeg"])
