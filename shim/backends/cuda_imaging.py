@@ -3,6 +3,7 @@ decoded there by the JPEG engines), Pillow's resize + normalisation there (the p
 ``shim/kernels/resample.cu``), the batch straight into the model."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -152,12 +153,9 @@ class CudaImagePipeline:
                 self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1])
                 offset += image.size
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
-        data = [jpeg.data for _, jpeg in jpegs]
-        if self._backend.sealed:  # no graph is captured any more
-            decoded = self._jpeg.decode(data, state.stream.ptr, state)
-        else:
-            with self._backend.pinned.capture_lock:  # the decoder allocates: not while a graph is captured
-                decoded = self._jpeg.decode(data, state.stream.ptr, state)
+        # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
+        with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
+            decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
         missed = []
         for (row, jpeg), image in zip(jpegs, decoded):
             if image is None or image.shape != jpeg.shape:

@@ -38,7 +38,7 @@ def _sample_jpeg() -> bytes:
 class JpegEngines:
     """One nvImageCodec decoder per device worker (per stream), on the hardware backend only, never a
     slower GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it
-    is made (its buffers, now), and the first one checks the pixels against libjpeg-turbo's.
+    is made (its buffers, now), whose pixels must be libjpeg-turbo's.
 
     Raises (constructor):
         RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
@@ -55,12 +55,10 @@ class JpegEngines:
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                allow_any_depth=False)
         self._sample = _sample_jpeg()
+        self._sample_pixels = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         self._warned: dict[str, float] = {}
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
-        got = self._decoded_sample(self._new_decoder())
-        want = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
-        if got.shape != want.shape or np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
-            raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
+        self._new_decoder()  # here, so that a GPU without engines, or with other pixels, fails the start
 
     def decoder(self, owner: Any) -> Any:
         """``owner``'s decoder (a device worker's: one per stream), made and warmed up on first use;
@@ -80,19 +78,19 @@ class JpegEngines:
         return decoder or None
 
     def _new_decoder(self) -> Any:
+        """A decoder on the engines that has decoded the sample JPEG as libjpeg-turbo does."""
         try:
             decoder = self._nv.Decoder(device_id=self._device_id, max_num_cpu_threads=CPU_THREADS,
                                        backends=[self._nv.Backend(self._nv.BackendKind.HW_GPU_ONLY)])
-            self._decoded_sample(decoder)
+            image = decoder.decode(self._nv.CodeStream(self._sample), params=self._params)
         except Exception as exc:  # noqa: BLE001 - nvImageCodec raises plain RuntimeErrors
             raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
-        return decoder
-
-    def _decoded_sample(self, decoder: Any) -> np.ndarray:
-        image = decoder.decode(self._nv.CodeStream(self._sample), params=self._params)
         if image is None:
             raise RuntimeError("the JPEG engines did not decode a plain baseline JPEG")
-        return np.asarray(image.cpu())
+        got, want = np.asarray(image.cpu()), self._sample_pixels
+        if got.shape != want.shape or np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
+            raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
+        return decoder
 
     def decode(self, jpegs: Sequence[bytes], stream: int, owner: Any) -> list[cp.ndarray | None]:
         """``jpegs`` decoded as one batch by ``owner``'s decoder (``decoder``) to uint8 RGB HWC arrays

@@ -51,28 +51,20 @@ def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | Non
     header = _plain_header(data, max_pixels)
     if header is None:
         return None
-    height, width, colorspace, subsampling, markers = header
-    frames = {m for m in markers if 0xC0 <= m <= 0xCF and m not in (_DHT, 0xC8, 0xCC)}
+    height, width, colorspace, subsampling, segments = header
+    frames = {m for m, _ in segments if 0xC0 <= m <= 0xCF and m not in (_DHT, 0xC8, 0xCC)}
     if frames != {_BASELINE} or colorspace != "YCbCr" or subsampling not in _DEVICE_SUBSAMPLING \
-            or not _tables_defined(data):
+            or not _tables_defined(segments):
         return None
     return height, width, 3
 
 
-def _tables_defined(data: bytes) -> bool:
+def _tables_defined(segments: list[tuple[int, bytes]]) -> bool:
     """Whether each quantization table the frame's components use, and each Huffman table the first
-    scan's use, is defined before that scan."""
-    i, n, quant, huffman, used_quant = 2, len(data), set(), set(), None
+    scan's use, is defined before that scan (``segments``: ``_upright_segments``)."""
+    quant, huffman, used_quant = set(), set(), None
     try:
-        while i + 4 <= n:
-            marker = data[i + 1]
-            if data[i] != 0xFF:
-                return False
-            if marker == 0xFF or marker in _STANDALONE:  # a fill byte; a marker without a length
-                i += 1 if marker == 0xFF else 2
-                continue
-            length = (data[i + 2] << 8) | data[i + 3]
-            segment = data[i + 4:i + 2 + length]
+        for marker, segment in segments:
             if marker == _DQT:  # tables of (precision << 4 | id) and 64 values of 1 or 2 bytes
                 j = 0
                 while j < len(segment):
@@ -91,19 +83,18 @@ def _tables_defined(data: bytes) -> bool:
                     tables = segment[2 + 2 * k]
                     used |= {(0, tables >> 4), (1, tables & 15)}
                 return used_quant is not None and used_quant <= quant and used <= huffman
-            i += 2 + length
     except IndexError:  # a segment cut short
         return False
     return False
 
 
-def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, set[int]] | None:
-    """(height, width, colorspace, subsampling, the markers before the scan) of a plain JPEG
+def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, list[tuple[int, bytes]]] | None:
+    """(height, width, colorspace, subsampling, the segments up to the scan's) of a plain JPEG
     (upright, YCbCr or grayscale, within the pixel limits), or None."""
     if data[:2] != b"\xff\xd8":
         return None
-    markers = _upright_markers(data)
-    if markers is None:
+    segments = _upright_segments(data)
+    if segments is None:
         return None
     try:
         height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
@@ -112,13 +103,14 @@ def _plain_header(data: bytes, max_pixels: int) -> tuple[int, int, str, str, set
     limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     if colorspace not in _COLORSPACES or width * height > limit:
         return None
-    return height, width, colorspace, str(subsampling), markers
+    return height, width, colorspace, str(subsampling), segments
 
 
-def _upright_markers(data: bytes) -> set[int] | None:
-    """The markers before the scan when they hold nothing that turns the image (Pillow's
-    ``exif_transpose``: EXIF orientation, else XMP's) and no multi-picture index (MPO); else None."""
-    i, n, exif, markers = 2, len(data), 0, set()
+def _upright_segments(data: bytes) -> list[tuple[int, bytes]] | None:
+    """The segments (marker, payload) before the scan and the scan's header, when they hold nothing
+    that turns the image (Pillow's ``exif_transpose``: EXIF orientation, else XMP's) and no
+    multi-picture index (MPO); else None."""
+    i, n, exif, segments = 2, len(data), 0, []
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
@@ -126,8 +118,11 @@ def _upright_markers(data: bytes) -> set[int] | None:
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in (_SOS, _EOI):
-            return markers
+        if marker == _SOS:
+            segments.append((marker, data[i + 4:i + 2 + ((data[i + 2] << 8) | data[i + 3])]))
+            return segments
+        if marker == _EOI:
+            return segments
         if marker in _STANDALONE:
             i += 2
             continue
@@ -144,7 +139,7 @@ def _upright_markers(data: bytes) -> set[int] | None:
                 return None
         elif marker == _APP2 and segment.startswith(b"MPF\x00"):
             return None
-        markers.add(marker)
+        segments.append((marker, segment))
         i += 2 + length
     return None
 

@@ -259,7 +259,7 @@ class Server:
         task = type("_Task", (_StampedTask,), {"stopping": self._stopping})
         channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser, "task_class": task})
         if settings.connection_threads:
-            budget = ThreadBudget(CONNECTION_LIMIT)
+            budget = ThreadBudget(CONNECTION_LIMIT, self._servers)
             channel = threaded(channel, budget)
             limit_connections(self._servers, budget)
         for server in self._servers:

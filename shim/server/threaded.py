@@ -15,12 +15,12 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 # a task never sends: its response goes out once it is done (its request's body freed by then), head
-# and body in one send; past this many buffered bytes it would (waitress's outbuf_high_watermark)
+# and body in one send (waitress's outbuf_high_watermark still flushes a huge one as it is written)
 SEND_AT_BYTES = 1 << 62
 BUSY_RETRY_S = 1  # Retry-After of the 503 a connection gets when no thread can be made for it
 # a request must arrive in time, however its bytes trickle in (each read only bounds the silence):
@@ -51,12 +51,16 @@ class OwnThreadServer:
 class ThreadBudget:
     """How many connections may have threads: the connection limit, lowered to what there is when a
     thread cannot be made (a container's pids limit: ``RuntimeError: can't start new thread``),
-    raised by one as each connection ends (the next accept tries again). Logged once per shortage."""
+    raised by one as each connection ends (the next accept tries again). Logged once per shortage.
+    Connections count over all of ``servers``."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, servers: list[Any]) -> None:
         self.limit = self.cap = limit
+        self._servers = servers
         self._lock = threading.Lock()
-        self.open_connections: Callable[[], int] = lambda: 0  # all servers' (``limit_connections`` sets it)
+
+    def open_connections(self) -> int:
+        return sum(len(s.active_channels) for s in self._servers)
 
     def short(self, exc: BaseException) -> None:
         """No thread for the connection just accepted (still counted among the open ones)."""
@@ -165,12 +169,12 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
             """A 408 for ``request``, which did not arrive in time; nothing more goes out after it,
             and what the client still sends is read for a moment (a close with unread input would
             reset the connection before the client reads the 408)."""
-            part = ("its head", HEADERS_S) if not request.headers_finished else ("all of it", self._body_s(request))
+            part, seconds = self._allowed(request)
             self._send_failed = True
             try:
                 self.socket.settimeout(5.0)
                 self.socket.sendall(closing_error("408 Request Timeout", f"the request did not arrive in time "
-                                                  f"({part[0]} within {part[1]:.0f} s of its first byte)"))
+                                                  f"({part} within {seconds:.0f} s of its first byte)"))
                 self.socket.shutdown(socket.SHUT_WR)
                 self.socket.settimeout(LINGER_S)
                 while self.socket.recv(1 << 16):
@@ -178,20 +182,22 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
             except OSError:
                 pass
 
-        def _body_s(self, request: Any) -> float:
-            """Seconds a request with a head may take in all: ``BODY_S``, and its body's length (up to the
-            body limit; a chunked body's as it grows) at ``BODY_MIN_BYTES_PER_S``."""
+        def _allowed(self, request: Any) -> tuple[str, float]:
+            """What of ``request`` must be in, and within how many seconds of its first byte: its head
+            in ``HEADERS_S``; once that is in, all of it in ``BODY_S`` and its body's length (up to
+            the body limit; a chunked body's as it grows) at ``BODY_MIN_BYTES_PER_S``."""
+            if not request.headers_finished:
+                return "its head", HEADERS_S
             length = min(max(request.content_length or 0, request.body_bytes_received or 0),
                          self.adj.max_request_body_size)
-            return BODY_S + length / BODY_MIN_BYTES_PER_S
+            return "all of it", BODY_S + length / BODY_MIN_BYTES_PER_S
 
         def _deadline(self, began: float | None) -> float | None:
-            """When the request being read must be in (``HEADERS_S`` for its head, ``_body_s`` in all);
-            None between requests."""
+            """When the request being read must be in (``_allowed``); None between requests."""
             request = self.request
             if request is None or began is None:
                 return None
-            return began + (self._body_s(request) if request.headers_finished else HEADERS_S)
+            return began + self._allowed(request)[1]
 
         def _flush_all(self) -> bool:
             """The responses in the out-buffers sent, the socket's timeout for each wait on a client that
@@ -231,13 +237,8 @@ def limit_connections(servers: list[Any], budget: ThreadBudget) -> None:
     ``active_channels`` while their threads change it)."""
     full = [False]
 
-    def open_connections() -> int:
-        return sum(len(s.active_channels) for s in servers)
-
-    budget.open_connections = open_connections
-
     def room() -> bool:
-        now_full = open_connections() >= budget.cap
+        now_full = budget.open_connections() >= budget.cap
         if now_full != full[0] and budget.cap == budget.limit:
             log.warning("total open connections reached the connection limit, no longer accepting new "
                         "connections" if now_full else "total open connections dropped below the connection "
