@@ -107,7 +107,7 @@ class JpegEngines:
         except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
             self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
         arrays = [self._array(image) for image in images]
-        missed = arrays.count(None)
+        missed = sum(array is None for array in arrays)  # not list.count: a cupy array's == is elementwise
         if missed:
             self.fallbacks += missed
             self._warn("missed", f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
