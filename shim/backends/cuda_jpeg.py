@@ -97,8 +97,9 @@ class JpegEngines:
         on the device, ready in ``stream``'s order (the engines' work and their buffers' allocation
         and release are queued there); None for each they did not decode, all None where the decoder
         failed (each kind of trouble logged at most once a minute). The arrays keep the decoded
-        images alive."""
+        images and their decoder alive."""
         images: list[Any] = [None] * len(jpegs)
+        decoder = None
         try:
             decoder = self.decoder(owner)
             if decoder is not None:
@@ -106,7 +107,7 @@ class JpegEngines:
                                         cuda_stream=stream)
         except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
             self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-        arrays = [self._array(image) for image in images]
+        arrays = [self._array(image, decoder) for image in images]
         missed = sum(array is None for array in arrays)  # not list.count: a cupy array's == is elementwise
         if missed:
             self.fallbacks += missed
@@ -114,11 +115,11 @@ class JpegEngines:
                                  f"them ({self.fallbacks} so far)")
         return arrays
 
-    def _array(self, image: Any) -> cp.ndarray | None:
+    def _array(self, image: Any, decoder: Any) -> cp.ndarray | None:
         if image is None:
             return None
-        try:
-            return device_array(image, self._device_id)
+        try:  # the array keeps the decoder too: an image that outlived its decoder crashed the process
+            return device_array(image, self._device_id, (image, decoder))
         except Exception as exc:  # noqa: BLE001 - an image not as expected: the CPU decodes it
             self._warn("array", f"a decoded image could not be read ({type(exc).__name__}: {exc})")
             return None
@@ -130,15 +131,15 @@ class JpegEngines:
             log.warning("--gpu-jpeg: %s", message)
 
 
-def device_array(image: Any, device_id: int) -> cp.ndarray:
-    """A decoded image's device buffer as a cupy array that keeps ``image`` alive, without the host
-    wait ``cp.asarray`` makes for the stream its interface names (that work is ordered on the stream
-    anyway)."""
+def device_array(image: Any, device_id: int, keep: Any) -> cp.ndarray:
+    """A decoded image's device buffer as a cupy array that keeps ``keep`` (the image, its decoder) alive,
+    without the host wait ``cp.asarray`` makes for the stream its interface names (that work is
+    ordered on the stream anyway)."""
     face = image.__cuda_array_interface__
     shape = tuple(face["shape"])
     strides = face.get("strides")
     nbytes = strides[0] * shape[0] if strides else int(np.prod(shape))
-    memory = cp.cuda.UnownedMemory(face["data"][0], nbytes, image, device_id)
+    memory = cp.cuda.UnownedMemory(face["data"][0], nbytes, keep, device_id)
     return cp.ndarray(shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0), strides=strides)
 
 
