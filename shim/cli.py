@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 from . import __version__
 from .config import Settings, parse_bytes
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None, *, extra_ops: Sequence[Op] = ()) -> int:
     """Run an ``accelshim`` command; ``extra_ops`` are served besides the built-in ones (tests)."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args, extra_ops)
+        _leave(_serve(args, extra_ops))
     if args.command == "up":
         return args.func(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -120,6 +120,19 @@ def main(argv: list[str] | None = None, *, extra_ops: Sequence[Op] = ()) -> int:
         config = repo.load(name)
         print(json.dumps({"name": name, "labels": len(config.labels or []), "sha256": config.sha256}))
     return 0
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit ``code`` once served, without the interpreter's teardown: the server has closed what it
+    opened, and the GPU libraries' destructors can hang there (on the H200, a device process with
+    request workers whose warm-up had failed never exited)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import threading
@@ -152,6 +154,29 @@ def test_up_supervisor_restarts_a_shim_that_lost_its_device(tmp_path):
         assert f"shim exited with {EXIT_DEVICE_LOST}" in log.getvalue()
     finally:
         supervisor.stop_all()
+
+
+# --- a failed warm-up ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_warm_up_exits_1_at_once_and_says_why(models_dir, tmp_path, device, workers):
+    """A model that cannot be loaded fails the warm-up: the shim exits 1 at once (the device process
+    and its request workers), never ready, its log naming the model. (On the H200 a device process
+    with workers whose warm-up had failed hung in the interpreter's teardown.)"""
+    broken = tmp_path / "models" / "efficientnet-lite0"
+    shutil.copytree(models_dir / "efficientnet-lite0", broken)
+    onnx = broken / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:onnx.stat().st_size // 2])
+    shim = LiveShim(tmp_path / "models", tmp_path, "--device", device, "--workers", str(workers))
+    try:
+        assert shim.proc.wait(60) == 1
+    finally:
+        shim.stop()
+    log = shim.log.read_text()
+    assert "warm-up failed; stopping" in log and "efficientnet-lite0" in log, log
+    for pid in re.findall(r"request workers \(pids ([\d ]+)\)", log)[0].split() if workers > 1 else []:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
 
 
 # --- SIGTERM drains ------------------------------------------------------------------------------
