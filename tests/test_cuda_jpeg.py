@@ -38,6 +38,13 @@ def jpeg_service(models_dir):
     svc.registry.close()
 
 
+@pytest.fixture(scope="module")
+def stream():
+    """A stream that outlives the tests' decoded images: their buffers are released on the stream
+    they were decoded on (one destroyed before them crashed the process)."""
+    return cp.cuda.Stream(non_blocking=True)
+
+
 def _engines(jpeg_service):
     op = jpeg_service.registry.lookup("classify")
     assert op.decodes_jpeg, "the JPEG engines are not in use (see the log)"
@@ -51,7 +58,7 @@ def _pixel_items(op, images: np.ndarray) -> list:
     return [op._pipeline.prepare(decode_image(data, "image", 10**8)) for data in images]  # noqa: SLF001
 
 
-def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, chelsea, coffee):
+def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stream, chelsea, coffee):
     from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
 
     _, engines = _engines(jpeg_service)
@@ -59,7 +66,6 @@ def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, chel
     plain = {name: data for name, data in plain_variants(chelsea, coffee).items()
              if plain_jpeg_shape(data, 10**8) and name != "one pixel"}  # (the engines may want more than 1x1)
     assert len(plain) >= 10
-    stream = cp.cuda.Stream(non_blocking=True)
     decoded = engines.decode(list(plain.values()), stream.ptr, SimpleNamespace())
     stream.synchronize()
     for (name, data), image in zip(plain.items(), decoded):
