@@ -7,9 +7,10 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
-    python bench/worker_ab.py stages N C         # the shim with --workers N, C clients for 6 s, every process
+    python bench/worker_ab.py stages N C [FLAG...]  # the shim with --workers N (and FLAGs), C clients for 6 s, every process
                                                  # timing its stages (bench/stage_timer): per device batch
-                                                 # the pixels' upload, the resize, the model, the replies;
+                                                 # the pixels' upload, the JPEG engines' decode (--gpu-jpeg),
+                                                 # the resize, the model, the replies;
                                                  # per worker call the link round trip (wall and CPU ms);
                                                  # each thread's cores busy, how late a 2 ms sleep wakes
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
@@ -131,7 +132,7 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
           f"rest {1e3 * rest / images:.2f}", flush=True)
 
 
-def stages(workers: int, clients: int) -> None:
+def stages(workers: int, clients: int, flags: list[str]) -> None:
     import glob
     import json
     import tempfile
@@ -161,14 +162,14 @@ def stages(workers: int, clients: int) -> None:
         os.environ["STAGE_OUT"] = folder
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "bench" / "stage_timer"), *filter(None, [os.environ.get("PYTHONPATH")])])
-        with ShimProcess(_device(), ROOT / "models", workers=workers) as shim:
+        with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
             process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
             time.sleep(0.7)  # every process has dumped what the warm-up did
             before = totals(folder)
             out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds, min(clients, 16))
             time.sleep(0.7)
             after = totals(folder)
-    print(f"workers={workers} clients={clients}: {out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} "
+    print(f"workers={workers} clients={clients} {' '.join(flags)}: {out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} "
           f"p99 {out.get('p99_ms', 0):.1f} ms; per call: wall ms, the calling thread's CPU ms (rows per call)")
     window = seconds + 1.4  # the dumps bracket the clients' window with 0.7 s each side
     for (role, what), t in sorted(after.items()):
@@ -439,7 +440,7 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["latency"]:
         latency(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1:2] == ["stages"]:
-        stages(int(sys.argv[2]), int(sys.argv[3]))
+        stages(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     elif sys.argv[1:2] == ["link"]:
         link()
     elif sys.argv[1:2] == ["compiled"]:

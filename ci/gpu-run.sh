@@ -2,11 +2,12 @@
 # On the GPU machine (device tool), from the project root, after the onnxruntime-gpu chunks were
 # copied to /tmp/ortw (see ../shared/gpu/README.md): install it and the .whl wheels into /tmp/site,
 # then run the GPU tests and the benchmarks, with everything they print and write under $OUT.
-#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|gpujpeg|nvjpeg|all]...   (default: all; SHIM_WORKERS=N, default 8)
+#   bash ci/gpu-run.sh [tests|bench|single|kaas|probes|threads|gpujpeg|jpegstages|nvjpeg|all]...   (default: all; SHIM_WORKERS=N, default 8)
 #   (probes, not in all: the device pipeline alone, and CPU per image at 32 clients with 4, 8 and 16 workers;
 #    threads, not in all: `cpu N 32` with connection threads (the default) and with --no-connection-threads,
 #    alternating three times, then the throughput section without them;
-#    gpujpeg, not in all: the same with --gpu-jpeg (.whl-gpu carried or installed before), then with it)
+#    gpujpeg, not in all: the same with --gpu-jpeg (.whl-gpu carried or installed before), then with it;
+#    jpegstages, not in all: `stages N 32` without and with --gpu-jpeg: the device cycle's stages)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
 #    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py.
@@ -83,6 +84,10 @@ for step in $what; do
       alternate --no-connection-threads ACCELSHIM_CONNECTION_THREADS=0 threads ;;
     gpujpeg)
       alternate --gpu-jpeg ACCELSHIM_GPU_JPEG=1 gpujpeg ;;
+    jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
+      { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
+        timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/jpegstages.log" | tail -60 ;;
     nvjpeg)
       OUT="$OUT" timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
         | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|(nvjpeg2k|nvtiff)_ext\]" | tail -120 ;;

@@ -112,6 +112,11 @@ def _patch(name: str, module: Any) -> None:
         pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
         pipeline.logits = _timed("logits (the whole device run)", pipeline.logits, rows=lambda a: len(a[1]))
         pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
+        pipeline._decode_into = _timed("a chunk with JPEGs: pixels up, JPEGs decoded, all resized", pipeline._decode_into,
+                                       rows=lambda a: len(a[2]))
+    elif name == "shim.backends.cuda_jpeg":
+        module.JpegEngines.decode = _timed("the JPEG engines' decode (one call per chunk)", module.JpegEngines.decode,
+                                           rows=lambda a: len(a[1]))
     elif name == "shim.backends.onnx":
         module.OnnxRunner.run_device = _timed("the model (run_device, synchronous)", module.OnnxRunner.run_device)
         module.FixedSession.run_device = _timed("the model on its thread (input copy, replay, logits down)",
@@ -133,7 +138,8 @@ def _patch(name: str, module: Any) -> None:
                                              module.LinkServer._dispatch)
 
 
-_WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.onnx",
+_WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.cuda_jpeg",
+           "shim.backends.onnx",
            "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
            "shim.workers.channel"}
 
