@@ -4,7 +4,6 @@ cross-file facts the deployment depends on (names, ports, paths, settings)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
