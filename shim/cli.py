@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
@@ -99,7 +101,12 @@ def main(argv: list[str] | None = None, *, extra_ops: Sequence[Op] = ()) -> int:
     """Run an ``accelshim`` command; ``extra_ops`` are served besides the built-in ones (tests)."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        _leave(_serve(args, extra_ops))
+        try:
+            code = _serve(args, extra_ops)
+        except Exception:  # noqa: BLE001 - said, then left as any other exit
+            traceback.print_exc()
+            code = 1
+        _leave(code)
     if args.command == "up":
         return args.func(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -126,11 +133,12 @@ def _leave(code: int) -> NoReturn:
     """Exit ``code`` once served, without the interpreter's teardown: the server has closed what it
     opened, and the GPU libraries' destructors can hang there (on the H200, a device process with
     request workers whose warm-up had failed never exited)."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
+    flushes = [logging.shutdown, *(s.flush for s in (sys.stdout, sys.stderr) if s is not None),  # None: closed
+               lambda: ctypes.CDLL(None).fflush(None)]  # what native libraries wrote with stdio
+    for flush in flushes:
         try:
-            stream.flush()
-        except (OSError, ValueError):
+            flush()
+        except Exception:  # noqa: BLE001 - a stream gone (a closed pipe): the exit code still counts
             pass
     os._exit(code)
 

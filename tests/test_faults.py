@@ -157,23 +157,45 @@ def test_up_supervisor_restarts_a_shim_that_lost_its_device(tmp_path):
 
 
 # --- a failed warm-up ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def broken_models(models_dir: Path, tmp: Path, how: str) -> Path:
+    """A copy of the repository whose model cannot be loaded (``unloadable``: half its ONNX file) or
+    loads and runs but has 10 labels for its 1000 classes (``labels``: the warm-up's check fails after
+    the model ran on the device)."""
+    folder = tmp / "models" / "efficientnet-lite0"
+    shutil.copytree(models_dir / "efficientnet-lite0", folder)
+    if how == "unloadable":
+        onnx = folder / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes()[:onnx.stat().st_size // 2])
+    else:
+        labels = folder / json.loads((folder / "model.json").read_text())["labels"]
+        labels.write_text("\n".join(labels.read_text().splitlines()[:10]) + "\n")
+    return folder.parent
+
+
+WHY = {"unloadable": "efficientnet-lite0", "labels": "1000 classes out of the model, 10 labels"}
+
+
+@pytest.mark.parametrize("flags", [("--device", "cpu"), pytest.param(("--device", "cuda"), marks=pytest.mark.gpu),
+                                   pytest.param(("--device", "cuda", "--gpu-jpeg"), marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_failed_warm_up_exits_1_at_once_and_says_why(models_dir, tmp_path, device, workers):
-    """A model that cannot be loaded fails the warm-up: the shim exits 1 at once (the device process
-    and its request workers), never ready, its log naming the model. (On the H200 a device process
-    with workers whose warm-up had failed hung in the interpreter's teardown.)"""
-    broken = tmp_path / "models" / "efficientnet-lite0"
-    shutil.copytree(models_dir / "efficientnet-lite0", broken)
-    onnx = broken / "model.onnx"
-    onnx.write_bytes(onnx.read_bytes()[:onnx.stat().st_size // 2])
-    shim = LiveShim(tmp_path / "models", tmp_path, "--device", device, "--workers", str(workers))
+@pytest.mark.parametrize("how", ["unloadable", "labels"])
+def test_a_failed_warm_up_exits_1_at_once_and_says_why(models_dir, tmp_path, how, workers, flags):
+    """A model that cannot be loaded, or whose classes and labels differ in number, fails the
+    warm-up: the shim exits 1 at once (the device process and its request workers), never ready,
+    its log saying why. (On the H200 a device process with workers whose warm-up had failed hung in
+    the interpreter's teardown.)"""
+    if "--gpu-jpeg" in flags:
+        pytest.importorskip("nvidia.nvimgcodec")
+    started = time.monotonic()
+    shim = LiveShim(broken_models(models_dir, tmp_path, how), tmp_path, *flags, "--workers", str(workers))
     try:
         assert shim.proc.wait(60) == 1
+        took = time.monotonic() - started
     finally:
         shim.stop()
     log = shim.log.read_text()
-    assert "warm-up failed; stopping" in log and "efficientnet-lite0" in log, log
+    assert "warm-up failed; stopping" in log and WHY[how] in log, log
+    assert took < 20 and "did not stop" not in log, f"{took:.1f} s:\n{log}"  # no worker killed after 38 s
     for pid in re.findall(r"request workers \(pids ([\d ]+)\)", log)[0].split() if workers > 1 else []:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)

@@ -118,8 +118,9 @@ class JpegEngines:
     def _array(self, image: Any, decoder: Any) -> cp.ndarray | None:
         if image is None:
             return None
-        try:  # the array keeps the decoder too: an image that outlived its decoder crashed the process
-            return device_array(image, self._device_id, (image, decoder))
+        try:  # the array keeps the decoder too (an image that outlived its decoder crashed the process),
+            # image last in the tuple: a tuple lets go of its items last to first, the image before its decoder
+            return device_array(image, self._device_id, (decoder, image))
         except Exception as exc:  # noqa: BLE001 - an image not as expected: the CPU decodes it
             self._warn("array", f"a decoded image could not be read ({type(exc).__name__}: {exc})")
             return None
@@ -132,7 +133,7 @@ class JpegEngines:
 
 
 def device_array(image: Any, device_id: int, keep: Any) -> cp.ndarray:
-    """A decoded image's device buffer as a cupy array that keeps ``keep`` (the image, its decoder) alive,
+    """A decoded image's device buffer as a cupy array that keeps ``keep`` (its decoder, the image) alive,
     without the host wait ``cp.asarray`` makes for the stream its interface names (that work is
     ordered on the stream anyway)."""
     face = image.__cuda_array_interface__

@@ -146,11 +146,18 @@ class ClassifyOp(Op):
         return then(logits, lambda batch: _rows_by_request(batch, groups))
 
     def warmup(self) -> None:
-        """The whole path once, then every batch size the batcher makes on a GPU: each size a batch
-        pads to (``padded_sizes``) up to the padded model batch size there (through ``logits``, which
-        merged requests take: a batch may hold more images than one request may send), 1 and 2 on
-        the CPU."""
+        """The whole path once (the model must give one score per label), then every batch size the
+        batcher makes on a GPU: each size a batch pads to (``padded_sizes``) up to the padded model
+        batch size there (through ``logits``, which merged requests take: a batch may hold more images
+        than one request may send), 1 and 2 on the CPU.
+
+        Raises:
+            ValueError: the model's classes and the labels differ in number.
+        """
         png = sample_png()
+        classes = self.logits(self._prepare(np.array([png], dtype=object))).shape[-1]
+        if classes != len(self._labels):
+            raise ValueError(f"model {self.config.name}: {classes} classes out of the model, {len(self._labels)} labels")
         self.run({"image": np.array([png], dtype=object)}, {})
         if self.decodes_jpeg:  # and the device's decode, once
             self.run({"image": np.array([sample_png(image_format="JPEG")], dtype=object)}, {})
