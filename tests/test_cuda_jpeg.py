@@ -38,10 +38,11 @@ def jpeg_service(models_dir):
     svc.registry.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stream():
     """A stream that outlives the tests' decoded images: their buffers are released on the stream
-    they were decoded on (one destroyed before them crashed the process)."""
+    they were decoded on (one destroyed before them crashed the process). Session-wide: a failed
+    test's traceback keeps its images past the module."""
     return cp.cuda.Stream(non_blocking=True)
 
 
@@ -68,13 +69,16 @@ def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stre
     assert len(plain) >= 10
     decoded = engines.decode(list(plain.values()), stream.ptr, SimpleNamespace())
     stream.synchronize()
-    for (name, data), image in zip(plain.items(), decoded):
-        assert image is not None, f"{name}: not decoded by the engines"
-        want = decode_plain_jpeg(data, 10**8)
-        got = cp.asnumpy(image)
-        assert got.shape == want.shape, name
-        off = np.abs(got.astype(np.int16) - want)
-        assert off.max() <= 1 and off.mean() < 0.01, f"{name}: {off.max()} off, {off.mean():.4f} on average"
+    try:
+        for (name, data), image in zip(plain.items(), decoded):
+            assert image is not None, f"{name}: not decoded by the engines"
+            want = decode_plain_jpeg(data, 10**8)
+            got = cp.asnumpy(image)
+            assert got.shape == want.shape, name
+            off = np.abs(got.astype(np.int16) - want)
+            assert off.max() <= 1 and off.mean() < 0.01, f"{name}: {off.max()} off, {off.mean():.4f} on average"
+    finally:  # the images go now, even when a failure's traceback keeps this frame
+        decoded = image = None
     assert engines.fallbacks == before
 
 
