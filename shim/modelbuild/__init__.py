@@ -47,6 +47,7 @@ def build(models_dir: Path, python: str, force: bool = False) -> bool:
     """
     folder = Path(models_dir) / MODEL
     if not force and is_intact(folder):
+        readable(folder)  # one built before this was made owner-only
         log.info("%s is intact; nothing to do", folder)
         return False
     if shutil.which(python) is None and not Path(python).is_file():
@@ -67,6 +68,7 @@ def build(models_dir: Path, python: str, force: bool = False) -> bool:
             "sha256": file_sha256(staging / "model.onnx"), "max_batch_size": 32,
             "max_queue_delay_us": 2000, "source": SOURCE,
         }, indent=2) + "\n", encoding="utf-8")
+        readable(staging)  # mkdtemp made it owner-only: the shim may run as another user (the image's)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -74,6 +76,14 @@ def build(models_dir: Path, python: str, force: bool = False) -> bool:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("built %s", folder)
     return True
+
+
+def readable(folder: Path) -> None:
+    """``folder`` and its files readable by every user, writable by their owner alone (0755 / 0644)."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def verify_against_torch(folder: Path, tolerance: float = 1e-3) -> None:
