@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
-import onnxruntime as ort
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError as exc:  # an install with neither extra
+    raise ModuleNotFoundError("onnxruntime is not installed: install accelshim[cpu], or accelshim[cuda] "
+                              "on a GPU host (onnxruntime-gpu)") from exc
 
 from accel.datatypes import FIXED
 

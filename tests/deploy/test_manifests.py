@@ -175,6 +175,18 @@ def test_openfaas_stacks(name: str, url: str):
         assert all(fn["constraints"] == ["nvidia.com/gpu.present=true"] for fn in stack["functions"].values())
     else:
         assert first["annotations"]["com.openfaas.profile"] == "accelshim"
+    examples = yaml.safe_load((ROOT / "stack.yml").read_text())["functions"]
+    assert {fn["handler"] for fn in examples.values()} <= {fn["handler"] for fn in stack["functions"].values()}
+
+
+@pytest.mark.parametrize("path", ["stack.yml", "deploy/openfaas/stack.profiles.yml", "deploy/openfaas/stack.ce.yml"])
+def test_a_function_on_the_socket_has_the_profile_that_mounts_it(path: str):
+    """Without the ``accelshim`` Profile a function's pod has no socket directory: every call would
+    fail. (The root stack.yml is what `faas-cli deploy` reads by default.)"""
+    for name, fn in yaml.safe_load((ROOT / path).read_text())["functions"].items():
+        on_socket = fn["environment"]["ACCEL_SHIM_URL"].startswith(f"unix://{SOCKET_DIR}/")
+        profiles = str((fn.get("annotations") or {}).get("com.openfaas.profile", "")).split(",")
+        assert on_socket == ("accelshim" in profiles and "accelshim-kata" not in profiles), name
 
 
 def test_knative_classify_needs_no_gpu_and_finds_the_shim():

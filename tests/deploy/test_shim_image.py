@@ -47,6 +47,26 @@ def test_cuda_base_pinned_by_arg_and_multi_stage():
     assert not any("torch" in l for l in runtime)
 
 
+def _requirements(extras: str) -> set[str]:
+    """The distributions ``pip install '.[extras]'`` asks for (names only)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for e in filter(None, extras.split(","))
+                                            for r in project["optional-dependencies"][e])]
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in wanted}
+
+
+def test_onnxruntime_comes_from_one_distribution_in_the_image_and_in_make():
+    """onnxruntime and onnxruntime-gpu install the same package and the last one wins: the image
+    must ask for the GPU one alone (with both, pip put the CPU build last: no CUDA provider), the
+    Makefile's environment for the CPU one alone."""
+    image = re.search(r'pip install [^\n]*"/src\[([^\]]*)\]"', DOCKERFILE.read_text()).group(1)
+    make = re.search(r"pip install -q -e '\.\[([^\]]*)\]'", (ROOT / "Makefile").read_text()).group(1)
+    runtimes = {"onnxruntime", "onnxruntime-gpu"}
+    assert _requirements(image) & runtimes == {"onnxruntime-gpu"}
+    assert _requirements(make) & runtimes == {"onnxruntime"}
+    assert not _requirements("") & runtimes  # a plain install picks neither: the extras choose
+
+
 def test_non_root_read_only_friendly_and_exposed():
     lines = _instructions()
     users = [l.split()[1] for l in lines if l.startswith("USER ")]
@@ -58,6 +78,19 @@ def test_non_root_read_only_friendly_and_exposed():
     assert set(volumes) == {"/var/run/accelshim", "/var/lib/accelshim", "/tmp"}
     assert "EXPOSE 8000" in lines
     assert lines[-2:] == ['ENTRYPOINT ["accelshim"]', 'CMD ["serve"]']
+
+
+def test_the_image_serves_as_it_is_run_with_no_flags():
+    """``docker run`` with the image's own settings (its ENV, ``CMD ["serve"]``) must start: they
+    validate, TCP where the HEALTHCHECK looks, the socket in its volume. (0.0.0.0 without tokens was
+    refused, so the image as shipped never became healthy.)"""
+    from shim.config import ENV_PREFIX, Settings
+
+    env = dict(re.findall(r"(ACCELSHIM_\w+)=(\S+)", " ".join(l for l in _instructions() if l.startswith("ENV "))))
+    assert env and set(env) <= {ENV_PREFIX + name.upper() for name in Settings.__dataclass_fields__}
+    settings = Settings.from_env(env)
+    assert settings.host in ("127.0.0.1", "localhost") and settings.port == 8000
+    assert settings.unix_socket.startswith("/var/run/accelshim/") and str(settings.models_dir) == "/opt/accelshim/models"
 
 
 def test_dockerignore_keeps_out_environments_and_models_but_not_what_the_build_copies():
