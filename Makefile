@@ -4,18 +4,23 @@ PYTHON ?= python3
 VENV := .venv
 BUILD_VENV := .venv-build
 PY := $(VENV)/bin/python
+# on a GPU machine: the same project with cupy and onnxruntime-gpu instead of onnxruntime (the two
+# onnxruntime builds ship one package: they cannot share an environment)
+GPU_VENV := .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
 MODELS := models
 MODEL_STAMP := $(MODELS)/efficientnet-lite0/model.json
 TORCH_VERSION := 2.13.0
 
-.PHONY: run serve bench-gpu test test-gpu bench models build-env venv clean help
+.PHONY: run serve bench-gpu test test-gpu bench models build-env venv gpu-venv clean help
 
 help:
 	@echo "make run     - set up, build the model if missing, start the shim (+ functions behind a gateway)"
 	@echo "make serve   - the shim alone (TCP :8000 and /tmp/accelshim.sock)"
 	@echo "make test    - set up, build the model if missing, run the test suite (CPU)"
 	@echo "make bench   - overhead benchmark (writes bench/results/)"
-	@echo "make bench-gpu - the GPU benchmarks (on a GPU machine; bench/results/ and docs/benchmarks.md)"
+	@echo "make test-gpu  - the GPU tests (on a GPU machine, in .venv-gpu: cupy, onnxruntime-gpu)"
+	@echo "make bench-gpu - the GPU benchmarks (on a GPU machine, in .venv-gpu; bench/results/ and docs/benchmarks.md)"
 	@echo "make clean   - remove environments, models and build output"
 
 venv: $(VENV)/.installed
@@ -24,6 +29,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[cpu,test]'
+	touch $@
+
+gpu-venv: $(GPU_VENV)/.installed
+
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -q --upgrade pip
+	$(GPU_PY) -m pip install -q -e '.[cuda,gpu-jpeg,test]'
 	touch $@
 
 build-env: $(BUILD_VENV)/.installed
@@ -55,16 +68,16 @@ serve: models
 test: models
 	$(PY) -m pytest -q
 
-test-gpu: models
-	$(PY) -m pytest -q -m gpu
+test-gpu: models gpu-venv
+	$(GPU_PY) -m pytest -q -m gpu
 
 bench: models
 	$(PY) bench/overhead.py
 
 # on a GPU machine: cold start, warm latency, throughput, density vs the naive setup, then KaaS
-bench-gpu: models
-	$(PY) -m bench all --device cuda
-	$(PY) -m bench kaas --device cuda
+bench-gpu: models gpu-venv
+	$(GPU_PY) -m bench all --device cuda
+	$(GPU_PY) -m bench kaas --device cuda
 
 clean:
-	rm -rf $(VENV) $(BUILD_VENV) $(MODELS) build
+	rm -rf $(VENV) $(BUILD_VENV) $(GPU_VENV) $(MODELS) build

@@ -58,12 +58,13 @@ def _requirements(extras: str) -> set[str]:
 def test_onnxruntime_comes_from_one_distribution_in_the_image_and_in_make():
     """onnxruntime and onnxruntime-gpu install the same package and the last one wins: the image
     must ask for the GPU one alone (with both, pip put the CPU build last: no CUDA provider), the
-    Makefile's environment for the CPU one alone."""
+    Makefile's environment for the CPU one alone and its GPU environment for the GPU one."""
     image = re.search(r'pip install [^\n]*"/src\[([^\]]*)\]"', DOCKERFILE.read_text()).group(1)
-    make = re.search(r"pip install -q -e '\.\[([^\]]*)\]'", (ROOT / "Makefile").read_text()).group(1)
+    make, make_gpu = re.findall(r"pip install -q -e '\.\[([^\]]*)\]'", (ROOT / "Makefile").read_text())
     runtimes = {"onnxruntime", "onnxruntime-gpu"}
     assert _requirements(image) & runtimes == {"onnxruntime-gpu"}
     assert _requirements(make) & runtimes == {"onnxruntime"}
+    assert _requirements(make_gpu) & runtimes == {"onnxruntime-gpu"}  # .venv-gpu: make test-gpu, bench-gpu
     assert not _requirements("") & runtimes  # a plain install picks neither: the extras choose
 
 
