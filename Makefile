@@ -65,7 +65,7 @@ run: models
 serve: models
 	$(VENV)/bin/accelshim serve --host 127.0.0.1 --port 8000 --unix /tmp/accelshim.sock --models $(MODELS)
 
-test: models
+test: models build-env  # (tests/test_modelbuild.py runs the real export)
 	$(PY) -m pytest -q
 
 test-gpu: models gpu-venv

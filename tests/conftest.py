@@ -19,20 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("ACCELSHIM_TEST_MODELS", ROOT / "models"))
 
 
-
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """GPU tests selected (``-m gpu``) where no CUDA GPU is: one clear stop, not 60 errors."""
-    if not any(item.get_closest_marker("gpu") for item in session.items):
+    """GPU tests selected (``-m gpu``) where no CUDA GPU is: one clear stop, not 60 errors; beside
+    other tests (``-m ""``), they are skipped with the reason."""
+    gpu = [item for item in session.items if item.get_closest_marker("gpu")]
+    if not gpu or session.config.option.collectonly:
         return
     try:
         import cupy  # noqa: PLC0415
 
-        count = cupy.cuda.runtime.getDeviceCount()
-        why = "" if count else "cupy sees no device"
+        why = "" if cupy.cuda.runtime.getDeviceCount() else "cupy sees no device"
     except Exception as exc:  # noqa: BLE001 - not installed, no driver, no device: all say why
         why = f"{type(exc).__name__}: {exc}"
-    if why:
-        pytest.exit(f"the GPU tests need a CUDA GPU and cupy (make test-gpu, on a GPU machine): {why}", returncode=1)
+    if not why:
+        return
+    why = f"the GPU tests need a CUDA GPU and cupy (make test-gpu, on a GPU machine): {why}"
+    if len(gpu) == len(session.items):
+        pytest.exit(why, returncode=1)
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason=why))
+
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:

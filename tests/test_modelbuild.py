@@ -42,3 +42,15 @@ def test_a_missing_build_environment_is_said_and_leaves_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="make build-env"):
         build(tmp_path, str(tmp_path / "no-such-python"))
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_an_intact_readable_model_is_not_touched(tmp_path, build_python):
+    """Modes already right are not set again (a chmod changes the inode's ctime even to the same
+    mode): a user who does not own the model (the image's user 10001 and its root-built /opt), or a
+    read-only mount, gets "up to date" rather than a PermissionError."""
+    assert build(tmp_path, build_python) is True
+    paths = [tmp_path / MODEL, *(tmp_path / MODEL).iterdir()]
+    before = [p.stat().st_ctime_ns for p in paths]
+    assert build(tmp_path, build_python) is False
+    assert [p.stat().st_ctime_ns for p in paths] == before

@@ -10,9 +10,11 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 import numpy as np
 try:
     import onnxruntime as ort
-except ModuleNotFoundError as exc:  # an install with neither extra
+except ModuleNotFoundError as exc:  # an install with neither extra (a dependency of it missing: as it is)
+    if exc.name != "onnxruntime":
+        raise
     raise ModuleNotFoundError("onnxruntime is not installed: install accelshim[cpu], or accelshim[cuda] "
-                              "on a GPU host (onnxruntime-gpu)") from exc
+                              "on a GPU host (onnxruntime-gpu)", name="onnxruntime") from exc
 
 from accel.datatypes import FIXED
 

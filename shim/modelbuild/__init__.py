@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,10 @@ def build(models_dir: Path, python: str, force: bool = False) -> bool:
     """
     folder = Path(models_dir) / MODEL
     if not force and is_intact(folder):
-        readable(folder)  # one built before this was made owner-only
+        try:
+            readable(folder)  # one built before this was made owner-only
+        except OSError as exc:  # not this user's, or read-only: it is intact all the same
+            log.warning("%s is intact but could not be made readable by every user (%s)", folder, exc)
         log.info("%s is intact; nothing to do", folder)
         return False
     if shutil.which(python) is None and not Path(python).is_file():
@@ -79,11 +83,15 @@ def build(models_dir: Path, python: str, force: bool = False) -> bool:
 
 
 def readable(folder: Path) -> None:
-    """``folder`` and its files readable by every user, writable by their owner alone (0755 / 0644)."""
-    folder.chmod(0o755)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o644)
+    """``folder`` and its files readable by every user, writable by their owner alone (0755 / 0644);
+    what already is so is left alone (a folder of another user, or read-only, that is needs nothing).
+
+    Raises:
+        OSError: a mode to change could not be changed.
+    """
+    for path, mode in [(folder, 0o755), *((p, 0o644) for p in folder.iterdir() if p.is_file() and not p.is_symlink())]:
+        if stat.S_IMODE(path.lstat().st_mode) != mode:
+            path.chmod(mode)
 
 
 def verify_against_torch(folder: Path, tolerance: float = 1e-3) -> None:

@@ -185,7 +185,7 @@ def test_a_function_on_the_socket_has_the_profile_that_mounts_it(path: str):
     fail. (The root stack.yml is what `faas-cli deploy` reads by default.)"""
     for name, fn in yaml.safe_load((ROOT / path).read_text())["functions"].items():
         on_socket = fn["environment"]["ACCEL_SHIM_URL"].startswith(f"unix://{SOCKET_DIR}/")
-        profiles = str((fn.get("annotations") or {}).get("com.openfaas.profile", "")).split(",")
+        profiles = [p.strip() for p in str((fn.get("annotations") or {}).get("com.openfaas.profile", "")).split(",")]
         assert on_socket == ("accelshim" in profiles and "accelshim-kata" not in profiles), name
 
 
