@@ -21,8 +21,9 @@ def build_python() -> str:
 
 
 def _others_can_read(folder: Path) -> bool:
-    return all(path.stat().st_mode & (stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0))
-               == (stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0)) for path in [folder, *folder.iterdir()])
+    """``folder`` can be listed and entered, and its files read, by every user."""
+    wanted = {folder: stat.S_IROTH | stat.S_IXOTH, **{path: stat.S_IROTH for path in folder.iterdir()}}
+    return all(path.stat().st_mode & bits == bits for path, bits in wanted.items())
 
 
 def test_a_build_is_complete_checked_and_readable_by_every_user(tmp_path, build_python):
