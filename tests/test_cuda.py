@@ -250,6 +250,9 @@ def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelse
             assert (label in CAT_LABELS) if name == "cat" else (label == "espresso")
     text = cuda_service.metrics.render()[0].decode()
     assert 'accelshim_batch_size_count{op="classify"}' in text
+    batcher = cuda_service.registry.get("classify")._batcher
+    # one bound thread, two batches queued on its stream at once (``CudaImagePipeline.in_flight``)
+    assert batcher._cap == 2 and [t.name for t in batcher._threads] == ["batcher-classify-0"]
 
 
 def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_borrowed_worker(cuda_service, chelsea,
@@ -676,3 +679,42 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
     labels = [op._labels[i].decode() for i in runs[0].argmax(axis=1)]
     assert labels[0] in CAT_LABELS and labels[2] in CAT_LABELS
     assert labels[1] == labels[3] == labels[4] == "espresso"
+
+
+def test_batches_queued_back_to_back_on_a_bound_stream_each_land_with_their_own_logits(cuda_service, chelsea, coffee):
+    """A batcher's thread queues its batches (``logits_later``) without waiting for the GPU: upload,
+    resize, model and the logits' download of the next go onto its stream behind the one before,
+    and each Future is set on the landing thread once its batch is done. Batches of one size share
+    the session's input and output buffers, and every batch's pixels go through the one pinned
+    staging buffer (they lie in no pinned memory): each must still get exactly its own logits, those
+    the same thread computes batch by batch, waiting (``logits``)."""
+    op = cuda_service.registry.get("classify")
+    pipeline = op._pipeline
+    cat, cup = pipeline.prepare(_image(chelsea)), pipeline.prepare(_image(coffee))
+    rng = np.random.default_rng(7)
+    # sizes that pad alike, one after another (4, 3, 4: the session of 4 rows), and others between
+    plans = [[(cat, cup)[j] for j in rng.integers(0, 2, n)] for n in (4, 3, 4, 1, 8, 8, 5, 2, 4, 4)]
+
+    def bound():
+        pipeline.bind_thread()
+        assert getattr(pipeline._local, "landing", None) is not None, "the bound thread has no landing"
+        landing = pipeline._local.landing
+        futures = [pipeline.logits_later(items) for items in plans]  # queued back to back, none waited for
+        queued = [future.result(timeout=30) for future in futures]
+        return queued, [pipeline.logits(items) for items in plans], landing._thread.name
+
+    runner = pipeline.runner
+    runner.graphs = True  # sealed by the service's warm-up: captured as a batcher's would be
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
+            queued, waited, landing_thread = pool.submit(bound).result()
+        assert runner.graphs, "a capture failed"
+    finally:
+        runner.graphs = False
+
+    for plan, got, want in zip(plans, queued, waited):
+        assert got.shape == (len(plan), 1000)
+        assert np.array_equal(got, want)
+        labels = [op._labels[i].decode() for i in got.argmax(axis=1)]
+        assert all((label in CAT_LABELS) if image is cat else (label == "espresso") for image, label in zip(plan, labels))
+    assert landing_thread == "landing-efficientnet-lite0"

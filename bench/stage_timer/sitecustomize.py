@@ -111,9 +111,15 @@ def _patch(name: str, module: Any) -> None:
         pipeline = module.CudaImagePipeline
         pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
         pipeline.logits = _timed("logits (the whole device run)", pipeline.logits, rows=lambda a: len(a[1]))
+        pipeline.logits_later = _timed("queue a batch (pixels up, resize, model, logits down: queued)",
+                                       pipeline.logits_later, rows=lambda a: len(a[1]))
         pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
         pipeline._decode_into = _timed("a chunk with JPEGs: pixels up, JPEGs decoded, all resized", pipeline._decode_into,
                                        rows=lambda a: len(a[2]))
+    elif name == "shim.backends.cuda_landing":
+        module.Landing._land_one = _timed("land a batch (the wait for the GPU, logits out, the answers)",
+                                          module.Landing._land_one, rows=lambda a: a[2])
+        module.Landing.slot = _timed("a landing slot (waits while as many batches are in flight)", module.Landing.slot)
     elif name == "shim.backends.cuda_jpeg":
         module.JpegEngines.decode = _timed("the JPEG engines' decode (one call per chunk)", module.JpegEngines.decode,
                                            rows=lambda a: len(a[1]))
@@ -139,6 +145,7 @@ def _patch(name: str, module: Any) -> None:
 
 
 _WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.cuda_jpeg",
+           "shim.backends.cuda_landing",
            "shim.backends.onnx",
            "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
            "shim.workers.channel"}

@@ -1,5 +1,5 @@
-"""The few CUDA calls of a batch's hot path (a queued host-to-device copy, a memset, a kernel launch)
-made through the driver API while holding the interpreter lock.
+"""The few CUDA calls of a batch's hot path (queued copies, a memset, a kernel launch, an event's
+record and query) made through the driver API while holding the interpreter lock.
 
 cupy's own calls let go of the lock around each CUDA call, and a thread that lets go has to wait to
 take it back: in the device process, where the link's readers and the reply thread want it too, a
@@ -29,10 +29,17 @@ def _driver() -> ctypes.PyDLL:
     u64, size, ptr, uint = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_uint
     lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, ptr, size, ptr]
     lib.cuMemsetD8Async.argtypes = [u64, ctypes.c_ubyte, size, ptr]
+    lib.cuMemcpyDtoHAsync_v2.argtypes = [ptr, u64, size, ptr]
     lib.cuLaunchKernel.argtypes = [ptr, uint, uint, uint, uint, uint, uint, uint, ptr, ptr, ptr]
-    for name in ("cuMemcpyHtoDAsync_v2", "cuMemsetD8Async", "cuLaunchKernel"):
+    lib.cuEventRecord.argtypes = [ptr, ptr]
+    lib.cuEventQuery.argtypes = [ptr]
+    for name in ("cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cuMemsetD8Async", "cuLaunchKernel", "cuEventRecord",
+                 "cuEventQuery"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
+
+
+_NOT_READY = 600  # CUDA_ERROR_NOT_READY: cuEventQuery's "not yet"
 
 
 def _check(status: int) -> None:
@@ -44,6 +51,27 @@ def copy_to_device(dst: int, src: int, nbytes: int, stream: int) -> None:
     """Queue a copy of ``nbytes`` from host address ``src`` to device address ``dst`` on ``stream``
     (asynchronous where ``src`` is pinned)."""
     _check(_driver().cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream))
+
+
+def copy_to_host(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Queue a copy of ``nbytes`` from device address ``src`` to host address ``dst`` on ``stream``
+    (asynchronous where ``dst`` is pinned: done once the stream gets past it)."""
+    _check(_driver().cuMemcpyDtoHAsync_v2(dst, src, nbytes, stream))
+
+
+def record(event: int, stream: int) -> None:
+    """Record ``event`` (a cupy ``Event``'s ``ptr``) on ``stream``: it completes when the work queued
+    there before it has."""
+    _check(_driver().cuEventRecord(event, stream))
+
+
+def done(event: int) -> bool:
+    """Whether the work before ``event``'s last record has completed (without waiting)."""
+    status = _driver().cuEventQuery(event)
+    if status == _NOT_READY:
+        return False
+    _check(status)
+    return True
 
 
 def fill_zeros(dst: int, nbytes: int, stream: int) -> None:

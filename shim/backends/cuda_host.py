@@ -7,7 +7,7 @@ import logging
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cupy as cp
 import numpy as np
@@ -239,13 +239,15 @@ class DeviceWorker:
         device.set(staged, stream=self.stream)
         return device
 
-    def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int) -> cp.ndarray:
+    def upload_concatenated(self, parts: Sequence[np.ndarray], slot: int,
+                            before_staging: Callable[[], None] | None = None) -> cp.ndarray:
         """The 1-D ``parts`` (one dtype) end to end on the device. Parts that lie in pinned memory (a
         request worker's link arena) go up by DMA from there; the others are copied into pinned buffer
-        ``slot`` first. Each run of parts that lie end to end in one pinned range (a worker's images,
-        lent one after another), or in the staging buffer, goes up as one transfer, queued by a bare
-        driver call (``cuda_driver``). The caller synchronizes the stream before ``parts`` or the slot
-        may change.
+        ``slot`` first (``before_staging`` called once before: a caller with uploads still queued
+        waits there for the slot). Each run of parts that lie end to end in one pinned range (a
+        worker's images, lent one after another), or in the staging buffer, goes up as one transfer,
+        queued by a bare driver call (``cuda_driver``). The caller synchronizes the stream before
+        ``parts`` or the slot may change.
 
         Raises:
             ValueError: the parts are not of one dtype.
@@ -269,6 +271,8 @@ class DeviceWorker:
                 source = part.ctypes.data
             else:
                 if staged is None:
+                    if before_staging is not None:
+                        before_staging()
                     staged = self._pinned_view(slot, (total,), dtype)
                 start = offset // dtype.itemsize
                 staged[start:start + part.size] = part.reshape(-1)

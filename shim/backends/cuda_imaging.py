@@ -1,12 +1,14 @@
 """classify's device half on the GPU: decoded RGB pixels up (or, with ``--gpu-jpeg``, plain JPEGs
 decoded there by the JPEG engines), Pillow's resize + normalisation there (the preloaded kernels of
-``shim/kernels/resample.cu``), the batch straight into the model."""
+``shim/kernels/resample.cu``), the batch straight into the model. A batcher's batches of pixels are
+queued on its stream one behind the other (``logits_later``, ``cuda_landing``)."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Sequence
 
 import cupy as cp
@@ -20,6 +22,7 @@ from . import cuda_driver, onnx
 from .base import PlainJpeg, UndecodedImages
 from .cuda import IMAGE_SLOT
 from .cuda_errors import device_errors
+from .cuda_landing import Landing
 
 if TYPE_CHECKING:
     from .cuda import CudaBackend
@@ -44,7 +47,13 @@ def same_shape_runs(shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, 
 class CudaImagePipeline:
     """Decoded RGB pixels up to the GPU, Pillow's resize + normalisation there (bit-exact with the
     CPU twin), and the batch straight into the model through I/O binding. With ``jpeg`` (the JPEG
-    engines), items may be ``PlainJpeg``s, decoded there as one batch (``decodes_jpeg``)."""
+    engines), items may be ``PlainJpeg``s, decoded there as one batch (``decodes_jpeg``).
+
+    A bound thread (a batcher's) may queue its batches (``logits_later``) up to ``in_flight`` at
+    once: the GPU runs one while the thread gathers and queues the next.
+    """
+
+    in_flight = 2  # batches a bound thread may have queued on its stream at once (the batcher's concurrency, at least)
 
     def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig,
                  jpeg: JpegEngines | None = None) -> None:
@@ -65,6 +74,7 @@ class CudaImagePipeline:
                                 for name in ("resample_h", "resample_v"))
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
 
     def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image)
@@ -93,6 +103,56 @@ class CudaImagePipeline:
                         "the shared ones", self._name, type(exc).__name__, onnx.first_line(exc))
             self._backend.unbind_thread()  # a borrowed worker, should a new one fail too
             self._backend.bind_thread()
+            return
+        classes = self.runner.outputs[0].shape[1:]
+        if self.runner.fixed and all(d >= 0 for d in classes):  # else every batch runs in ``logits``
+            with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
+                self._local.landing = Landing(self.in_flight, onnx.padded_batch(self._step) * int(np.prod(classes)) * 4,
+                                              lambda: device_errors(self._backend.pool), self._name)
+
+    def logits_later(self, items: Sequence[np.ndarray | PlainJpeg]) -> Future[np.ndarray]:
+        """``logits`` without waiting for the GPU, on a bound thread (a batcher's): the batch's upload,
+        resize, model run and the logits' download are queued on its stream, behind the batch
+        before, and the Future is set on the landing's thread once they are done. Where that cannot
+        be (a thread not bound, more rows than a session takes, JPEGs to decode), ``logits`` runs
+        here and the Future comes done.
+
+        Raises:
+            UndecodedImages: as ``logits`` (before anything is queued), and its errors.
+        """
+        landing: Landing | None = getattr(self._local, "landing", None)
+        if landing is not None and len(items) <= self._step and not any(isinstance(i, PlainJpeg) for i in items):
+            with device_errors(self._backend.pool):
+                queued = self._backend.on_device(lambda state: self._queue(state, landing, items))
+            if queued is not None:
+                return queued
+        done: Future[np.ndarray] = Future()
+        done.set_result(self.logits(items))
+        return done
+
+    def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray]) -> Future[np.ndarray] | None:
+        """``items``' upload, resize, model run and logits' download queued on ``state``'s stream, into
+        the bound session's own input; None (nothing queued) where the session is not on that stream."""
+        rows = onnx.padded_batch(len(items))
+        size = self._pre.size
+        target = self.runner.input_buffer(self._input, rows)
+        if target is None or target.stream != state.stream.ptr or target.shape != (rows, 3, size, size):
+            return None
+        batch = self._batch_array(target.shape, target)  # type: ignore[arg-type]
+        slot = landing.slot()
+        try:
+            flat = state.upload_concatenated([p.reshape(-1) for p in items], IMAGE_SLOT, landing.staging_free)
+            self.preprocess_batch(flat, [p.shape for p in items], batch)
+            self._pad(state, batch, len(items))
+            landing.uploaded(state.stream.ptr)
+            shape = (rows, *self.runner.outputs[0].shape[1:])
+            if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
+                                             cuda_driver.copy_to_host):
+                raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
+            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items))
+        except BaseException:
+            landing.release(slot)
+            raise
 
     def logits(self, items: Sequence[np.ndarray | PlainJpeg]) -> np.ndarray:
         """Raises:
@@ -120,10 +180,7 @@ class CudaImagePipeline:
                 if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
                     state.stream.synchronize()  # what went up and was decoded is read before it goes
                     continue
-                if len(chunk) < len(batch):  # padding to a warmed-up shape (its rows are dropped): zeros
-                    row = batch[0].nbytes
-                    cuda_driver.fill_zeros(batch.data.ptr + len(chunk) * row, (len(batch) - len(chunk)) * row,
-                                           state.stream.ptr)
+                self._pad(state, batch, len(chunk))
                 # the session on this stream runs after the resize and waits for the stream once done
                 # (FixedSession), so the parts and the staging slot stay put until then; else wait here
                 if target is None or target.pointer != batch.data.ptr or target.stream != state.stream.ptr:
@@ -136,6 +193,13 @@ class CudaImagePipeline:
         if missed:
             raise UndecodedImages(missed)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _pad(state: DeviceWorker, batch: cp.ndarray, rows: int) -> None:
+        """Zeros in ``batch``'s rows from ``rows`` on: the padding to a warmed-up shape (dropped after)."""
+        if rows < len(batch):
+            row = batch[0].nbytes
+            cuda_driver.fill_zeros(batch.data.ptr + rows * row, (len(batch) - rows) * row, state.stream.ptr)
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
                      batch: cp.ndarray) -> tuple[list[cp.ndarray], list[int]]:

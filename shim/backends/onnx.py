@@ -21,13 +21,15 @@ from accel.datatypes import FIXED
 from ..padding import padded_batch
 from .base import TensorSpec
 
-__all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "first_line", "padded_batch", "version",
-           "has_cuda_provider"]
+__all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "QueuedDownload", "first_line", "padded_batch",
+           "version", "has_cuda_provider"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 #: copies ``nbytes`` from one device address to another, on the calling thread, done when it returns
 DeviceCopy = Callable[[int, int, int], None]
+#: queues a copy of ``nbytes`` from a device address to a (pinned) host address on a stream: (host, device, nbytes, stream)
+QueuedDownload = Callable[[int, int, int, int], None]
 GRAPH_WARMUP_RUNS = 3  # onnxruntime captures the CUDA graph in the first runs: before any request
 
 _ORT_TYPES = {
@@ -105,6 +107,21 @@ class FixedSession:
         self._replay()
         return self._host(self.outputs[0])
 
+    def launch_device(self, name: str, pointer: int, shape: tuple[int, ...], host: np.ndarray,
+                      download: QueuedDownload) -> bool:
+        """Queue a run on the FP32 batch at ``pointer`` (this session's own input ``name``, written on
+        the stream it follows) and its first output's copy into ``host`` (pinned, of that output's
+        shape and type), and return at once: done when the stream gets past them. False, with nothing
+        queued, where the session does not follow a caller's stream or ``pointer`` is not its input."""
+        value, out = self.inputs.get(name), self.outputs[0]
+        if (not self.follows or self.stream is None or value is None or pointer != value.data_ptr()
+                or tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32
+                or host.shape != tuple(out.shape()) or host.dtype != _dtype(out)):
+            return False
+        self.session.run_with_iobinding(self.binding, _QUEUED)
+        download(host.ctypes.data, out.data_ptr(), host.nbytes, self.stream.pointer)
+        return True
+
     def warm_up(self, runs: int) -> None:
         for name, value in self.inputs.items():
             value.update_inplace(np.zeros(value.shape(), _dtype(value)))
@@ -130,6 +147,17 @@ class FixedSession:
 #: onnxruntime element type -> numpy scalar type, for the fixed-size ones (what a fixed buffer can hold)
 _NUMPY = {ort_type: np.dtype(FIXED[datatype][2]).type for ort_type, datatype in _ORT_TYPES.items()
           if datatype in FIXED}
+
+
+def _queued_run() -> Any:
+    """Run options under which a run returns once its work is queued: onnxruntime leaves the stream
+    unsynchronized at the run's end (the caller waits for an event queued after it)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return options
+
+
+_QUEUED = _queued_run()
 
 
 def _runs_on(session: Any, stream: int) -> bool:
@@ -337,6 +365,14 @@ class OnnxRunner:
         if value is None or _dtype(value) != np.float32:
             return None
         return BoundInput(value.data_ptr(), tuple(value.shape()), session.stream.pointer if session.follows else None)
+
+    def launch_device(self, name: str, pointer: int, shape: tuple[int, ...], host: np.ndarray,
+                      download: QueuedDownload) -> bool:
+        """``FixedSession.launch_device`` on the calling thread's own session of ``shape[0]`` rows (the
+        batch written at ``input_buffer``'s address): the run and the first output's download into
+        ``host`` queued on the thread's stream; False, nothing queued, where that cannot be."""
+        session = self._bound(shape[0])
+        return session is not None and session.launch_device(name, pointer, shape, host, download)
 
     def _new_thread(self, batch: int, copy: int = 0) -> ThreadPoolExecutor:
         suffix = f"c{copy}" if copy else ""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from ..modelrepo import ModelConfig
 from .base import Op, int_param
 from .imaging import decode_image, sample_png
 from .jpeg import plain_jpeg_shape
+
+T = TypeVar("T")
 
 
 class ClassifyOp(Op):
@@ -49,13 +51,16 @@ class ClassifyOp(Op):
         self._pipeline = self._backend.image_pipeline(self.config)
         self.backend = self._pipeline.device
         if self._batching is not None:
-            # a request worker's pipeline answers in a Future (over the link): its batches are only
-            # started (on the thread of the last request expected, or the batcher's), and answered
-            # on the link's reader thread; it binds no thread, so it needs no thread_start
+            # a pipeline that answers in a Future starts its batches and goes on: a request worker's
+            # (over the link: started on the thread of the last request expected, or the batcher's,
+            # answered on the link's reader; it binds no thread, so it needs no thread_start), or the
+            # GPU's (queued on the batcher's bound stream, ``in_flight`` at once, answered as the GPU
+            # finishes each)
             later = self._run_batch_later if hasattr(self._pipeline, "logits_later") else None
+            in_flight = getattr(self._pipeline, "in_flight", 0)
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us, self.config.instances(),
-                                                thread_start=None if later else self._pipeline.bind_thread,
+                                                self.config.max_queue_delay_us, max(self.config.instances(), in_flight),
+                                                thread_start=None if later and not in_flight else self._pipeline.bind_thread,
                                                 run_batch_later=later)
 
     def metadata(self) -> dict[str, Any]:
@@ -94,9 +99,14 @@ class ClassifyOp(Op):
         the CPU twin decodes them (an error is that image's request's: a failed batch of several is
         run again request by request), and the batch runs again."""
         assert self._pipeline is not None
+        return self._decoding_missed(self._pipeline.logits, items)
+
+    def _decoding_missed(self, run: Callable[[Sequence[Any]], T], items: Sequence[Any]) -> T:
+        """``run(items)``, again with the JPEGs it did not decode (``UndecodedImages``) decoded here."""
+        assert self._pipeline is not None
         while True:  # each round decodes at least one more image here: it ends
             try:
-                return self._pipeline.logits(items)
+                return run(items)
             except UndecodedImages as exc:
                 items = list(items)
                 for row in exc.rows:
@@ -142,7 +152,8 @@ class ClassifyOp(Op):
 
     def _run_batch_later(self, groups: Sequence[list[Any]]) -> Future[list[np.ndarray]]:
         """``_run_batch`` through a pipeline that answers in a Future (``logits_later``)."""
-        logits = self._pipeline.logits_later([item for group in groups for item in group])  # type: ignore[union-attr]
+        logits = self._decoding_missed(self._pipeline.logits_later,  # type: ignore[union-attr]
+                                       [item for group in groups for item in group])
         return then(logits, lambda batch: _rows_by_request(batch, groups))
 
     def warmup(self) -> None:
