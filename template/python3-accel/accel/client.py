@@ -8,6 +8,7 @@ import time
 
 from . import datatypes as dt
 from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, RequestedOutput, decode_response, encode_request
+from .credentials import SECRET_FILE, Credentials, read_token
 from .errors import AccelError, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
 from .shm import REGISTER_HEADER, SharedMemory, place_request, registration, resolver
 from .tensor import Tensor
@@ -24,8 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .transport import Transport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-#: where OpenFaaS mounts the function's secret ``accel-token`` (stack.yml: ``secrets: [accel-token]``)
-SECRET_FILE = "/var/openfaas/secrets/accel-token"
+__all__ = ["Client", "DEFAULT_URL", "SECRET_FILE", "read_token"]  # the last two: from .credentials
 #: how many times a call takes its region's name back from another instance of the function
 TAKEOVERS = 3
 _extra_headers: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("accel_headers", default={})
@@ -44,11 +44,15 @@ class Client:
             ``timeout``. Calls are idempotent, so one cut off mid-way is retried too.
         token: the bearer token of this function's tenant; default ``$ACCEL_TOKEN``, else the
             OpenFaaS secret file ``/var/openfaas/secrets/accel-token`` (``$ACCEL_TOKEN_FILE``), else none.
+            A token from the file is read again when the shim refuses it (401), and the call is sent
+            once more if the file now holds another: a rotated secret needs no restart. A file that
+            cannot be read is logged once and is no error until the shim refuses a call.
         binary: send and receive tensors with the binary extension (default) or as JSON.
         transport: an object with ``request``/``close`` (tests use an in-process one).
 
     Every call raises the ``accel.errors`` class matching the shim's answer (InvalidInput,
-    OpNotFound, NotReady, ...) or ShimUnavailable when the shim cannot be reached in time.
+    OpNotFound, NotReady, ...) or ShimUnavailable when the shim cannot be reached in time;
+    Unauthorized (401) says where the token came from, or why the token file gave none.
     """
 
     def __init__(self, url: str | None = None, timeout: float = 30.0, *, retries: int | None = None,
@@ -56,8 +60,8 @@ class Client:
         self.url = url or os.environ.get("ACCEL_SHIM_URL") or DEFAULT_URL
         self.timeout = float(timeout)
         self.retries = None if retries is None else int(retries)
-        token = token if token is not None else read_token()
-        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._credentials = Credentials(token, source="Client(token=...)") if token is not None \
+            else Credentials.from_environment()
         self.binary = binary
         self._transport = transport if transport is not None else HTTPTransport(self.url)
 
@@ -73,9 +77,11 @@ class Client:
               headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
               idempotent: bool = True) -> Response:
         deadline = time.monotonic() + self.timeout
-        all_headers = {**(headers or {}), **_extra_headers.get(), **self._auth}
+        token = self._credentials.token
+        all_headers = {**(headers or {}), **_extra_headers.get(), **_bearer(token)}
         delay = 0.02
         attempt = 0
+        renewed = False  # the token is renewed once per call at most
         while self.retries is None or attempt <= self.retries:
             attempt += 1
             left = deadline - time.monotonic()
@@ -84,6 +90,18 @@ class Client:
             all_headers[DEADLINE_HEADER] = str(max(1, int(left * 1000)))
             try:
                 resp = self._transport.request(method, path, body, all_headers, left)
+                if resp.status == 401 and not renewed:
+                    # A 401 comes from the shim's front door, before any route (waitress's parser for
+                    # big bodies, the guard for the rest): nothing ran, so any call, idempotent or not,
+                    # can go again. Only once, and only with another token than the refused one.
+                    renewed = True
+                    fresh = self._credentials.renew(token) if _resendable(body) else None
+                    left = deadline - time.monotonic()
+                    if fresh is not None and left > 0:
+                        token = fresh
+                        all_headers.update(_bearer(fresh))
+                        all_headers[DEADLINE_HEADER] = str(max(1, int(left * 1000)))
+                        resp = self._transport.request(method, path, body, all_headers, left)
             except OSError as exc:
                 last: AccelError = ShimUnavailable(f"cannot reach the shim at {self.url}: {exc}")
                 if not idempotent and not isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
@@ -91,7 +109,7 @@ class Client:
             else:
                 if resp.status in ok:
                     return resp
-                last = _error_from(resp)
+                last = _error_from(resp, self._credentials)
                 if resp.status != 503 and not (resp.status == 429 and last.retry_after is not None
                                                and time.monotonic() + last.retry_after < deadline):
                     raise last
@@ -122,7 +140,8 @@ class Client:
 
     def _probe(self, path: str) -> bool:
         try:
-            resp = self._transport.request("GET", path, None, {**_extra_headers.get(), **self._auth},
+            resp = self._transport.request("GET", path, None, {**_extra_headers.get(),
+                                                               **_bearer(self._credentials.token)},
                                            min(self.timeout, 5.0))
         except OSError:
             return False
@@ -322,16 +341,13 @@ class Client:
         return json.loads(self._call("GET", "/v1/buffers").body)["buffers"]
 
 
-def read_token(environ: Mapping[str, str] | None = None) -> str | None:
-    """The token from ``$ACCEL_TOKEN``, else from the file ``$ACCEL_TOKEN_FILE`` (default SECRET_FILE)."""
-    env = os.environ if environ is None else environ
-    if env.get("ACCEL_TOKEN"):
-        return env["ACCEL_TOKEN"].strip()
-    try:
-        with open(env.get("ACCEL_TOKEN_FILE") or SECRET_FILE, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _resendable(body: object) -> bool:
+    """Whether a request body can be sent again as it was: whole bytes, not a stream read once."""
+    return body is None or isinstance(body, (bytes, bytearray, memoryview))
 
 
 class _HeaderScope:
@@ -377,11 +393,14 @@ def _segment(name: str) -> str:
     return name
 
 
-def _error_from(resp: Response) -> AccelError:
+def _error_from(resp: Response, credentials: Credentials | None = None) -> AccelError:
     try:
         message = json.loads(resp.body)["error"]
     except (ValueError, KeyError, TypeError):
         message = resp.body[:200].decode("utf-8", "replace") or f"HTTP {resp.status}"
+    why = credentials.explain() if credentials is not None and resp.status == 401 else ""
+    if why:
+        message = f"{message} ({why})"
     retry = resp.header("Retry-After")
     try:
         retry_after = float(retry) if retry is not None else None
