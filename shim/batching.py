@@ -10,7 +10,10 @@ one request's failure fails that request only.
 
 With ``concurrency`` above 1 (a model's ``instance_count``), that many batches may be in flight,
 as Triton's model instances; one thread gathers at a time, so a batch that could form is not
-split. Each batcher thread first runs ``thread_start`` (a device pipeline binding it to a CUDA
+split. With ``busy_until`` (a GPU pipeline that queues its batches behind one another), a batch
+gathered while another is in flight waits for more requests, rather than go with nobody else
+announced, until the device is about to be free (within ``max_queue_delay_us`` still): going
+earlier would only queue it, smaller. Each batcher thread first runs ``thread_start`` (a device pipeline binding it to a CUDA
 stream of its own and to sessions captured on it, so that a batch runs where it was gathered).
 
 With ``run_batch_later`` (a request worker's batchers: the device call goes over the link) a batch
@@ -79,13 +82,17 @@ class Batcher(Generic[Item, Result]):
         run_batch_later: starts a batch and returns at once, its results to come in a Future; given,
             it runs every batch and ``run_batch`` (its blocking twin) is not called. Without
             ``thread_start`` it may be called from a request's thread too.
+        busy_until: called on the gathering thread while other batches are in flight: the
+            ``time.perf_counter()`` until which a batch started now would only wait behind them
+            (None: no estimate).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
                  max_queue_delay_us: int, batch_sizes: Histogram | None = None,
                  queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None,
                  concurrency: int = 1, thread_start: Callable[[], None] | None = None,
-                 run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None) -> None:
+                 run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None,
+                 busy_until: Callable[[], float | None] | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1:
             raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
                              "max_queue_delay_us >= 0")
@@ -94,6 +101,7 @@ class Batcher(Generic[Item, Result]):
         self.max_delay = max_queue_delay_us / 1e6
         self._run_batch = run_batch
         self._run_later = run_batch_later
+        self._busy_until = busy_until
         self._cap = concurrency if run_batch_later is not None else 0  # batches on their way, at most
         self._start_anywhere = run_batch_later is not None and thread_start is None  # on a request's thread too
         self._in_flight = 0
@@ -245,14 +253,30 @@ class Batcher(Generic[Item, Result]):
         deadline = batch[0].arrived + self.max_delay
         while True:
             rows = self._fill(batch)
-            left = deadline - time.perf_counter()
-            if rows >= self.max_batch_size or self._queue or self._incoming == 0 or left <= 0 or self._closed:
-                break  # full (the next does not fit), nobody else coming, or waited enough
+            now = time.perf_counter()
+            left = deadline - now
+            if rows >= self.max_batch_size or self._queue or left <= 0 or self._closed:
+                break  # full (the next does not fit), or waited enough
+            if self._incoming == 0:  # nobody else coming: go, unless the device stays busy a while
+                busy = self._device_busy_until()
+                if busy is None or busy <= now:
+                    break
+                left = min(left, busy - now)
             self._cond.wait(left)
             if self._forming is not batch:
                 return None
         self._forming = None
         return batch
+
+    def _device_busy_until(self) -> float | None:
+        """While another batch is in flight, until when it keeps the device busy (``busy_until``)."""
+        if self._busy_until is None or self._in_flight < 2:  # the batch being gathered is counted too
+            return None
+        try:
+            return self._busy_until()
+        except Exception:  # noqa: BLE001 - only an estimate: the batch goes as it would without
+            log.exception("model %s: busy_until failed", self.name)
+            return None
 
     def _fill(self, batch: list[_Job[Item, Result]]) -> int:
         """Queued jobs onto ``batch`` while they fit in ``max_batch_size`` rows; its rows."""
@@ -401,7 +425,8 @@ class BatchingFactory:
 
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
              max_queue_delay_us: int, concurrency: int = 1, thread_start: Callable[[], None] | None = None,
-             run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None
-             ) -> Batcher[Item, Result]:
+             run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None,
+             busy_until: Callable[[], float | None] | None = None) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
-                       self._batch_seconds, self._concurrency or concurrency, thread_start, run_batch_later)
+                       self._batch_seconds, self._concurrency or concurrency, thread_start, run_batch_later,
+                       busy_until)

@@ -434,3 +434,60 @@ def test_a_batcher_whose_threads_are_bound_starts_every_batch_on_its_own_thread(
     finally:
         batcher.close()
     assert device.started == [(["a"], "batcher-m-0")]  # run_batch_later may need the bound thread
+
+
+@pytest.mark.parametrize("estimate", [True, False], ids=["busy_until", "without"])
+def test_a_batch_gathered_while_another_is_in_flight_waits_until_the_device_is_about_to_be_free(estimate):
+    """A GPU pipeline queues its batches behind one another (``busy_until``): a batch gathered while
+    another is in flight, with nobody else announced, keeps gathering until the device is about to
+    be free, so that a request coming meanwhile joins it; without the estimate it goes at once, alone.
+    The first batch (nothing in flight) goes at once either way."""
+    device = _Recorder(hold=True)
+    busy = [0.0]
+    batcher = Batcher("m", _blocking, max_batch_size=8, max_queue_delay_us=2_000_000, concurrency=2,
+                      thread_start=lambda: None, run_batch_later=device.run_later,
+                      busy_until=(lambda: busy[0]) if estimate else None)
+    try:
+        first = batcher.submit_later("a", 1)
+        _until(lambda: len(device.started) == 1)  # went at once
+        busy[0] = time.perf_counter() + 0.4
+        began = time.perf_counter()
+        b = batcher.submit_later("b", 1)
+        time.sleep(0.1)
+        c = batcher.submit_later("c", 1)
+        _until(lambda: len(device.started) >= 2)
+        went = time.perf_counter() - began
+        device._hold = False  # noqa: SLF001 - from now on each batch is answered at once
+        device.release()
+        assert first.result(5) == "aa" and b.result(5) == "bb" and c.result(5) == "cc"
+    finally:
+        device.release()
+        batcher.close()
+    batches = [items for items, _ in device.started]
+    if estimate:
+        assert batches == [["a"], ["b", "c"]] and went >= 0.3
+    else:
+        assert batches == [["a"], ["b"], ["c"]] and went < 0.3
+
+
+def test_a_batch_held_for_a_busy_device_goes_at_once_when_the_batch_before_lands():
+    """The estimate may be long: the batch before landing sooner lets the waiting batch go then."""
+    device = _Recorder(hold=True)
+    batcher = Batcher("m", _blocking, max_batch_size=8, max_queue_delay_us=5_000_000, concurrency=2,
+                      thread_start=lambda: None, run_batch_later=device.run_later,
+                      busy_until=lambda: time.perf_counter() + 30)
+    try:
+        first = batcher.submit_later("a", 1)
+        _until(lambda: len(device.started) == 1)
+        b = batcher.submit_later("b", 1)
+        time.sleep(0.1)
+        assert len(device.started) == 1  # held: the device is busy
+        released = time.perf_counter()
+        device.release()
+        _until(lambda: len(device.started) == 2)
+        assert time.perf_counter() - released < 1.0
+        device.release()
+        assert first.result(5) == "aa" and b.result(5) == "bb"
+    finally:
+        device.release()
+        batcher.close()

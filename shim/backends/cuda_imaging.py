@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Sequence
@@ -120,19 +121,28 @@ class CudaImagePipeline:
         Raises:
             UndecodedImages: as ``logits`` (before anything is queued), and its errors.
         """
+        began = time.perf_counter()
         landing: Landing | None = getattr(self._local, "landing", None)
         if landing is not None and len(items) <= self._step and not any(isinstance(i, PlainJpeg) for i in items):
             with device_errors(self._backend.pool):
-                queued = self._backend.on_device(lambda state: self._queue(state, landing, items))
+                queued = self._backend.on_device(lambda state: self._queue(state, landing, items, began))
             if queued is not None:
                 return queued
         done: Future[np.ndarray] = Future()
         done.set_result(self.logits(items))
         return done
 
-    def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray]) -> Future[np.ndarray] | None:
+    def busy_until(self) -> float | None:
+        """On a bound thread, until when (``perf_counter``) a batch queued now would only wait behind
+        those it queued before (``Landing.busy_until``); else None."""
+        landing: Landing | None = getattr(self._local, "landing", None)
+        return None if landing is None else landing.busy_until()
+
+    def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray],
+               began: float) -> Future[np.ndarray] | None:
         """``items``' upload, resize, model run and logits' download queued on ``state``'s stream, into
-        the bound session's own input; None (nothing queued) where the session is not on that stream."""
+        the bound session's own input (from ``began``); None (nothing queued) where the session is
+        not on that stream."""
         rows = onnx.padded_batch(len(items))
         size = self._pre.size
         target = self.runner.input_buffer(self._input, rows)
@@ -149,7 +159,7 @@ class CudaImagePipeline:
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
-            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items))
+            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items), began)
         except BaseException:
             landing.release(slot)
             raise

@@ -5,13 +5,16 @@ goes on to gather the next while the GPU runs it; the next batch's work queues b
 goes from one batch to the next without waiting for the host in between. ``Landing`` holds a ring
 of slots (a pinned buffer that a batch's logits come down into, an event recorded after them) and a
 thread of its own that waits for each batch's event in turn (sleeping: a blocking-sync event, the
-interpreter lock let go) and sets the batch's Future with its rows.
+interpreter lock let go) and sets the batch's Future with its rows. It also keeps an estimate of
+until when the GPU is busy with what is queued (``busy_until``): a batch's time there, measured per
+batch size as the time between one landing and the next, and the thread's time to queue one.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Callable
@@ -24,6 +27,11 @@ from . import cuda_driver
 log = logging.getLogger(__name__)
 
 _IDLE_CHECK_S = 1.0  # how often an idle landing thread looks whether its batcher thread is still there
+_WEIGHT = 0.2  # of the newest measurement in the running estimates (exponential moving averages)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + _WEIGHT * (new - old)
 
 
 class Slot:
@@ -61,7 +69,12 @@ class Landing:
         self._uploaded = cp.cuda.Event(disable_timing=True)  # after the last batch's pixels went up
         self._staged = False  # whether ``_uploaded`` has been recorded
         self._owner = threading.current_thread()
-        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], Any, float]] = \
+            queue.SimpleQueue()
+        self._gpu_s: dict[int, float] = {}  # a batch's time on the GPU, by its (padded) rows: the landing thread's
+        self._last_landed = 0.0
+        self._queue_s: float | None = None  # the batcher's time to queue a batch: its thread's
+        self._busy = 0.0  # until when the GPU is busy with what was queued, as far as known: its thread's
         self._thread = threading.Thread(target=self._loop, name=f"landing-{name}", daemon=True)
         self._thread.start()
 
@@ -89,14 +102,24 @@ class Landing:
         cuda_driver.record(self._uploaded.ptr, stream)
         self._staged = True
 
-    def land(self, slot: Slot, stream: int, rows: int, shape: tuple[int, ...], keep: Any) -> Future[np.ndarray]:
-        """After a batch's work was queued on ``stream`` (its logits coming down into ``slot``, of
-        ``shape``): a Future of its first ``rows`` rows, set on this landing's thread once the GPU is
-        done. ``keep`` (what the queued work reads: pixels, decoded images) is held until then."""
+    def land(self, slot: Slot, stream: int, rows: int, shape: tuple[int, ...], keep: Any,
+             began: float) -> Future[np.ndarray]:
+        """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
+        logits coming down into ``slot``, of ``shape``): a Future of its first ``rows`` rows, set on
+        this landing's thread once the GPU is done. ``keep`` (what the queued work reads: pixels,
+        decoded images) is held until then."""
         cuda_driver.record(slot.done.ptr, stream)
         future: Future[np.ndarray] = Future()
-        self._queue.put((slot, rows, shape, future, keep))
+        now = time.perf_counter()
+        self._queue_s = _average(self._queue_s, now - began)
+        self._busy = max(now, self._busy) + self._gpu_s.get(shape[0], 0.0)
+        self._queue.put((slot, rows, shape, future, keep, now))
         return future
+
+    def busy_until(self) -> float:
+        """The ``perf_counter`` time until which a batch queued now would wait behind those queued
+        before, less the time queueing it takes (on the batcher's thread)."""
+        return self._busy - (self._queue_s or 0.0)
 
     def _loop(self) -> None:
         while True:
@@ -109,11 +132,15 @@ class Landing:
             self._land_one(*entry)
             del entry
 
-    def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray], keep: Any) -> None:
+    def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray], keep: Any,
+                  queued: float) -> None:
         """Wait for ``slot``'s batch, then set ``future`` (its callbacks, the batch's answers, run here)."""
         try:
             with self._errors():
                 slot.done.synchronize()
+            landed = time.perf_counter()  # its time on the GPU: since it was queued, or the one before landed
+            self._gpu_s[shape[0]] = _average(self._gpu_s.get(shape[0]), landed - max(queued, self._last_landed))
+            self._last_landed = landed
             logits = slot.view(shape)[:rows].copy()
         except BaseException as exc:  # noqa: BLE001 - the batch's requests get it
             slot.free.set()

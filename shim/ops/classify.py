@@ -61,7 +61,8 @@ class ClassifyOp(Op):
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us, max(self.config.instances(), in_flight),
                                                 thread_start=None if later and not in_flight else self._pipeline.bind_thread,
-                                                run_batch_later=later)
+                                                run_batch_later=later,
+                                                busy_until=getattr(self._pipeline, "busy_until", None))
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
