@@ -13,8 +13,23 @@ where this app calls ``function.handler.handle(event, context)``:
 Errors are JSON, never HTML: an ``accel.AccelError`` keeps its status (400 for InvalidInput, 413,
 503 when the shim is unreachable, ...), any other exception is a 500. Each carries the call id.
 The call id is sent to the shim with every ``context.accel`` call, so that one call can be
-followed through both logs. SIGTERM (or SIGINT) stops accepting, finishes the requests in
-flight, then exits.
+followed through both logs.
+
+``GET /_/ready`` is answered here, never by the handler: 200 while serving, 503 once stopping. The
+image sets of-watchdog's ``ready_path`` to it, so the watchdog's own ``/_/ready`` fails until waitress
+listens. ``/_/`` is the watchdog's prefix: its ``/_/health`` and ``/_/ready`` never reached a handler.
+
+The accel client's timeout is ``$ACCEL_TIMEOUT`` when set, else the watchdog's ``$exec_timeout`` less
+a margin (10%, 0.5 to 5 s), so that a slow shim gets the client's JSON error before the watchdog's
+bare 504; without ``exec_timeout`` (or with 0, "no limit") the client keeps its default.
+
+Stopping: behind of-watchdog (``mode=http``), SIGTERM reaches this process as the watchdog starts
+its own shutdown, but the watchdog goes on accepting requests for ``healthcheck_interval``
+(default ``write_timeout``, default 10 s) and forwarding them here. So new requests are served for
+that long (plus 0.5 s), then the listener closes, the requests in flight are finished, and the
+process exits at most ``write_timeout`` + 1 s after SIGTERM: inside the pod's grace period, which
+faas-netes sets to ``write_timeout`` + 2 s. Run alone (``accelshim up``, ``python index.py``), or on
+SIGINT, it stops accepting at once and drains for up to 30 s. A second signal ends the grace early.
 
 The port is ``$http_port`` when set (for local runs, as in OpenFaaS's other templates), else that
 of ``$upstream_url``, else 5000. ``$PORT`` is not read: Knative sets it for the watchdog's port.
@@ -22,14 +37,16 @@ of ``$upstream_url``, else 5000. ``$PORT`` is not read: Knative sets it for the 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
 import uuid
 from types import ModuleType
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, make_response, request
@@ -42,7 +59,13 @@ log = logging.getLogger("function")
 CALL_ID = "X-Call-Id"
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 DEFAULT_PORT = 5000
-DRAIN_SECONDS = 30.0
+READY_PATH = "/_/ready"        # of-watchdog's ready_path (Dockerfile); never reaches the handler
+DRAIN_SECONDS = 30.0           # without the watchdog: how long the requests in flight may take
+WATCHDOG_TIMEOUT = 10.0        # of-watchdog's read/write/exec_timeout when unset or unparseable
+LISTEN_MARGIN = 0.5            # accept this long past healthcheck_interval: the watchdog's last requests
+EXIT_MARGIN = 1.0              # exit by write_timeout + this; faas-netes' grace period is write_timeout + 2 s
+EXEC_MARGIN = 0.1              # the client's timeout: exec_timeout less 10% of it,
+EXEC_MARGIN_RANGE = (0.5, 5.0)  # but no less than 0.5 s and no more than 5 s
 
 
 class Handler(Protocol):
@@ -69,9 +92,21 @@ class Context:
         self.hostname = os.environ.get("HOSTNAME", "localhost")
 
 
-def create_app(handler: Handler | ModuleType, client: accel.Client) -> Flask:
-    """The Flask app that serves ``handler.handle`` with ``client`` as ``context.accel``."""
+def create_app(handler: Handler | ModuleType, client: accel.Client,
+               stopping: threading.Event | None = None) -> Flask:
+    """The Flask app that serves ``handler.handle`` with ``client`` as ``context.accel``.
+
+    ``stopping`` (set by ``serve`` on SIGTERM) turns ``GET /_/ready`` to 503.
+    """
     app = Flask("function")
+    stopping = threading.Event() if stopping is None else stopping
+
+    @app.route(READY_PATH, methods=METHODS)
+    def ready() -> Response:
+        # every method is routed here, so that no request for this path reaches the handler
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "method not allowed", _call_id())
+        return make_response(("stopping\n", 503) if stopping.is_set() else ("ready\n", 200))
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)
@@ -94,12 +129,16 @@ def create_app(handler: Handler | ModuleType, client: accel.Client) -> Flask:
         else:
             status, message = 500, f"{type(exc).__name__}: {exc}"
             log.error("call %s: the handler raised", call_id, exc_info=exc)
-        response = jsonify(error=message, call_id=call_id)
-        response.status_code = status
-        response.headers[CALL_ID] = call_id
-        return response
+        return _error(status, message, call_id)
 
     return app
+
+
+def _error(status: int, message: str, call_id: str) -> Response:
+    response = jsonify(error=message, call_id=call_id)
+    response.status_code = status
+    response.headers[CALL_ID] = call_id
+    return response
 
 
 def _call_id() -> str:
@@ -136,33 +175,148 @@ def listen_port(environ: Mapping[str, str] = os.environ) -> int:
     return urlsplit(environ.get("upstream_url", "")).port or DEFAULT_PORT
 
 
-def serve(app: Flask, host: str, port: int, threads: int = 8, drain_seconds: float = DRAIN_SECONDS) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT, then finish the requests in flight and return."""
+# --- of-watchdog's settings, read as its config package reads them ---------------------------
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_TERM = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([^0-9.]+)")  # a number and its unit
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds in ``value`` as of-watchdog reads a timeout, or None where it falls back to its default.
+
+    A whole number is seconds ("30"); anything else must be a Go duration ("30s", "1m30s", "1.5h",
+    "500ms", "-5s"): a bare "1.5" or "-5" is not one.
+    """
+    if re.fullmatch(r"[+-]?[0-9]+", value):
+        return float(int(value)) if int(value) >= 0 else None
+    sign = -1.0 if value.startswith("-") else 1.0
+    rest = value[1:] if value.startswith(("+", "-")) else value
+    if rest == "0":
+        return 0.0
+    total, at = 0.0, 0
+    while at < len(rest):
+        term = _GO_TERM.match(rest, at)
+        if term is None or term.group(2) not in _GO_UNITS:
+            return None
+        total += float(term.group(1)) * _GO_UNITS[term.group(2)]
+        at = term.end()
+    return sign * total if rest else None
+
+
+def watchdog_duration(environ: Mapping[str, str], key: str, default: float) -> float:
+    """``environ[key]`` in seconds as the watchdog reads it: ``default`` when unset or unparseable."""
+    value = environ.get(key)
+    if value is None:
+        return default
+    seconds = parse_duration(value)
+    if seconds is None:
+        log.warning("%s=%r is not a duration; of-watchdog reads it as %gs", key, value, default)
+        return default
+    return seconds
+
+
+class ShutdownPlan(NamedTuple):
+    """What SIGTERM does: accept new requests for ``grace`` seconds, then drain; exit by ``limit``."""
+
+    grace: float = 0.0
+    limit: float = DRAIN_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "ShutdownPlan":
+        """Behind of-watchdog (``mode=http``): its healthcheck_interval and write_timeout; else none."""
+        if environ.get("mode") != "http":
+            return cls()
+        write = watchdog_duration(environ, "write_timeout", WATCHDOG_TIMEOUT)
+        interval = watchdog_duration(environ, "healthcheck_interval", write)
+        limit = max(write, 0.0) + EXIT_MARGIN
+        return cls(grace=min(interval + LISTEN_MARGIN, limit) if interval > 0 else 0.0, limit=limit)
+
+
+def client_timeout(environ: Mapping[str, str]) -> float | None:
+    """The accel client's timeout in seconds; None keeps the client's default.
+
+    ``$ACCEL_TIMEOUT`` (seconds or a Go duration) when set, else ``$exec_timeout`` less a margin.
+    Values that do not parse are logged and ignored, never fatal.
+    """
+    override = environ.get("ACCEL_TIMEOUT", "")
+    if override:
+        seconds = _seconds(override)
+        if seconds is not None and 0 < seconds < math.inf:
+            return seconds
+        log.warning("ACCEL_TIMEOUT=%r is not a positive duration; ignored", override)
+    raw = environ.get("exec_timeout", "")
+    if not raw:
+        return None
+    exec_timeout = parse_duration(raw)
+    if exec_timeout is None:
+        log.warning("exec_timeout=%r is not a duration (of-watchdog falls back to %gs); the accel client "
+                    "keeps its default timeout", raw, WATCHDOG_TIMEOUT)
+        return None
+    if exec_timeout <= 0:  # the watchdog sets no limit
+        return None
+    low, high = EXEC_MARGIN_RANGE
+    return max(exec_timeout - min(max(exec_timeout * EXEC_MARGIN, low), high), exec_timeout / 2)
+
+
+def _seconds(value: str) -> float | None:
+    """A number of seconds ("2.5") or a Go duration ("45s")."""
+    try:
+        return float(value)
+    except ValueError:
+        return parse_duration(value)
+
+
+# --- serving ---------------------------------------------------------------------------------
+def serve(app: Flask, host: str, port: int, threads: int = 8, plan: ShutdownPlan = ShutdownPlan(),
+          stopping: threading.Event | None = None) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, then as ``plan`` says: serve on for its grace (SIGTERM
+    only), stop accepting, finish the requests in flight until its limit, and return.
+    ``stopping`` is set at the signal (``create_app``'s readiness)."""
     from waitress import wasyncore
     from waitress.server import create_server
 
     server = create_server(app, host=host, port=port, threads=threads, ident="python3-accel")
-    stopping = threading.Event()
+    signals: list[tuple[str, float]] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s: draining", signal.Signals(signum).name)
-        stopping.set()
+        signals.append((signal.Signals(signum).name, time.monotonic()))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("listening on http://%s:%d", host, port)
     channels = server._map  # waitress keeps the listener and its connections in one socket map
-    while not stopping.is_set():
+    while not signals:
         wasyncore.loop(timeout=0.2, map=channels, count=1)
+    name, signalled = signals[0]
+    if stopping is not None:
+        stopping.set()
+    grace = plan.grace if name == "SIGTERM" else 0.0
+    if grace > 0:
+        log.info("%s: still serving new requests for %.1fs (of-watchdog forwards them for its "
+                 "healthcheck_interval), then draining; exiting within %.1fs", name, grace, plan.limit)
+        while len(signals) == 1 and time.monotonic() < signalled + grace:
+            wasyncore.loop(timeout=min(0.2, max(0.0, signalled + grace - time.monotonic())), map=channels, count=1)
+        if len(signals) > 1:
+            log.info("%s again: the grace period ends early", signals[1][0])
+    log.info("%s: draining", name)
     # close the listener alone: server.close() would also close the trigger that worker threads
     # pull when a response is ready, and the requests in flight must still be answered
     wasyncore.dispatcher.close(server)
-    deadline = time.monotonic() + drain_seconds
-    while time.monotonic() < deadline and any(
-            getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(channels.values())):
+    deadline = signalled + plan.limit
+    while time.monotonic() < deadline and _in_flight(channels):
         wasyncore.loop(timeout=0.05, map=channels, count=1)
-    server.task_dispatcher.shutdown()
+    left = _in_flight(channels)
+    if left:
+        log.warning("%d request(s) still in flight %.1fs after %s; exiting without them", left, plan.limit, name)
+    else:
+        log.info("drained in %.1fs; exiting", time.monotonic() - signalled)
+    server.task_dispatcher.shutdown(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
     wasyncore.close_all(channels)
+
+
+def _in_flight(channels: Mapping[int, Any]) -> int:
+    """Connections with a request being served or a response not yet sent."""
+    return sum(1 for ch in list(channels.values())
+               if getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0))
 
 
 def main() -> int:
@@ -170,9 +324,13 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from function import handler
 
-    client = accel.Client()
-    log.info("accel shim: %s", client.url)
-    serve(create_app(handler, client), "127.0.0.1", listen_port())
+    timeout = client_timeout(os.environ)
+    client = accel.Client() if timeout is None else accel.Client(timeout=timeout)
+    log.info("accel shim: %s, timeout %.1fs%s", client.url, client.timeout,
+             "" if timeout is None else " (from $ACCEL_TIMEOUT or $exec_timeout)")
+    stopping = threading.Event()
+    serve(create_app(handler, client, stopping), "127.0.0.1", listen_port(),
+          plan=ShutdownPlan.from_env(os.environ), stopping=stopping)
     client.close()
     return 0
 

@@ -1,11 +1,12 @@
 """Helpers of the template tests: the template's index.py as a module, projects made from the
-template the way ``faas-cli new`` makes them, and ``accelshim up`` as a subprocess."""
+template the way ``faas-cli new`` makes them, ``python index.py`` and ``accelshim up`` as subprocesses."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ import pytest
 import requests
 import yaml
 
+from shim.up.build import shrinkwrap
+from shim.up.stack import load_stack
 from tests.conftest import ROOT, free_port
 
 TEMPLATE = ROOT / "template" / "python3-accel"
@@ -47,6 +50,63 @@ def new_project(root: Path, handlers: dict[str, str], environment: dict[str, str
                                                                   "gateway": "http://127.0.0.1:8080"},
                                      "functions": functions}))
     return stack
+
+
+class IndexProcess:
+    """``python index.py`` of a function built from ``handler_source`` (shrinkwrapped as ``accelshim up``
+    does) on a free loopback port, its environment ``environment`` over a bare one (PATH, http_port, an
+    ACCEL_SHIM_URL where nothing listens); its log in a file."""
+
+    def __init__(self, tmp: Path, handler_source: str, environment: dict[str, str]) -> None:
+        stack = load_stack(new_project(tmp / "project", {"fn": handler_source}))
+        context = shrinkwrap(stack.functions["fn"], tmp / "build")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "index.log"
+        self._log = open(self.log_path, "wb")
+        env = {"PATH": "/usr/bin:/bin", "http_port": str(self.port),
+               "ACCEL_SHIM_URL": f"http://127.0.0.1:{free_port()}", **environment}
+        self.proc = subprocess.Popen([sys.executable, "index.py"], cwd=context, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def wait_listening(self, timeout: float = 20.0) -> "IndexProcess":
+        deadline = time.monotonic() + timeout
+        while not self.listening():
+            assert self.proc.poll() is None, f"index.py exited {self.proc.returncode}:\n{self.log}"
+            assert time.monotonic() < deadline, f"index.py not listening in {timeout}s:\n{self.log}"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture()
+def start_index(tmp_path_factory) -> Iterator:
+    """``start(handler_source, **environment) -> IndexProcess`` (not waited for); all killed at the end."""
+    started: list[IndexProcess] = []
+
+    def start(handler_source: str, **environment: str) -> IndexProcess:
+        started.append(IndexProcess(tmp_path_factory.mktemp("index"), handler_source, environment))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 class Up:
