@@ -13,8 +13,9 @@ as Triton's model instances; one thread gathers at a time, so a batch that could
 split. With ``busy_until`` (a GPU pipeline that queues its batches behind one another), a batch
 gathered while another is in flight waits for more requests, rather than go with nobody else
 announced, until the device is about to be free (within ``max_queue_delay_us`` still): going
-earlier would only queue it, smaller. Each batcher thread first runs ``thread_start`` (a device pipeline binding it to a CUDA
-stream of its own and to sessions captured on it, so that a batch runs where it was gathered).
+earlier would only queue it, smaller. Each batcher thread first runs ``thread_start`` (a device
+pipeline binding it to a CUDA stream of its own and to sessions captured on it, so that a batch
+runs where it was gathered).
 
 With ``run_batch_later`` (a request worker's batchers: the device call goes over the link) a batch
 is only started: its results come in a Future and are split back out on the thread that sets it
@@ -274,8 +275,9 @@ class Batcher(Generic[Item, Result]):
             return None
         try:
             return self._busy_until()
-        except Exception:  # noqa: BLE001 - only an estimate: the batch goes as it would without
-            log.exception("model %s: busy_until failed", self.name)
+        except Exception:  # noqa: BLE001 - only an estimate: the batch goes as it would without, from now on
+            log.exception("model %s: busy_until failed; batches no longer wait for the device", self.name)
+            self._busy_until = None
             return None
 
     def _fill(self, batch: list[_Job[Item, Result]]) -> int:

@@ -30,7 +30,8 @@ class Metrics:
                                     ["op"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_seconds = Histogram("accelshim_queue_seconds", "Time a request waited for its batch, by op",
                                        ["op"], buckets=QUEUE_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("accelshim_batch_seconds", "Time of one device run of a batch, by op",
+        self.batch_seconds = Histogram("accelshim_batch_seconds",
+                                       "Time of one device run of a batch (queued on the GPU: until it lands), by op",
                                        ["op"], buckets=_LATENCY_BUCKETS, registry=r)
 
     def render(self) -> tuple[bytes, str]:

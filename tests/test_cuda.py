@@ -718,3 +718,36 @@ def test_batches_queued_back_to_back_on_a_bound_stream_each_land_with_their_own_
         labels = [op._labels[i].decode() for i in got.argmax(axis=1)]
         assert all((label in CAT_LABELS) if image is cat else (label == "espresso") for image, label in zip(plan, labels))
     assert landing_thread == "landing-efficientnet-lite0"
+
+
+
+def test_a_batch_run_waiting_does_not_overwrite_the_staging_buffer_that_queued_batches_still_read(cuda_service):
+    """A batch too big to queue (more images than a session takes) runs at once on the bound thread,
+    staging its pixels through the same pinned buffer as the queued batches before it, whose uploads
+    may still wait on the stream behind a model run: it waits for them first (``staging_free``), so
+    that every batch still gets its own logits."""
+    op = cuda_service.registry.get("classify")
+    pipeline = op._pipeline
+    rng = np.random.default_rng(11)
+
+    def photos(n):  # distinct, and large enough that staging them takes a while (32 x 1 MiB)
+        return [pipeline.prepare(_image(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8))) for _ in range(n)]
+
+    first, second, big = photos(32), photos(32), photos(40)
+
+    def bound():
+        pipeline.bind_thread()
+        queued = [pipeline.logits_later(first), pipeline.logits_later(second)]  # the second's upload waits
+        at_once = pipeline.logits_later(big)  # more than 32: run here, through the same staging buffer
+        got = [f.result(timeout=30) for f in queued] + [at_once.result(timeout=30)]
+        return got, [pipeline.logits(items) for items in (first, second, big)]
+
+    runner = pipeline.runner
+    runner.graphs = True
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
+            got, want = pool.submit(bound).result()
+    finally:
+        runner.graphs = False
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)

@@ -76,6 +76,7 @@ class CudaImagePipeline:
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         self._lock = threading.Lock()
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
+        self._in_flight = max(self.in_flight, config.instances())  # the batcher's concurrency (ClassifyOp)
 
     def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image)
@@ -105,11 +106,14 @@ class CudaImagePipeline:
             self._backend.unbind_thread()  # a borrowed worker, should a new one fail too
             self._backend.bind_thread()
             return
-        classes = self.runner.outputs[0].shape[1:]
-        if self.runner.fixed and all(d >= 0 for d in classes):  # else every batch runs in ``logits``
+        logits = self.runner.outputs[0]
+        classes = logits.shape[1:] if logits.shape else (-1,)
+        # else every batch runs in ``logits``: a landing slot holds FP32 logits of fixed shape
+        if self.runner.fixed and logits.datatype == "FP32" and all(d >= 0 for d in classes):
             with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
-                self._local.landing = Landing(self.in_flight, onnx.padded_batch(self._step) * int(np.prod(classes)) * 4,
-                                              lambda: device_errors(self._backend.pool), self._name)
+                nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
+                self._local.landing = Landing(self._in_flight, nbytes, lambda: device_errors(self._backend.pool),
+                                              self._name)
 
     def logits_later(self, items: Sequence[np.ndarray | PlainJpeg]) -> Future[np.ndarray]:
         """``logits`` without waiting for the GPU, on a bound thread (a batcher's): the batch's upload,
@@ -128,6 +132,9 @@ class CudaImagePipeline:
                 queued = self._backend.on_device(lambda state: self._queue(state, landing, items, began))
             if queued is not None:
                 return queued
+        if landing is not None:  # batches queued before may still be going up from the staging buffer
+            with device_errors(self._backend.pool):
+                landing.staging_free()
         done: Future[np.ndarray] = Future()
         done.set_result(self.logits(items))
         return done

@@ -87,7 +87,9 @@ class Landing:
         return slot
 
     def release(self, slot: Slot) -> None:
-        """``slot`` back unused (its batch failed before anything was queued for it to land)."""
+        """``slot``, the last one ``slot`` gave, back unused (its batch failed before it was queued to
+        land): the next batch takes it again, not one that may still be in flight."""
+        self._next = (self._next - 1) % len(self._slots)
         slot.free.set()
 
     def staging_free(self) -> None:

@@ -1,6 +1,7 @@
 """ONNX models through onnxruntime (CPU provider here; the CUDA backend passes its provider)."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 #: copies ``nbytes`` from one device address to another, on the calling thread, done when it returns
 DeviceCopy = Callable[[int, int, int], None]
-#: queues a copy of ``nbytes`` from a device address to a (pinned) host address on a stream: (host, device, nbytes, stream)
+#: queues a copy of ``nbytes`` from a device address to a (pinned) host address on a stream:
+#: (host, device, nbytes, stream)
 QueuedDownload = Callable[[int, int, int, int], None]
 GRAPH_WARMUP_RUNS = 3  # onnxruntime captures the CUDA graph in the first runs: before any request
 
@@ -118,7 +120,7 @@ class FixedSession:
                 or tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32
                 or host.shape != tuple(out.shape()) or host.dtype != _dtype(out)):
             return False
-        self.session.run_with_iobinding(self.binding, _QUEUED)
+        self.session.run_with_iobinding(self.binding, _queued_run())
         download(host.ctypes.data, out.data_ptr(), host.nbytes, self.stream.pointer)
         return True
 
@@ -149,15 +151,13 @@ _NUMPY = {ort_type: np.dtype(FIXED[datatype][2]).type for ort_type, datatype in 
           if datatype in FIXED}
 
 
+@functools.cache
 def _queued_run() -> Any:
     """Run options under which a run returns once its work is queued: onnxruntime leaves the stream
     unsynchronized at the run's end (the caller waits for an event queued after it)."""
     options = ort.RunOptions()
     options.add_run_config_entry("disable_synchronize_execution_providers", "1")
     return options
-
-
-_QUEUED = _queued_run()
 
 
 def _runs_on(session: Any, stream: int) -> bool:

@@ -58,9 +58,10 @@ class ClassifyOp(Op):
             # finishes each)
             later = self._run_batch_later if hasattr(self._pipeline, "logits_later") else None
             in_flight = getattr(self._pipeline, "in_flight", 0)
+            bound = not later or in_flight
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us, max(self.config.instances(), in_flight),
-                                                thread_start=None if later and not in_flight else self._pipeline.bind_thread,
+                                                thread_start=self._pipeline.bind_thread if bound else None,
                                                 run_batch_later=later,
                                                 busy_until=getattr(self._pipeline, "busy_until", None))
 
