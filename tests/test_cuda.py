@@ -730,8 +730,8 @@ def test_a_batch_run_waiting_does_not_overwrite_the_staging_buffer_that_queued_b
     pipeline = op._pipeline
     rng = np.random.default_rng(11)
 
-    def photos(n):  # distinct, and large enough that staging them takes a while (32 x 1 MiB)
-        return [pipeline.prepare(_image(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8))) for _ in range(n)]
+    def photos(n):  # distinct, and small: staged in far less time than the model of 32 rows runs
+        return [pipeline.prepare(_image(rng.integers(0, 256, (240, 240, 3), dtype=np.uint8))) for _ in range(n)]
 
     first, second, big = photos(32), photos(32), photos(40)
 
