@@ -4,6 +4,7 @@ cross-file facts the deployment depends on (names, ports, paths, settings)."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -201,4 +202,14 @@ def test_knative_classify_needs_no_gpu_and_finds_the_shim():
     assert "nvidia.com/gpu" not in str(container["resources"])
     annotations = ksvc["spec"]["template"]["metadata"]["annotations"]
     assert {"autoscaling.knative.dev/min-scale", "autoscaling.knative.dev/max-scale"} <= set(annotations)
-    assert spec["containerConcurrency"] > 0
+    # no more requests in the pod at once than index.py's waitress has threads for
+    threads = int(re.search(r"threads: int = (\d+)", (ROOT / "template/python3-accel/index.py").read_text()).group(1))
+    assert 0 < spec["containerConcurrency"] <= threads
+
+
+@pytest.mark.parametrize("stack", ["stack.yml", "deploy/openfaas/stack.ce.yml", "deploy/openfaas/stack.profiles.yml"])
+def test_every_function_of_every_stack_has_cpu_and_memory_limits_and_requests(stack):
+    functions = yaml.safe_load((ROOT / stack).read_text())["functions"]
+    for name, entry in functions.items():
+        for key in ("limits", "requests"):
+            assert set(entry.get(key) or {}) == {"memory", "cpu"}, f"{stack}: {name} has no {key}"
