@@ -1,13 +1,16 @@
 """Tenants and their bearer tokens: ``accelshim serve --tokens FILE``.
 
-The file has one tenant a line, ``NAME: TOKEN [limit=value ...]``, ``#`` starting a comment.
-TOKEN is either ``sha256:<64 hex digits>`` (the digest of the token, so the file holds no secret)
-or the token itself (at least 16 characters). Optional per-tenant limits override the global
-``--tenant-*`` ones: ``max_inflight``, ``max_queue``, ``max_body_bytes``, ``max_buffer_bytes``::
+The file has one tenant a line, ``NAME: TOKEN [TOKEN ...] [limit=value ...]``, ``#`` starting a
+comment. A TOKEN is either ``sha256:<64 hex digits>`` (the digest of the token, so the file holds no
+secret) or the token itself (at least 16 characters); a tenant may have several, each valid (while
+a token is rotated: the old and the new; none of the form ``name=value``). Optional per-tenant
+limits, after the tokens, override the global ``--tenant-*`` ones: ``max_inflight``,
+``max_queue``, ``max_body_bytes``, ``max_buffer_bytes``::
 
-    # tenant: token
+    # tenant: token(s)
     alice: sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     bob:   s3cr3t-t0ken-of-bob-0123 max_inflight=2 max_buffer_bytes=1048576
+    carol: sha256:<the old one's digest> sha256:<the new one's>
 
 Only SHA-256 digests are kept in memory; a presented token is hashed and compared against every
 tenant's digest in constant time (``hmac.compare_digest``, no early exit).
@@ -22,7 +25,7 @@ import secrets
 import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from accel.errors import Unauthorized
 
@@ -68,19 +71,23 @@ def new_token() -> str:
 
 
 _COMMENT = re.compile(r"(?:^|\s)#")
+#: a per-tenant option (``name=value``, known or not): what ends a line's tokens
+_OPTION = re.compile(r"^[A-Za-z_]+=")
 
 
 class TokenStore:
     """Tenant name -> token digest (and limits); answers who a bearer token belongs to."""
 
-    def __init__(self, tenants: Mapping[str, tuple[bytes, TenantLimits]]) -> None:
-        self._entries = [(Tenant(name, limits), digest) for name, (digest, limits) in tenants.items()]
+    def __init__(self, tenants: Mapping[str, tuple[Sequence[bytes], TenantLimits]]) -> None:
+        self._tenants = [Tenant(name, limits) for name, (_, limits) in tenants.items()]
+        self._entries = [(tenant, digest) for tenant, (digests, _) in zip(self._tenants, tenants.values())
+                         for digest in digests]
 
     def names(self) -> list[str]:
-        return [tenant.name for tenant, _ in self._entries]
+        return [tenant.name for tenant in self._tenants]
 
     def tenant(self, name: str) -> Tenant | None:
-        return next((t for t, _ in self._entries if t.name == name), None)
+        return next((t for t in self._tenants if t.name == name), None)
 
     @classmethod
     def load(cls, path: Path) -> "TokenStore":
@@ -95,7 +102,7 @@ class TokenStore:
 
     @classmethod
     def parse(cls, text: str, source: str = "<tokens>") -> "TokenStore":
-        tenants: dict[str, tuple[bytes, TenantLimits]] = {}
+        tenants: dict[str, tuple[list[bytes], TenantLimits]] = {}
         seen: dict[bytes, str] = {}
         plain = False
         for number, line in enumerate(text.splitlines(), 1):
@@ -111,20 +118,28 @@ class TokenStore:
                 raise TokenFileError(f"{where}: tenant name {name!r} must match {TENANT_NAME.pattern}")
             if name in tenants:
                 raise TokenFileError(f"{where}: tenant {name!r} appears twice")
-            token, options = words[0], words[1:]
-            match = _DIGEST.match(token)
-            if match:
-                digest = bytes.fromhex(match.group(1))
-            elif token.startswith("sha256:"):
-                raise TokenFileError(f"{where}: a sha256: digest has 64 hex digits")
-            elif len(token) < MIN_TOKEN_CHARS:
-                raise TokenFileError(f"{where}: the token of {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
-            else:
-                digest, plain = hashlib.sha256(token.encode("utf-8")).digest(), True
-            if digest in seen:
-                raise TokenFileError(f"{where}: tenants {seen[digest]!r} and {name!r} have the same token")
-            seen[digest] = name
-            tenants[name] = (digest, _limits(options, where))
+            count = next((i for i, word in enumerate(words) if _OPTION.match(word)), len(words))
+            tokens, options = words[:count], words[count:]
+            if not tokens:
+                raise TokenFileError(f"{where}: tenant {name!r} has no token before its options")
+            digests = []
+            for token in tokens:
+                match = _DIGEST.match(token)
+                if match:
+                    digest = bytes.fromhex(match.group(1))
+                elif token.startswith("sha256:"):
+                    raise TokenFileError(f"{where}: a sha256: digest has 64 hex digits")
+                elif len(token) < MIN_TOKEN_CHARS:
+                    raise TokenFileError(f"{where}: a token of {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+                else:
+                    digest, plain = hashlib.sha256(token.encode("utf-8")).digest(), True
+                if digest in seen:
+                    other = seen[digest]
+                    raise TokenFileError(f"{where}: tenant {name!r} has the same token twice" if other == name else
+                                         f"{where}: tenants {other!r} and {name!r} have the same token")
+                seen[digest] = name
+                digests.append(digest)
+            tenants[name] = (digests, _limits(options, where))
         if not tenants:
             raise TokenFileError(f"{source}: no tenant in the tokens file")
         store = cls(tenants)

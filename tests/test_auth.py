@@ -137,6 +137,10 @@ def test_template_index_client_passes_the_token(secured, monkeypatch):
     (f"alice: {ALICE} max_inflight=0", "positive integer"),
     (f"alice: {ALICE} color=red", "unknown option"),
     ("# nobody\n", "no tenant"),
+    (f"alice: {ALICE} {hash_token(ALICE)}", "the same token twice"),
+    (f"alice: {ALICE} {BOB}\nbob: {BOB}", "tenants 'alice' and 'bob' have the same token"),
+    ("alice: max_inflight=2", "no token before its options"),
+    (f"alice: {ALICE} short", "shorter than 16"),
 ])
 def test_bad_token_files_are_refused(text, names):
     with pytest.raises(TokenFileError, match=re.escape(names)):
@@ -148,6 +152,17 @@ def test_token_store_keeps_digests_only():
     assert ALICE not in repr(vars(store)) and store.names() == ["alice", "bob"]
     assert store.authenticate(f"Bearer {BOB}").name == "bob"
     assert store.tenant("bob").limits.max_queue == 3
+
+
+def test_a_tenant_may_have_several_tokens_each_valid_while_one_is_rotated():
+    new = "alice-new-token-0123456789"
+    store = TokenStore.parse(f"alice: {hash_token(ALICE)} {new} max_inflight=2\nbob: {BOB}")
+    assert store.names() == ["alice", "bob"]
+    assert store.authenticate(f"Bearer {ALICE}").name == store.authenticate(f"Bearer {new}").name == "alice"
+    assert store.authenticate(f"Bearer {ALICE}").limits.max_inflight == 2
+    assert store.authenticate(f"Bearer {BOB}").name == "bob"
+    with pytest.raises(accel.Unauthorized):
+        store.authenticate("Bearer someone-elses-token-0123")
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
