@@ -13,16 +13,21 @@ limits, after the tokens, override the global ``--tenant-*`` ones: ``max_infligh
     carol: sha256:<the old one's digest> sha256:<the new one's>
 
 Only SHA-256 digests are kept in memory; a presented token is hashed and compared against every
-tenant's digest in constant time (``hmac.compare_digest``, no early exit).
+tenant's digest in constant time (``hmac.compare_digest``, no early exit). A running shim reads the
+file again when it changes (``reload_when_changed``: a Kubernetes Secret updated in place), keeping
+the tokens it has when the new file cannot be used.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import stat
+import threading
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -70,6 +75,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+RELOAD_INTERVAL_S = 5.0  # how often a running shim looks whether its tokens file changed
 _COMMENT = re.compile(r"(?:^|\s)#")
 #: a per-tenant option (``name=value``, known or not): what ends a line's tokens
 _OPTION = re.compile(r"^[A-Za-z_]+=")
@@ -148,6 +154,18 @@ class TokenStore:
 
     _has_plain = False
 
+    def reload_when_changed(self, path: Path, interval_s: float = RELOAD_INTERVAL_S) -> None:
+        """Read ``path`` again whenever it changes (its inode, size or time, the link followed: a
+        Kubernetes Secret's swap), checked every ``interval_s`` on a thread of its own that ends with
+        this store; the new tenants and tokens replace these at once. A file that cannot be used is
+        logged (once per version of it) and these stay."""
+        ref = weakref.ref(self)
+        threading.Thread(target=_watch, args=(ref, Path(path), interval_s, _signature(Path(path))),
+                         name="tokens-reload", daemon=True).start()
+
+    def _replace(self, other: "TokenStore") -> None:
+        self._tenants, self._entries, self._has_plain = other._tenants, other._entries, other._has_plain
+
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an ``Authorization: Bearer <token>`` header value.
 
@@ -181,3 +199,32 @@ def _limits(options: list[str], where: str) -> TenantLimits:
             raise TokenFileError(f"{where}: {key} must be a positive integer, got {value!r}")
         values[key] = int(value)
     return TenantLimits(**values)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _watch(ref: "weakref.ref[TokenStore]", path: Path, interval_s: float, seen: tuple[int, int, int] | None) -> None:
+    """``TokenStore.reload_when_changed``'s thread."""
+    event = threading.Event()
+    while not event.wait(interval_s):
+        store = ref()
+        if store is None:
+            return
+        now = _signature(path)
+        if now == seen:
+            del store
+            continue
+        seen = now
+        try:
+            store._replace(TokenStore.load(path))
+        except (OSError, ValueError) as exc:  # TokenFileError is a ValueError
+            log.error("tokens file %s changed but cannot be used (%s); the tokens read before stay", path, exc)
+        else:
+            log.info("tokens file %s read again: %d tenant(s)", path, len(store.names()))
+        del store

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--classify-model", help="model behind classify (default efficientnet-lite0)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     serve.add_argument("--tokens", dest="tokens_file", type=Path, metavar="FILE",
-                       help="tenants and their tokens ('tenant: sha256:<hex>' lines); required off loopback")
+                       help="tenants and their tokens ('tenant: sha256:<hex> ...' lines; read again when it "
+                            "changes); required off loopback")
     serve.add_argument("--max-queue", type=int, help="requests waiting for a slot (default 64; 429 above)")
     serve.add_argument("--tenant-max-inflight", type=int, help="slots per tenant (default: all --threads)")
     serve.add_argument("--tenant-max-queue", type=int, help="queued requests per tenant (default: all --max-queue)")

@@ -79,6 +79,8 @@ def build_guard(settings: Settings, metrics: Metrics,
     """Tokens (``settings.tokens_file``), admission limits and the fault monitor of one shim; its
     tenant metrics on ``metrics``' registry unless given (a request worker relays its own)."""
     tokens = TokenStore.load(settings.tokens_file) if settings.tokens_file else None
+    if tokens is not None and settings.tokens_file is not None:
+        tokens.reload_when_changed(settings.tokens_file)
     monitor = FaultMonitor()
     tenant_metrics = tenant_metrics or TenantMetrics(metrics.registry)
     limits = Limits(max_inflight=settings.threads, max_queue=settings.max_queue,

@@ -1,9 +1,10 @@
 """The client's token from a mounted secret that the platform rotates, and token files it cannot read.
 
 A real shim over TCP on loopback with ``--tokens``; the secret is swapped the way the kubelet swaps a
-Secret volume (a new directory, then one rename of the ``..data`` symlink). The shim reads its tokens
-file once, at start, and holds one token per tenant, so it takes the new token by a restart on the
-same port: a kept-alive client meets a shim that refuses the token it read when it was made.
+Secret volume (a new directory, then one rename of the ``..data`` symlink). Here the shim takes the
+new token by a restart on the same port (a running shim also reads a changed tokens file again:
+tests/test_tokens_reload.py): a kept-alive client meets a shim that refuses the token it read when
+it was made.
 """
 from __future__ import annotations
 
