@@ -1,5 +1,5 @@
-# The two commands: `make run` and `make test`. Both bootstrap .venv (runtime) and, only when the
-# model is missing, .venv-build (torch, for the one-off ONNX export).
+# The two commands: `make run` and `make test`. Both bootstrap .venv (runtime); .venv-build (torch, for
+# the ONNX export) is made by `make run` only when the model is missing, always by `make test`.
 PYTHON ?= python3
 VENV := .venv
 BUILD_VENV := .venv-build

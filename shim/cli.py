@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -144,17 +145,20 @@ def _leave(code: int) -> NoReturn:
     os._exit(code)
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """``serve``'s settings: the environment's (``ACCELSHIM_*``), each option given overriding its
+    own (every option's ``dest`` is a ``Settings`` field, so none can be left out).
+
+    Raises:
+        ValueError: a setting out of its range.
+    """
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
-    overrides = {k: getattr(args, k) for k in ("host", "port", "unix_socket", "vsock_port", "device", "models_dir",
-                                               "threads", "workers", "max_body_bytes", "max_image_pixels", "classify_model",
-                                               "log_level", "tokens_file", "max_queue", "tenant_max_inflight",
-                                               "tenant_max_queue", "tenant_max_body_bytes", "tenant_max_buffer_bytes",
-                                               "gpu_memory_limit", "gil_switch_us", "connection_threads", "gpu_jpeg",
-                                               "batching", "kernels_dir", "buffer_store_bytes", "gpu_cache_bytes",
-                                               "state_dir", "shared_memory", "shm_dir", "shm_tenant_dirs",
-                                               "shm_prefault_threads")}
     try:
-        settings = Settings.from_env(**overrides)
+        settings = serve_settings(args)
     except ValueError as exc:
         print(f"accelshim: {exc}", file=sys.stderr)
         return 2

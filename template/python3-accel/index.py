@@ -27,8 +27,9 @@ Stopping: behind of-watchdog (``mode=http``), SIGTERM reaches this process as th
 its own shutdown, but the watchdog goes on accepting requests for ``healthcheck_interval``
 (default ``write_timeout``, default 10 s) and forwarding them here. So new requests are served for
 that long (plus 0.5 s), then the listener closes, the requests in flight are finished, and the
-process exits at most ``write_timeout`` + 1 s after SIGTERM: inside the pod's grace period, which
-faas-netes sets to ``write_timeout`` + 2 s. Run alone (``accelshim up``, ``python index.py``), or on
+process exits at most ``write_timeout`` + 1 s after SIGTERM: inside the pod's grace period where
+the platform sets it to ``write_timeout`` + 2 s (faas-netes did; current CE sets none, so
+Kubernetes' 30 s applies, and a drain that runs longer is cut there). Run alone (``accelshim up``, ``python index.py``), or on
 SIGINT, it stops accepting at once and drains for up to 30 s. A second signal ends the grace early.
 
 The port is ``$http_port`` when set (for local runs, as in OpenFaaS's other templates), else that
@@ -63,7 +64,7 @@ READY_PATH = "/_/ready"        # of-watchdog's ready_path (Dockerfile); never re
 DRAIN_SECONDS = 30.0           # without the watchdog: how long the requests in flight may take
 WATCHDOG_TIMEOUT = 10.0        # of-watchdog's read/write/exec_timeout when unset or unparseable
 LISTEN_MARGIN = 0.5            # accept this long past healthcheck_interval: the watchdog's last requests
-EXIT_MARGIN = 1.0              # exit by write_timeout + this; faas-netes' grace period is write_timeout + 2 s
+EXIT_MARGIN = 1.0              # exit by write_timeout + this (a grace period of write_timeout + 2 s fits it)
 EXEC_MARGIN = 0.1              # the client's timeout: exec_timeout less 10% of it,
 EXEC_MARGIN_RANGE = (0.5, 5.0)  # but no less than 0.5 s and no more than 5 s
 
