@@ -92,6 +92,16 @@ def test_a_malformed_request_is_a_json_400_and_the_connection_closes(shim):
     assert http(shim.tcp_url, "noop", json.loads(_noop([8])))[0] == 200  # and the shim goes on
 
 
+def test_a_malformed_header_line_is_not_repeated_in_the_400(shim):
+    """waitress quotes the whole line in its error; an Authorization line would give its token away."""
+    with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer s3cret\nline-two\r\nContent-Length: 2\r\n\r\n{}")
+        (status, _, reply), = _replies(sock, 1)
+    error = json.loads(reply)["error"]
+    assert status == 400 and "header line" in error and "s3cret" not in error, error
+
+
 def test_a_body_over_the_limit_is_413_unread(shim):
     with socket.create_connection(("127.0.0.1", shim.port), timeout=10) as sock:
         sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -28,7 +29,7 @@ from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
 from .guard import RECEIVED_KEY
-from .threaded import ThreadBudget, limit_connections, threaded
+from .threaded import ThreadBudget, limit_connections, request_begun, threaded
 
 log = logging.getLogger(__name__)
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
@@ -89,6 +90,10 @@ def bind_vsock(port: int) -> socket.socket:
     return sock
 
 
+_HEADER_LINE = re.compile(r'(header line) ".*"', re.DOTALL)  # waitress quotes a malformed header line
+_UNQUOTED = r"\1 (not repeated: it may hold a credential)"
+
+
 class _JsonErrorTask(ErrorTask):
     """waitress's own errors (a body over the limit, malformed HTTP) as ``{"error": ...}`` JSON,
     like every other error of the shim, instead of waitress's text/plain page."""
@@ -97,7 +102,7 @@ class _JsonErrorTask(ErrorTask):
         error = self.request.error
         limit = self.channel.adj.max_request_body_size - 1
         message = {413: f"the request body is over the limit of {limit} bytes",
-                   401: error.body}.get(error.code, f"{error.reason}: {error.body}")
+                   401: error.body}.get(error.code, f"{error.reason}: {_HEADER_LINE.sub(_UNQUOTED, error.body)}")
         body = json.dumps({"error": message}).encode("utf-8")
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
@@ -207,6 +212,13 @@ def _create_server(app: object, sock: socket.socket, *, map: dict, dispatcher: T
         return _VsockWSGIServer(app, map=map, _sock=sock, dispatcher=dispatcher, adj=Adjustments(**adjustments),
                                 bind_socket=False, sockinfo=sockinfo)
     return create_server(app, map=map, _dispatcher=dispatcher, sockets=[sock], **adjustments)
+
+
+def _in_flight(channel: Any) -> bool:
+    """Whether ``channel`` has a request being received (a body still arriving), one being served,
+    or a response not yet sent; blank lines between keep-alive requests are no request."""
+    return bool(getattr(channel, "requests", None) or request_begun(getattr(channel, "request", None))
+                or getattr(channel, "total_outbufs_len", 0))
 
 
 class Server:
@@ -407,8 +419,7 @@ class Server:
 
         # a request is done once its response has left too: the worker pops it from ``requests``
         # as soon as the response is in the channel's out-buffers, before the event loop sends it
-        while time.monotonic() < deadline and any(
-                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in channels()):
+        while time.monotonic() < deadline and any(_in_flight(ch) for ch in channels()):
             wasyncore.loop(timeout=0.05, map=self._map, count=1)
         for channel in channels():
             getattr(channel, "stop", channel.close)()

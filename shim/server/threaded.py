@@ -91,6 +91,12 @@ _BUSY = closing_error("503 Service Unavailable", "the shim cannot take another c
                       "retry", f"Retry-After: {BUSY_RETRY_S}")
 
 
+def request_begun(request: Any) -> bool:
+    """Whether waitress's parser ``request`` (None between requests) has begun a request: blank
+    lines between keep-alive requests are none."""
+    return request is not None and bool(request.headers_finished or request.header_plus.strip())
+
+
 def threaded(channel_class: type, budget: ThreadBudget) -> type:
     """``channel_class`` (a waitress HTTPChannel) served on a thread per connection, within ``budget``."""
 
@@ -152,7 +158,7 @@ def threaded(channel_class: type, budget: ThreadBudget) -> type:
                     if not self._flush_all():
                         break
                     request = self.request
-                    if request is None or not (request.headers_finished or request.header_plus.strip()):
+                    if not request_begun(request):
                         began = None  # between requests (blank lines between them are none)
                     elif served:
                         began = time.monotonic()  # came with the last one's tail: counted from its answer

@@ -11,7 +11,8 @@ where this app calls ``function.handler.handle(event, context)``:
   dict or list body is sent as JSON) or anything Flask can make a response of.
 
 Errors are JSON, never HTML: an ``accel.AccelError`` keeps its status (400 for InvalidInput, 413,
-503 when the shim is unreachable, ...), any other exception is a 500. Each carries the call id.
+503 when the shim is unreachable, ...) except the shim's 401 and 403, which are about this function's
+own token and so a 502 to its caller; any other exception is a 500. Each carries the call id.
 The call id is sent to the shim with every ``context.accel`` call, so that one call can be
 followed through both logs.
 
@@ -124,6 +125,9 @@ def create_app(handler: Handler | ModuleType, client: accel.Client,
         call_id = _call_id()
         if isinstance(exc, HTTPException):
             status, message = exc.code or 500, exc.description or exc.name
+        elif isinstance(exc, (accel.Unauthorized, accel.Forbidden)):  # this function's credentials, not the caller's
+            status, message = 502, f"the shim refused this function's credentials: {exc.message}"
+            log.warning("call %s: %s %s", call_id, type(exc).__name__, exc.message)
         elif isinstance(exc, accel.AccelError):
             status, message = exc.status, exc.message
             log.warning("call %s: %s %s", call_id, type(exc).__name__, exc.message)
@@ -235,7 +239,9 @@ class ShutdownPlan(NamedTuple):
 def client_timeout(environ: Mapping[str, str]) -> float | None:
     """The accel client's timeout in seconds; None keeps the client's default.
 
-    ``$ACCEL_TIMEOUT`` (seconds or a Go duration) when set, else ``$exec_timeout`` less a margin.
+    ``$ACCEL_TIMEOUT`` (seconds or a Go duration) when set, else less a margin than the watchdog's
+    limit: behind of-watchdog (``mode=http``) the smaller of its exec_timeout and write_timeout (10 s
+    each when unset or unparseable, as the watchdog reads them), otherwise ``$exec_timeout``.
     Values that do not parse are logged and ignored, never fatal.
     """
     override = environ.get("ACCEL_TIMEOUT", "")
@@ -244,14 +250,16 @@ def client_timeout(environ: Mapping[str, str]) -> float | None:
         if seconds is not None and 0 < seconds < math.inf:
             return seconds
         log.warning("ACCEL_TIMEOUT=%r is not a positive duration; ignored", override)
-    raw = environ.get("exec_timeout", "")
-    if not raw:
-        return None
-    exec_timeout = parse_duration(raw)
-    if exec_timeout is None:
-        log.warning("exec_timeout=%r is not a duration (of-watchdog falls back to %gs); the accel client "
-                    "keeps its default timeout", raw, WATCHDOG_TIMEOUT)
-        return None
+    if environ.get("mode") == "http":  # of-watchdog's limits as it reads them, its 10 s defaults included
+        limits = [watchdog_duration(environ, key, WATCHDOG_TIMEOUT) for key in ("exec_timeout", "write_timeout")]
+        exec_timeout = min((t for t in limits if t > 0), default=0.0)  # the caller's answer must be written too
+    else:
+        raw = environ.get("exec_timeout", "")
+        exec_timeout = parse_duration(raw) if raw else None
+        if exec_timeout is None:
+            if raw:
+                log.warning("exec_timeout=%r is not a duration; the accel client keeps its default timeout", raw)
+            return None
     if exec_timeout <= 0:  # the watchdog sets no limit
         return None
     low, high = EXEC_MARGIN_RANGE
@@ -268,7 +276,7 @@ def _seconds(value: str) -> float | None:
 
 # --- serving ---------------------------------------------------------------------------------
 def serve(app: Flask, host: str, port: int, threads: int = 8, plan: ShutdownPlan = ShutdownPlan(),
-          stopping: threading.Event | None = None) -> None:
+          stopping: threading.Event | None = None, signals: list | None = None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then as ``plan`` says: serve on for its grace (SIGTERM
     only), stop accepting, finish the requests in flight until its limit, and return.
     ``stopping`` is set at the signal (``create_app``'s readiness)."""
@@ -276,13 +284,7 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, plan: ShutdownPlan
     from waitress.server import create_server
 
     server = create_server(app, host=host, port=port, threads=threads, ident="python3-accel")
-    signals: list[tuple[str, float]] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        signals.append((signal.Signals(signum).name, time.monotonic()))
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = record_signals() if signals is None else signals
     log.info("listening on http://%s:%d", host, port)
     channels = server._map  # waitress keeps the listener and its connections in one socket map
     while not signals:
@@ -314,24 +316,45 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, plan: ShutdownPlan
     wasyncore.close_all(channels)
 
 
+def record_signals() -> list:
+    """SIGTERM and SIGINT from now on, as (name, monotonic time), in the list returned."""
+    signals: list[tuple[str, float]] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append((signal.Signals(signum).name, time.monotonic()))
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return signals
+
+
 def _in_flight(channels: Mapping[int, Any]) -> int:
-    """Connections with a request being served or a response not yet sent."""
+    """Connections with a request being received (its body may still be streaming in from the
+    watchdog) or served, or a response not yet sent."""
     return sum(1 for ch in list(channels.values())
-               if getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0))
+               if getattr(ch, "requests", None) or _receiving(getattr(ch, "request", None))
+               or getattr(ch, "total_outbufs_len", 0))
+
+
+def _receiving(request: Any) -> bool:
+    """Whether waitress's parser ``request`` (None between requests) has begun a request: blank
+    lines between keep-alive requests are none."""
+    return request is not None and bool(request.headers_finished or request.header_plus.strip())
 
 
 def main() -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signals = record_signals()  # before the handler's import, which may take long
     from function import handler
 
     timeout = client_timeout(os.environ)
     client = accel.Client() if timeout is None else accel.Client(timeout=timeout)
     log.info("accel shim: %s, timeout %.1fs%s", client.url, client.timeout,
-             "" if timeout is None else " (from $ACCEL_TIMEOUT or $exec_timeout)")
+             "" if timeout is None else " (from $ACCEL_TIMEOUT or the watchdog's timeouts)")
     stopping = threading.Event()
     serve(create_app(handler, client, stopping), "127.0.0.1", listen_port(),
-          plan=ShutdownPlan.from_env(os.environ), stopping=stopping)
+          plan=ShutdownPlan.from_env(os.environ), stopping=stopping, signals=signals)
     client.close()
     return 0
 

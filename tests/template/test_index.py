@@ -68,6 +68,8 @@ class Handler:
             raise RuntimeError("the handler broke")
         if case == "invalid":
             raise accel.InvalidInput("that input is wrong")
+        if case == "refused":
+            raise accel.Unauthorized("no valid bearer token (the token file /run/secrets/t is empty)")
         if case == "abort":
             abort(418)
         if case == "gemm":
@@ -142,6 +144,12 @@ def test_accel_errors_keep_their_status_http_errors_theirs(app_client):
     assert r.status_code == 400 and r.get_json() == {"error": "that input is wrong", "call_id": "call-3"}
     r = app_client.post("/abort")
     assert r.status_code == 418 and r.is_json and "error" in r.get_json()
+
+
+def test_the_shim_refusing_the_functions_token_is_a_502_not_the_callers_401(app_client):
+    r = app_client.post("/refused", headers={"X-Call-Id": "call-6"})
+    assert r.status_code == 502 and "this function's credentials" in r.get_json()["error"]
+    assert "/run/secrets/t" in r.get_json()["error"] and "WWW-Authenticate" not in r.headers
 
 
 def test_method_not_allowed_is_json(app_client):

@@ -14,6 +14,7 @@ is logged once, and a refused call raises ``Unauthorized`` naming it.
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 TYPE_CHECKING = False
@@ -129,7 +130,7 @@ def _read_file(path: str) -> tuple[str | None, str | None]:
     """``(token, None)``, or ``(None, why not)`` for a file that is missing, unreadable or empty."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            text = f.read().decode("utf-8-sig")
     except FileNotFoundError:
         return None, _MISSING.format(path)
     except OSError as exc:
@@ -137,7 +138,14 @@ def _read_file(path: str) -> tuple[str | None, str | None]:
     except UnicodeDecodeError:
         return None, f"the token file {path} is not UTF-8 text"
     token = text.strip()
-    return (token, None) if token else (None, f"the token file {path} is empty")
+    if not token:
+        return None, f"the token file {path} is empty"
+    if not _B64TOKEN.fullmatch(token):
+        return None, f"the token file {path} holds no bearer token (a second line, spaces or other characters)"
+    return token, None
+
+
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token
 
 
 def _log() -> logging.Logger:
