@@ -405,3 +405,44 @@ def test_batches_pad_by_under_a_half_to_a_few_warmed_sizes():
         for rows in range(1, top + 1):
             size = padded_batch(rows)
             assert rows <= size and (size == 1 or 2 * size < 3 * rows) and size in sizes, (rows, size)
+
+
+def test_a_batch_waits_for_requests_announced_before_its_oldest_not_after():
+    """One announced earlier is part way through its decode: the batch waits for it. One announced
+    after the oldest was queued has all of its decode ahead: the batch goes without it."""
+    calls: list[list[int]] = []
+    batcher = Batcher("m", _doubler(calls), max_batch_size=32, max_queue_delay_us=5_000_000)
+    earlier_decoded, later_decoded, later_announced = threading.Event(), threading.Event(), threading.Event()
+
+    def earlier() -> np.ndarray:
+        with batcher.incoming() as submit:
+            earlier_decoded.wait(10)
+            return submit([2], 1)
+
+    def later() -> np.ndarray:
+        with batcher.incoming() as submit:
+            later_announced.set()
+            later_decoded.wait(10)
+            return submit([3], 1)
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(earlier)
+            while batcher._incoming != 1:  # noqa: SLF001 - announced, decoding
+                time.sleep(0.001)
+            oldest = pool.submit(batcher.submit, [1], 1)
+            while not (batcher._forming or calls):  # noqa: SLF001 - queued, gathered: it waits
+                time.sleep(0.001)
+            last = pool.submit(later)
+            later_announced.wait(10)
+            time.sleep(0.2)
+            assert not oldest.done()  # held for the earlier one
+            began = time.monotonic()
+            earlier_decoded.set()
+            assert oldest.result(10).tolist() == [2] and first.result(10).tolist() == [4]
+            assert time.monotonic() - began < 2.0  # not held for the later one (5 s)
+            later_decoded.set()
+            assert last.result(10).tolist() == [6]
+    finally:
+        batcher.close()
+    assert calls == [[1, 1], [1]]
