@@ -123,7 +123,8 @@ def test_template_index_client_passes_the_token(secured, monkeypatch):
     monkeypatch.delenv("ACCEL_TOKEN")
     monkeypatch.setenv("ACCEL_TOKEN_FILE", "/nonexistent/accel-token")
     client = accel.Client("http://x", transport=WSGITransport(secured.app))
-    assert index.create_app(Handler, client).test_client().post("/").status_code == 401
+    refused = index.create_app(Handler, client).test_client().post("/")  # the function's token, not the caller's
+    assert refused.status_code == 502 and "/nonexistent/accel-token" in refused.get_json()["error"]
 
 
 @pytest.mark.parametrize("text,names", [
