@@ -211,6 +211,28 @@ def test_submit_later_is_answered_on_the_reply_thread_and_cancelled_requests_are
     assert batcher._in_flight == 0  # noqa: SLF001
 
 
+def test_with_land_answers_submit_later_is_answered_where_the_batch_lands():
+    """A GPU pipeline's landing thread waits for nothing else: the answers go from there, without
+    the hand-off to the reply thread; a failed batch's errors still go through the reply thread."""
+    device = _Device()
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=2,
+                      run_batch_later=device.run_later, land_answers=True)
+    answered_on: list[str] = []
+    try:
+        for item in ("a", "b"):
+            later = batcher.submit_later(item, 1)
+            called = threading.Event()
+            later.add_done_callback(lambda _done: (answered_on.append(threading.current_thread().name), called.set()))
+            assert later.result(5) == item.upper() and called.wait(5)
+        with pytest.raises(ValueError, match="poisoned"):
+            batcher.submit_later("poison", 1).result(5)
+    finally:
+        batcher.close()
+        device.stop()
+    assert answered_on == ["device", "device"]
+    assert batcher._in_flight == 0  # noqa: SLF001
+
+
 def test_a_batch_whose_requests_were_all_cancelled_frees_its_place():
     device = _Device(hold=2, patience=0.5)  # holds the first answer for 0.5 s
     batcher = Batcher("m", _blocking, max_batch_size=1, max_queue_delay_us=0, concurrency=1,

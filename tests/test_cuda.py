@@ -721,6 +721,43 @@ def test_batches_queued_back_to_back_on_a_bound_stream_each_land_with_their_own_
 
 
 
+def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_service):
+    """A size not seen before gets its resize plan uploaded on a stream of its own: the batcher's
+    thread goes on while the GPU still runs the batches queued before (a wait for its whole stream
+    stalled them once per new size), and the new size's images still get their own logits."""
+    op = cuda_service.registry.get("classify")
+    pipeline = op._pipeline
+    rng = np.random.default_rng(13)
+
+    def photos(n, height, width):
+        return [pipeline.prepare(_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))) for _ in range(n)]
+
+    busy = [photos(32, 600, 800), photos(32, 600, 800)]  # two model runs of 32 rows: milliseconds on the GPU
+    new = photos(3, 517, 389)  # a size nothing before used
+
+    def bound():
+        pipeline.bind_thread()
+        queued = [pipeline.logits_later(items) for items in busy]
+        behind = cp.cuda.Event(disable_timing=True)
+        behind.record(cp.cuda.get_current_stream())
+        pipeline._plan(389, 517)  # what a batch of the new size does first
+        still_running = not behind.done  # the GPU has not reached the end of what was queued
+        fresh = pipeline.logits_later(new)
+        got = [f.result(timeout=30) for f in [*queued, fresh]]
+        return still_running, got, [pipeline.logits(items) for items in [*busy, new]]
+
+    runner = pipeline.runner
+    runner.graphs = True
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
+            still_running, got, want = pool.submit(bound).result()
+    finally:
+        runner.graphs = False
+    assert still_running, "the new size's plan waited for the batches queued before it"
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+
+
 def test_a_batch_run_waiting_does_not_overwrite_the_staging_buffer_that_queued_batches_still_read(cuda_service):
     """A batch too big to queue (more images than a session takes) runs at once on the bound thread,
     staging its pixels through the same pinned buffer as the queued batches before it, whose uploads

@@ -55,6 +55,7 @@ class CudaImagePipeline:
     """
 
     in_flight = 2  # batches a bound thread may have queued on its stream at once (the batcher's concurrency, at least)
+    lands_apart = True  # ``logits_later``'s Futures are set on a landing thread that waits for nothing else
 
     def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig,
                  jpeg: JpegEngines | None = None) -> None:
@@ -74,6 +75,10 @@ class CudaImagePipeline:
             self._h, self._v = (cuda_driver.kernel_handle(module.get_function(name))
                                 for name in ("resample_h", "resample_v"))
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
+        with device_errors():
+            # a new size's plan goes up on a stream of its own: waiting for it does not wait for the
+            # batches queued on the batcher's stream
+            self._plan_stream = cp.cuda.Stream(non_blocking=True)
         self._lock = threading.Lock()
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
         self._in_flight = max(self.in_flight, config.instances())  # the batcher's concurrency (ClassifyOp)
@@ -316,8 +321,9 @@ class CudaImagePipeline:
             if cached is not None:
                 self._plans.move_to_end(key)
                 return cached
-        steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
-        cp.cuda.get_current_stream().synchronize()  # other threads' streams will read them from the cache
+        with self._plan_stream:
+            steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
+            self._plan_stream.synchronize()  # up before any stream (this thread's, others') reads them
         with self._lock:
             self._plans[key] = steps
             while len(self._plans) > 256:

@@ -63,7 +63,8 @@ class ClassifyOp(Op):
                                                 self.config.max_queue_delay_us, max(self.config.instances(), in_flight),
                                                 thread_start=self._pipeline.bind_thread if bound else None,
                                                 run_batch_later=later,
-                                                busy_until=getattr(self._pipeline, "busy_until", None))
+                                                busy_until=getattr(self._pipeline, "busy_until", None),
+                                                land_answers=getattr(self._pipeline, "lands_apart", False))
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
