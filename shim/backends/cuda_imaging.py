@@ -25,6 +25,15 @@ from .cuda import IMAGE_SLOT
 from .cuda_errors import device_errors
 from .cuda_landing import Landing
 
+PLAN_RESERVE_BYTES = 8 << 20  # resize plans' device memory, reserved: 16-20 KiB each for a photo, 90 for 4000x3000
+
+
+def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
+    """``host`` on the device, copied on ``stream`` (allocated in its part of the pool)."""
+    device = cp.empty(host.shape, host.dtype)
+    device.set(np.ascontiguousarray(host), stream=stream)
+    return device
+
 if TYPE_CHECKING:
     from .cuda import CudaBackend
     from .cuda_host import DeviceWorker
@@ -77,8 +86,11 @@ class CudaImagePipeline:
         self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
         with device_errors():
             # a new size's plan goes up on a stream of its own: waiting for it does not wait for the
-            # batches queued on the batcher's stream
+            # batches queued on the batcher's streams. Its arrays come from that stream's part of the
+            # memory pool, reserved here: a device allocation (cudaMalloc) would serialise the streams
             self._plan_stream = cp.cuda.Stream(non_blocking=True)
+            with self._plan_stream:
+                cp.empty(PLAN_RESERVE_BYTES, cp.uint8)  # freed at once, kept by the pool for this stream
         self._lock = threading.Lock()
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
         self._in_flight = max(self.in_flight, config.instances())  # the batcher's concurrency (ClassifyOp)
@@ -314,15 +326,18 @@ class CudaImagePipeline:
 
     def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
         """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
-        device, cached per image size (LRU of 256)."""
+        device, cached per image size (LRU of 256: the size dropped is one no batch in flight uses,
+        since those were used since, so its memory may go to the next plan at once)."""
         key = (width, height)
         with self._lock:
             cached = self._plans.get(key)
             if cached is not None:
                 self._plans.move_to_end(key)
                 return cached
-        with self._plan_stream:
-            steps = [(p, cp.asarray(p.bounds), cp.asarray(p.weights)) for p in plan(width, height, self._pre)]
+        with self._plan_stream:  # straight from pageable memory (cp.asarray stages through pinned memory
+            # that it may allocate: a page-locked allocation serialises the streams too)
+            steps = [(p, _uploaded(p.bounds, self._plan_stream), _uploaded(p.weights, self._plan_stream))
+                     for p in plan(width, height, self._pre)]
             self._plan_stream.synchronize()  # up before any stream (this thread's, others') reads them
         with self._lock:
             self._plans[key] = steps
