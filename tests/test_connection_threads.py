@@ -248,7 +248,7 @@ def test_the_connection_limit_counts_the_threaded_connections(tmp_path, monkeypa
     server, runner, url = _in_process(tmp_path, True)
     path = url.removeprefix("unix://")
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         held = []
         for _ in range(3):
             sock = socket.socket(socket.AF_UNIX)
@@ -303,7 +303,7 @@ def test_a_connection_without_a_thread_gets_a_503_and_the_listener_waits_for_one
 
     live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         held = [connect() for _ in range(2)]
         for sock in held:
             sock.sendall(live)
@@ -402,7 +402,7 @@ def test_a_client_that_does_not_read_holds_its_response_not_its_request(tmp_path
     values = list(range(700_000))  # about 5 MB of JSON each way: far more than the socket buffers hold
     body = _noop(values)
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         bodies.clear()
         with socket.socket(socket.AF_UNIX) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -485,7 +485,7 @@ def test_a_request_trickling_in_gets_a_408_at_its_deadline(tmp_path, monkeypatch
             time.sleep(0.1)
 
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
             sock.connect(url.removeprefix("unix://"))
@@ -526,7 +526,7 @@ def test_a_request_gone_silent_is_closed_at_the_idle_timeout_not_its_deadline(tm
     _timeouts(monkeypatch, channel=1.0, body=20)
     server, runner, url = _in_process(tmp_path, True)
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with _unix(url) as sock:
             sock.sendall(_post(_noop([1]))[:-5])  # all but the body's last bytes, then silence
             started = time.monotonic()
@@ -554,7 +554,7 @@ def test_an_answer_after_a_slow_request_gets_the_whole_send_timeout(tmp_path, mo
     values = list(range(700_000))  # about 5 MB each way
     request = _post(_noop(values))
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with _unix(url) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             third = len(request) // 3
@@ -575,7 +575,7 @@ def test_a_blank_line_after_a_request_is_not_a_late_request(tmp_path, monkeypatc
     _timeouts(monkeypatch, head=0.5)
     server, runner, url = _in_process(tmp_path, True)
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with _unix(url) as sock:
             sock.sendall(_post(_noop([1])) + b"\r\n")  # RFC 9112 2.2: a stray CRLF between requests
             assert _replies(sock, 1)[0][0] == 200
@@ -603,7 +603,7 @@ def test_a_pipelined_request_counts_from_the_answer_before_it(tmp_path, monkeypa
     _timeouts(monkeypatch, head=0.6)
     server, runner, url = _in_process(tmp_path, True, slow)
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with _unix(url) as sock:
             second = _post(_noop([2]))
             sock.sendall(_post(_noop([1]), "X-Slow: 1\r\n") + second[:10])
@@ -624,7 +624,7 @@ def test_a_refused_request_expecting_100_continue_gets_no_continue(tmp_path, on)
     server, runner, url = _in_process(tmp_path, on)
     limit = server.service.settings.max_body_bytes
     try:
-        accel.Client(url, timeout=10).ready()
+        accel.Client(url, timeout=10).wait_ready()  # ready() only probes: False while warming up
         with _unix(url) as sock:
             sock.sendall(b"POST /v2/models/noop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {limit + 1}\r\nExpect: 100-continue\r\n\r\n".encode())
