@@ -71,7 +71,7 @@ class _Job(Generic[Item, Result]):
         self.item: Item | None = item
         self.rows, self.arrived = rows, time.perf_counter()
         self.future: Future[Result] = Future()
-        self.later = later  # submitted with ``submit_later``: its result is set on the reply thread
+        self.later = later  # submitted with ``submit_later``: its result is set on the reply thread (or where it lands)
         self.after = after  # the announcements made before it was queued: those below this number
 
 
@@ -95,7 +95,8 @@ class Batcher(Generic[Item, Result]):
             ``time.perf_counter()`` until which a batch started now would only wait behind them
             (None: no estimate).
         land_answers: ``submit_later``'s results of a batch started with ``run_batch_later`` are set
-            where its Future is, not on the reply thread.
+            where its Future is, not on the reply thread (a Future done already at the start still
+            goes through the reply thread: the batcher's thread goes on to gather).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
@@ -182,7 +183,7 @@ class Batcher(Generic[Item, Result]):
 
     def submit_later(self, item: Item, rows: int) -> Future[Result]:
         """Queue ``item``; its result (or what running it raised) comes in the Future returned, set
-        on the batcher's reply thread."""
+        on the batcher's reply thread (with ``land_answers``, where its batch lands)."""
         return self._queued(item, rows, [None], later=True).future
 
     def _submit(self, item: Item, rows: int, announced: list[int | None]) -> Result:
@@ -399,15 +400,18 @@ class Batcher(Generic[Item, Result]):
 
     def _launch(self, batch: list[_Job[Item, Result]], began: float) -> None:
         """Start ``batch`` with ``run_batch_later``; ``_landed`` answers it when its Future is set."""
+        launcher = threading.get_ident()  # a Future done already is answered as before, on the reply thread
         try:
             future = self._run_later([job.item for job in batch])  # type: ignore[misc]
-            future.add_done_callback(lambda done: self._landed(batch, began, done))
+            future.add_done_callback(lambda done: self._landed(
+                batch, began, done, here=self._land_answers and threading.get_ident() != launcher))
         except BaseException as exc:  # noqa: BLE001 - answered like a batch that failed on its way
             failed: Future[Sequence[Result]] = Future()
             failed.set_exception(exc)
             self._landed(batch, began, failed)
 
-    def _landed(self, batch: list[_Job[Item, Result]], began: float, done: Future[Sequence[Result]]) -> None:
+    def _landed(self, batch: list[_Job[Item, Result]], began: float, done: Future[Sequence[Result]],
+                here: bool = False) -> None:
         """A started batch's results (on the thread that set them) to its requests; a failed batch
         of several goes back to the batcher's thread, to run each request alone."""
         try:
@@ -426,7 +430,7 @@ class Batcher(Generic[Item, Result]):
                 return
             if self._batch_seconds is not None:
                 self._batch_seconds.observe(time.perf_counter() - began)
-            self._answer(batch, results, here=self._land_answers)
+            self._answer(batch, results, here=here)
         except BaseException as exc:  # noqa: BLE001 - nobody would answer them: they get the error
             log.exception("model %s: a batch's results could not be handed out", self.name)
             for job in batch:

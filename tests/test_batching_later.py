@@ -233,6 +233,32 @@ def test_with_land_answers_submit_later_is_answered_where_the_batch_lands():
     assert batcher._in_flight == 0  # noqa: SLF001
 
 
+def test_with_land_answers_a_batch_run_at_once_is_still_answered_on_the_reply_thread():
+    """A GPU pipeline that cannot queue a batch (JPEGs to decode, more rows than a session takes)
+    runs it at once and returns a Future already done: its answers must not run on the batcher's
+    thread, before it gathers the next batch."""
+    gate = threading.Event()
+
+    def run_at_once(items: Sequence[str]) -> Future[list[str]]:
+        gate.wait(5)  # the test's callback is on the request's Future first
+        done: Future[list[str]] = Future()
+        done.set_result([i.upper() for i in items])
+        return done
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=2,
+                      thread_start=lambda: None, run_batch_later=run_at_once, land_answers=True)
+    answered_on: list[str] = []
+    called = threading.Event()
+    try:
+        later = batcher.submit_later("a", 1)
+        later.add_done_callback(lambda _d: (answered_on.append(threading.current_thread().name), called.set()))
+        gate.set()
+        assert later.result(5) == "A" and called.wait(5)
+    finally:
+        batcher.close()
+    assert answered_on == ["replies-m"]
+
+
 def test_a_batch_whose_requests_were_all_cancelled_frees_its_place():
     device = _Device(hold=2, patience=0.5)  # holds the first answer for 0.5 s
     batcher = Batcher("m", _blocking, max_batch_size=1, max_queue_delay_us=0, concurrency=1,

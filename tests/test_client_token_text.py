@@ -47,3 +47,31 @@ def test_the_token_never_comes_back_in_an_error_when_the_file_holds_two_lines(ro
     with pytest.raises(accel.AccelError) as raised:
         client.noop(x=np.arange(3))
     assert OLD not in raised.value.message and OLD not in str(raised.value), raised.value.message
+
+
+def test_a_token_of_other_visible_characters_from_a_file_is_sent(tmp_path, monkeypatch):
+    """The shim takes any token without spaces; the file's check must not refuse more than that."""
+    from tests.test_client_token import Shim
+    token = "Xq7!pZ@4#r%9&k*2"
+    secret = tmp_path / "secret"
+    secret.write_text(token + "\n")
+    monkeypatch.delenv("ACCEL_TOKEN", raising=False)
+    monkeypatch.setenv("ACCEL_TOKEN_FILE", str(secret))
+    shim = Shim(tmp_path)
+    try:
+        shim.start(token)
+        client, _ = _client(shim)
+        assert _noop_works(client)
+    finally:
+        shim.stop()
+
+
+def test_an_accel_token_variable_with_a_second_line_is_a_named_401_without_the_token(rotation, monkeypatch):  # noqa: F811
+    """``$ACCEL_TOKEN`` is checked as a file's token is: not sent (a header cannot carry it), and the
+    401 names the variable, never its value."""
+    _, shim = rotation
+    monkeypatch.setenv("ACCEL_TOKEN", OLD + "\nsecond-line")
+    client, _ = _client(shim)
+    with pytest.raises(accel.Unauthorized) as refused:
+        client.noop(x=np.arange(3))
+    assert "$ACCEL_TOKEN" in refused.value.message and OLD not in refused.value.message

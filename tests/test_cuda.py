@@ -681,6 +681,23 @@ def test_a_bound_thread_captures_on_its_own_stream_and_its_model_follows_its_res
     assert labels[1] == labels[3] == labels[4] == "espresso"
 
 
+def _on_a_batcher_thread(pipeline, fn):
+    """``fn()`` on a thread of its own, as a batcher's (named so), with the model's sessions captured
+    as CUDA graphs there (the service's warm-up sealed the runner: switched on for the test)."""
+    runner = pipeline.runner
+    runner.graphs = True
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
+            return pool.submit(fn).result()
+    finally:
+        runner.graphs = False
+
+
+def _random_photos(pipeline, rng, n, height, width):
+    """``n`` prepared images of random pixels, ``height`` x ``width``."""
+    return [pipeline.prepare(_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))) for _ in range(n)]
+
+
 def test_batches_queued_back_to_back_on_a_bound_stream_each_land_with_their_own_logits(cuda_service, chelsea, coffee):
     """A batcher's thread queues its batches (``logits_later``) without waiting for the GPU: upload,
     resize, model and the logits' download of the next go onto its stream behind the one before,
@@ -730,7 +747,7 @@ def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_se
     rng = np.random.default_rng(13)
 
     def photos(n, height, width):
-        return [pipeline.prepare(_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))) for _ in range(n)]
+        return _random_photos(pipeline, rng, n, height, width)
 
     busy = [photos(32, 600, 800), photos(32, 600, 800)]  # two model runs of 32 rows: milliseconds on the GPU
     new = photos(3, 517, 389)  # a size nothing before used
@@ -746,14 +763,36 @@ def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_se
         got = [f.result(timeout=30) for f in [*queued, fresh]]
         return still_running, got, [pipeline.logits(items) for items in [*busy, new]]
 
-    runner = pipeline.runner
-    runner.graphs = True
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
-            still_running, got, want = pool.submit(bound).result()
-    finally:
-        runner.graphs = False
+    still_running, got, want = _on_a_batcher_thread(pipeline, bound)
     assert still_running, "the new size's plan waited for the batches queued before it"
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+
+
+def test_a_plan_the_cache_drops_while_its_batch_is_queued_is_not_overwritten_before_it_lands(cuda_service):
+    """A queued batch of a new size, then 300 other new sizes: the cache (256) drops the batch's plan
+    while the GPU has not yet run its resize. Its memory goes back to the plan stream's part of the
+    pool, where the next plans' uploads would take it: the batch holds its plans until it lands, so
+    its logits are still those of its images."""
+    op = cuda_service.registry.get("classify")
+    pipeline = op._pipeline
+    rng = np.random.default_rng(17)
+
+    def photos(n, height, width):
+        return _random_photos(pipeline, rng, n, height, width)
+
+    busy = [photos(32, 600, 800), photos(32, 600, 800)]
+    target = photos(4, 333, 251)
+
+    def bound():
+        pipeline.bind_thread()
+        queued = [pipeline.logits_later(items) for items in [*busy, target]]
+        for width in range(300):  # new sizes: the target's plan leaves the cache, its memory is reused
+            pipeline._plan(1000 + width, 701)
+        got = [f.result(timeout=30) for f in queued]
+        return got, [pipeline.logits(items) for items in [*busy, target]]
+
+    got, want = _on_a_batcher_thread(pipeline, bound)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
 
@@ -779,12 +818,6 @@ def test_a_batch_run_waiting_does_not_overwrite_the_staging_buffer_that_queued_b
         got = [f.result(timeout=30) for f in queued] + [at_once.result(timeout=30)]
         return got, [pipeline.logits(items) for items in (first, second, big)]
 
-    runner = pipeline.runner
-    runner.graphs = True
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
-            got, want = pool.submit(bound).result()
-    finally:
-        runner.graphs = False
+    got, want = _on_a_batcher_thread(pipeline, bound)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cupy as cp
 import numpy as np
@@ -176,14 +176,15 @@ class CudaImagePipeline:
         slot = landing.slot()
         try:
             flat = state.upload_concatenated([p.reshape(-1) for p in items], IMAGE_SLOT, landing.staging_free)
-            self.preprocess_batch(flat, [p.shape for p in items], batch)
+            plans: list[Any] = []  # the resize plans its kernels read: held until it lands
+            self.preprocess_batch(flat, [p.shape for p in items], batch, plans)
             self._pad(state, batch, len(items))
             landing.uploaded(state.stream.ptr)
             shape = (rows, *self.runner.outputs[0].shape[1:])
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
-            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items), began)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items, plans), began)
         except BaseException:
             landing.release(slot)
             raise
@@ -198,7 +199,7 @@ class CudaImagePipeline:
         missed: list[int] = []  # rows of JPEGs the engines did not decode
 
         def run(state: DeviceWorker) -> None:
-            held: list[cp.ndarray] = []  # decoded images: until the runs have read them (they wait for the stream)
+            held: list[Any] = []  # decoded images, resize plans: until the runs have read them (they wait for the stream)
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 rows = onnx.padded_batch(len(chunk))
@@ -210,7 +211,7 @@ class CudaImagePipeline:
                     missed.extend(start + row for row in undecoded)
                 else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
                     flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
-                    self.preprocess_batch(flat, [p.shape for p in chunk], batch)  # type: ignore[union-attr]
+                    self.preprocess_batch(flat, [p.shape for p in chunk], batch, held)  # type: ignore[union-attr]
                 if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
                     state.stream.synchronize()  # what went up and was decoded is read before it goes
                     continue
@@ -236,19 +237,19 @@ class CudaImagePipeline:
             cuda_driver.fill_zeros(batch.data.ptr + rows * row, (len(batch) - rows) * row, state.stream.ptr)
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
-                     batch: cp.ndarray) -> tuple[list[cp.ndarray], list[int]]:
+                     batch: cp.ndarray) -> tuple[list[Any], list[int]]:
         """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
         once, the JPEGs decoded by the engines as one batch. Returns what the stream still reads
         from, and the rows of the JPEGs the engines did not decode."""
         pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
         jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
-        keep: list[cp.ndarray] = []
+        keep: list[Any] = []  # what the stream reads: pixels, decoded images, resize plans
         if pixels:
             flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT)
             keep.append(flat)
             offset = 0
             for row, image in pixels:
-                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1])
+                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1], keep)
                 offset += image.size
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
         # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
@@ -261,7 +262,7 @@ class CudaImagePipeline:
                 continue
             image = cp.ascontiguousarray(image)
             keep.append(image)
-            self._preprocess(image.reshape(-1), jpeg.shape, batch[row:row + 1])
+            self._preprocess(image.reshape(-1), jpeg.shape, batch[row:row + 1], keep)
         return keep, missed
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:
@@ -283,18 +284,21 @@ class CudaImagePipeline:
         with device_errors():
             return self._backend.on_device(run)
 
-    def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray) -> None:
+    def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray,
+                         plans: list | None = None) -> None:
         """Images of ``shapes`` laid end to end in ``flat`` (uint8 on the device) into ``out[:len(shapes)]``;
         each run of same-size images is resized with one launch per pass."""
         offset = row = 0
         for shape, count in same_shape_runs(shapes):
             span = count * int(np.prod(shape))
-            self._preprocess(flat[offset:offset + span], shape, out[row:row + count])
+            self._preprocess(flat[offset:offset + span], shape, out[row:row + count], plans)
             offset, row = offset + span, row + count
 
-    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray) -> None:
+    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray, plans: list | None = None) -> None:
         """Resize + normalise ``len(out)`` uint8 HWC images of one ``shape``, laid end to end in ``src``
-        (their bytes on the device), into ``out`` [n, C, size, size]: one launch per pass for all."""
+        (their bytes on the device), into ``out`` [n, C, size, size]: one launch per pass for all.
+        The plan the launches read goes into ``plans``, for the caller to hold until they have run
+        (without: one that waits for the stream before the plan could be dropped)."""
         height, width, channels = shape
         count = out.shape[0]
         src_w, src_stride = width, height * width * channels
@@ -302,6 +306,8 @@ class CudaImagePipeline:
         null, out_stride = np.uint64(0), np.int64(out[0].size)
         stream = cp.cuda.get_current_stream().ptr  # the device worker's
         steps = self._plan(width, height)
+        if plans is not None:
+            plans.append(steps)  # held until the kernels that read them have run
         for index, (step, bounds, weights) in enumerate(steps):
             last = index == len(steps) - 1
             out_n = len(step.bounds)
@@ -326,8 +332,10 @@ class CudaImagePipeline:
 
     def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
         """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
-        device, cached per image size (LRU of 256: the size dropped is one no batch in flight uses,
-        since those were used since, so its memory may go to the next plan at once)."""
+        device, cached per image size (LRU of 256). A plan dropped from the cache goes back to the
+        plan stream's part of the pool, where the next plan's upload may take it at once, not
+        ordered after the kernels queued on other streams: whoever launches kernels that read a
+        plan holds it until they have run (``_preprocess``'s ``plans``; a queued batch's landing)."""
         key = (width, height)
         with self._lock:
             cached = self._plans.get(key)
@@ -340,6 +348,10 @@ class CudaImagePipeline:
                      for p in plan(width, height, self._pre)]
             self._plan_stream.synchronize()  # up before any stream (this thread's, others') reads them
         with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:  # another thread's went in first: ours was never read, it may go
+                self._plans.move_to_end(key)
+                return cached
             self._plans[key] = steps
             while len(self._plans) > 256:
                 self._plans.popitem(last=False)

@@ -138,10 +138,14 @@ class Landing:
                   queued: float) -> None:
         """Wait for ``slot``'s batch, then set ``future`` (its callbacks, the batch's answers, run here)."""
         try:
+            # one found done already ended while this thread answered the batch before: when, is
+            # not known (only that it was before now), so its time is no sample
             with self._errors():
+                seen_running = not cuda_driver.done(slot.done.ptr)
                 slot.done.synchronize()
             landed = time.perf_counter()  # its time on the GPU: since it was queued, or the one before landed
-            self._gpu_s[shape[0]] = _average(self._gpu_s.get(shape[0]), landed - max(queued, self._last_landed))
+            if seen_running:
+                self._gpu_s[shape[0]] = _average(self._gpu_s.get(shape[0]), landed - max(queued, self._last_landed))
             self._last_landed = landed
             logits = slot.view(shape)[:rows].copy()
         except BaseException as exc:  # noqa: BLE001 - the batch's requests get it

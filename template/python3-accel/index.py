@@ -316,9 +316,10 @@ def serve(app: Flask, host: str, port: int, threads: int = 8, plan: ShutdownPlan
     wasyncore.close_all(channels)
 
 
-def record_signals() -> list:
-    """SIGTERM and SIGINT from now on, as (name, monotonic time), in the list returned."""
-    signals: list[tuple[str, float]] = []
+def record_signals(signals: list | None = None) -> list:
+    """SIGTERM and SIGINT from now on, as (name, monotonic time), in the list returned (``signals``,
+    when given: handlers installed again, after an import that may have set its own)."""
+    signals = [] if signals is None else signals
 
     def on_signal(signum: int, _frame: object) -> None:
         signals.append((signal.Signals(signum).name, time.monotonic()))
@@ -347,6 +348,7 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signals = record_signals()  # before the handler's import, which may take long
     from function import handler
+    record_signals(signals)  # again: the handler (or a library it imports) may have set its own
 
     timeout = client_timeout(os.environ)
     client = accel.Client() if timeout is None else accel.Client(timeout=timeout)

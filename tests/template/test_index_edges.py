@@ -15,6 +15,17 @@ def handle(event, context):
     return {"body": {"got": len(event.body)}}
 '''
 
+HANDLER_WITH_ITS_OWN_SIGTERM = '''import logging
+import signal
+
+# what a library may do at import: note the signal (a metrics flush, a log line) and carry on
+signal.signal(signal.SIGTERM, lambda signum, frame: logging.getLogger("lib").warning("SIGTERM seen"))
+
+
+def handle(event, context):
+    return {"body": "hello"}
+'''
+
 SLOW_IMPORT_HANDLER = '''import os
 import pathlib
 import time
@@ -108,3 +119,13 @@ def test_a_test_command_that_changes_directory_still_passes_the_build(tmp_path):
     result = _run_test_step(app, env, TEST_COMMAND="cd function && python -m pytest -q -p no:cacheprovider .")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (app / "function-tests.txt").is_file(), "the file that the ship stage copies is not where it looks"
+
+
+def test_sigterm_still_drains_and_exits_0_when_the_handler_sets_its_own_handler_at_import(start_index):
+    """index.py installs its handlers before the handler's import (a SIGTERM then must not kill it)
+    and again after it: a handler module, or a library it imports, may set its own."""
+    fn = start_index(HANDLER_WITH_ITS_OWN_SIGTERM, mode="http", write_timeout="2s",
+                     healthcheck_interval="500ms").wait_listening()
+    fn.proc.send_signal(signal.SIGTERM)
+    code = fn.proc.wait(10)  # the plan's limit is write_timeout + 1 s
+    assert code == 0, f"exit {code}:\n{fn.log}"

@@ -56,6 +56,11 @@ class Credentials:
         self.token: str | None = None if path is not None else (token or None)
         if path is not None:
             self.token = self._read(quiet=not named)
+        elif self.token is not None and not _TOKEN.fullmatch(self.token):  # it could not go in a header
+            self._problem = f"{source or 'the token given'} {_NOT_A_TOKEN}"
+            self.token = None
+            _log().warning("accel: %s; calls go without a token (a shim with --tokens refuses them: 401)",
+                           self._problem)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Credentials":
@@ -89,6 +94,8 @@ class Credentials:
     def explain(self) -> str:
         """Why a token may have been refused, for the Unauthorized message ('' when nothing is known)."""
         if self.path is None:
+            if self._problem is not None:
+                return f"{self._problem}; the client sends no token"
             return f"the token from {self._source}" if self._source and self.token else \
                 ("" if self.token else "this client has no token")
         problem = self._problem
@@ -140,12 +147,13 @@ def _read_file(path: str) -> tuple[str | None, str | None]:
     token = text.strip()
     if not token:
         return None, f"the token file {path} is empty"
-    if not _B64TOKEN.fullmatch(token):
-        return None, f"the token file {path} holds no bearer token (a second line, spaces or other characters)"
+    if not _TOKEN.fullmatch(token):
+        return None, f"the token file {path} {_NOT_A_TOKEN}"
     return token, None
 
 
-_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII, no spaces: what a header carries and --tokens holds
+_NOT_A_TOKEN = "holds no bearer token (a second line, spaces or characters other than visible ASCII)"
 
 
 def _log() -> logging.Logger:
