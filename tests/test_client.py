@@ -153,3 +153,25 @@ def test_classify_needs_no_numpy(live_shim, chelsea):
     out = subprocess.run([sys.executable, "-c", code, live_shim.unix_url], input=jpeg, capture_output=True,
                          check=True).stdout.decode().splitlines()
     assert out[0] in CAT_LABELS and out[1] == "False"
+
+
+def test_a_deadline_block_ends_its_calls_in_time_and_nests():
+    """``with client.deadline(s)``: every call in the block ends within ``s`` (or the client's timeout);
+    an inner block cannot extend an outer one; a call with no time left is not sent at all."""
+    import socket
+
+    with socket.socket() as hung:  # takes connections into its backlog, never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        client = accel.Client(f"http://127.0.0.1:{hung.getsockname()[1]}", timeout=30)
+        started = time.monotonic()
+        with client.deadline(0.4), pytest.raises(accel.AccelError):
+            client.noop(x=np.arange(3))
+        assert time.monotonic() - started < 3.0
+        started = time.monotonic()
+        with client.deadline(0.4), client.deadline(20), pytest.raises(accel.AccelError):
+            client.noop(x=np.arange(3))
+        assert time.monotonic() - started < 3.0
+        with client.deadline(0), pytest.raises(accel.DeadlineExceeded, match="no time was left"):
+            client.noop(x=np.arange(3))
+        client.close()

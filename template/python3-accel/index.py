@@ -38,6 +38,7 @@ of ``$upstream_url``, else 5000. ``$PORT`` is not read: Knative sets it for the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -59,6 +60,7 @@ import accel
 log = logging.getLogger("function")
 
 CALL_ID = "X-Call-Id"
+REQUEST_TIMEOUT = "X-Timeout"  # of-watchdog: a request may lower exec_timeout for itself
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 DEFAULT_PORT = 5000
 READY_PATH = "/_/ready"        # of-watchdog's ready_path (Dockerfile); never reaches the handler
@@ -95,10 +97,12 @@ class Context:
 
 
 def create_app(handler: Handler | ModuleType, client: accel.Client,
-               stopping: threading.Event | None = None) -> Flask:
+               stopping: threading.Event | None = None, exec_timeout: float | None = None) -> Flask:
     """The Flask app that serves ``handler.handle`` with ``client`` as ``context.accel``.
 
-    ``stopping`` (set by ``serve`` on SIGTERM) turns ``GET /_/ready`` to 503.
+    ``stopping`` (set by ``serve`` on SIGTERM) turns ``GET /_/ready`` to 503. ``exec_timeout``:
+    of-watchdog's, when behind it; a request's ``X-Timeout`` that the watchdog takes (a Go
+    duration up to exec_timeout) then ends its accel calls in time as well (``request_timeout``).
     """
     app = Flask("function")
     stopping = threading.Event() if stopping is None else stopping
@@ -114,7 +118,9 @@ def create_app(handler: Handler | ModuleType, client: accel.Client,
     @app.route("/<path:path>", methods=METHODS)
     def call_handler(path: str) -> Response:
         call_id = _call_id()
-        with client.headers({CALL_ID: call_id}):
+        budget = request_timeout(request.headers.get(REQUEST_TIMEOUT), exec_timeout)
+        with client.headers({CALL_ID: call_id}), \
+                (client.deadline(budget) if budget is not None else contextlib.nullcontext()):
             result = handler.handle(Event(), Context(client, call_id))
         response = format_response(result)
         response.headers.setdefault(CALL_ID, call_id)
@@ -262,8 +268,25 @@ def client_timeout(environ: Mapping[str, str]) -> float | None:
             return None
     if exec_timeout <= 0:  # the watchdog sets no limit
         return None
+    return _less_margin(exec_timeout)
+
+
+def request_timeout(header: str | None, exec_timeout: float | None) -> float | None:
+    """The seconds a request's accel calls may take in all, from its ``X-Timeout`` as of-watchdog
+    takes it (``getTimeout``: a Go duration no longer than exec_timeout, else ignored), less a
+    margin; None without one, or not behind the watchdog (``exec_timeout`` None)."""
+    if not header or exec_timeout is None or re.fullmatch(r"[+-]?[0-9]+", header.strip()):
+        return None  # Go's time.ParseDuration takes no bare number but "0", which ends a call at once anyway
+    seconds = parse_duration(header.strip())
+    if seconds is None or seconds <= 0 or seconds > exec_timeout:
+        return None
+    return _less_margin(seconds)
+
+
+def _less_margin(seconds: float) -> float:
+    """``seconds`` less 10% of it, at least 0.5 and at most 5 s of it, never below half."""
     low, high = EXEC_MARGIN_RANGE
-    return max(exec_timeout - min(max(exec_timeout * EXEC_MARGIN, low), high), exec_timeout / 2)
+    return max(seconds - min(max(seconds * EXEC_MARGIN, low), high), seconds / 2)
 
 
 def _seconds(value: str) -> float | None:
@@ -355,7 +378,9 @@ def main() -> int:
     log.info("accel shim: %s, timeout %.1fs%s", client.url, client.timeout,
              "" if timeout is None else " (from $ACCEL_TIMEOUT or the watchdog's timeouts)")
     stopping = threading.Event()
-    serve(create_app(handler, client, stopping), "127.0.0.1", listen_port(),
+    exec_timeout = watchdog_duration(os.environ, "exec_timeout", WATCHDOG_TIMEOUT) \
+        if os.environ.get("mode") == "http" else None
+    serve(create_app(handler, client, stopping, exec_timeout), "127.0.0.1", listen_port(),
           plan=ShutdownPlan.from_env(os.environ), stopping=stopping, signals=signals)
     client.close()
     return 0

@@ -71,3 +71,32 @@ def test_the_clients_default_stays_when_exec_timeout_is_unset(start_index):
     fn = start_index(EXAMPLE_HANDLER).wait_listening()
     default = accel.Client("http://127.0.0.1:1").timeout
     assert f"timeout {default:.1f}s\n" in fn.log and "exec_timeout" not in fn.log
+
+
+def test_a_requests_x_timeout_ends_its_accel_calls_before_the_watchdog_does(start_index, hung_shim):
+    """of-watchdog lets a request lower exec_timeout for itself (``X-Timeout``, a Go duration no longer
+    than exec_timeout); the calls the handler makes for it end in time as well: the caller gets the
+    JSON error, not the watchdog's bare 504 at 1 s, nor a wait of the client's 27 s."""
+    fn = start_index(EXAMPLE_HANDLER, mode="http", exec_timeout="30s", ACCEL_SHIM_URL=hung_shim).wait_listening()
+    started = time.monotonic()
+    r = requests.post(fn.url + "/", data=b"hello", headers={"X-Call-Id": "call-8", "X-Timeout": "1s"}, timeout=40)
+    took = time.monotonic() - started
+    assert took < 1.0, f"{took:.2f}s: the watchdog would have answered its own 504 at 1 s"
+    assert r.status_code in (503, 504) and r.json()["call_id"] == "call-8", r.text
+
+
+@pytest.mark.parametrize("header, exec_timeout, seconds", [
+    ("2s", 30.0, 1.5),          # less the margin, as the client's timeout
+    ("500ms", 30.0, 0.25),      # never below half
+    ("1m", 30.0, None),         # longer than exec_timeout: the watchdog ignores it
+    ("30s", 30.0, 27.0),        # as long: taken
+    ("5", 30.0, None),          # no unit: not a Go duration
+    ("soon", 30.0, None),
+    ("0s", 30.0, None),         # nothing to give a call
+    ("-1s", 30.0, None),
+    ("2s", None, None),         # not behind the watchdog
+    ("2s", 0.0, None),          # exec_timeout 0: the watchdog takes no X-Timeout above it
+    (None, 30.0, None),
+])
+def test_request_timeout_from_x_timeout(index, header, exec_timeout, seconds):
+    assert index.request_timeout(header, exec_timeout) == seconds

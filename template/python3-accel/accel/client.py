@@ -9,7 +9,7 @@ import time
 from . import datatypes as dt
 from .codec import DEADLINE_HEADER, HEADER_LENGTH, InferRequest, RequestedOutput, decode_response, encode_request
 from .credentials import SECRET_FILE, Credentials, read_token
-from .errors import AccelError, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
+from .errors import AccelError, DeadlineExceeded, InvalidInput, NotReady, OpNotFound, ShimUnavailable, error_for_status
 from .shm import REGISTER_HEADER, SharedMemory, place_request, registration, resolver
 from .tensor import Tensor
 from .transport import HTTPTransport, Response
@@ -29,6 +29,7 @@ __all__ = ["Client", "DEFAULT_URL", "SECRET_FILE", "read_token"]  # the last two
 #: how many times a call takes its region's name back from another instance of the function
 TAKEOVERS = 3
 _extra_headers: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("accel_headers", default={})
+_deadline_at: "contextvars.ContextVar[float | None]" = contextvars.ContextVar("accel_deadline", default=None)
 
 
 class Client:
@@ -73,10 +74,19 @@ class Client:
         """
         return _HeaderScope(headers)
 
+    def deadline(self, seconds: float) -> "_DeadlineScope":
+        """End every call made in this ``with`` block within ``seconds`` from now (or the client's
+        timeout, whichever ends first): a function's request that has less time than the client's
+        timeout (of-watchdog's ``X-Timeout``). Scoped by contextvars, as ``headers``."""
+        return _DeadlineScope(time.monotonic() + seconds)
+
     def _call(self, method: str, path: str, body: bytes | None = None,
               headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
               idempotent: bool = True) -> Response:
         deadline = time.monotonic() + self.timeout
+        scoped = _deadline_at.get()
+        if scoped is not None and scoped < deadline:
+            deadline = scoped
         token = self._credentials.token
         all_headers = {**(headers or {}), **_extra_headers.get(), **_bearer(token)}
         delay = 0.02
@@ -118,7 +128,12 @@ class Client:
                 pause = min(last.retry_after, pause * 4)
             time.sleep(pause)
             delay = min(delay * 2, 1.0)
-        raise last if "last" in locals() else ShimUnavailable(f"timed out before reaching {self.url}")
+        if "last" in locals():
+            raise last
+        if deadline == scoped:
+            raise DeadlineExceeded(f"no time was left for this call (the deadline of its `with deadline()` block): "
+                                   f"not sent to {self.url}")
+        raise ShimUnavailable(f"timed out before reaching {self.url}")
 
     def close(self) -> None:
         self._transport.close()
@@ -361,6 +376,20 @@ class _HeaderScope:
     def __exit__(self, *exc: object) -> None:
         if self._token is not None:
             _extra_headers.reset(self._token)
+
+
+class _DeadlineScope:
+    def __init__(self, at: float) -> None:
+        self._at = at
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        outer = _deadline_at.get()
+        self._token = _deadline_at.set(self._at if outer is None else min(outer, self._at))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _deadline_at.reset(self._token)
 
 
 def _region_lost(exc: AccelError, name: str) -> bool:
