@@ -186,6 +186,8 @@ class CudaImagePipeline:
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
             return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items, plans), began)
         except BaseException:
+            with contextlib.suppress(Exception):  # what was queued reads ``plans`` (and ``flat``): done first
+                state.stream.synchronize()
             landing.release(slot)
             raise
 
@@ -200,6 +202,14 @@ class CudaImagePipeline:
 
         def run(state: DeviceWorker) -> None:
             held: list[Any] = []  # decoded images, resize plans: until the runs have read them (they wait for the stream)
+            try:
+                run_chunks(state, held)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the resize kernels queued read ``held``: done before it goes
+                    state.stream.synchronize()
+                raise
+
+        def run_chunks(state: DeviceWorker, held: list[Any]) -> None:
             for start in range(0, len(items), self._step):
                 chunk = items[start:start + self._step]
                 rows = onnx.padded_batch(len(chunk))
@@ -278,7 +288,8 @@ class CudaImagePipeline:
         """One image's model input (float32 CHW) on the host: the GPU twin of ``pillow_preprocess``."""
         def run(state: DeviceWorker) -> np.ndarray:
             out = cp.empty((1, 3, self._pre.size, self._pre.size), dtype=cp.float32)
-            self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out)
+            plans: list[Any] = []  # held until the copy back (blocking) has waited for the kernels
+            self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out, plans)
             return cp.asnumpy(out[0], stream=state.stream)
 
         with device_errors():

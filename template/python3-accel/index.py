@@ -118,7 +118,10 @@ def create_app(handler: Handler | ModuleType, client: accel.Client,
     @app.route("/<path:path>", methods=METHODS)
     def call_handler(path: str) -> Response:
         call_id = _call_id()
-        budget = request_timeout(request.headers.get(REQUEST_TIMEOUT), exec_timeout)
+        budget = None if _streaming(request.headers) else request_timeout(request.headers.get(REQUEST_TIMEOUT),
+                                                                          exec_timeout)
+        if budget is None and exec_timeout is not None and exec_timeout > 0 and not _streaming(request.headers):
+            budget = _less_margin(exec_timeout)  # the watchdog's own limit bounds the request's calls in all
         with client.headers({CALL_ID: call_id}), \
                 (client.deadline(budget) if budget is not None else contextlib.nullcontext()):
             result = handler.handle(Event(), Context(client, call_id))
@@ -274,13 +277,25 @@ def client_timeout(environ: Mapping[str, str]) -> float | None:
 def request_timeout(header: str | None, exec_timeout: float | None) -> float | None:
     """The seconds a request's accel calls may take in all, from its ``X-Timeout`` as of-watchdog
     takes it (``getTimeout``: a Go duration no longer than exec_timeout, else ignored), less a
-    margin; None without one, or not behind the watchdog (``exec_timeout`` None)."""
-    if not header or exec_timeout is None or re.fullmatch(r"[+-]?[0-9]+", header.strip()):
-        return None  # Go's time.ParseDuration takes no bare number but "0", which ends a call at once anyway
-    seconds = parse_duration(header.strip())
+    margin; None without one, or not behind the watchdog (``exec_timeout`` None). Requests without
+    one still have the watchdog's exec_timeout for all their calls (``create_app``)."""
+    if not header or exec_timeout is None:
+        return None
+    # Go reads the header's bytes (WSGI gives them as latin-1) and, of repeated lines, the first
+    # (waitress joins them with ", ", which no Go duration holds); it trims spaces and tabs only
+    value = header.encode("latin-1", "replace").decode("utf-8", "replace").split(",", 1)[0].strip(" \t")
+    if re.fullmatch(r"[+-]?[0-9]+", value):
+        return None  # no Go duration but "0" (and "+0", "-0"), with which the watchdog sets no limit at all
+    seconds = parse_duration(value)
     if seconds is None or seconds <= 0 or seconds > exec_timeout:
         return None
     return _less_margin(seconds)
+
+
+def _streaming(headers: Mapping[str, str]) -> bool:
+    """Whether of-watchdog proxies the request as a stream (server-sent events, a websocket), where
+    it applies neither exec_timeout nor X-Timeout."""
+    return "text/event-stream" in headers.get("Accept", "") or headers.get("Upgrade", "").lower() == "websocket"
 
 
 def _less_margin(seconds: float) -> float:

@@ -92,7 +92,7 @@ def test_a_requests_x_timeout_ends_its_accel_calls_before_the_watchdog_does(star
     ("30s", 30.0, 27.0),        # as long: taken
     ("5", 30.0, None),          # no unit: not a Go duration
     ("soon", 30.0, None),
-    ("0s", 30.0, None),         # nothing to give a call
+    ("0s", 30.0, None),         # <= 0: the watchdog sets no limit for the request
     ("-1s", 30.0, None),
     ("2s", None, None),         # not behind the watchdog
     ("2s", 0.0, None),          # exec_timeout 0: the watchdog takes no X-Timeout above it

@@ -131,7 +131,8 @@ class Client:
         if "last" in locals():
             raise last
         if deadline == scoped:
-            raise DeadlineExceeded(f"no time was left for this call (the deadline of its `with deadline()` block): "
+            raise DeadlineExceeded(f"no time was left for this call (its request's time, X-Timeout or the "
+                                   f"function's exec_timeout, or a `with client.deadline()` block, ran out): "
                                    f"not sent to {self.url}")
         raise ShimUnavailable(f"timed out before reaching {self.url}")
 
@@ -154,10 +155,16 @@ class Client:
         return self._probe("/v2/health/ready")
 
     def _probe(self, path: str) -> bool:
+        limit = min(self.timeout, 5.0)
+        scoped = _deadline_at.get()
+        if scoped is not None:  # a ``deadline`` block ends probes too
+            limit = min(limit, scoped - time.monotonic())
+            if limit <= 0:
+                return False
         try:
             resp = self._transport.request("GET", path, None, {**_extra_headers.get(),
                                                                **_bearer(self._credentials.token)},
-                                           min(self.timeout, 5.0))
+                                           limit)
         except OSError:
             return False
         return resp.status == 200
@@ -165,6 +172,9 @@ class Client:
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the shim is ready; raises NotReady after ``timeout`` (default: the client's)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        scoped = _deadline_at.get()
+        if scoped is not None:
+            deadline = min(deadline, scoped)
         while not self.ready():
             if time.monotonic() > deadline:
                 raise NotReady(f"the shim at {self.url} is not ready")
