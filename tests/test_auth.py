@@ -101,6 +101,7 @@ def test_read_token_order(tmp_path):
     assert read_token({"ACCEL_TOKEN": "from-env", "ACCEL_TOKEN_FILE": str(secret)}) == "from-env"
     assert read_token({"ACCEL_TOKEN_FILE": str(secret)}) == "from-file"
     assert read_token({"ACCEL_TOKEN_FILE": str(tmp_path / "absent")}) is None
+    assert read_token({"ACCEL_TOKEN": "two\nlines"}) is None  # no header could carry it: not sent either
 
 
 def test_template_index_client_passes_the_token(secured, monkeypatch):

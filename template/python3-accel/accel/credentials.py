@@ -27,12 +27,10 @@ SECRET_FILE = "/var/openfaas/secrets/accel-token"
 
 
 def read_token(environ: Mapping[str, str] | None = None) -> str | None:
-    """The token from ``$ACCEL_TOKEN``, else from the file ``$ACCEL_TOKEN_FILE`` (default SECRET_FILE);
-    None when neither holds one (a file that cannot be read included)."""
-    env = os.environ if environ is None else environ
-    if env.get("ACCEL_TOKEN"):
-        return env["ACCEL_TOKEN"].strip()
-    return _read_file(env.get("ACCEL_TOKEN_FILE") or SECRET_FILE)[0]
+    """The token a client would send: from ``$ACCEL_TOKEN``, else from the file ``$ACCEL_TOKEN_FILE``
+    (default SECRET_FILE); None when neither holds one a header can carry (a file that cannot be
+    read included)."""
+    return Credentials.from_environment(environ).token
 
 
 class Credentials:
