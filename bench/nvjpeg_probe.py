@@ -360,7 +360,8 @@ def end_to_end(report: Report, backend: Any, pipeline: Any, size: int, working: 
             flat = cp.concatenate([cp.ascontiguousarray(a).reshape(-1) for a in arrays])
             rows = onnx.padded_batch(len(batch))
             out = cp.empty((rows, 3, size, size), dtype=cp.float32)
-            pipeline.preprocess_batch(flat, [tuple(a.shape) for a in arrays], out)
+            plans: list[Any] = []  # held until the stream has run the resize
+            pipeline.preprocess_batch(flat, [tuple(a.shape) for a in arrays], out, plans)
             if rows > len(batch):
                 out[len(batch):] = 0
             state.stream.synchronize()

@@ -163,10 +163,16 @@ class Batcher(Generic[Item, Result]):
             yield submit
         finally:
             with self._cond:
-                if announced[0] is not None:
-                    self._decoding.discard(announced[0])
-                    announced[0] = None
+                if self._unannounce(announced):
                     self._cond.notify_all()
+
+    def _unannounce(self, announced: list[int | None]) -> bool:
+        """Ends ``announced``'s announcement, if still on (holding the condition's lock); whether it was."""
+        number, announced[0] = announced[0], None
+        if number is None:
+            return False
+        self._decoding.discard(number)
+        return True
 
     @property
     def _incoming(self) -> int:
@@ -193,9 +199,7 @@ class Batcher(Generic[Item, Result]):
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the batcher of {self.name} is closed")
-            if announced[0] is not None:
-                self._decoding.discard(announced[0])
-                announced[0] = None
+            self._unannounce(announced)
             job: _Job[Item, Result] = _Job(item, rows, later, self._announced)
             self._queue.append(job)
             batch = None if later else self._ready()

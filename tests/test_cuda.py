@@ -119,7 +119,8 @@ def test_runs_of_same_size_images_are_resized_together_exactly(cuda_service, che
     assert [count for _, count in same_shape_runs(shapes)] == [2, 3, 1, 1, 1]
     flat = cp.asarray(np.concatenate([p.reshape(-1) for p in items]))
     out = cp.full((len(items) + 1, 3, pre.size, pre.size), 7.0, dtype=cp.float32)
-    pipeline.preprocess_batch(flat, shapes, out)
+    plans: list = []  # held until the copy back has waited for the resize
+    pipeline.preprocess_batch(flat, shapes, out, plans)
     got = cp.asnumpy(out)
     for i, pixels in enumerate(items):
         assert np.array_equal(got[i], normalize(resize_reference(pixels, pre), pre)), (i, pixels.shape)

@@ -31,7 +31,7 @@ PLAN_RESERVE_BYTES = 8 << 20  # resize plans' device memory, reserved: 16-20 KiB
 def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
     """``host`` on the device, copied on ``stream`` (allocated in its part of the pool)."""
     device = cp.empty(host.shape, host.dtype)
-    device.set(np.ascontiguousarray(host), stream=stream)
+    device.set(host, stream=stream)
     return device
 
 if TYPE_CHECKING:
@@ -296,20 +296,20 @@ class CudaImagePipeline:
             return self._backend.on_device(run)
 
     def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray,
-                         plans: list | None = None) -> None:
+                         plans: list[Any]) -> None:
         """Images of ``shapes`` laid end to end in ``flat`` (uint8 on the device) into ``out[:len(shapes)]``;
-        each run of same-size images is resized with one launch per pass."""
+        each run of same-size images is resized with one launch per pass (their plans into ``plans``,
+        as ``_preprocess``)."""
         offset = row = 0
         for shape, count in same_shape_runs(shapes):
             span = count * int(np.prod(shape))
             self._preprocess(flat[offset:offset + span], shape, out[row:row + count], plans)
             offset, row = offset + span, row + count
 
-    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray, plans: list | None = None) -> None:
+    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray, plans: list[Any]) -> None:
         """Resize + normalise ``len(out)`` uint8 HWC images of one ``shape``, laid end to end in ``src``
         (their bytes on the device), into ``out`` [n, C, size, size]: one launch per pass for all.
-        The plan the launches read goes into ``plans``, for the caller to hold until they have run
-        (without: one that waits for the stream before the plan could be dropped)."""
+        The plan the launches read goes into ``plans``, for the caller to hold until they have run."""
         height, width, channels = shape
         count = out.shape[0]
         src_w, src_stride = width, height * width * channels
@@ -317,8 +317,7 @@ class CudaImagePipeline:
         null, out_stride = np.uint64(0), np.int64(out[0].size)
         stream = cp.cuda.get_current_stream().ptr  # the device worker's
         steps = self._plan(width, height)
-        if plans is not None:
-            plans.append(steps)  # held until the kernels that read them have run
+        plans.append(steps)  # held until the kernels that read them have run
         for index, (step, bounds, weights) in enumerate(steps):
             last = index == len(steps) - 1
             out_n = len(step.bounds)

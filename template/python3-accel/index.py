@@ -118,10 +118,7 @@ def create_app(handler: Handler | ModuleType, client: accel.Client,
     @app.route("/<path:path>", methods=METHODS)
     def call_handler(path: str) -> Response:
         call_id = _call_id()
-        budget = None if _streaming(request.headers) else request_timeout(request.headers.get(REQUEST_TIMEOUT),
-                                                                          exec_timeout)
-        if budget is None and exec_timeout is not None and exec_timeout > 0 and not _streaming(request.headers):
-            budget = _less_margin(exec_timeout)  # the watchdog's own limit bounds the request's calls in all
+        budget = _request_budget(request.headers, exec_timeout)
         with client.headers({CALL_ID: call_id}), \
                 (client.deadline(budget) if budget is not None else contextlib.nullcontext()):
             result = handler.handle(Event(), Context(client, call_id))
@@ -290,6 +287,18 @@ def request_timeout(header: str | None, exec_timeout: float | None) -> float | N
     if seconds is None or seconds <= 0 or seconds > exec_timeout:
         return None
     return _less_margin(seconds)
+
+
+def _request_budget(headers: Mapping[str, str], exec_timeout: float | None) -> float | None:
+    """The seconds all of a request's accel calls may take: its X-Timeout's (``request_timeout``),
+    else the watchdog's exec_timeout less the margin; None for a stream, which the watchdog does
+    not time, or where no limit is known."""
+    if _streaming(headers):
+        return None
+    budget = request_timeout(headers.get(REQUEST_TIMEOUT), exec_timeout)
+    if budget is None and exec_timeout is not None and exec_timeout > 0:
+        return _less_margin(exec_timeout)
+    return budget
 
 
 def _streaming(headers: Mapping[str, str]) -> bool:

@@ -17,7 +17,7 @@ from .types import Prediction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Callable, Mapping, Sequence
 
     import numpy as np
 
@@ -67,26 +67,24 @@ class Client:
         self._transport = transport if transport is not None else HTTPTransport(self.url)
 
     # --- plumbing -------------------------------------------------------------------------
-    def headers(self, headers: Mapping[str, str]) -> "_HeaderScope":
+    def headers(self, headers: Mapping[str, str]) -> "_Scope":
         """Add ``headers`` (e.g. ``X-Call-Id``) to every call made in this ``with`` block.
 
         Scoped by contextvars, so concurrent requests in other threads keep their own.
         """
-        return _HeaderScope(headers)
+        return _Scope(_extra_headers, lambda outer: {**outer, **headers})
 
-    def deadline(self, seconds: float) -> "_DeadlineScope":
+    def deadline(self, seconds: float) -> "_Scope":
         """End every call made in this ``with`` block within ``seconds`` from now (or the client's
         timeout, whichever ends first): a function's request that has less time than the client's
         timeout (of-watchdog's ``X-Timeout``). Scoped by contextvars, as ``headers``."""
-        return _DeadlineScope(time.monotonic() + seconds)
+        at = time.monotonic() + seconds
+        return _Scope(_deadline_at, lambda outer: at if outer is None else min(outer, at))
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               headers: Mapping[str, str] | None = None, ok: tuple[int, ...] = (200,),
               idempotent: bool = True) -> Response:
-        deadline = time.monotonic() + self.timeout
-        scoped = _deadline_at.get()
-        if scoped is not None and scoped < deadline:
-            deadline = scoped
+        deadline = _bounded(time.monotonic() + self.timeout)
         token = self._credentials.token
         all_headers = {**(headers or {}), **_extra_headers.get(), **_bearer(token)}
         delay = 0.02
@@ -130,7 +128,7 @@ class Client:
             delay = min(delay * 2, 1.0)
         if "last" in locals():
             raise last
-        if deadline == scoped:
+        if deadline == _deadline_at.get():
             raise DeadlineExceeded(f"no time was left for this call (its request's time, X-Timeout or the "
                                    f"function's exec_timeout, or a `with client.deadline()` block, ran out): "
                                    f"not sent to {self.url}")
@@ -155,12 +153,9 @@ class Client:
         return self._probe("/v2/health/ready")
 
     def _probe(self, path: str) -> bool:
-        limit = min(self.timeout, 5.0)
-        scoped = _deadline_at.get()
-        if scoped is not None:  # a ``deadline`` block ends probes too
-            limit = min(limit, scoped - time.monotonic())
-            if limit <= 0:
-                return False
+        limit = _bounded(time.monotonic() + min(self.timeout, 5.0)) - time.monotonic()  # a ``deadline`` block's too
+        if limit <= 0:
+            return False
         try:
             resp = self._transport.request("GET", path, None, {**_extra_headers.get(),
                                                                **_bearer(self._credentials.token)},
@@ -171,10 +166,7 @@ class Client:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the shim is ready; raises NotReady after ``timeout`` (default: the client's)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        scoped = _deadline_at.get()
-        if scoped is not None:
-            deadline = min(deadline, scoped)
+        deadline = _bounded(time.monotonic() + (self.timeout if timeout is None else timeout))
         while not self.ready():
             if time.monotonic() > deadline:
                 raise NotReady(f"the shim at {self.url} is not ready")
@@ -234,7 +226,7 @@ class Client:
         named = {REGISTER_HEADER: json.dumps(registration(shm))}
         for attempt in range(TAKEOVERS + 1):
             try:
-                with _HeaderScope(named):
+                with self.headers(named):
                     result = self.infer_tensors(model, tensors, parameters, outputs=requested, resolve=resolver(shm))
                 break
             except (InvalidInput, OpNotFound) as exc:  # the name taken, or a shim without the extension
@@ -375,31 +367,26 @@ def _resendable(body: object) -> bool:
     return body is None or isinstance(body, (bytes, bytearray, memoryview))
 
 
-class _HeaderScope:
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        self._headers = headers
+class _Scope:
+    """``var`` set to ``value(its value outside)`` within a ``with`` block (``Client.headers``,
+    ``Client.deadline``)."""
+
+    def __init__(self, var: contextvars.ContextVar, value: Callable[[Any], Any]) -> None:
+        self._var, self._value = var, value
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> None:
-        self._token = _extra_headers.set({**_extra_headers.get(), **self._headers})
+        self._token = self._var.set(self._value(self._var.get()))
 
     def __exit__(self, *exc: object) -> None:
         if self._token is not None:
-            _extra_headers.reset(self._token)
+            self._var.reset(self._token)
 
 
-class _DeadlineScope:
-    def __init__(self, at: float) -> None:
-        self._at = at
-        self._token: contextvars.Token | None = None
-
-    def __enter__(self) -> None:
-        outer = _deadline_at.get()
-        self._token = _deadline_at.set(self._at if outer is None else min(outer, self._at))
-
-    def __exit__(self, *exc: object) -> None:
-        if self._token is not None:
-            _deadline_at.reset(self._token)
+def _bounded(deadline: float) -> float:
+    """``deadline``, or the ``deadline`` block's where that ends first."""
+    scoped = _deadline_at.get()
+    return deadline if scoped is None else min(deadline, scoped)
 
 
 def _region_lost(exc: AccelError, name: str) -> bool:
