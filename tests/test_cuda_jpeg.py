@@ -180,3 +180,80 @@ def test_request_workers_send_plain_jpegs_as_they_came(models_dir, tmp_path, che
     log = live.log.read_text()
     assert "decoded on GPU 0's JPEG engines" in log
     assert "WARNING" not in "".join(line for line in log.splitlines() if "--gpu-jpeg" in line or "JPEG decoder" in line)
+
+
+def test_jpeg_batches_queued_on_a_bound_stream_land_with_the_logits_of_batches_run_at_once(jpeg_service, chelsea,
+                                                                                           coffee):
+    """A batcher's thread queues its JPEG batches like its pixel batches (``logits_later``): the
+    engines' decode, the resize, the model and the logits' download go onto its stream behind the
+    batch before. Each batch (one size, several sizes, JPEGs among decoded pixels) gets the logits
+    the same thread computes waiting (``logits``), and the CPU decode's within the decode tolerance.
+    The decoded images are let go on the batcher's thread (when their slot is next taken), never on
+    the landing's: a landed batch's slot still holds them."""
+    from shim.backends.base import PlainJpeg
+    from tests.test_cuda import _on_a_batcher_thread
+
+    op, engines = _engines(jpeg_service)
+    pipeline = op._pipeline  # noqa: SLF001
+    before = engines.fallbacks
+    cat, cup = encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85)
+    small = encode(np.ascontiguousarray(chelsea[:201, :333]), "JPEG", quality=90)
+    batches = [np.array(images, dtype=object) for images in
+               ([cat] * 8, [cup, cat, cat, small, small, cup], [cat, encode(coffee, "PNG"), cat], [small] * 32, [cup])]
+    prepared = [op._prepare(images) for images in batches]  # noqa: SLF001
+    assert all(isinstance(item, PlainJpeg) for item in prepared[0])
+    assert not isinstance(prepared[2][1], PlainJpeg)  # a PNG: decoded here, pixels beside JPEGs
+
+    def bound():
+        pipeline.bind_thread()
+        landing = pipeline._local.landing  # noqa: SLF001
+        futures = [pipeline.logits_later(items) for items in prepared]  # queued back to back
+        queued = [future.result(timeout=30) for future in futures]
+        held = [slot.keep is not None for slot in landing._slots]  # noqa: SLF001
+        return queued, [pipeline.logits(items) for items in prepared], held
+
+    queued, waited, held = _on_a_batcher_thread(pipeline, bound)
+    assert all(held), "a landed batch's decoded images were let go before its slot was taken again"
+    for images, got, want in zip(batches, queued, waited):
+        assert got.shape == (len(images), 1000)
+        assert np.array_equal(got, want)
+        cpu = op.logits(_pixel_items(op, images))
+        assert np.abs(got - cpu).max() <= DECODE_TOLERANCE and _same_classes(got, cpu)
+    assert engines.fallbacks == before
+
+
+def test_a_queued_batch_with_a_jpeg_the_engines_cannot_decode_queues_nothing_and_runs_again(jpeg_service, chelsea,
+                                                                                            coffee):
+    """A batch holding a JPEG the engines give back undecoded raises ``UndecodedImages`` from
+    ``logits_later`` with nothing queued for it (its slot free again); the op decodes that image on
+    the CPU and queues the batch again, and the batches behind it land with their own logits."""
+    from shim.backends.base import PlainJpeg, UndecodedImages
+    from tests.test_cuda import _on_a_batcher_thread
+
+    op, engines = _engines(jpeg_service)
+    pipeline = op._pipeline  # noqa: SLF001
+    png = encode(chelsea, "PNG")
+    plain = op._prepare(np.array([encode(coffee, "JPEG", quality=90)] * 3, dtype=object))  # noqa: SLF001
+    broken = [PlainJpeg(png, chelsea.shape, "image[0]"), *plain]
+    before = engines.fallbacks
+
+    def bound():
+        pipeline.bind_thread()
+        first = pipeline.logits_later(plain)
+        try:
+            pipeline.logits_later(broken)
+        except UndecodedImages as exc:
+            rows = exc.rows
+        else:
+            rows = None
+        again = op._run_batch_later([broken[:2], broken[2:]])  # noqa: SLF001 - as the batcher runs a batch
+        after = pipeline.logits_later(plain)
+        return rows, first.result(timeout=30), again.result(timeout=30), after.result(timeout=30)
+
+    rows, first, again, after = _on_a_batcher_thread(pipeline, bound)
+    assert rows == [0]
+    want = op.logits(_pixel_items(op, np.array([png] + [encode(coffee, "JPEG", quality=90)] * 3, dtype=object)))
+    got = np.concatenate(again)
+    assert np.abs(got - want).max() <= DECODE_TOLERANCE and _same_classes(got, want)
+    assert np.array_equal(first, after) and np.abs(first - want[1:]).max() <= DECODE_TOLERANCE
+    assert engines.fallbacks > before

@@ -30,11 +30,12 @@ def _driver() -> ctypes.PyDLL:
     lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, ptr, size, ptr]
     lib.cuMemsetD8Async.argtypes = [u64, ctypes.c_ubyte, size, ptr]
     lib.cuMemcpyDtoHAsync_v2.argtypes = [ptr, u64, size, ptr]
+    lib.cuMemcpyDtoDAsync_v2.argtypes = [u64, u64, size, ptr]
     lib.cuLaunchKernel.argtypes = [ptr, uint, uint, uint, uint, uint, uint, uint, ptr, ptr, ptr]
     lib.cuEventRecord.argtypes = [ptr, ptr]
     lib.cuEventQuery.argtypes = [ptr]
-    for name in ("cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cuMemsetD8Async", "cuLaunchKernel", "cuEventRecord",
-                 "cuEventQuery"):
+    for name in ("cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2", "cuMemcpyDtoDAsync_v2", "cuMemsetD8Async",
+                 "cuLaunchKernel", "cuEventRecord", "cuEventQuery"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -57,6 +58,11 @@ def copy_to_host(dst: int, src: int, nbytes: int, stream: int) -> None:
     """Queue a copy of ``nbytes`` from device address ``src`` to host address ``dst`` on ``stream``
     (asynchronous where ``dst`` is pinned: done once the stream gets past it)."""
     _check(_driver().cuMemcpyDtoHAsync_v2(dst, src, nbytes, stream))
+
+
+def copy_on_device(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """Queue a copy of ``nbytes`` from device address ``src`` to device address ``dst`` on ``stream``."""
+    _check(_driver().cuMemcpyDtoDAsync_v2(dst, src, nbytes, stream))
 
 
 def record(event: int, stream: int) -> None:

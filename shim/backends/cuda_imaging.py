@@ -1,7 +1,8 @@
 """classify's device half on the GPU: decoded RGB pixels up (or, with ``--gpu-jpeg``, plain JPEGs
 decoded there by the JPEG engines), Pillow's resize + normalisation there (the preloaded kernels of
-``shim/kernels/resample.cu``), the batch straight into the model. A batcher's batches of pixels are
-queued on its stream one behind the other (``logits_later``, ``cuda_landing``)."""
+``shim/kernels/resample.cu``), the batch straight into the model. A batcher's batches (pixels, or
+JPEGs for the engines) are queued on its stream one behind the other (``logits_later``,
+``cuda_landing``)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import cupy as cp
 import numpy as np
@@ -33,6 +34,15 @@ def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
     device = cp.empty(host.shape, host.dtype)
     device.set(host, stream=stream)
     return device
+
+def _copy_image(dst: cp.ndarray, image: cp.ndarray) -> None:
+    """``image`` (uint8 HWC on the device, its rows maybe pitched) into the contiguous ``dst``, queued
+    on the current stream (a device worker's): one copy on the driver where it is contiguous, else a
+    cupy copy kernel."""
+    if image.flags.c_contiguous:
+        cuda_driver.copy_on_device(dst.data.ptr, image.data.ptr, image.nbytes, cp.cuda.get_current_stream().ptr)
+    else:
+        dst.reshape(image.shape)[...] = image
 
 if TYPE_CHECKING:
     from .cuda import CudaBackend
@@ -136,15 +146,16 @@ class CudaImagePipeline:
         """``logits`` without waiting for the GPU, on a bound thread (a batcher's): the batch's upload,
         resize, model run and the logits' download are queued on its stream, behind the batch
         before, and the Future is set on the landing's thread once they are done. Where that cannot
-        be (a thread not bound, more rows than a session takes, JPEGs to decode), ``logits`` runs
-        here and the Future comes done.
+        be (a thread not bound, more rows than a session takes), ``logits`` runs here and the Future
+        comes done. JPEGs (``PlainJpeg``) are decoded by the engines on the same stream, queued too:
+        which ones the engines could not decode is known before the model's run is queued.
 
         Raises:
-            UndecodedImages: as ``logits`` (before anything is queued), and its errors.
+            UndecodedImages: as ``logits`` (nothing queued for the batch), and its errors.
         """
         began = time.perf_counter()
         landing: Landing | None = getattr(self._local, "landing", None)
-        if landing is not None and len(items) <= self._step and not any(isinstance(i, PlainJpeg) for i in items):
+        if landing is not None and len(items) <= self._step:
             with device_errors(self._backend.pool):
                 queued = self._backend.on_device(lambda state: self._queue(state, landing, items, began))
             if queued is not None:
@@ -162,11 +173,16 @@ class CudaImagePipeline:
         landing: Landing | None = getattr(self._local, "landing", None)
         return None if landing is None else landing.busy_until()
 
-    def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray],
+    def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray | PlainJpeg],
                began: float) -> Future[np.ndarray] | None:
-        """``items``' upload, resize, model run and logits' download queued on ``state``'s stream, into
-        the bound session's own input (from ``began``); None (nothing queued) where the session is
-        not on that stream."""
+        """``items``' upload (their JPEGs' decode), resize, model run and logits' download queued on
+        ``state``'s stream, into the bound session's own input (from ``began``); None (nothing
+        queued) where the session is not on that stream.
+
+        Raises:
+            UndecodedImages: JPEGs the engines did not decode (the stream waited for: nothing queued
+                still reads what goes with the batch).
+        """
         rows = onnx.padded_batch(len(items))
         size = self._pre.size
         target = self.runner.input_buffer(self._input, rows)
@@ -175,18 +191,24 @@ class CudaImagePipeline:
         batch = self._batch_array(target.shape, target)  # type: ignore[arg-type]
         slot = landing.slot()
         try:
-            flat = state.upload_concatenated([p.reshape(-1) for p in items], IMAGE_SLOT, landing.staging_free)
-            plans: list[Any] = []  # the resize plans its kernels read: held until it lands
-            self.preprocess_batch(flat, [p.shape for p in items], batch, plans)
+            if any(isinstance(item, PlainJpeg) for item in items):
+                keep, missed = self._decode_into(state, items, batch, landing.staging_free)
+                if missed:
+                    raise UndecodedImages(missed)
+            else:
+                flat = state.upload_concatenated([p.reshape(-1) for p in items],  # type: ignore[union-attr]
+                                                 IMAGE_SLOT, landing.staging_free)
+                keep = [flat]  # with the resize plans its kernels read: held until it lands
+                self.preprocess_batch(flat, [p.shape for p in items], batch, keep)  # type: ignore[union-attr]
             self._pad(state, batch, len(items))
             landing.uploaded(state.stream.ptr)
             shape = (rows, *self.runner.outputs[0].shape[1:])
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
-            return landing.land(slot, state.stream.ptr, len(items), shape, (flat, items, plans), began)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (keep, items), began)
         except BaseException:
-            with contextlib.suppress(Exception):  # what was queued reads ``plans`` (and ``flat``): done first
+            with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()
             landing.release(slot)
             raise
@@ -246,16 +268,17 @@ class CudaImagePipeline:
             row = batch[0].nbytes
             cuda_driver.fill_zeros(batch.data.ptr + rows * row, (len(batch) - rows) * row, state.stream.ptr)
 
-    def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg],
-                     batch: cp.ndarray) -> tuple[list[Any], list[int]]:
+    def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg], batch: cp.ndarray,
+                     before_staging: Callable[[], None] | None = None) -> tuple[list[Any], list[int]]:
         """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
-        once, the JPEGs decoded by the engines as one batch. Returns what the stream still reads
-        from, and the rows of the JPEGs the engines did not decode."""
+        once (``before_staging`` as ``upload_concatenated``'s), the JPEGs decoded by the engines as
+        one batch. Returns what the stream still reads from, and the rows of the JPEGs the engines
+        did not decode."""
         pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
         jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
         keep: list[Any] = []  # what the stream reads: pixels, decoded images, resize plans
         if pixels:
-            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT)
+            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT, before_staging)
             keep.append(flat)
             offset = 0
             for row, image in pixels:
@@ -265,14 +288,26 @@ class CudaImagePipeline:
         # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
         with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
             decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
-        missed = []
+        keep.extend(image for image in decoded if image is not None)
+        missed = [row for (row, jpeg), image in zip(jpegs, decoded) if image is None or image.shape != jpeg.shape]
+        if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
+            return keep, missed
+        # each run of same-size JPEGs in consecutive rows end to end in one array (the decoder's rows
+        # may be pitched), resized with one launch per pass
+        runs: list[tuple[int, tuple[int, ...], list[cp.ndarray]]] = []  # first row, shape, images
         for (row, jpeg), image in zip(jpegs, decoded):
-            if image is None or image.shape != jpeg.shape:
-                missed.append(row)
-                continue
-            image = cp.ascontiguousarray(image)
-            keep.append(image)
-            self._preprocess(image.reshape(-1), jpeg.shape, batch[row:row + 1], keep)
+            last = runs[-1] if runs else None
+            if last is not None and last[1] == jpeg.shape and last[0] + len(last[2]) == row:
+                last[2].append(image)
+            else:
+                runs.append((row, jpeg.shape, [image]))
+        for first, shape, images in runs:
+            size = int(np.prod(shape))
+            flat = cp.empty(len(images) * size, cp.uint8)
+            keep.append(flat)
+            for index, image in enumerate(images):
+                _copy_image(flat[index * size:(index + 1) * size], image)
+            self._preprocess(flat, shape, batch[first:first + len(images)], keep)
         return keep, missed
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:

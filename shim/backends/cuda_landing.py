@@ -37,11 +37,12 @@ def _average(old: float | None, new: float) -> float:
 class Slot:
     """Where one batch in flight lands: a pinned buffer for its logits and the event after them."""
 
-    __slots__ = ("memory", "nbytes", "done", "free")
+    __slots__ = ("memory", "nbytes", "done", "free", "keep")
 
     def __init__(self, nbytes: int) -> None:
         self.memory = cp.cuda.alloc_pinned_memory(nbytes)
         self.nbytes = nbytes
+        self.keep: Any = None  # what its batch's queued work read: let go when the slot is next taken
         self.done = cp.cuda.Event(block=True, disable_timing=True)  # its waiter sleeps
         self.free = threading.Event()
         self.free.set()
@@ -69,7 +70,7 @@ class Landing:
         self._uploaded = cp.cuda.Event(disable_timing=True)  # after the last batch's pixels went up
         self._staged = False  # whether ``_uploaded`` has been recorded
         self._owner = threading.current_thread()
-        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], Any, float]] = \
+        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], float]] = \
             queue.SimpleQueue()
         self._gpu_s: dict[int, float] = {}  # a batch's time on the GPU, by its (padded) rows: the landing thread's
         self._last_landed = 0.0
@@ -79,11 +80,14 @@ class Landing:
         self._thread.start()
 
     def slot(self) -> Slot:
-        """The next slot, once the batch that used it last has landed (on the batcher's thread)."""
+        """The next slot, once the batch that used it last has landed (on the batcher's thread, which
+        lets go of what that batch read: decoded images go back to their decoder on the thread that
+        decodes, never on the landing's)."""
         slot = self._slots[self._next]
         self._next = (self._next + 1) % len(self._slots)
         slot.free.wait()
         slot.free.clear()
+        slot.keep = None
         return slot
 
     def release(self, slot: Slot) -> None:
@@ -109,13 +113,14 @@ class Landing:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
         logits coming down into ``slot``, of ``shape``): a Future of its first ``rows`` rows, set on
         this landing's thread once the GPU is done. ``keep`` (what the queued work reads: pixels,
-        decoded images) is held until then."""
+        decoded images, resize plans) is held until then, and let go when ``slot`` is next taken."""
         cuda_driver.record(slot.done.ptr, stream)
+        slot.keep = keep
         future: Future[np.ndarray] = Future()
         now = time.perf_counter()
         self._queue_s = _average(self._queue_s, now - began)
         self._busy = max(now, self._busy) + self._gpu_s.get(shape[0], 0.0)
-        self._queue.put((slot, rows, shape, future, keep, now))
+        self._queue.put((slot, rows, shape, future, now))
         return future
 
     def busy_until(self) -> float:
@@ -134,7 +139,7 @@ class Landing:
             self._land_one(*entry)
             del entry
 
-    def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray], keep: Any,
+    def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray],
                   queued: float) -> None:
         """Wait for ``slot``'s batch, then set ``future`` (its callbacks, the batch's answers, run here)."""
         try:
@@ -153,5 +158,4 @@ class Landing:
             future.set_exception(exc)
             return
         slot.free.set()
-        del keep
         future.set_result(logits)
