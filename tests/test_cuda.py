@@ -742,7 +742,9 @@ def test_batches_queued_back_to_back_on_a_bound_stream_each_land_with_their_own_
 def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_service):
     """A size not seen before gets its resize plan uploaded on a stream of its own: the batcher's
     thread goes on while the GPU still runs the batches queued before (a wait for its whole stream
-    stalled them once per new size), and the new size's images still get their own logits."""
+    stalled them once per new size), and the new size's images still get their own logits. Behind
+    the batches, the stream gets about 100 ms of matrix products: the plan's own host work (its
+    weights, computed in numpy) must not outlast what is queued, or the test could not tell."""
     op = cuda_service.registry.get("classify")
     pipeline = op._pipeline
     rng = np.random.default_rng(13)
@@ -756,9 +758,15 @@ def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_se
     def bound():
         pipeline.bind_thread()
         queued = [pipeline.logits_later(items) for items in busy]
+        stream = pipeline._backend._local.worker.stream  # the batcher's: its batches are queued there
+        with stream:
+            square = cp.ones((4096, 4096), cp.float32)
+            for _ in range(40):  # 2.5 ms or more each on an H100/H200 (FP32, no tensor cores)
+                square @ square
         behind = cp.cuda.Event(disable_timing=True)
-        behind.record(cp.cuda.get_current_stream())
-        pipeline._plan(389, 517)  # what a batch of the new size does first
+        behind.record(stream)
+        with stream:  # as a batch's run calls it: on the batcher's stream
+            pipeline._plan(389, 517)  # what a batch of the new size does first
         still_running = not behind.done  # the GPU has not reached the end of what was queued
         fresh = pipeline.logits_later(new)
         got = [f.result(timeout=30) for f in [*queued, fresh]]

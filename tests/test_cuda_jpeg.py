@@ -257,3 +257,41 @@ def test_a_queued_batch_with_a_jpeg_the_engines_cannot_decode_queues_nothing_and
     assert np.abs(got - want).max() <= DECODE_TOLERANCE and _same_classes(got, want)
     assert np.array_equal(first, after) and np.abs(first - want[1:]).max() <= DECODE_TOLERANCE
     assert engines.fallbacks > before
+
+
+def test_jpegs_decoded_ahead_on_other_threads_give_the_logits_of_their_batch_decode(jpeg_service, chelsea, coffee):
+    """``predecode`` on threads of their own (as the links' readers call it, each on a device worker's
+    stream) turns plain JPEGs into ``DecodedJpeg``s, leaving the rest as they were; batches of them
+    (with pixels and JPEGs still encoded beside them), queued on a batcher's stream behind other
+    batches and run at once, get the logits of the same images decoded in the batch."""
+    from shim.backends.base import PlainJpeg
+    from shim.backends.cuda_imaging import DecodedJpeg
+    from tests.test_cuda import _on_a_batcher_thread
+
+    op, engines = _engines(jpeg_service)
+    pipeline = op._pipeline  # noqa: SLF001
+    before = engines.fallbacks
+    cat, cup = encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85)
+    small = encode(np.ascontiguousarray(chelsea[:201, :333]), "JPEG", quality=90)
+    batches = [np.array(images, dtype=object) for images in
+               ([cat] * 8, [cup, cat, small, small, cup], [cat, encode(coffee, "PNG"), small], [small] * 32)] * 3
+    prepared = [op._prepare(images) for images in batches]  # noqa: SLF001
+    with ThreadPoolExecutor(4) as pool:
+        ahead = list(pool.map(pipeline.predecode, prepared))
+    for items, early in zip(prepared, ahead):
+        assert [type(item) for item in early] == [DecodedJpeg if isinstance(item, PlainJpeg) else type(item)
+                                                  for item in items]
+    mixed = [[*ahead[0][:4], *prepared[0][4:]]]  # decoded ahead and still encoded, in one batch
+
+    def bound():
+        pipeline.bind_thread()
+        futures = [pipeline.logits_later(items) for items in ahead + mixed]  # queued back to back
+        queued = [future.result(timeout=30) for future in futures]
+        return queued, [pipeline.logits(items) for items in prepared + [prepared[0]]]
+
+    queued, waited = _on_a_batcher_thread(pipeline, bound)
+    at_once = [pipeline.logits(items) for items in ahead]  # not a bound thread: run here, waiting
+    for got, now, want in zip(queued, at_once + [at_once[0]], waited):
+        assert np.array_equal(got, want)  # the same thread's sessions
+        assert np.abs(now - want).max() <= 1e-3 and _same_classes(now, want)  # the shared ones
+    assert engines.fallbacks == before
