@@ -116,8 +116,6 @@ def _patch(name: str, module: Any) -> None:
         pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
         pipeline._decode_into = _timed("a chunk with JPEGs: pixels up, JPEGs decoded, all resized", pipeline._decode_into,
                                        rows=lambda a: len(a[2]))
-        pipeline.predecode = _timed("JPEGs decoded ahead of their batch (a link's reader, a request's thread)",
-                                    pipeline.predecode, rows=lambda a: len(a[1]))
     elif name == "shim.backends.cuda_landing":
         module.Landing._land_one = _timed("land a batch (the wait for the GPU, logits out, the answers)",
                                           module.Landing._land_one, rows=lambda a: a[2])

@@ -35,20 +35,6 @@ def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
     device.set(host, stream=stream)
     return device
 
-class DecodedJpeg:
-    """A ``PlainJpeg`` the JPEG engines decoded ahead of its batch (``predecode``), on another
-    stream: its pixels (uint8 HWC on the device, rows maybe pitched; the array keeps its decoder
-    alive) and the event recorded after them there, which the batch's stream waits for."""
-
-    __slots__ = ("image", "ready", "shape")
-
-    def __init__(self, image: cp.ndarray, ready: cp.cuda.Event, shape: tuple[int, int, int]) -> None:
-        self.image, self.ready, self.shape = image, ready, shape
-
-
-_ON_DEVICE = (PlainJpeg, DecodedJpeg)  # items whose pixels are made on the device: no upload
-
-
 def _copy_image(dst: cp.ndarray, image: cp.ndarray) -> None:
     """``image`` (uint8 HWC on the device, its rows maybe pitched) into the contiguous ``dst``, queued
     on the current stream (a device worker's): one copy on the driver where it is contiguous, else a
@@ -181,29 +167,6 @@ class CudaImagePipeline:
         done.set_result(self.logits(items))
         return done
 
-    def predecode(self, items: Sequence[Any]) -> list[Any]:
-        """``items`` with their plain JPEGs decoded now by the engines, on the calling thread (a link's
-        reader, a request's: beside the batcher, whose cycle then does not wait for the engines),
-        on a device worker's stream: each a ``DecodedJpeg``. Those the engines did not decode stay
-        ``PlainJpeg`` (the batch tries them again, then the CPU decodes them)."""
-        rows = [row for row, item in enumerate(items) if isinstance(item, PlainJpeg)]
-        out = list(items)
-        if not rows or self._jpeg is None:
-            return out
-
-        def run(state: DeviceWorker) -> None:
-            with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
-                decoded = self._jpeg.decode([items[row].data for row in rows], state.stream.ptr, state)  # type: ignore[union-attr]
-            ready = cp.cuda.Event(disable_timing=True)
-            ready.record(state.stream)
-            for row, image in zip(rows, decoded):
-                if image is not None and image.shape == items[row].shape:
-                    out[row] = DecodedJpeg(image, ready, items[row].shape)
-
-        with device_errors(self._backend.pool):
-            self._backend.on_device(run)
-        return out
-
     def busy_until(self) -> float | None:
         """On a bound thread, until when (``perf_counter``) a batch queued now would only wait behind
         those it queued before (``Landing.busy_until``); else None."""
@@ -228,7 +191,7 @@ class CudaImagePipeline:
         batch = self._batch_array(target.shape, target)  # type: ignore[arg-type]
         slot = landing.slot()
         try:
-            if any(isinstance(item, _ON_DEVICE) for item in items):
+            if any(isinstance(item, PlainJpeg) for item in items):
                 keep, missed = self._decode_into(state, items, batch, landing.staging_free)
                 if missed:
                     raise UndecodedImages(missed)
@@ -274,7 +237,7 @@ class CudaImagePipeline:
                 rows = onnx.padded_batch(len(chunk))
                 target = self.runner.input_buffer(self._input, rows)
                 batch = self._batch_array((rows, 3, size, size), target)
-                if any(isinstance(item, _ON_DEVICE) for item in chunk):
+                if any(isinstance(item, PlainJpeg) for item in chunk):
                     decoded, undecoded = self._decode_into(state, chunk, batch)
                     held.extend(decoded)
                     missed.extend(start + row for row in undecoded)
@@ -305,16 +268,14 @@ class CudaImagePipeline:
             row = batch[0].nbytes
             cuda_driver.fill_zeros(batch.data.ptr + rows * row, (len(batch) - rows) * row, state.stream.ptr)
 
-    def _decode_into(self, state: DeviceWorker, chunk: Sequence[Any], batch: cp.ndarray,
+    def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg], batch: cp.ndarray,
                      before_staging: Callable[[], None] | None = None) -> tuple[list[Any], list[int]]:
         """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
         once (``before_staging`` as ``upload_concatenated``'s), the JPEGs decoded by the engines as
-        one batch, those decoded before (``DecodedJpeg``) once the stream has waited for them.
-        Returns what the stream still reads from, and the rows of the JPEGs the engines did not
-        decode."""
-        pixels = [(row, item) for row, item in enumerate(chunk) if isinstance(item, np.ndarray)]
+        one batch. Returns what the stream still reads from, and the rows of the JPEGs the engines
+        did not decode."""
+        pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
         jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
-        early = [(row, item) for row, item in enumerate(chunk) if isinstance(item, DecodedJpeg)]
         keep: list[Any] = []  # what the stream reads: pixels, decoded images, resize plans
         if pixels:
             flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT, before_staging)
@@ -323,37 +284,30 @@ class CudaImagePipeline:
             for row, image in pixels:
                 self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1], keep)
                 offset += image.size
-        decoded: list[Any] = []
-        if jpegs:
-            assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
-            # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
-            with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
-                decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
-            keep.extend(image for image in decoded if image is not None)
+        assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
+        # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
+        with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
+            decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
+        keep.extend(image for image in decoded if image is not None)
         missed = [row for (row, jpeg), image in zip(jpegs, decoded) if image is None or image.shape != jpeg.shape]
         if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
             return keep, missed
-        for ready in {id(item.ready): item.ready for _, item in early}.values():
-            state.stream.wait_event(ready)
-        images = sorted([(row, jpeg.shape, image) for (row, jpeg), image in zip(jpegs, decoded)]
-                        + [(row, item.shape, item.image) for row, item in early], key=lambda entry: entry[0])
-        keep.append(early)
-        # each run of same-size images in consecutive rows end to end in one array (the decoder's
-        # rows may be pitched), resized with one launch per pass
+        # each run of same-size JPEGs in consecutive rows end to end in one array (the decoder's rows
+        # may be pitched), resized with one launch per pass
         runs: list[tuple[int, tuple[int, ...], list[cp.ndarray]]] = []  # first row, shape, images
-        for row, shape, image in images:
+        for (row, jpeg), image in zip(jpegs, decoded):
             last = runs[-1] if runs else None
-            if last is not None and last[1] == shape and last[0] + len(last[2]) == row:
+            if last is not None and last[1] == jpeg.shape and last[0] + len(last[2]) == row:
                 last[2].append(image)
             else:
-                runs.append((row, shape, [image]))
-        for first, shape, run in runs:
+                runs.append((row, jpeg.shape, [image]))
+        for first, shape, images in runs:
             size = int(np.prod(shape))
-            flat = cp.empty(len(run) * size, cp.uint8)
+            flat = cp.empty(len(images) * size, cp.uint8)
             keep.append(flat)
-            for index, image in enumerate(run):
+            for index, image in enumerate(images):
                 _copy_image(flat[index * size:(index + 1) * size], image)
-            self._preprocess(flat, shape, batch[first:first + len(run)], keep)
+            self._preprocess(flat, shape, batch[first:first + len(images)], keep)
         return keep, missed
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:

@@ -85,7 +85,7 @@ class ClassifyOp(Op):
             logits = self.logits(self._prepare(images))
         else:
             with self._batcher.incoming() as submit:
-                items = self._decoded_early(self._prepare(images))
+                items = self._prepare(images)
                 logits = submit(items, len(items))
         return top_k_softmax(logits, top_k, self._labels)
 
@@ -134,13 +134,7 @@ class ClassifyOp(Op):
         """
         if self._batcher is None:
             raise RuntimeError(f"classify with {self.config.name} has no batcher to queue on")
-        return self._batcher.submit_later(self._decoded_early(items), len(items))
-
-    def _decoded_early(self, items: list[Any]) -> list[Any]:
-        """``items`` with their plain JPEGs decoded on the device now, on the calling thread, where the
-        pipeline can (``predecode``): the batch's run then only waits on the GPU for them."""
-        predecode = getattr(self._pipeline, "predecode", None)
-        return items if predecode is None else predecode(items)
+        return self._batcher.submit_later(items, len(items))
 
     def _prepare(self, images: np.ndarray) -> list[Any]:
         """Each image decoded and prepared here, or a plain JPEG left for the device to decode."""
