@@ -689,7 +689,7 @@ def _on_a_batcher_thread(pipeline, fn):
     runner.graphs = True
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="batcher-test") as pool:
-            return pool.submit(fn).result()
+            return pool.submit(fn).result(timeout=300)  # a slot never given back hangs there: fail instead
     finally:
         runner.graphs = False
 

@@ -232,28 +232,50 @@ def test_a_queued_batch_with_a_jpeg_the_engines_cannot_decode_queues_nothing_and
 
     op, engines = _engines(jpeg_service)
     pipeline = op._pipeline  # noqa: SLF001
-    png = encode(chelsea, "PNG")
-    plain = op._prepare(np.array([encode(coffee, "JPEG", quality=90)] * 3, dtype=object))  # noqa: SLF001
-    broken = [PlainJpeg(png, chelsea.shape, "image[0]"), *plain]
+    png, cup = encode(chelsea, "PNG"), encode(coffee, "JPEG", quality=90)
+    plain = op._prepare(np.array([cup] * 3, dtype=object))  # noqa: SLF001
+    pixels = _pixel_items(op, np.array([png], dtype=object))
+    broken = [PlainJpeg(png, chelsea.shape, "image[0]"), *pixels, *plain]  # pixels beside: staged or not
     before = engines.fallbacks
 
     def bound():
         pipeline.bind_thread()
+        landing = pipeline._local.landing  # noqa: SLF001
         first = pipeline.logits_later(plain)
+        ring = landing._next  # noqa: SLF001
         try:
             pipeline.logits_later(broken)
         except UndecodedImages as exc:
             rows = exc.rows
         else:
             rows = None
+        slot_back = landing._next == ring  # noqa: SLF001 - the failed batch's slot is the next one again
         again = op._run_batch_later([broken[:2], broken[2:]])  # noqa: SLF001 - as the batcher runs a batch
         after = pipeline.logits_later(plain)
-        return rows, first.result(timeout=30), again.result(timeout=30), after.result(timeout=30)
+        return rows, slot_back, first.result(timeout=30), again.result(timeout=30), after.result(timeout=30)
 
-    rows, first, again, after = _on_a_batcher_thread(pipeline, bound)
-    assert rows == [0]
-    want = op.logits(_pixel_items(op, np.array([png] + [encode(coffee, "JPEG", quality=90)] * 3, dtype=object)))
+    rows, slot_back, first, again, after = _on_a_batcher_thread(pipeline, bound)
+    assert rows == [0] and slot_back
+    want = op.logits(_pixel_items(op, np.array([png, png] + [cup] * 3, dtype=object)))
     got = np.concatenate(again)
     assert np.abs(got - want).max() <= DECODE_TOLERANCE and _same_classes(got, want)
-    assert np.array_equal(first, after) and np.abs(first - want[1:]).max() <= DECODE_TOLERANCE
+    assert np.array_equal(first, after) and np.abs(first - want[2:]).max() <= DECODE_TOLERANCE
     assert engines.fallbacks > before
+
+
+def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service):
+    """The engines may hand back images whose rows are padded (a pitch above width x 3): such an image
+    is copied into the batch's contiguous array without its padding, as a contiguous one is."""
+    from shim.backends.cuda_imaging import _copy_image
+
+    rng = np.random.default_rng(3)
+    padded = cp.asarray(rng.integers(0, 256, (37, 53 * 3 + 13), dtype=np.uint8))
+    image = padded[:, :53 * 3].reshape(37, 53, 3)  # a view: rows 172 bytes apart, 159 wide
+    assert not image.flags.c_contiguous
+    plain = cp.ascontiguousarray(image)
+    for source in (image, plain):
+        dst = cp.zeros(2 * image.size + 7, cp.uint8)
+        _copy_image(dst[image.size:2 * image.size], source)
+        cp.cuda.get_current_stream().synchronize()
+        assert cp.array_equal(dst[image.size:2 * image.size], plain.reshape(-1))
+        assert not dst[:image.size].any() and not dst[2 * image.size:].any()

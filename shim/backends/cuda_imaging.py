@@ -140,7 +140,7 @@ class CudaImagePipeline:
             with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
                 nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
                 self._local.landing = Landing(self._in_flight, nbytes, lambda: device_errors(self._backend.pool),
-                                              self._name)
+                                              self._name, self._freeing)
 
     def logits_later(self, items: Sequence[np.ndarray | PlainJpeg]) -> Future[np.ndarray]:
         """``logits`` without waiting for the GPU, on a bound thread (a batcher's): the batch's upload,
@@ -190,18 +190,20 @@ class CudaImagePipeline:
             return None
         batch = self._batch_array(target.shape, target)  # type: ignore[arg-type]
         slot = landing.slot()
+        keep: list[Any] = []  # what its queued work reads (pixels, decoded images, resize plans): held until it lands
         try:
             if any(isinstance(item, PlainJpeg) for item in items):
-                keep, missed = self._decode_into(state, items, batch, landing.staging_free)
+                missed = self._decode_into(state, items, batch, keep, landing.staging_free)
                 if missed:
                     raise UndecodedImages(missed)
             else:
                 flat = state.upload_concatenated([p.reshape(-1) for p in items],  # type: ignore[union-attr]
                                                  IMAGE_SLOT, landing.staging_free)
-                keep = [flat]  # with the resize plans its kernels read: held until it lands
+                keep.append(flat)
                 self.preprocess_batch(flat, [p.shape for p in items], batch, keep)  # type: ignore[union-attr]
             self._pad(state, batch, len(items))
-            landing.uploaded(state.stream.ptr)
+            if any(isinstance(item, np.ndarray) for item in items):  # (JPEGs alone stage nothing)
+                landing.uploaded(state.stream.ptr)
             shape = (rows, *self.runner.outputs[0].shape[1:])
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
@@ -210,6 +212,8 @@ class CudaImagePipeline:
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()
+            with self._freeing():
+                keep.clear()
             landing.release(slot)
             raise
 
@@ -230,6 +234,9 @@ class CudaImagePipeline:
                 with contextlib.suppress(Exception):  # the resize kernels queued read ``held``: done before it goes
                     state.stream.synchronize()
                 raise
+            finally:
+                with self._freeing():
+                    held.clear()
 
         def run_chunks(state: DeviceWorker, held: list[Any]) -> None:
             for start in range(0, len(items), self._step):
@@ -238,9 +245,7 @@ class CudaImagePipeline:
                 target = self.runner.input_buffer(self._input, rows)
                 batch = self._batch_array((rows, 3, size, size), target)
                 if any(isinstance(item, PlainJpeg) for item in chunk):
-                    decoded, undecoded = self._decode_into(state, chunk, batch)
-                    held.extend(decoded)
-                    missed.extend(start + row for row in undecoded)
+                    missed.extend(start + row for row in self._decode_into(state, chunk, batch, held))
                 else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
                     flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
                     self.preprocess_batch(flat, [p.shape for p in chunk], batch, held)  # type: ignore[union-attr]
@@ -269,29 +274,28 @@ class CudaImagePipeline:
             cuda_driver.fill_zeros(batch.data.ptr + rows * row, (len(batch) - rows) * row, state.stream.ptr)
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg], batch: cp.ndarray,
-                     before_staging: Callable[[], None] | None = None) -> tuple[list[Any], list[int]]:
-        """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the pixels up at
-        once (``before_staging`` as ``upload_concatenated``'s), the JPEGs decoded by the engines as
-        one batch. Returns what the stream still reads from, and the rows of the JPEGs the engines
-        did not decode."""
+                     keep: list[Any], before_staging: Callable[[], None] | None = None) -> list[int]:
+        """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the JPEGs decoded
+        by the engines as one batch, first, then the pixels up (``before_staging`` as
+        ``upload_concatenated``'s). What the stream reads from goes into ``keep``. Returns the rows
+        of the JPEGs the engines did not decode: where there are any, nothing but their decode was
+        queued."""
         pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
         jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
-        keep: list[Any] = []  # what the stream reads: pixels, decoded images, resize plans
-        if pixels:
-            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT, before_staging)
-            keep.append(flat)
-            offset = 0
-            for row, image in pixels:
-                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1], keep)
-                offset += image.size
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
-        # the decoder allocates: not while a graph is captured (none is once the backend is sealed)
-        with contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock:
+        with self._freeing():  # the decoder allocates: not while a graph is captured
             decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
         keep.extend(image for image in decoded if image is not None)
         missed = [row for (row, jpeg), image in zip(jpegs, decoded) if image is None or image.shape != jpeg.shape]
         if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
-            return keep, missed
+            return missed
+        if pixels:
+            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT, before_staging)  # type: ignore[union-attr]
+            keep.append(flat)
+            offset = 0
+            for row, image in pixels:
+                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1], keep)  # type: ignore[union-attr]
+                offset += image.size  # type: ignore[union-attr]
         # each run of same-size JPEGs in consecutive rows end to end in one array (the decoder's rows
         # may be pitched), resized with one launch per pass
         runs: list[tuple[int, tuple[int, ...], list[cp.ndarray]]] = []  # first row, shape, images
@@ -308,7 +312,13 @@ class CudaImagePipeline:
             for index, image in enumerate(images):
                 _copy_image(flat[index * size:(index + 1) * size], image)
             self._preprocess(flat, shape, batch[first:first + len(images)], keep)
-        return keep, missed
+        return missed
+
+    def _freeing(self) -> contextlib.AbstractContextManager[Any]:
+        """What to hold where the JPEG decoder allocates or device memory is let go: the capture lock
+        until the backend is sealed (captures happen at warm-up only; a free or an allocation on
+        another thread breaks one)."""
+        return contextlib.nullcontext() if self._backend.sealed else self._backend.pinned.capture_lock
 
     def _batch_array(self, shape: tuple[int, int, int, int], target: onnx.BoundInput | None) -> cp.ndarray:
         """Where a batch of ``shape`` is resized to: the model's own input ``target`` on a bound thread

@@ -11,6 +11,7 @@ batch size as the time between one landing and the next, and the thread's time t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -61,9 +62,14 @@ class Landing:
         nbytes: each slot's logits buffer (the largest batch's padded rows of FP32 logits).
         errors: the context that maps CUDA's errors to the shim's (``device_errors``).
         name: the model's (the thread's name).
+        freeing: the context to let go of device and pinned memory in (what a batch read, the slots
+            once the batcher's thread has ended): the capture lock while CUDA graphs may still be
+            captured on other threads, where a free would break their capture.
     """
 
-    def __init__(self, slots: int, nbytes: int, errors: Callable[[], AbstractContextManager[None]], name: str) -> None:
+    def __init__(self, slots: int, nbytes: int, errors: Callable[[], AbstractContextManager[None]], name: str,
+                 freeing: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
+        self._freeing = freeing
         self._slots = [Slot(nbytes) for _ in range(max(1, slots))]
         self._next = 0
         self._errors = errors
@@ -87,7 +93,9 @@ class Landing:
         self._next = (self._next + 1) % len(self._slots)
         slot.free.wait()
         slot.free.clear()
-        slot.keep = None
+        if slot.keep is not None:
+            with self._freeing():
+                slot.keep = None
         return slot
 
     def release(self, slot: Slot) -> None:
@@ -134,6 +142,8 @@ class Landing:
                 entry = self._queue.get(timeout=_IDLE_CHECK_S)
             except queue.Empty:
                 if not self._owner.is_alive():  # the batcher's thread ended (closed): nothing more comes
+                    with self._freeing():  # what the last batches read, and the slots, go here and now
+                        self._slots.clear()
                     return
                 continue
             self._land_one(*entry)
