@@ -1,10 +1,11 @@
-"""Future helpers: results set on a thread of their own (``Replier``), and a Future mapped (``then``)."""
+"""Future helpers: results set on a thread of their own (``Replier``), a Future mapped (``then``),
+and several as one (``gathered``)."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
@@ -72,4 +73,31 @@ def then(future: Future[In], fn: Callable[[In], Out]) -> Future[Out]:
             out.set_exception(exc)
 
     future.add_done_callback(done)
+    return out
+
+
+def gathered(futures: Sequence[Future[In]]) -> Future[list[In]]:
+    """A Future of ``futures``' results in order, set on the thread that sets the last of them; once
+    all are done, the first one's error (in order) if any failed (CancelledError for a cancelled one)."""
+    out: Future[list[In]] = Future()
+    out.set_running_or_notify_cancel()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_: Future[In]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        error = next((CancelledError() if f.cancelled() else f.exception() for f in futures
+                      if f.cancelled() or f.exception() is not None), None)
+        if error is not None:
+            out.set_exception(error)
+        else:
+            out.set_result([f.result() for f in futures])
+
+    if not futures:
+        out.set_result([])
+    for future in futures:
+        future.add_done_callback(done)
     return out

@@ -1,6 +1,7 @@
 """A raw model of the repository served by name: the generic ``infer``."""
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ from accel.errors import InvalidInput
 
 from ..backends.base import Backend, ModelRunner
 from ..batching import Batcher, BatchingFactory
+from ..futures import gathered, then
 from ..padding import padded_sizes
 from ..modelrepo import ModelConfig
 from .base import Op
@@ -21,7 +23,9 @@ class ModelOp(Op):
     """Any ONNX model of the repository; inputs and outputs are the model's own.
 
     When every input has a dynamic first (batch) axis, concurrent requests whose other dimensions
-    agree are concatenated along it into one run (dynamic batching) and split back out.
+    agree are concatenated along it into one run (dynamic batching) and split back out. A runner that
+    answers in a Future (``run_later``: a request worker's, over the link) has its batches started by
+    the batcher, which goes on gathering, and answered as the device process replies.
     """
 
     platform = "onnxruntime_onnx"
@@ -47,9 +51,11 @@ class ModelOp(Op):
         if self._batching is not None and self._batchable:
             # never merge past what one request may carry: a request worker's merged batch is one request
             # to the device process
+            later = self._run_batch_later if hasattr(self._runner, "run_later") else None
             self._batcher = self._batching.make(self.name, self._run_batch, min(self.config.max_batch_size,
                                                                                   self._max_batch),
-                                                self.config.max_queue_delay_us, self.config.instances())
+                                                self.config.max_queue_delay_us, self.config.instances(),
+                                                run_batch_later=later)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -83,23 +89,38 @@ class ModelOp(Op):
     def _run_batch(self, requests: Sequence[Feeds]) -> list[Feeds]:
         """Requests whose inputs agree but for the batch axis run as one; the rest alone."""
         assert self._runner is not None
-        results: list[Feeds | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, feeds in enumerate(requests):
-            key = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items()))
-            groups.setdefault(key, []).append(i)
-        for members in groups.values():
-            if len(members) == 1:
-                results[members[0]] = self._run_chunked(requests[members[0]])
-                continue
-            names = requests[members[0]].keys()
-            merged = {n: np.concatenate([requests[i][n] for i in members]) for n in names}
-            outputs = self._runner.run(merged)
-            cuts = np.cumsum([len(next(iter(requests[i].values()))) for i in members])[:-1]
-            split = {n: np.split(v, cuts) for n, v in outputs.items()}
-            for j, i in enumerate(members):
-                results[i] = {n: parts[j] for n, parts in split.items()}
-        return results  # type: ignore[return-value]
+        results: list[Feeds] = [{} for _ in requests]
+        for members in _groups(requests):
+            outputs = self._run_chunked(requests[members[0]]) if len(members) == 1 else \
+                self._runner.run(_merged(requests, members))
+            _split(requests, members, outputs, results)
+        return results
+
+    def _run_batch_later(self, requests: Sequence[Feeds]) -> Future[list[Feeds]]:
+        """``_run_batch`` through a runner that answers in a Future (``run_later``; the device process
+        chunks a request itself): each group's run started at once, the results split back out as
+        the last of them comes in."""
+        groups = _groups(requests)
+        runner = self._runner
+        assert runner is not None
+        started: list[Future[Feeds]] = []
+        for members in groups:
+            try:
+                started.append(runner.run_later(requests[members[0]] if len(members) == 1  # type: ignore[attr-defined]
+                                                else _merged(requests, members)))
+            except BaseException as exc:  # noqa: BLE001 - the batch fails once the calls already sent are back
+                failed: Future[Feeds] = Future()
+                failed.set_exception(exc)
+                started.append(failed)
+                break
+
+        def split(outputs: list[Feeds]) -> list[Feeds]:
+            results: list[Feeds] = [{} for _ in requests]
+            for members, out in zip(groups, outputs):
+                _split(requests, members, out, results)
+            return results
+
+        return then(gathered(started), split)
 
     def warmup(self) -> None:
         """One run with zeros; on a GPU, one per batch shape the runner pads to (``padded_sizes``: 1,
@@ -123,3 +144,25 @@ class ModelOp(Op):
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close()
+
+
+def _groups(requests: Sequence[Feeds]) -> list[list[int]]:
+    """The indices of the requests whose inputs agree but for the batch axis, group by group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, feeds in enumerate(requests):
+        key = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items()))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _merged(requests: Sequence[Feeds], members: list[int]) -> Feeds:
+    """The ``members``' inputs concatenated along the batch axis."""
+    return {n: np.concatenate([requests[i][n] for i in members]) for n in requests[members[0]]}
+
+
+def _split(requests: Sequence[Feeds], members: list[int], outputs: Feeds, results: list[Feeds]) -> None:
+    """``outputs`` of the ``members``' run cut back along the batch axis into ``results``."""
+    cuts = np.cumsum([len(next(iter(requests[i].values()))) for i in members])[:-1]
+    split = {n: np.split(v, cuts) for n, v in outputs.items()}
+    for j, i in enumerate(members):
+        results[i] = {n: parts[j] for n, parts in split.items()}

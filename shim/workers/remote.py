@@ -29,6 +29,11 @@ class RemoteRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._link.call("run_model", self.name, feeds)
 
+    def run_later(self, feeds: dict[str, np.ndarray]) -> Future[dict[str, np.ndarray]]:
+        """``run`` without waiting: set on the link's reader thread as the reply comes in (the device
+        process chunks and batches the request itself)."""
+        return self._link.call_later("run_model", self.name, feeds)
+
 
 class RemotePipeline:
     """classify's image pipeline: ``prepare`` here, as the device's pipeline would (pixels for the
