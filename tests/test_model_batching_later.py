@@ -7,6 +7,8 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -57,33 +59,61 @@ def test_gathered_fails_with_a_cancelled_one_rather_than_never_ending():
         out.result(1)
 
 
-def test_a_workers_raw_model_starts_its_batches_and_answers_them_as_the_device_replies(models_dir, tmp_path):
-    """The worker's op (its model over a real link to a device side running the real model on the
-    CPU) has one batcher thread, yet several batches on their way to the device at once while it
-    holds the replies; once it answers, each of 10 requests of 1-3 rows gets the rows the model
-    gives its own inputs alone."""
+@contextmanager
+def worker_model(models_dir, tmp_path, device_call: Callable[[dict], None],
+                 in_flight: int) -> Iterator[tuple[ModelOp, object, str]]:
+    """A request worker's ModelOp of the real model, over a real link to a device side that runs the
+    model on the CPU (``device_call(feeds)`` first, on the device's thread: it may wait or refuse),
+    with ``in_flight`` batches on their way at most. Yields the op, the device's runner and the
+    input's name."""
     config = ModelRepository(models_dir).load(MODEL)
-    runner = CpuBackend().load_model(config.onnx)  # the device side's model
-    release, started = threading.Event(), []
+    runner = CpuBackend().load_model(config.onnx)
 
-    def run_model(name: str, feeds: dict) -> dict:
-        started.append(len(next(iter(feeds.values()))))
-        release.wait(30)
+    def run_model(model: str, feeds: dict) -> dict:
+        device_call(feeds)
         return runner.run(feeds)
 
-    handlers = {"model_specs": lambda name: (runner.inputs, runner.outputs, "cpu"), "run_model": run_model}
+    handlers = {"model_specs": lambda model: (runner.inputs, runner.outputs, "cpu"), "run_model": run_model}
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
     link = LinkClient(server.address, key)
-    op = ModelOp(RemoteBackend(link, "cpu", {}), config, max_batch=32, batching=BatchingFactory(concurrency=4))
+    op = ModelOp(RemoteBackend(link, "cpu", {}), config, max_batch=32,
+                 batching=BatchingFactory(concurrency=in_flight))
+    try:
+        op.load()
+        yield op, runner, runner.inputs[0].name
+    finally:
+        op.close()
+        link.close()
+        server.close()
+
+
+def _alone(runner, name: str, x: np.ndarray, got: dict) -> None:
+    """``got`` is what the model gives ``x`` run alone."""
+    want = runner.run({name: x})
+    assert set(got) == set(want)
+    for output, value in want.items():
+        assert got[output].shape == value.shape
+        np.testing.assert_allclose(got[output], value, rtol=1e-4, atol=1e-4)
+
+
+def test_a_workers_raw_model_starts_its_batches_and_answers_them_as_the_device_replies(models_dir, tmp_path):
+    """The worker's op has one batcher thread, yet several batches on their way to the device at
+    once while it holds the replies; once it answers, each of 10 requests of 1-3 rows gets the rows
+    the model gives its own inputs alone."""
+    release, started = threading.Event(), []
+
+    def hold(feeds: dict) -> None:
+        started.append(len(next(iter(feeds.values()))))
+        release.wait(30)
+
     before = set(threading.enumerate())  # (other tests' services may have batchers of this model running)
-    op.load()
     rng = np.random.default_rng(5)
     sizes = [1, 2, 1, 3, 1, 2, 1, 1, 3, 1]
     inputs = [rng.standard_normal((n, 3, 224, 224), dtype=np.float32) for n in sizes]
-    name = runner.inputs[0].name
     try:
-        with ThreadPoolExecutor(len(sizes)) as pool:
+        with worker_model(models_dir, tmp_path, hold, in_flight=4) as (op, runner, name), \
+                ThreadPoolExecutor(len(sizes)) as pool:
             calls = []
             for x in inputs:  # one after another, so that batches start while others wait for replies
                 calls.append(pool.submit(op.run, {name: x}, {}))
@@ -95,20 +125,13 @@ def test_a_workers_raw_model_starts_its_batches_and_answers_them_as_the_device_r
             on_their_way = len(started)
             release.set()
             results = [call.result(60) for call in calls]
-        assert on_their_way >= 2, "the batcher waited for a reply before it started the next batch"
-        assert len(batchers) == 1, [t.name for t in batchers]
-        assert sum(started) >= sum(sizes)
-        for x, got in zip(inputs, results):
-            want = runner.run({name: x})
-            assert set(got) == set(want)
-            for output, value in want.items():
-                assert got[output].shape == value.shape
-                np.testing.assert_allclose(got[output], value, rtol=1e-4, atol=1e-4)
+            assert on_their_way >= 2, "the batcher waited for a reply before it started the next batch"
+            assert len(batchers) == 1, [t.name for t in batchers]
+            assert sum(started) >= sum(sizes)
+            for x, got in zip(inputs, results):
+                _alone(runner, name, x, got)
     finally:
         release.set()
-        op.close()
-        link.close()
-        server.close()
 
 
 def test_a_workers_batch_of_requests_that_do_not_agree_and_one_the_device_refuses(models_dir, tmp_path):
@@ -118,30 +141,22 @@ def test_a_workers_batch_of_requests_that_do_not_agree_and_one_the_device_refuse
     its error and the others their own rows."""
     from accel.errors import InvalidInput
 
-    config = ModelRepository(models_dir).load(MODEL)
-    runner = CpuBackend().load_model(config.onnx)
-    name = runner.inputs[0].name
     release, calls = threading.Event(), []
 
-    def run_model(model: str, feeds: dict) -> dict:
-        calls.append((feeds[name].dtype.str, len(feeds[name])))
+    def hold_and_check(feeds: dict) -> None:
+        x = next(iter(feeds.values()))
+        calls.append((x.dtype.str, len(x)))
         release.wait(30)
-        if feeds[name].dtype != np.float32:
-            raise InvalidInput(f"input {name!r}: FP32 expected, got {feeds[name].dtype}")
-        return runner.run(feeds)
+        if x.dtype != np.float32:
+            raise InvalidInput(f"FP32 expected, got {x.dtype}")
 
-    handlers = {"model_specs": lambda model: (runner.inputs, runner.outputs, "cpu"), "run_model": run_model}
-    key = os.urandom(16)
-    server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
-    link = LinkClient(server.address, key)
-    op = ModelOp(RemoteBackend(link, "cpu", {}), config, max_batch=32, batching=BatchingFactory(concurrency=1))
-    op.load()
     rng = np.random.default_rng(9)
     blocker = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
     inputs = [rng.standard_normal((n, 3, 224, 224), dtype=np.float32) for n in (2, 1)]
     bad = rng.standard_normal((1, 3, 224, 224))  # float64
     try:
-        with ThreadPoolExecutor(4) as pool:
+        with worker_model(models_dir, tmp_path, hold_and_check, in_flight=1) as (op, runner, name), \
+                ThreadPoolExecutor(4) as pool:
             first = pool.submit(op.run, {name: blocker}, {})  # the one call allowed on its way: the rest gather
             deadline = time.monotonic() + 10
             while not calls and time.monotonic() < deadline:
@@ -153,12 +168,8 @@ def test_a_workers_batch_of_requests_that_do_not_agree_and_one_the_device_refuse
             good = [queued[0].result(60), queued[2].result(60)]
             with pytest.raises(InvalidInput, match="FP32 expected"):
                 queued[1].result(60)
-        assert ("<f4", 3) in calls and ("<f8", 1) in calls, calls  # the batch: two calls, one per dtype
-        for x, got in zip(inputs, good):
-            for output, value in runner.run({name: x}).items():
-                np.testing.assert_allclose(got[output], value, rtol=1e-4, atol=1e-4)
+            assert ("<f4", 3) in calls and ("<f8", 1) in calls, calls  # the batch: two calls, one per dtype
+            for x, got in zip(inputs, good):
+                _alone(runner, name, x, got)
     finally:
         release.set()
-        op.close()
-        link.close()
-        server.close()
