@@ -315,6 +315,26 @@ def test_workers_answer_as_a_single_process(shim, inproc_client, chelsea, coffee
     assert client.metadata("classify")["backend"] == "cpu"  # metadata: from the device process
 
 
+def test_concurrent_raw_model_calls_through_the_workers_each_get_their_own_rows(shim, inproc_client):
+    """12 callers at once, 1-4 rows each, into the raw model through the workers (each worker's
+    batcher starts its batches over the link and answers them as the device replies): every caller
+    gets the rows the single process gives its own input."""
+    rng = np.random.default_rng(21)
+    inputs = [rng.standard_normal((n, 3, 224, 224), dtype=np.float32) for n in (1, 3, 2, 1, 4, 1, 2, 1, 3, 1, 1, 2)]
+
+    def call(x):
+        return _client(shim.unix_url).infer("efficientnet-lite0", {"input": x})
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        results = list(pool.map(call, inputs))
+    for x, got in zip(inputs, results):
+        want = inproc_client.infer("efficientnet-lite0", {"input": x})
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert got[name].shape == value.shape
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input_is_a_clear_400_and_the_worker_goes_on(shim, chelsea):
     client = _client(shim.tcp_url)
     with pytest.raises(InvalidInput, match="not an image"):
