@@ -7,7 +7,8 @@
 #    threads, not in all: `cpu N 32` with connection threads (the default) and with --no-connection-threads,
 #    alternating three times, then the throughput section without them;
 #    gpujpeg, not in all: the same with --gpu-jpeg (.whl-gpu carried or installed before), then with it;
-#    jpegstages, not in all: `stages N 32` without and with --gpu-jpeg: the device cycle's stages)
+#    jpegstages, not in all: `stages N 32` without and with --gpu-jpeg: the device cycle's stages;
+#    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
 #    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py.
@@ -84,6 +85,12 @@ for step in $what; do
       alternate --no-connection-threads ACCELSHIM_CONNECTION_THREADS=0 threads ;;
     gpujpeg)
       alternate --gpu-jpeg ACCELSHIM_GPU_JPEG=1 gpujpeg ;;
+    gpujpeg128)  # many clients per GPU, where queued --gpu-jpeg batches won on 820265e
+      { for _ in 1 2; do
+          timeout 90 python3 bench/worker_ab.py cpu "$workers" 128
+          timeout 90 python3 bench/worker_ab.py cpu "$workers" 128 --gpu-jpeg
+        done
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/gpujpeg128.log" | grep -E "img/s|busy" ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
