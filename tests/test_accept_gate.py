@@ -107,10 +107,54 @@ def test_a_connection_another_process_took_ends_the_wait_and_the_next_one_waits_
             taken, _ = other.accept()
             taken.close()
             first.close()
-            # later than a wait left running would have ended: another connection. The server ends the
-            # old wait at its first turn after the other process took it; 3x the deferral leaves room
-            # for that turn on a loaded machine (at 1.2x, a clean clone's run saw it taken at once once)
-            time.sleep(defer * 3)
+            time.sleep(defer * 1.2)  # later than a wait left running would have ended: another connection
             assert _health(path) >= defer * 0.9
     finally:
         other.close()
+
+
+def test_a_connection_taken_between_a_turns_look_and_its_select_leaves_no_stale_wait(service, tmp_path, monkeypatch):
+    """The loop's turns driven by hand: a turn sees a connection waiting (its wait begun), another
+    process takes it before the select, the select then blocks until a new connection comes. That
+    one is new: it is left to others for a whole deferral, not taken at once because the old
+    wait ran out meanwhile."""
+    import os
+    import select
+
+    from shim.server import serving
+
+    defer = 0.2
+    monkeypatch.setattr(serving, "ACCEPT_DEFER_S", defer)
+    gate = Refusing()
+    path = tmp_path / "turns.sock"
+    sockets = bind_sockets(None, 0, str(path))
+    server = Server(service, sockets, accept_gate=gate, unlink_unix=False)
+    listener = server._servers[0]  # noqa: SLF001 - its turn (readable) and accept, as the loop calls them
+    other = socket.socket(fileno=os.dup(sockets[0].fileno()))  # another worker on the same socket
+
+    def waiting() -> bool:
+        return bool(select.select([sockets[0]], [], [], 0)[0])
+
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.connect(str(path))
+        listener.readable()
+        listener.handle_accept()  # left to others: its wait begins
+        listener.readable()  # the next turn's look: still there
+        taken, _ = other.accept()  # ... and taken by the other process before this turn's select
+        time.sleep(defer * 1.5)  # the select blocks: nothing waits
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.connect(str(path))
+        listener.handle_accept()  # the select woke for the new connection
+        assert waiting(), "the new connection was taken at once, on the old connection's wait"
+        time.sleep(defer * 1.1)
+        listener.readable()
+        listener.handle_accept()  # its own deferral is over: taken now
+        assert not waiting()
+        for s in (first, second, taken):
+            s.close()
+    finally:
+        other.close()
+        for s in server._servers:  # noqa: SLF001
+            s.close()
+        server._tasks.shutdown()  # noqa: SLF001

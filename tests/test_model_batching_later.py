@@ -73,7 +73,7 @@ def worker_model(models_dir, tmp_path, device_call: Callable[[dict], None],
         device_call(feeds)
         return runner.run(feeds)
 
-    handlers = {"model_specs": lambda model: (runner.inputs, runner.outputs, "cpu"), "run_model": run_model}
+    handlers = {"model_specs": lambda model: (runner.inputs, runner.outputs, "cpu"), "run_model_later": run_model}
     key = os.urandom(16)
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=8)
     link = LinkClient(server.address, key)
@@ -173,3 +173,46 @@ def test_a_workers_batch_of_requests_that_do_not_agree_and_one_the_device_refuse
                 _alone(runner, name, x, got)
     finally:
         release.set()
+
+
+def test_the_device_process_queues_a_workers_raw_model_call_holding_no_thread(service):
+    """The device side of ``run_model_later`` (a Deferred, run on the link's reader thread): a call
+    goes into the model's batcher and its Future comes back at once, no thread started for it,
+    while its batch is held; once it runs, each gets the rows the model gives its input alone and
+    no call is counted in flight any more; an input over the request limit is refused at once."""
+    from accel.errors import InvalidInput
+    from shim.workers.device import DeviceEndpoint
+    from shim.workers.link import Deferred
+
+    endpoint = DeviceEndpoint(service, workers=0)
+    handler = endpoint.handlers()["run_model_later"]
+    assert isinstance(handler, Deferred)
+    op = service.registry.get(MODEL)
+    batcher = op._batcher  # noqa: SLF001
+    run_batch, release = batcher._run_batch, threading.Event()  # noqa: SLF001
+
+    def held(items):
+        release.wait(30)
+        return run_batch(items)
+
+    inflight = service.metrics.inflight._value.get()  # noqa: SLF001
+    rng = np.random.default_rng(13)
+    inputs = [rng.standard_normal((n, 3, 224, 224), dtype=np.float32) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
+    batcher._run_batch = held  # noqa: SLF001 - the batches wait until the calls have all come back
+    try:
+        futures = [handler.fn(MODEL, {"input": x}) for x in inputs]
+        assert not any(f.done() for f in futures), "a call ran before its Future came back"
+        assert not endpoint._early._threads, "a call was handed to a thread"  # noqa: SLF001
+        with pytest.raises(InvalidInput, match="over the limit"):
+            handler.fn(MODEL, {"input": np.zeros((10_000, 3, 1, 1), np.float32)})
+    finally:
+        release.set()
+        batcher._run_batch = run_batch  # noqa: SLF001
+    for x, future in zip(inputs, futures):
+        got = future.result(60)
+        for output, value in op._runner.run({"input": x}).items():  # noqa: SLF001 - the model alone
+            np.testing.assert_allclose(got[output], value, rtol=1e-4, atol=1e-4)
+    deadline = time.monotonic() + 10  # (counted down in a callback after each result is set)
+    while service.metrics.inflight._value.get() != inflight and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.01)
+    assert service.metrics.inflight._value.get() == inflight  # noqa: SLF001

@@ -66,15 +66,36 @@ class ModelOp(Op):
         return meta
 
     def run(self, inputs: dict[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        rows = self._rows(inputs)
+        if self._batcher is None or len(rows) != 1:
+            return self._run_chunked(inputs)
+        return self._batcher.submit(inputs, rows.pop())
+
+    def run_later(self, inputs: Feeds) -> Future[Feeds] | None:
+        """``run`` without waiting, where the request goes to the batcher (its Future set on the
+        batcher's reply thread as its batch ends); None where it would run alone (no batcher, or
+        inputs of several row counts): ``run`` it, on a thread that may wait.
+
+        Raises:
+            InvalidInput: as ``run``.
+        """
+        rows = self._rows(inputs)
+        if self._batcher is None or len(rows) != 1:
+            return None
+        return self._batcher.submit_later(inputs, rows.pop())
+
+    def _rows(self, inputs: Feeds) -> set[int]:
+        """The row counts of ``inputs``' arrays (their first axes).
+
+        Raises:
+            InvalidInput: an input's batch over the request limit (``--max-batch``).
+        """
         assert self._runner is not None, f"model {self.name} used before load()"
-        rows = {array.shape[0] for array in inputs.values() if array.ndim}
         for spec in self.inputs:
             array = inputs[spec.name]
             if spec.shape and spec.shape[0] == -1 and array.ndim and array.shape[0] > self._max_batch:
                 raise InvalidInput(f"input {spec.name!r}: batch of {array.shape[0]} is over the limit of {self._max_batch}")
-        if self._batcher is None or len(rows) != 1:
-            return self._run_chunked(inputs)
-        return self._batcher.submit(inputs, rows.pop())
+        return {array.shape[0] for array in inputs.values() if array.ndim}
 
     def _run_chunked(self, feeds: Feeds) -> Feeds:
         """Run ``feeds`` in chunks of at most ``max_batch_size`` rows (the shapes warmed up on a GPU)."""

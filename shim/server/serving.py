@@ -289,10 +289,14 @@ class Server:
         every one of them is woken for it, so one that may take it does, at once. While leaving it,
         this one pauses ``ACCEPT_DEFER_POLL_S`` per turn (the socket stays readable: no spinning),
         and takes it itself once it has waited ``ACCEPT_DEFER_S``. A turn in which nothing waited
-        ends the wait (another process took the connection)."""
+        ends the wait (another process took the connection); so does a select that blocked for the
+        deferral's length after a turn saw one waiting (another process took it between the look and
+        the select: the connection that woke the loop is new), once per wait."""
         servers = self._servers
         listeners = [server.socket for server in servers]
-        wait: dict[str, Any] = {"since": None, "left": False}  # since when a connection waits; left this turn
+        # since when a connection waits; whether it was left this turn; when the listener was last looked
+        # at (a turn's start); whether this wait was renewed once
+        wait: dict[str, Any] = {"since": None, "left": False, "looked": 0.0, "renewed": False}
 
         def connections() -> int:
             return sum(len(s.active_channels) for s in servers)
@@ -308,6 +312,7 @@ class Server:
                 if not wait["left"] or not still_waiting():  # taken by another process meanwhile
                     wait["since"] = None
                 wait["left"] = False
+                wait["looked"] = time.monotonic()
                 gate.note(connections())
                 return readable()
             return read
@@ -318,7 +323,12 @@ class Server:
                     now = time.monotonic()
                     wait["left"] = True
                     if wait["since"] is None:
-                        wait["since"] = now
+                        wait["since"], wait["renewed"] = now, False
+                    elif now - wait["looked"] >= ACCEPT_DEFER_S and not wait["renewed"]:
+                        # the loop's select blocked this long since the turn's look: the connection
+                        # that waited was taken by another process in between, and this is a new one
+                        # (or the thread stalled): one whole deferral more, once, then it is taken
+                        wait["since"], wait["renewed"] = now, True
                     if now - wait["since"] < ACCEPT_DEFER_S:
                         time.sleep(ACCEPT_DEFER_POLL_S)
                         return

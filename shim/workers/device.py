@@ -2,8 +2,8 @@
 
 Calls wait until the device process has warmed up. A DeviceLost from any call trips the device
 process's fault monitor (it stops, and its workers with it), as it would for its own requests.
-Once warm, ``logits`` calls go straight into the model's batcher from the link's reader thread
-and are answered as their batch ends (``Deferred``): no thread waits per call.
+Once warm, ``logits`` and ``run_model_later`` calls go straight into the model's batcher from the
+link's reader thread and are answered as their batch ends (``Deferred``): no thread waits per call.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 from ..faults import DeviceLost
 from ..ops import ClassifyOp
+from ..ops.model import ModelOp
 from ..service import Service
 from ..tenant_metrics import TenantEvent, apply
 from .link import Deferred, Handler
@@ -61,6 +62,8 @@ class DeviceEndpoint:
         if self._classify_ops and all(op.batches for op in self._classify_ops.values()):
             early_logits = handlers["logits"]  # without batching, each call runs on a pool thread
             handlers["logits"] = Deferred(lambda model, items: self._logits_later(early_logits, model, items))
+        run_model = handlers["run_model"]  # a call the model does not batch: on a thread of its own
+        handlers["run_model_later"] = Deferred(lambda name, feeds: self._run_model_later(run_model, name, feeds))
         handlers["http"] = self._http
         handlers["records"] = self._records
         handlers["worker_ready"] = self._worker_ready
@@ -99,13 +102,29 @@ class DeviceEndpoint:
         of its own while the device warms up: the link's reader must not wait)."""
         if not self._registry.loaded.is_set():
             return self._early.submit(early, model, items)
-        op = self._classify(model)
+        future = self._started(lambda: self._classify(model).logits_later(items))
+        assert future is not None
+        return future
+
+    def _run_model_later(self, alone: Handler, name: str, feeds: dict[str, Any]) -> Future[Any]:
+        """A raw model's run for a worker, answered when its batch ends; ``alone`` (on a thread of
+        its own) while the device warms up, or where the model does not batch the request."""
+        op = self._registry.get(name) if self._registry.loaded.is_set() else None
+        future = self._started(lambda: op.run_later(feeds)) if isinstance(op, ModelOp) else None
+        return future if future is not None else self._early.submit(alone, name, feeds)
+
+    def _started(self, start: Callable[[], Future[Any] | None]) -> Future[Any] | None:
+        """``start()``'s Future, counted as a device call in flight until it is done; None where
+        ``start`` started nothing."""
         self._begin()
         try:
-            future = op.logits_later(items)
+            future = start()
         except BaseException as exc:
             self._end(exc)
             raise
+        if future is None:
+            self._end(None)
+            return None
         future.add_done_callback(lambda done: self._end(done.exception()))
         return future
 

@@ -31,8 +31,8 @@ class RemoteRunner:
 
     def run_later(self, feeds: dict[str, np.ndarray]) -> Future[dict[str, np.ndarray]]:
         """``run`` without waiting: set on the link's reader thread as the reply comes in (the device
-        process chunks and batches the request itself)."""
-        return self._link.call_later("run_model", self.name, feeds)
+        process chunks and batches the request itself, holding no thread for it where it batches)."""
+        return self._link.call_later("run_model_later", self.name, feeds)
 
 
 class RemotePipeline:
