@@ -52,6 +52,8 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from prometheus_client import Histogram
 
+from accel.errors import NotReady
+
 from .futures import Replier
 
 log = logging.getLogger(__name__)
@@ -198,7 +200,7 @@ class Batcher(Generic[Item, Result]):
     def _queued(self, item: Item, rows: int, announced: list[int | None], later: bool = False) -> _Job[Item, Result]:
         with self._cond:
             if self._closed:
-                raise RuntimeError(f"the batcher of {self.name} is closed")
+                raise NotReady(f"the batcher of {self.name} is closed (the shim is stopping); retry", retry_after=1.0)
             self._unannounce(announced)
             job: _Job[Item, Result] = _Job(item, rows, later, self._announced)
             self._queue.append(job)

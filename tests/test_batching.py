@@ -446,3 +446,17 @@ def test_a_batch_waits_for_requests_announced_before_its_oldest_not_after():
     finally:
         batcher.close()
     assert calls == [[1, 1], [1]]
+
+
+def test_a_request_to_a_closed_batcher_is_told_to_retry():
+    """A request that comes in as the shim stops (its batchers closed) gets a 503 to retry, not a
+    500: a client retries it (on another replica, or once this one is back)."""
+    from accel.errors import NotReady
+
+    batcher = Batcher("m", _doubler([]), max_batch_size=4, max_queue_delay_us=0)
+    assert batcher.submit([1], 1).tolist() == [2]
+    batcher.close()
+    for submit in (lambda: batcher.submit([1], 1), lambda: batcher.submit_later([1], 1)):
+        with pytest.raises(NotReady, match="closed") as caught:
+            submit()
+        assert caught.value.status == 503 and caught.value.retry_after

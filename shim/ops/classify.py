@@ -130,7 +130,8 @@ class ClassifyOp(Op):
         """``logits`` without waiting: the Future is set on the batcher's thread as the batch ends.
 
         Raises:
-            RuntimeError: the op does not batch, or is closed.
+            RuntimeError: the op does not batch.
+            NotReady: it is closed (a 503 to retry).
         """
         if self._batcher is None:
             raise RuntimeError(f"classify with {self.config.name} has no batcher to queue on")
