@@ -35,6 +35,7 @@ def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
     device.set(host, stream=stream)
     return device
 
+
 def _copy_image(dst: cp.ndarray, image: cp.ndarray) -> None:
     """``image`` (uint8 HWC on the device, its rows maybe pitched) into the contiguous ``dst``, queued
     on the current stream (a device worker's): one copy on the driver where it is contiguous, else a
@@ -43,6 +44,7 @@ def _copy_image(dst: cp.ndarray, image: cp.ndarray) -> None:
         cuda_driver.copy_on_device(dst.data.ptr, image.data.ptr, image.nbytes, cp.cuda.get_current_stream().ptr)
     else:
         dst.reshape(image.shape)[...] = image
+
 
 if TYPE_CHECKING:
     from .cuda import CudaBackend
@@ -275,43 +277,40 @@ class CudaImagePipeline:
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg], batch: cp.ndarray,
                      keep: list[Any], before_staging: Callable[[], None] | None = None) -> list[int]:
-        """``chunk``'s images resized into ``batch[:len(chunk)]``, each into its row: the JPEGs decoded
-        by the engines as one batch, first, then the pixels up (``before_staging`` as
-        ``upload_concatenated``'s). What the stream reads from goes into ``keep``. Returns the rows
-        of the JPEGs the engines did not decode: where there are any, nothing but their decode was
+        """``chunk``'s images resized into ``batch[:len(chunk)]``: the JPEGs decoded by the engines as
+        one batch, first, then the pixels up (``before_staging`` as ``upload_concatenated``'s), all
+        of them end to end in row order (the decoder's rows may be pitched) and resized as
+        ``preprocess_batch`` does. What the stream reads from goes into ``keep``. Returns the rows of
+        the JPEGs the engines did not decode: where there are any, nothing but their decode was
         queued."""
-        pixels = [(row, item) for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
-        jpegs = [(row, item) for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
+        pixels = [item for item in chunk if not isinstance(item, PlainJpeg)]
+        jpegs = [item for item in chunk if isinstance(item, PlainJpeg)]
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
         with self._freeing():  # the decoder allocates: not while a graph is captured
-            decoded = self._jpeg.decode([jpeg.data for _, jpeg in jpegs], state.stream.ptr, state)
+            decoded = self._jpeg.decode([jpeg.data for jpeg in jpegs], state.stream.ptr, state)
         keep.extend(image for image in decoded if image is not None)
-        missed = [row for (row, jpeg), image in zip(jpegs, decoded) if image is None or image.shape != jpeg.shape]
+        rows = [row for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
+        missed = [row for row, jpeg, image in zip(rows, jpegs, decoded) if image is None or image.shape != jpeg.shape]
         if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
             return missed
-        if pixels:
-            flat = state.upload_concatenated([p.reshape(-1) for _, p in pixels], IMAGE_SLOT, before_staging)  # type: ignore[union-attr]
-            keep.append(flat)
-            offset = 0
-            for row, image in pixels:
-                self._preprocess(flat[offset:offset + image.size], image.shape, batch[row:row + 1], keep)  # type: ignore[union-attr]
-                offset += image.size  # type: ignore[union-attr]
-        # each run of same-size JPEGs in consecutive rows end to end in one array (the decoder's rows
-        # may be pitched), resized with one launch per pass
-        runs: list[tuple[int, tuple[int, ...], list[cp.ndarray]]] = []  # first row, shape, images
-        for (row, jpeg), image in zip(jpegs, decoded):
-            last = runs[-1] if runs else None
-            if last is not None and last[1] == jpeg.shape and last[0] + len(last[2]) == row:
-                last[2].append(image)
+        up = state.upload_concatenated([p.reshape(-1) for p in pixels], IMAGE_SLOT, before_staging) \
+            if pixels else None  # type: ignore[union-attr]
+        keep.append(up)
+        images, jpeg_images, start = [], iter(decoded), 0  # each row's image on the device, in row order
+        for item in chunk:
+            if isinstance(item, PlainJpeg):
+                images.append(next(jpeg_images))
             else:
-                runs.append((row, jpeg.shape, [image]))
-        for first, shape, images in runs:
-            size = int(np.prod(shape))
-            flat = cp.empty(len(images) * size, cp.uint8)
-            keep.append(flat)
-            for index, image in enumerate(images):
-                _copy_image(flat[index * size:(index + 1) * size], image)
-            self._preprocess(flat, shape, batch[first:first + len(images)], keep)
+                images.append(up[start:start + item.size].reshape(item.shape))  # type: ignore[index]
+                start += item.size
+        shapes = [image.shape for image in images]
+        flat = cp.empty(sum(image.size for image in images), cp.uint8)
+        keep.append(flat)
+        offset = 0
+        for image in images:
+            _copy_image(flat[offset:offset + image.size], image)
+            offset += image.size
+        self.preprocess_batch(flat, shapes, batch, keep)
         return missed
 
     def _freeing(self) -> contextlib.AbstractContextManager[Any]:
