@@ -21,10 +21,14 @@ earlier would only queue it, smaller. Each batcher thread first runs ``thread_st
 pipeline binding it to a CUDA stream of its own and to sessions captured on it, so that a batch
 runs where it was gathered).
 
-With ``run_batch_later`` (a request worker's batchers: the device call goes over the link) a batch
-is only started: its results come in a Future and are split back out on the thread that sets it
-(the link's reader), up to ``concurrency`` batches on their way; a failed batch of several goes
-back to the batcher's one thread, to rerun alone. Without ``thread_start``, the last request
+With ``run_batch_later`` (a request worker's batchers: the device call goes over the link; a GPU
+pipeline's, queued on a bound stream) a batch is only started: its results come in a Future and are
+split back out on the thread that sets it (the link's reader, a landing thread), up to
+``concurrency`` batches on their way; a failed batch of several goes back to the batcher's threads,
+to rerun alone. Such a batcher has one thread, or with ``thread_start`` ``launchers`` of them (a
+model's ``instance_count`` on the GPU: each bound to a stream, a JPEG decoder and captured sessions of
+its own), taking turns to gather: while one is held up starting its batch (the JPEG engines' decode
+call waits about 1 ms for them on the H200) the next gathers and starts another. Without ``thread_start``, the last request
 expected (nobody announced before the batch's oldest is still decoding, and a batch may go) starts
 the batch on its own thread, taking what is queued and what the batcher's thread was gathering, rather than wake
 that thread for it (on the H200 a woken thread waits 0.3-0.6 ms for the interpreter lock). The
@@ -93,6 +97,9 @@ class Batcher(Generic[Item, Result]):
         run_batch_later: starts a batch and returns at once, its results to come in a Future; given,
             it runs every batch and ``run_batch`` (its blocking twin) is not called. Without
             ``thread_start`` it may be called from a request's thread too.
+        launchers: with ``run_batch_later`` and ``thread_start``, the threads that start batches
+            (each gathers in turn); else unused (without ``run_batch_later``, ``concurrency``
+            threads run the batches).
         busy_until: called on the gathering thread while other batches are in flight: the
             ``time.perf_counter()`` until which a batch started now would only wait behind them
             (None: no estimate).
@@ -106,8 +113,9 @@ class Batcher(Generic[Item, Result]):
                  queue_seconds: Histogram | None = None, batch_seconds: Histogram | None = None,
                  concurrency: int = 1, thread_start: Callable[[], None] | None = None,
                  run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None,
-                 busy_until: Callable[[], float | None] | None = None, land_answers: bool = False) -> None:
-        if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1:
+                 busy_until: Callable[[], float | None] | None = None, land_answers: bool = False,
+                 launchers: int = 1) -> None:
+        if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1 or launchers < 1:
             raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
                              "max_queue_delay_us >= 0")
         self.name = name
@@ -133,7 +141,7 @@ class Batcher(Generic[Item, Result]):
         self._forming: list[_Job[Item, Result]] | None = None  # the batch being gathered (run_batch_later)
         # results of ``submit_later`` jobs, set (their callbacks run) on a thread of their own
         self._replier = Replier(f"replies-{name}")
-        threads = 1 if run_batch_later is not None else concurrency
+        threads = concurrency if run_batch_later is None else launchers if thread_start is not None else 1
         started = threading.Barrier(threads + 1)
         self._threads = [threading.Thread(target=self._loop, args=(thread_start, started),
                                           name=f"batcher-{name}-{i}", daemon=True) for i in range(threads)]
@@ -465,7 +473,8 @@ class BatchingFactory:
     def make(self, name: str, run_batch: Callable[[Sequence[Item]], Sequence[Result]], max_batch_size: int,
              max_queue_delay_us: int, concurrency: int = 1, thread_start: Callable[[], None] | None = None,
              run_batch_later: Callable[[Sequence[Item]], Future[Sequence[Result]]] | None = None,
-             busy_until: Callable[[], float | None] | None = None, land_answers: bool = False) -> Batcher[Item, Result]:
+             busy_until: Callable[[], float | None] | None = None, land_answers: bool = False,
+             launchers: int = 1) -> Batcher[Item, Result]:
         return Batcher(name, run_batch, max_batch_size, max_queue_delay_us, self._batch_sizes, self._queue_seconds,
                        self._batch_seconds, self._concurrency or concurrency, thread_start, run_batch_later,
-                       busy_until, land_answers)
+                       busy_until, land_answers, launchers)

@@ -539,3 +539,40 @@ def test_a_batch_held_for_a_busy_device_goes_at_once_when_the_batch_before_lands
     finally:
         device.release()
         batcher.close()
+
+
+def test_with_two_launchers_one_starts_a_batch_while_the_other_is_held_up_starting_its_own():
+    """A GPU model's instance_count gives its batcher that many bound threads (``launchers``): while
+    one is held up inside ``run_batch_later`` (the JPEG engines' decode call waits for them), the
+    other gathers the next batch and starts it. Each thread ran ``thread_start`` once, on itself."""
+    device = _Recorder()
+    bound: list[str] = []
+    first_in, let_go = threading.Event(), threading.Event()
+
+    def run_later(items: Sequence[str]) -> Future[list[str]]:
+        if items == ["a"]:
+            first_in.set()
+            assert let_go.wait(5), "the second batch never started while the first was being started"
+        return device.run_later(items)
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=4,
+                      thread_start=lambda: bound.append(threading.current_thread().name),
+                      run_batch_later=run_later, launchers=2)
+    try:
+        a = batcher.submit_later("a", 1)
+        assert first_in.wait(5)
+        b = batcher.submit_later("b", 1)
+        _until(lambda: len(device.started) == 1)  # b started while a's start is still held up
+        let_go.set()
+        assert a.result(5) == "aa" and b.result(5) == "bb"
+    finally:
+        let_go.set()
+        batcher.close()
+    assert sorted(bound) == ["batcher-m-0", "batcher-m-1"]
+    assert device.started[0][0] == ["b"] and {device.started[0][1], device.started[1][1]} == set(bound)
+
+
+def test_launchers_must_be_at_least_one():
+    with pytest.raises(ValueError, match="instance_count"):
+        Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,
+                run_batch_later=_Recorder().run_later, launchers=0)

@@ -279,3 +279,75 @@ def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service):
         cp.cuda.get_current_stream().synchronize()
         assert cp.array_equal(dst[image.size:2 * image.size], plain.reshape(-1))
         assert not dst[:image.size].any() and not dst[2 * image.size:].any()
+
+
+@pytest.fixture(scope="module")
+def two_launchers(models_dir, tmp_path_factory):
+    """A --gpu-jpeg shim whose classifier has instance_count 2 in its model.json."""
+    import json
+    import shutil
+
+    from shim.config import Settings
+    from shim.service import build_service
+
+    folder = tmp_path_factory.mktemp("models") / "efficientnet-lite0"
+    shutil.copytree(models_dir / "efficientnet-lite0", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["instance_count"] = 2
+    (folder / "model.json").write_text(json.dumps(meta))
+    svc = build_service(Settings(device="cuda", models_dir=folder.parent, gpu_jpeg=True))
+    svc.load()
+    yield svc
+    svc.registry.close()
+
+
+def test_two_launcher_threads_queue_batches_on_streams_and_decoders_of_their_own(two_launchers, service, chelsea,
+                                                                                  coffee):
+    """instance_count 2 on the GPU: two batcher threads, each bound to its own stream, JPEG decoder
+    and sessions, take turns to start batches (up to two queued on each); 64 concurrent callers of
+    1-8 images (JPEGs, and PNGs decoded on the CPU beside them) each get their own classes, those
+    of the CPU twin, and both threads started batches."""
+    import threading
+
+    from accel.codec import InferRequest
+    from accel.tensor import Tensor
+
+    op, engines = _engines(two_launchers)
+    pipeline, backend, batcher = op._pipeline, two_launchers.backend, op._batcher  # noqa: SLF001
+    assert [t.name for t in batcher._threads] == ["batcher-classify-0", "batcher-classify-1"]  # noqa: SLF001
+    assert batcher._cap == 4  # noqa: SLF001
+    before = engines.fallbacks
+    pictures = [encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85), encode(coffee, "PNG"),
+                encode(np.ascontiguousarray(chelsea[:201, :333]), "JPEG", quality=90)]
+    twin = service.registry.lookup("classify")
+    want = twin.logits(twin._prepare(np.array(pictures, dtype=object))).argmax(axis=1)  # noqa: SLF001
+    started: list[tuple[str, int, int]] = []  # thread, its stream, its decoder
+    original = pipeline.logits_later
+
+    def spy(items):
+        worker = backend._local.worker  # noqa: SLF001 - the thread's own (bind_thread)
+        started.append((threading.current_thread().name, worker.stream.ptr, id(worker._jpeg_decoder)))  # noqa: SLF001
+        return original(items)
+
+    rng = np.random.default_rng(11)
+    plans = [rng.integers(0, len(pictures), rng.integers(1, 9)).tolist() for _ in range(64)]
+
+    def call(plan):
+        request = InferRequest([Tensor.from_bytes_list("image", [pictures[i] for i in plan])],
+                               parameters={"top_k": 1})
+        out = two_launchers.dispatcher.infer("classify", request)
+        return {t.name: t.numpy() for t in out.outputs}["classes"][:, 0].tolist()
+
+    pipeline.logits_later = spy
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            for _ in range(3):
+                results = list(pool.map(call, plans))
+                assert results == [[int(want[i]) for i in plan] for plan in plans]
+    finally:
+        del pipeline.logits_later
+    threads = {name: (stream, decoder) for name, stream, decoder in started}
+    assert set(threads) == {"batcher-classify-0", "batcher-classify-1"}, started
+    assert len({stream for stream, _ in threads.values()}) == 2 and len({d for _, d in threads.values()}) == 2
+    assert all(len({(s, d) for n, s, d in started if n == name}) == 1 for name in threads)  # each its own, always
+    assert engines.fallbacks == before

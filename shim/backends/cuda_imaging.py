@@ -72,10 +72,12 @@ class CudaImagePipeline:
     engines), items may be ``PlainJpeg``s, decoded there as one batch (``decodes_jpeg``).
 
     A bound thread (a batcher's) may queue its batches (``logits_later``) up to ``in_flight`` at
-    once: the GPU runs one while the thread gathers and queues the next.
+    once: the GPU runs one while the thread gathers and queues the next. A model's instance_count
+    gives its batcher that many bound threads, each with its stream, JPEG decoder, sessions and
+    landing slots: one queues a batch while another waits in the engines' decode call.
     """
 
-    in_flight = 2  # batches a bound thread may have queued on its stream at once (the batcher's concurrency, at least)
+    in_flight = 2  # batches a bound thread may have queued on its stream at once (its landing's slots)
     lands_apart = True  # ``logits_later``'s Futures are set on a landing thread that waits for nothing else
 
     def __init__(self, backend: CudaBackend, runner: onnx.OnnxRunner, config: ModelConfig,
@@ -105,7 +107,6 @@ class CudaImagePipeline:
                 cp.empty(PLAN_RESERVE_BYTES, cp.uint8)  # freed at once, kept by the pool for this stream
         self._lock = threading.Lock()
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
-        self._in_flight = max(self.in_flight, config.instances())  # the batcher's concurrency (ClassifyOp)
 
     def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image)
@@ -141,7 +142,7 @@ class CudaImagePipeline:
         if self.runner.fixed and logits.datatype == "FP32" and all(d >= 0 for d in classes):
             with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
                 nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
-                self._local.landing = Landing(self._in_flight, nbytes, lambda: device_errors(self._backend.pool),
+                self._local.landing = Landing(self.in_flight, nbytes, lambda: device_errors(self._backend.pool),
                                               self._name, self._freeing)
 
     def logits_later(self, items: Sequence[np.ndarray | PlainJpeg]) -> Future[np.ndarray]:

@@ -54,17 +54,20 @@ class ClassifyOp(Op):
             # a pipeline that answers in a Future starts its batches and goes on: a request worker's
             # (over the link: started on the thread of the last request expected, or the batcher's,
             # answered on the link's reader; it binds no thread, so it needs no thread_start), or the
-            # GPU's (queued on the batcher's bound stream, ``in_flight`` at once, answered as the GPU
-            # finishes each)
+            # GPU's (queued on a batcher thread's bound stream, ``in_flight`` at once on each of
+            # instance_count threads, answered as the GPU finishes each)
             later = self._run_batch_later if hasattr(self._pipeline, "logits_later") else None
             in_flight = getattr(self._pipeline, "in_flight", 0)
-            bound = not later or in_flight
+            instances = self.config.instances()
+            queued = bool(later and in_flight)
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
-                                                self.config.max_queue_delay_us, max(self.config.instances(), in_flight),
-                                                thread_start=self._pipeline.bind_thread if bound else None,
+                                                self.config.max_queue_delay_us,
+                                                instances * in_flight if queued else max(instances, in_flight),
+                                                thread_start=self._pipeline.bind_thread if queued or not later else None,
                                                 run_batch_later=later,
                                                 busy_until=getattr(self._pipeline, "busy_until", None),
-                                                land_answers=getattr(self._pipeline, "lands_apart", False))
+                                                land_answers=getattr(self._pipeline, "lands_apart", False),
+                                                launchers=instances if queued else 1)
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
