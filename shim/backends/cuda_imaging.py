@@ -211,7 +211,9 @@ class CudaImagePipeline:
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
-            return landing.land(slot, state.stream.ptr, len(items), shape, (keep, items), began)
+            # the worker first: a tuple lets go of its items last to first, and decoded images are
+            # released on their stream, which must outlive them (its thread may end before they go)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (state, keep, items), began)
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()
