@@ -8,7 +8,10 @@
 #    alternating three times, then the throughput section without them;
 #    gpujpeg, not in all: the same with --gpu-jpeg (.whl-gpu carried or installed before), then with it;
 #    jpegstages, not in all: `stages N 32` without and with --gpu-jpeg: the device cycle's stages;
-#    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice)
+#    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice;
+#    launchers, not in all: `cpu N 32 --gpu-jpeg` with the classifier's instance_count 1 and 2 (two bound
+#    batcher threads), alternating three times, then one pair without --gpu-jpeg;
+#    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
 #    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py.
@@ -60,6 +63,17 @@ alternate() {
       --shim-workers "$workers" --no-plots --out "$OUT/bench-$name"
   } 2>&1 | grep -v "No registered plugin" | tee "$OUT/$name.log" | tail -40
 }
+instances() {  # the classifier's instance_count in models/ (1: the key left out, the default)
+  python3 - "$1" <<'PY'
+import json, sys
+path = "models/efficientnet-lite0/model.json"
+meta = json.load(open(path))
+meta.pop("instance_count", None)
+if int(sys.argv[1]) > 1:
+    meta["instance_count"] = int(sys.argv[1])
+json.dump(meta, open(path, "w"), indent=2)
+PY
+}
 what=${*:-all}
 workers=${SHIM_WORKERS:-8}
 for step in $what; do
@@ -91,6 +105,18 @@ for step in $what; do
           timeout 90 python3 bench/worker_ab.py cpu "$workers" 128 --gpu-jpeg
         done
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/gpujpeg128.log" | grep -E "img/s|busy" ;;
+    launchers)  # instance_count 2 gives classify's batcher two bound threads on the GPU
+      { for flag in --gpu-jpeg --gpu-jpeg --gpu-jpeg ""; do
+          for n in 1 2; do
+            instances "$n"; echo "== instance_count $n $flag"
+            timeout 90 python3 bench/worker_ab.py cpu "$workers" 32 $flag
+          done
+        done
+        instances 1
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/launchers.log" | grep -E "^==|img/s|busy" ;;
+    gil)
+      timeout 60 python3 bench/jpeg_gil_probe.py 2>&1 | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" \
+        | tee "$OUT/gil.log" ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg

@@ -27,8 +27,10 @@ split back out on the thread that sets it (the link's reader, a landing thread),
 ``concurrency`` batches on their way; a failed batch of several goes back to the batcher's threads,
 to rerun alone. Such a batcher has one thread, or with ``thread_start`` ``launchers`` of them (a
 model's ``instance_count`` on the GPU: each bound to a stream, a JPEG decoder and captured sessions of
-its own), taking turns to gather: while one is held up starting its batch (the JPEG engines' decode
-call waits about 1 ms for them on the H200) the next gathers and starts another. Without ``thread_start``, the last request
+its own), taking turns to gather: while one is held up starting its batch the next gathers and
+starts another (on the H200, with the JPEG engines' decode in that start, two were 12-14% slower
+than one: the decode call's wait there is for the interpreter lock, which a second thread only
+contends for). Without ``thread_start``, the last request
 expected (nobody announced before the batch's oldest is still decoding, and a batch may go) starts
 the batch on its own thread, taking what is queued and what the batcher's thread was gathering, rather than wake
 that thread for it (on the H200 a woken thread waits 0.3-0.6 ms for the interpreter lock). The

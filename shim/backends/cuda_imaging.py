@@ -74,7 +74,7 @@ class CudaImagePipeline:
     A bound thread (a batcher's) may queue its batches (``logits_later``) up to ``in_flight`` at
     once: the GPU runs one while the thread gathers and queues the next. A model's instance_count
     gives its batcher that many bound threads, each with its stream, JPEG decoder, sessions and
-    landing slots: one queues a batch while another waits in the engines' decode call.
+    landing slots, taking turns (on the H200 two were slower than one: ``Batcher``).
     """
 
     in_flight = 2  # batches a bound thread may have queued on its stream at once (its landing's slots)
