@@ -4,7 +4,12 @@
 The engines' decode of 1, 10 and 30 JPEGs (the chelsea photo) timed alone; then a Python thread spins
 while another decodes batches of 10: the spinner's rate and largest gaps against spinning alone (a
 call that held the lock would stall it), and the decoding thread's wall and CPU time per call (a
-call that lets go of the lock waits to take it back).
+call that lets go of the lock waits to take it back). Then what reading the decoded images costs
+and whether it waits for the engines: each image's ``__cuda_array_interface__``, the shim's
+``device_array`` (which reads it), ``cupy.from_dlpack``; the share of batches whose stream was still
+busy right after the decode call and right after the reads (a read that waits leaves none busy).
+Last, the same calls behind about 100 ms of matrix products queued on the stream: whether the decode
+call or a read waits for work queued before it (on a batcher's stream, the batches before). Needs the repository and simplejpeg on the path (``ci/gpu-run.sh gil``).
 """
 from __future__ import annotations
 
@@ -74,6 +79,70 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
     return spun, stats
 
 
+def reading_the_images(engines: Engines) -> None:
+    """Per batch of ``BATCH``: the decode call and the reads of its images, timed, and whether the
+    stream was still busy after each."""
+    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
+
+    reads = {"decode only": None,
+             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
+             "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
+             "cupy.from_dlpack": cp.from_dlpack}
+    for how, read in reads.items():
+        decode_ms, read_ms, read_cpu, busy = [], [], [], [0, 0]
+        for _ in range(100):
+            engines.stream.synchronize()
+            began = time.perf_counter()
+            with engines.stream:
+                images = engines.decode(BATCH)
+                decoded, busy[0] = time.perf_counter(), busy[0] + (not engines.stream.done)
+                cpu = time.thread_time()
+                arrays = [read(image) for image in images] if read is not None else []
+            read_cpu.append(time.thread_time() - cpu)
+            busy[1] += not engines.stream.done
+            read_ms.append(time.perf_counter() - decoded)
+            decode_ms.append(decoded - began)
+            del arrays, images
+        print(f"{how:28s} decode {1e3 * np.median(decode_ms):.2f} ms, then the reads {1e3 * np.median(read_ms):.3f} ms "
+              f"(CPU {1e3 * np.median(read_cpu):.3f}); stream busy after the decode {busy[0]}%, after the reads {busy[1]}%")
+    face = engines.decode(1)[0].__cuda_array_interface__
+    print("an image's interface:", {key: value for key, value in face.items() if key != "data"})
+
+
+def behind_queued_work(engines: Engines) -> None:
+    """The decode call and each way of reading its images, with about 100 ms of matrix products
+    queued on the stream first: their times, and whether that work was still running after them."""
+    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
+
+    a = cp.random.random((8192, 8192), dtype=cp.float32)
+    reads = {"decode only": None,
+             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
+             "UnownedMemory": lambda image: cp.cuda.UnownedMemory(image.__cuda_array_interface__["data"][0], 1,
+                                                                  image, 0),
+             "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
+             "cupy.from_dlpack": cp.from_dlpack}
+    with engines.stream:
+        a @ a  # cuBLAS warmed up
+    for how, read in reads.items():
+        for _ in range(3):
+            engines.stream.synchronize()
+            with engines.stream:
+                for _ in range(5):
+                    a @ a
+                began = time.perf_counter()
+                images = engines.decode(BATCH)
+                decoded = time.perf_counter()
+                arrays = [read(image) for image in images] if read is not None else []
+                read_at = time.perf_counter()
+                busy = not engines.stream.done
+            engines.stream.synchronize()
+            left = time.perf_counter() - read_at
+            print(f"behind queued work, {how:26s} decode {1e3 * (decoded - began):.2f} ms, reads "
+                  f"{1e3 * (read_at - decoded):.2f} ms, the work still running after them: {busy} "
+                  f"({1e3 * left:.0f} ms left)")
+            del arrays, images
+
+
 def main() -> None:
     engines = Engines()
     for _ in range(20):
@@ -98,6 +167,8 @@ def main() -> None:
     print(line % ("decoding: ", *spun))
     print(f"decoder thread: {stats['calls'] / stats['wall']:.0f} calls/s, {1e3 * stats['wall'] / stats['calls']:.2f} ms "
           f"wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms CPU per call of {BATCH}")
+    reading_the_images(engines)
+    behind_queued_work(engines)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ for step in $what; do
         instances 1
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/launchers.log" | grep -E "^==|img/s|busy" ;;
     gil)
-      timeout 60 python3 bench/jpeg_gil_probe.py 2>&1 | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" \
+      timeout 90 python3 bench/jpeg_gil_probe.py 2>&1 | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" \
         | tee "$OUT/gil.log" ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
