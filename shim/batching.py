@@ -127,9 +127,14 @@ class Batcher(Generic[Item, Result]):
         self._run_later = run_batch_later
         self._busy_until = busy_until
         self._land_answers = land_answers
-        self._cap = concurrency if run_batch_later is not None else 0  # batches on their way, at most
+        threads = concurrency if run_batch_later is None else launchers if thread_start is not None else 1
+        self._cap = max(concurrency, threads) if run_batch_later is not None else 0  # batches on their way, at most
         self._start_anywhere = run_batch_later is not None and thread_start is None  # on a request's thread too
         self._in_flight = 0
+        # with several launchers, each has its share of ``_cap`` (its stream's landing slots): a thread
+        # at its share leaves the gathering to the others rather than gather a batch it cannot queue
+        self._share = self._cap // threads if run_batch_later is not None and threads > 1 else 0
+        self._mine: dict[int, int] = {}  # batches on their way, by the launcher thread that started them
         self._alone: deque[_Job[Item, Result]] = deque()  # of a failed batch, each to run again alone
         self._batch_sizes = batch_sizes.labels(name) if batch_sizes is not None else None
         self._queue_seconds = queue_seconds.labels(name) if queue_seconds is not None else None
@@ -143,7 +148,6 @@ class Batcher(Generic[Item, Result]):
         self._forming: list[_Job[Item, Result]] | None = None  # the batch being gathered (run_batch_later)
         # results of ``submit_later`` jobs, set (their callbacks run) on a thread of their own
         self._replier = Replier(f"replies-{name}")
-        threads = concurrency if run_batch_later is None else launchers if thread_start is not None else 1
         started = threading.Barrier(threads + 1)
         self._threads = [threading.Thread(target=self._loop, args=(thread_start, started),
                                           name=f"batcher-{name}-{i}", daemon=True) for i in range(threads)]
@@ -265,15 +269,18 @@ class Batcher(Generic[Item, Result]):
 
     # --- the worker ---------------------------------------------------------------------------
     def _take(self) -> list[_Job[Item, Result]] | None:
+        me = threading.get_ident()
         with self._cond:
             while True:
-                while not (self._queue or self._alone) or self._gathering or self._full():
+                while not (self._queue or self._alone) or self._gathering or self._full() or self._at_share(me):
                     # closed: once nothing is queued and no batch is on its way (its requests may come back)
                     if self._closed and (self._gathering or not (self._queue or self._alone)) and not self._in_flight:
                         return None
                     self._cond.wait()
                 if self._cap:
                     self._in_flight += 1
+                    if self._share:
+                        self._mine[me] = self._mine.get(me, 0) + 1
                 if self._alone:
                     return [self._alone.popleft()]
                 self._gathering = True
@@ -288,6 +295,10 @@ class Batcher(Generic[Item, Result]):
 
     def _full(self) -> bool:
         return bool(self._cap) and self._in_flight >= self._cap
+
+    def _at_share(self, thread: int) -> bool:
+        """Whether launcher ``thread`` has its share of the batches on their way (several launchers)."""
+        return bool(self._share) and self._mine.get(thread, 0) >= self._share
 
     def _gather(self) -> list[_Job[Item, Result]] | None:
         """The oldest job and those that join it, or None if a request's thread took the batch over
@@ -363,7 +374,7 @@ class Batcher(Generic[Item, Result]):
         time queued; False if none is left (the batch is then done with)."""
         batch[:] = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not batch:
-            self._landed_one()
+            self._landed_one(threading.get_ident())
             return False
         if self._queue_seconds is not None:
             try:
@@ -407,8 +418,15 @@ class Batcher(Generic[Item, Result]):
 
     def _fail(self, job: _Job[Item, Result], exc: BaseException) -> None:
         """A request its error: ``submit``'s here, ``submit_later``'s on the reply thread."""
-        # the error outlives the batch (in the Future): its frames' locals, the items, do not
-        traceback.clear_frames(exc.__traceback__)
+        # the error outlives the batch (in the Future): its frames' locals, the items, do not, nor
+        # those of the errors it was raised from (a CUDA error's cause holds the frame that read the
+        # batch's decoded images, which must go before their stream)
+        seen: set[int] = set()
+        link: BaseException | None = exc
+        while link is not None and id(link) not in seen:
+            seen.add(id(link))
+            traceback.clear_frames(link.__traceback__)
+            link = link.__cause__ or link.__context__
         if job.later:
             self._replier.error(job.future, exc)
         else:
@@ -420,14 +438,14 @@ class Batcher(Generic[Item, Result]):
         try:
             future = self._run_later([job.item for job in batch])  # type: ignore[misc]
             future.add_done_callback(lambda done: self._landed(
-                batch, began, done, here=self._land_answers and threading.get_ident() != launcher))
+                batch, began, done, here=self._land_answers and threading.get_ident() != launcher, launcher=launcher))
         except BaseException as exc:  # noqa: BLE001 - answered like a batch that failed on its way
             failed: Future[Sequence[Result]] = Future()
             failed.set_exception(exc)
-            self._landed(batch, began, failed)
+            self._landed(batch, began, failed, launcher=launcher)
 
     def _landed(self, batch: list[_Job[Item, Result]], began: float, done: Future[Sequence[Result]],
-                here: bool = False) -> None:
+                here: bool = False, launcher: int | None = None) -> None:
         """A started batch's results (on the thread that set them) to its requests; a failed batch
         of several goes back to the batcher's thread, to run each request alone."""
         try:
@@ -453,13 +471,16 @@ class Batcher(Generic[Item, Result]):
                 if not job.future.done():
                     self._fail(job, exc)
         finally:
-            self._landed_one()
+            self._landed_one(launcher)
 
-    def _landed_one(self) -> None:
-        """A batch taken is done with (answered, sent back to run alone, or all of it cancelled)."""
+    def _landed_one(self, launcher: int | None = None) -> None:
+        """A batch taken is done with (answered, sent back to run alone, or all of it cancelled); its
+        launcher's, when that is one of several launcher threads."""
         if self._cap:
             with self._cond:
                 self._in_flight -= 1
+                if launcher in self._mine:
+                    self._mine[launcher] -= 1
                 self._cond.notify_all()
 
 

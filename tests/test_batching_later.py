@@ -572,6 +572,83 @@ def test_with_two_launchers_one_starts_a_batch_while_the_other_is_held_up_starti
     assert device.started[0][0] == ["b"] and {device.started[0][1], device.started[1][1]} == set(bound)
 
 
+def test_a_launcher_with_its_share_of_batches_on_their_way_leaves_the_next_to_another():
+    """Each of several launchers has its share of the batches on their way (``concurrency`` 4 over 2
+    threads: 2 each, its stream's landing slots): while one thread is held up starting "a", the
+    other starts "b" and "c" and then, at its share, leaves "d" queued (gathered, it would wait for
+    a slot of its own while the first thread may be free); "d" goes with the first thread."""
+    device = _Recorder(hold=True)
+    first_in, let_go = threading.Event(), threading.Event()
+
+    def run_later(items: Sequence[str]) -> Future[list[str]]:
+        if items == ["a"]:
+            first_in.set()
+            assert let_go.wait(5)
+        return device.run_later(items)
+
+    batcher = Batcher("m", _blocking, max_batch_size=1, max_queue_delay_us=0, concurrency=4,
+                      thread_start=lambda: None, run_batch_later=run_later, launchers=2)
+    try:
+        futures = [batcher.submit_later("a", 1)]
+        assert first_in.wait(5)
+        for n, item in enumerate("bc", start=1):
+            futures.append(batcher.submit_later(item, 1))
+            _until(lambda: len(device.started) == n)
+        futures.append(batcher.submit_later("d", 1))
+        time.sleep(0.2)
+        assert [items for items, _ in device.started] == [["b"], ["c"]]  # "d" waits for the held-up thread
+        let_go.set()
+        _until(lambda: len(device.started) == 4)
+        device.release()
+        _until(lambda: len(device.started) == 4 and not device.held)
+        device.release()
+        assert [f.result(5) for f in futures] == ["aa", "bb", "cc", "dd"]
+    finally:
+        let_go.set()
+        device._hold = False  # noqa: SLF001
+        device.release()
+        batcher.close()
+    by = {tuple(items): thread for items, thread in device.started}
+    assert by[("b",)] == by[("c",)] != by[("a",)] == by[("d",)]
+    assert batcher._in_flight == 0 and not any(batcher._mine.values())  # noqa: SLF001
+
+
+def test_a_failed_requests_error_keeps_no_frame_of_the_errors_it_came_from_alive():
+    """A request's error lives on in its Future: the frames of the error it was raised from (a CUDA
+    error's cause, say, in the frame that held the batch's decoded images) are cleared too, so what
+    they held goes now, not whenever the Future does."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    held: list[weakref.ref[Held]] = []
+
+    def run_later(items: Sequence[str]) -> Future[list[str]]:
+        def deeper() -> None:
+            thing = Held()
+            held.append(weakref.ref(thing))
+            raise ValueError("deeper")
+
+        try:
+            deeper()
+        except ValueError as exc:
+            raise RuntimeError("mapped") from exc
+        raise AssertionError("not reached")
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,
+                      run_batch_later=run_later)
+    try:
+        future = batcher.submit_later("a", 1)
+        with pytest.raises(RuntimeError, match="mapped"):
+            future.result(5)
+    finally:
+        batcher.close()
+    gc.collect()
+    assert held and held[0]() is None
+
+
 def test_launchers_must_be_at_least_one():
     with pytest.raises(ValueError, match="instance_count"):
         Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -107,6 +108,7 @@ class CudaImagePipeline:
                 cp.empty(PLAN_RESERVE_BYTES, cp.uint8)  # freed at once, kept by the pool for this stream
         self._lock = threading.Lock()
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
+        self._landings: weakref.WeakSet[Landing] = weakref.WeakSet()  # every bound thread's (under ``_lock``)
 
     def prepare(self, image: Picture) -> np.ndarray:
         return rgb_pixels(image)
@@ -144,6 +146,8 @@ class CudaImagePipeline:
                 nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
                 self._local.landing = Landing(self.in_flight, nbytes, lambda: device_errors(self._backend.pool),
                                               self._name, self._freeing)
+            with self._lock:
+                self._landings.add(self._local.landing)
 
     def logits_later(self, items: Sequence[np.ndarray | PlainJpeg]) -> Future[np.ndarray]:
         """``logits`` without waiting for the GPU, on a bound thread (a batcher's): the batch's upload,
@@ -171,10 +175,15 @@ class CudaImagePipeline:
         return done
 
     def busy_until(self) -> float | None:
-        """On a bound thread, until when (``perf_counter``) a batch queued now would only wait behind
-        those it queued before (``Landing.busy_until``); else None."""
-        landing: Landing | None = getattr(self._local, "landing", None)
-        return None if landing is None else landing.busy_until()
+        """On a bound thread, until when (``perf_counter``) the GPU stays busy with the batches
+        queued before: the latest ``Landing.busy_until`` of every bound thread's (their streams
+        share the GPU: a batch gathered on one while another's are queued waits for those too);
+        else None."""
+        if getattr(self._local, "landing", None) is None:
+            return None
+        with self._lock:
+            landings = list(self._landings)
+        return max(landing.busy_until() for landing in landings)
 
     def _queue(self, state: DeviceWorker, landing: Landing, items: Sequence[np.ndarray | PlainJpeg],
                began: float) -> Future[np.ndarray] | None:
@@ -211,9 +220,10 @@ class CudaImagePipeline:
             if not self.runner.launch_device(self._input, batch.data.ptr, batch.shape, slot.view(shape),
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
-            # the worker first: a tuple lets go of its items last to first, and decoded images are
-            # released on their stream, which must outlive them (its thread may end before they go)
-            return landing.land(slot, state.stream.ptr, len(items), shape, (state, keep, items), began)
+            # the stream and its worker (the JPEG decoder) first: a tuple lets go of its items last to
+            # first, and decoded images are released on their stream, which must outlive them and
+            # their decoder (the thread may end before they go)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began)
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()

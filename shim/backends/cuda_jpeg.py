@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from typing import Any, Sequence
 
@@ -57,6 +58,7 @@ class JpegEngines:
         self._sample = _sample_jpeg()
         self._sample_pixels = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         self._warned: dict[str, float] = {}
+        self._count = threading.Lock()  # ``fallbacks`` and ``_warned``: batcher threads (instance_count) add at once
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
         self._new_decoder()  # here, so that a GPU without engines, or with other pixels, fails the start
 
@@ -110,9 +112,11 @@ class JpegEngines:
         arrays = [self._array(image, decoder) for image in images]
         missed = sum(array is None for array in arrays)  # not list.count: a cupy array's == is elementwise
         if missed:
-            self.fallbacks += missed
+            with self._count:
+                self.fallbacks += missed
+                so_far = self.fallbacks
             self._warn("missed", f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
-                                 f"them ({self.fallbacks} so far)")
+                                 f"them ({so_far} so far)")
         return arrays
 
     def _array(self, image: Any, decoder: Any) -> cp.ndarray | None:
@@ -127,8 +131,11 @@ class JpegEngines:
 
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()
-        if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
-            self._warned[kind] = now
+        with self._count:
+            due = now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S
+            if due:
+                self._warned[kind] = now
+        if due:
             log.warning("--gpu-jpeg: %s", message)
 
 
