@@ -28,9 +28,11 @@ split back out on the thread that sets it (the link's reader, a landing thread),
 to rerun alone. Such a batcher has one thread, or with ``thread_start`` ``launchers`` of them (a
 model's ``instance_count`` on the GPU: each bound to a stream, a JPEG decoder and captured sessions of
 its own), taking turns to gather: while one is held up starting its batch the next gathers and
-starts another (on the H200, with the JPEG engines' decode in that start, two were 12-14% slower
-than one: the decode call's wait there is for the interpreter lock, which a second thread only
-contends for). Without ``thread_start``, the last request
+starts another. Each keeps to its share of ``concurrency`` (its stream's landing slots): at its
+share it leaves the gathering to the others. On the H200 two were 12-14% slower than one at 32
+clients (the JPEG engines' decode call in a batch's start waits for the interpreter lock, not the
+engines; and each thread's hold-back for a busy GPU then read its own stream's work only, so the
+batches shrank from 9.6 to 5.7 images); the hold-back now reads every stream's, not yet measured. Without ``thread_start``, the last request
 expected (nobody announced before the batch's oldest is still decoding, and a batch may go) starts
 the batch on its own thread, taking what is queued and what the batcher's thread was gathering, rather than wake
 that thread for it (on the H200 a woken thread waits 0.3-0.6 ms for the interpreter lock). The
