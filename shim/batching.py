@@ -32,12 +32,14 @@ starts another. Each keeps to its share of ``concurrency`` (its stream's landing
 share it leaves the gathering to the others. On the H200 two were 12-14% slower than one at 32
 clients (the JPEG engines' decode call in a batch's start waits for the interpreter lock, not the
 engines; and each thread's hold-back for a busy GPU then read its own stream's work only, so the
-batches shrank from 9.6 to 5.7 images); the hold-back now reads every stream's, not yet measured. Without ``thread_start``, the last request
-expected (nobody announced before the batch's oldest is still decoding, and a batch may go) starts
-the batch on its own thread, taking what is queued and what the batcher's thread was gathering, rather than wake
-that thread for it (on the H200 a woken thread waits 0.3-0.6 ms for the interpreter lock). The
-batcher's thread starts the rest: batches that waited ``max_queue_delay_us``, those held back while
-``concurrency`` were on their way, and the reruns.
+batches shrank from 9.6 to 5.7 images); the hold-back now reads every stream's, not yet measured.
+
+Without ``thread_start``, the last request expected (nobody announced before the batch's oldest is
+still decoding, and a batch may go) starts the batch on its own thread, taking what is queued and
+what the batcher's thread was gathering, rather than wake that thread for it (on the H200 a woken
+thread waits 0.3-0.6 ms for the interpreter lock). The batcher's thread starts the rest: batches
+that waited ``max_queue_delay_us``, those held back while ``concurrency`` were on their way, and the
+reruns.
 
 ``submit_later`` queues an item without waiting: its Future is set (its callbacks run: a reply
 over the link, say) on the batcher's reply thread, while the batcher goes on to the next batch (on
@@ -120,7 +122,7 @@ class Batcher(Generic[Item, Result]):
                  busy_until: Callable[[], float | None] | None = None, land_answers: bool = False,
                  launchers: int = 1) -> None:
         if max_batch_size < 1 or max_queue_delay_us < 0 or concurrency < 1 or launchers < 1:
-            raise ValueError(f"model {name}: max_batch_size and instance_count must be >= 1 and "
+            raise ValueError(f"model {name}: max_batch_size and instance_count (batches, launchers) must be >= 1 and "
                              "max_queue_delay_us >= 0")
         self.name = name
         self.max_batch_size = max_batch_size

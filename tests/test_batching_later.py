@@ -650,6 +650,6 @@ def test_a_failed_requests_error_keeps_no_frame_of_the_errors_it_came_from_alive
 
 
 def test_launchers_must_be_at_least_one():
-    with pytest.raises(ValueError, match="instance_count"):
+    with pytest.raises(ValueError, match="launchers"):
         Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,
                 run_batch_later=_Recorder().run_later, launchers=0)
