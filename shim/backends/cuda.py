@@ -35,6 +35,7 @@ from .cuda_errors import device_errors
 from .cuda_host import DeviceWorker, PinnedRanges
 from .cuda_jpeg import JpegEngines, jpeg_engines
 from .lending import Lender
+from .reclaim import CaptureSafePool
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class MappedRunner:
     """A raw model on the CUDA provider whose runs' failures are mapped as every CUDA call's
     (``device_errors``: out of GPU memory a 503 to retry, a lost context ``DeviceLost``)."""
 
-    def __init__(self, runner: onnx.OnnxRunner, pool: cp.cuda.MemoryPool) -> None:
+    def __init__(self, runner: onnx.OnnxRunner, pool: CaptureSafePool) -> None:
         self._runner, self._pool = runner, pool
         self.inputs: list[TensorSpec] = runner.inputs
         self.outputs: list[TensorSpec] = runner.outputs
@@ -74,11 +75,12 @@ class CudaBackend:
         self._runners: weakref.WeakSet[onnx.OnnxRunner] = weakref.WeakSet()  # to seal once warm (``warmed``)
         self._sealed = False
         cp.cuda.Device(device_id).use()
-        self.pool = cp.get_default_memory_pool()  # its cached blocks go back when the GPU runs out
+        self.pool = cp.get_default_memory_pool()  # its cached blocks go back when the GPU runs out (``reclaim``)
         self.memory_limit = memory_limit
         if memory_limit:
             self.pool.set_limit(size=memory_limit)
         self.pinned = PinnedRanges(device_id)
+        self.reclaim = CaptureSafePool(self.pool, self.pinned.capture_lock)  # ``device_errors``' pool
         self._local = threading.local()
         # Threads without a worker of their own (a request's) borrow one of these, warmed at start,
         # and run their device work themselves: no hand-over to a device thread and back.
@@ -161,7 +163,7 @@ class CudaBackend:
         self._check_fits(a.nbytes + b.nbytes + m * n * a.itemsize,
                          f"gemm of {m}x{a.shape[1]} by {b.shape[0]}x{n} {a.dtype.name}")
         try:
-            with device_errors(self.pool):
+            with device_errors(self.reclaim):
                 return self.on_device(lambda worker: self._gemm_on(worker, a, b, c, alpha, beta, precision, out))
         finally:
             self.pinned.pin_touched()  # regions this gemm used unpinned: their pin starts now, after it
@@ -179,7 +181,7 @@ class CudaBackend:
     def load_model(self, path: Path, instances: int = 1) -> ModelRunner:
         """A raw model (``ModelOp``'s): ``runner``'s, its runs' failures mapped as every CUDA call's."""
         runner = self.runner(path, instances)
-        return MappedRunner(runner, self.pool) if runner.device == "cuda" else runner
+        return MappedRunner(runner, self.reclaim) if runner.device == "cuda" else runner
 
     def runner(self, path: Path, instances: int = 1) -> onnx.OnnxRunner:
         """A session on the CUDA provider, or the CPU provider (logged) when onnxruntime-gpu is absent;

@@ -24,7 +24,8 @@ _OUT_OF_MEMORY_TEXT = re.compile(r"Failed to allocate memory|out of memory|CUBLA
 def device_errors(pool: Any = None) -> Iterator[None]:
     """Map CUDA, cuBLAS and onnxruntime failures to the shim's errors: sticky ones DeviceLost, out
     of memory (cupy's pool, a runtime or driver call, cuBLAS, onnxruntime's arena) NotReady, a 503
-    to retry (``pool``'s cached blocks are freed first), any other InternalError."""
+    to retry (``pool``'s cached blocks are freed first, where it lets them: the CUDA backend's
+    ``CaptureSafePool`` never frees during a graph's capture), any other InternalError."""
     try:
         yield
     except AccelError:

@@ -144,7 +144,7 @@ class CudaImagePipeline:
         if self.runner.fixed and logits.datatype == "FP32" and all(d >= 0 for d in classes):
             with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
                 nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
-                self._local.landing = Landing(self.in_flight, nbytes, lambda: device_errors(self._backend.pool),
+                self._local.landing = Landing(self.in_flight, nbytes, lambda: device_errors(self._backend.reclaim),
                                               self._name, self._freeing)
             with self._lock:
                 self._landings.add(self._local.landing)
@@ -163,12 +163,12 @@ class CudaImagePipeline:
         began = time.perf_counter()
         landing: Landing | None = getattr(self._local, "landing", None)
         if landing is not None and len(items) <= self._step:
-            with device_errors(self._backend.pool):
+            with device_errors(self._backend.reclaim):
                 queued = self._backend.on_device(lambda state: self._queue(state, landing, items, began))
             if queued is not None:
                 return queued
         if landing is not None:  # batches queued before may still be going up from the staging buffer
-            with device_errors(self._backend.pool):
+            with device_errors(self._backend.reclaim):
                 landing.staging_free()
         done: Future[np.ndarray] = Future()
         done.set_result(self.logits(items))
@@ -275,7 +275,7 @@ class CudaImagePipeline:
                 logits = self.runner.run_device(self._input, batch.data.ptr, batch.shape, self._backend.device_id)
                 parts.append(logits[:len(chunk)])
 
-        with device_errors(self._backend.pool):
+        with device_errors(self._backend.reclaim):
             self._backend.on_device(run)
         if missed:
             raise UndecodedImages(missed)

@@ -1,0 +1,30 @@
+"""A memory pool's cached blocks given back when the GPU runs out, never during a CUDA graph's capture."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class CaptureSafePool:
+    """``pool`` as ``device_errors`` takes it: ``free_all_blocks`` frees only while ``capture_lock``
+    is free, without waiting for it. A capture on another thread (a batcher's at its start, under
+    that lock) would break on the frees, and the calling thread may hold the lock itself (a bound
+    thread maps its errors under it): waiting could deadlock. Skipped, the request still gets its
+    503 to retry, and a later failure frees them."""
+
+    def __init__(self, pool: Any, capture_lock: threading.Lock) -> None:
+        self._pool = pool
+        self._lock = capture_lock
+        self.skipped = 0  # frees left out while the lock was held
+
+    def free_all_blocks(self) -> bool:
+        """The pool's cached blocks given back now, unless a capture (or anyone) holds the lock;
+        whether they were."""
+        if not self._lock.acquire(blocking=False):
+            self.skipped += 1
+            return False
+        try:
+            self._pool.free_all_blocks()
+            return True
+        finally:
+            self._lock.release()
