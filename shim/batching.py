@@ -431,6 +431,7 @@ class Batcher(Generic[Item, Result]):
             seen.add(id(link))
             traceback.clear_frames(link.__traceback__)
             link = link.__cause__ or link.__context__
+        job.item = None  # its last step: a frame still running when cleared (``_launch``'s) keeps the batch
         if job.later:
             self._replier.error(job.future, exc)
         else:

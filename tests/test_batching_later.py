@@ -598,9 +598,7 @@ def test_a_launcher_with_its_share_of_batches_on_their_way_leaves_the_next_to_an
         time.sleep(0.2)
         assert [items for items, _ in device.started] == [["b"], ["c"]]  # "d" waits for the held-up thread
         let_go.set()
-        _until(lambda: len(device.started) == 4)
-        device.release()
-        _until(lambda: len(device.started) == 4 and not device.held)
+        _until(lambda: len(device.held) == 4)  # (``started`` is noted before ``held``)
         device.release()
         assert [f.result(5) for f in futures] == ["aa", "bb", "cc", "dd"]
     finally:
@@ -647,6 +645,35 @@ def test_a_failed_requests_error_keeps_no_frame_of_the_errors_it_came_from_alive
         batcher.close()
     gc.collect()
     assert held and held[0]() is None
+
+
+def test_a_failed_requests_item_goes_while_its_error_lives_on():
+    """A batch that fails on its way (``run_batch_later`` raises): the request's error lives on in
+    its Future, its item (decoded images, say) does not, though the frame that started the batch
+    (still running when the error's frames were cleared) saw it."""
+    import gc
+    import weakref
+
+    class Item:
+        pass
+
+    item = Item()
+    gone = weakref.ref(item)
+
+    def run_later(items: Sequence[Any]) -> Future[list[str]]:
+        raise ValueError("refused")
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,
+                      run_batch_later=run_later)
+    try:
+        future = batcher.submit_later(item, 1)
+        del item
+        with pytest.raises(ValueError, match="refused"):
+            future.result(5)
+    finally:
+        batcher.close()
+    gc.collect()
+    assert future.exception() is not None and gone() is None
 
 
 def test_launchers_must_be_at_least_one():

@@ -63,3 +63,15 @@ def test_a_thread_holding_the_lock_itself_does_not_deadlock():
     thread.start()
     thread.join(5)
     assert not thread.is_alive() and result == [False] and pool.freed == 0
+
+
+def test_once_sealed_the_blocks_go_back_whoever_holds_the_lock():
+    """After the warm-up no graph is captured: the lock then guards pinning only, which may be slow,
+    and a failure while a region is pinned still frees the pool."""
+    lock, pool = threading.Lock(), _Pool()
+    sealed = [False]
+    reclaim = CaptureSafePool(pool, lock, lambda: sealed[0])
+    with lock:
+        assert not reclaim.free_all_blocks() and pool.freed == 0
+        sealed[0] = True
+        assert reclaim.free_all_blocks() and pool.freed == 1

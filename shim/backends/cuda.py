@@ -80,7 +80,7 @@ class CudaBackend:
         if memory_limit:
             self.pool.set_limit(size=memory_limit)
         self.pinned = PinnedRanges(device_id)
-        self.reclaim = CaptureSafePool(self.pool, self.pinned.capture_lock)  # ``device_errors``' pool
+        self.reclaim = CaptureSafePool(self.pool, self.pinned.capture_lock, lambda: self._sealed)  # ``device_errors``'
         self._local = threading.local()
         # Threads without a worker of their own (a request's) borrow one of these, warmed at start,
         # and run their device work themselves: no hand-over to a device thread and back.

@@ -25,7 +25,7 @@ def device_errors(pool: Any = None) -> Iterator[None]:
     """Map CUDA, cuBLAS and onnxruntime failures to the shim's errors: sticky ones DeviceLost, out
     of memory (cupy's pool, a runtime or driver call, cuBLAS, onnxruntime's arena) NotReady, a 503
     to retry (``pool``'s cached blocks are freed first, where it lets them: the CUDA backend's
-    ``CaptureSafePool`` never frees during a graph's capture), any other InternalError."""
+    ``CaptureSafePool`` does not while a graph may be being captured), any other InternalError."""
     try:
         yield
     except AccelError:
