@@ -9,14 +9,15 @@ and whether it waits for the engines: each image's ``__cuda_array_interface__``,
 ``device_array`` (which reads it), ``cupy.from_dlpack``; the share of batches whose stream was still
 busy right after the decode call and right after the reads (a read that waits leaves none busy).
 Last, the same calls behind about 100 ms of matrix products queued on the stream: whether the decode
-call or a read waits for work queued before it (on a batcher's stream, the batches before). Needs the repository and simplejpeg on the path (``ci/gpu-run.sh gil``).
+call or a read waits for work queued before it (on a batcher's stream, the batches before). Needs
+the repository and simplejpeg on the path (``ci/gpu-run.sh gil``).
 """
 from __future__ import annotations
 
 import io
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import cupy as cp
 import numpy as np
@@ -79,16 +80,20 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
     return spun, stats
 
 
+def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
+    """The ways of reading a decoded image compared (None: not read)."""
+    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
+
+    return {"decode only": None,
+            "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
+            "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
+            "cupy.from_dlpack": cp.from_dlpack}
+
+
 def reading_the_images(engines: Engines) -> None:
     """Per batch of ``BATCH``: the decode call and the reads of its images, timed, and whether the
     stream was still busy after each."""
-    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
-
-    reads = {"decode only": None,
-             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
-             "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
-             "cupy.from_dlpack": cp.from_dlpack}
-    for how, read in reads.items():
+    for how, read in _reads(engines).items():
         decode_ms, read_ms, read_cpu, busy = [], [], [], [0, 0]
         for _ in range(100):
             engines.stream.synchronize()
@@ -112,15 +117,10 @@ def reading_the_images(engines: Engines) -> None:
 def behind_queued_work(engines: Engines) -> None:
     """The decode call and each way of reading its images, with about 100 ms of matrix products
     queued on the stream first: their times, and whether that work was still running after them."""
-    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
-
     a = cp.random.random((8192, 8192), dtype=cp.float32)
-    reads = {"decode only": None,
-             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
+    reads = {**_reads(engines),
              "UnownedMemory": lambda image: cp.cuda.UnownedMemory(image.__cuda_array_interface__["data"][0], 1,
-                                                                  image, 0),
-             "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
-             "cupy.from_dlpack": cp.from_dlpack}
+                                                                  image, 0)}
     with engines.stream:
         a @ a  # cuBLAS warmed up
     for how, read in reads.items():

@@ -25,14 +25,13 @@ class CaptureSafePool:
     def free_all_blocks(self) -> bool:
         """The pool's cached blocks given back now, unless (not yet sealed) a capture or anyone
         else holds the lock; whether they were."""
-        if self._sealed():
-            self._pool.free_all_blocks()
-            return True
-        if not self._lock.acquire(blocking=False):
+        guarded = not self._sealed()
+        if guarded and not self._lock.acquire(blocking=False):
             self.skipped += 1
             return False
         try:
             self._pool.free_all_blocks()
             return True
         finally:
-            self._lock.release()
+            if guarded:
+                self._lock.release()

@@ -62,7 +62,7 @@ class ClassifyOp(Op):
             queued = bool(later and in_flight)
             self._batcher = self._batching.make(self.name, self._run_batch, self.config.max_batch_size,
                                                 self.config.max_queue_delay_us,
-                                                instances * in_flight if queued else max(instances, in_flight),
+                                                instances * in_flight if queued else instances,
                                                 thread_start=self._pipeline.bind_thread if queued or not later else None,
                                                 run_batch_later=later,
                                                 busy_until=getattr(self._pipeline, "busy_until", None),
