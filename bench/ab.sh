@@ -17,7 +17,8 @@ case ${1:-} in
   run)
     probe=${2:?a worker_ab.py probe, e.g. "cpu 8 32"}
     rounds=${3:-2}
-    export PYTHONPATH=/tmp/site:$PWD:$PWD/template/python3-accel PYTHONUNBUFFERED=1
+    # (/tmp/site-nvjpeg: the JPEG engines for --gpu-jpeg, where ci/gpu-run.sh installs them)
+    export PYTHONPATH=/tmp/site:$PWD:$PWD/template/python3-accel:/tmp/site-nvjpeg PYTHONUNBUFFERED=1
     rm -rf /tmp/shim-new && cp -r shim /tmp/shim-new
     trap 'rm -rf shim && cp -r /tmp/shim-new shim' EXIT
     one() {

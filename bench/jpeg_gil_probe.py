@@ -6,7 +6,7 @@ while another decodes batches of 10: the spinner's rate and largest gaps against
 call that held the lock would stall it), and the decoding thread's wall and CPU time per call (a
 call that lets go of the lock waits to take it back). Then what reading the decoded images costs
 and whether it waits for the engines: each image's ``__cuda_array_interface__``, the shim's
-``device_array`` (which reads it), ``cupy.from_dlpack``; the share of batches whose stream was still
+``device_image`` (which reads it; before, a cupy array for each), ``cupy.from_dlpack``; the share of batches whose stream was still
 busy right after the decode call and right after the reads (a read that waits leaves none busy).
 Last, the same calls behind about 100 ms of matrix products queued on the stream: whether the decode
 call or a read waits for work queued before it (on a batcher's stream, the batches before). Needs
@@ -82,11 +82,12 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
 
 def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
     """The ways of reading a decoded image compared (None: not read)."""
-    from shim.backends.cuda_jpeg import device_array  # noqa: PLC0415 - the repository on the path
+    from shim.backends.cuda_jpeg import as_array, device_image  # noqa: PLC0415 - the repository on the path
 
     return {"decode only": None,
             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
-            "device_array (the shim's)": lambda image: device_array(image, 0, (engines.decoder, image)),
+            "device_image (the shim's)": lambda image: device_image(image, (engines.decoder, image)),
+            "a cupy array of it (the shim's before)": lambda image: as_array(device_image(image, image), 0),
             "cupy.from_dlpack": cp.from_dlpack}
 
 

@@ -60,6 +60,7 @@ def _pixel_items(op, images: np.ndarray) -> list:
 
 
 def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stream, chelsea, coffee):
+    from shim.backends.cuda_jpeg import as_array
     from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
 
     _, engines = _engines(jpeg_service)
@@ -73,7 +74,7 @@ def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stre
         for (name, data), image in zip(plain.items(), decoded):
             assert image is not None, f"{name}: not decoded by the engines"
             want = decode_plain_jpeg(data, 10**8)
-            got = cp.asnumpy(image)
+            got = cp.asnumpy(as_array(image, 0))
             assert got.shape == want.shape, name
             off = np.abs(got.astype(np.int16) - want)
             assert off.max() <= 1 and off.mean() < 0.01, f"{name}: {off.max()} off, {off.mean():.4f} on average"
@@ -263,22 +264,54 @@ def test_a_queued_batch_with_a_jpeg_the_engines_cannot_decode_queues_nothing_and
     assert engines.fallbacks > before
 
 
-def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service):
+def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service, stream, monkeypatch):
     """The engines may hand back images whose rows are padded (a pitch above width x 3): such an image
-    is copied into the batch's contiguous array without its padding, as a contiguous one is."""
-    from shim.backends.cuda_imaging import _copy_image
+    is copied into the batch's contiguous array without its padding, as a contiguous one is, and read
+    whole as it lies. The driver takes the unaligned pitches (172 bytes from 159-byte rows) in one copy;
+    where it refuses them, each row is copied on its own."""
+    from shim.backends import cuda_driver
+    from shim.backends.cuda_driver import DeviceImage, copy_image, copy_rows_on_device
+    from shim.backends.cuda_jpeg import as_array
 
     rng = np.random.default_rng(3)
     padded = cp.asarray(rng.integers(0, 256, (37, 53 * 3 + 13), dtype=np.uint8))
-    image = padded[:, :53 * 3].reshape(37, 53, 3)  # a view: rows 172 bytes apart, 159 wide
-    assert not image.flags.c_contiguous
-    plain = cp.ascontiguousarray(image)
-    for source in (image, plain):
-        dst = cp.zeros(2 * image.size + 7, cp.uint8)
-        _copy_image(dst[image.size:2 * image.size], source)
-        cp.cuda.get_current_stream().synchronize()
-        assert cp.array_equal(dst[image.size:2 * image.size], plain.reshape(-1))
-        assert not dst[:image.size].any() and not dst[2 * image.size:].any()
+    plain = cp.ascontiguousarray(padded[:, :53 * 3]).reshape(37, 53, 3)
+    cp.cuda.get_current_stream().synchronize()
+    pitched = DeviceImage(padded.data.ptr, (37, 53, 3), 53 * 3 + 13, padded)  # rows 172 bytes apart
+    for source, refused in ((pitched, False), (DeviceImage(plain.data.ptr, (37, 53, 3), 53 * 3, plain), False),
+                            (pitched, True)):
+        if refused:
+            def refuse(*_args):
+                raise cp.cuda.driver.CUDADriverError(1)  # CUDA_ERROR_INVALID_VALUE
+            monkeypatch.setattr(cuda_driver, "copy_rows_on_device", refuse)
+        assert cp.array_equal(as_array(source, 0), plain)
+        dst = cp.zeros(2 * plain.size + 7, cp.uint8)
+        cp.cuda.Device().synchronize()  # the zeros, on the current stream, before the copy on the other
+        copy_image(dst.data.ptr + plain.size, source, stream.ptr)
+        stream.synchronize()
+        assert cp.array_equal(dst[plain.size:2 * plain.size], plain.reshape(-1))
+        assert not dst[:plain.size].any() and not dst[2 * plain.size:].any()
+    monkeypatch.undo()
+    dst = cp.zeros(plain.size, cp.uint8)
+    cp.cuda.Device().synchronize()
+    copy_rows_on_device(dst.data.ptr, padded.data.ptr, 53 * 3 + 13, 53 * 3, 37, stream.ptr)  # not the fallback
+    stream.synchronize()
+    assert cp.array_equal(dst, plain.reshape(-1))
+
+
+def test_a_decoded_image_is_read_by_its_address_pitch_and_shape_or_refused():
+    """``device_image`` reads an image's array interface as the pipeline copies from it: plain and
+    padded rows give their pitch; anything but uint8 RGB rows of pixels end to end is refused (the
+    CPU then decodes that JPEG)."""
+    from shim.backends.cuda_jpeg import device_image
+
+    padded = cp.zeros((5, 7 * 3 + 4), cp.uint8)
+    plain = cp.zeros((5, 7, 3), cp.uint8)
+    assert device_image(plain, "kept") == (plain.data.ptr, (5, 7, 3), 21, "kept")
+    assert device_image(padded[:, :21].reshape(5, 7, 3), None)[1:3] == ((5, 7, 3), 25)
+    for bad in (plain.astype(cp.float32), plain[:, :, :2], plain[:, ::2], plain[:, :, 0], plain.transpose(1, 0, 2)):
+        with pytest.raises(ValueError):
+            device_image(bad, None)
 
 
 @pytest.fixture(scope="module")

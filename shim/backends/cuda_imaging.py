@@ -24,6 +24,7 @@ from ..modelrepo import ModelConfig
 from . import cuda_driver, onnx
 from .base import PlainJpeg, UndecodedImages
 from .cuda import IMAGE_SLOT
+from .cuda_driver import DeviceImage
 from .cuda_errors import device_errors
 from .cuda_landing import Landing
 
@@ -35,16 +36,6 @@ def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
     device = cp.empty(host.shape, host.dtype)
     device.set(host, stream=stream)
     return device
-
-
-def _copy_image(dst: cp.ndarray, image: cp.ndarray) -> None:
-    """``image`` (uint8 HWC on the device, its rows maybe pitched) into the contiguous ``dst``, queued
-    on the current stream (a device worker's): one copy on the driver where it is contiguous, else a
-    cupy copy kernel."""
-    if image.flags.c_contiguous:
-        cuda_driver.copy_on_device(dst.data.ptr, image.data.ptr, image.nbytes, cp.cuda.get_current_stream().ptr)
-    else:
-        dst.reshape(image.shape)[...] = image
 
 
 if TYPE_CHECKING:
@@ -309,21 +300,21 @@ class CudaImagePipeline:
         up = state.upload_concatenated([p.reshape(-1) for p in pixels], IMAGE_SLOT, before_staging) \
             if pixels else None  # type: ignore[union-attr]
         keep.append(up)
-        images, jpeg_images, start = [], iter(decoded), 0  # each row's image on the device, in row order
+        images: list[DeviceImage] = []  # each row's image on the device, in row order
+        jpeg_images, start = iter(decoded), up.data.ptr if up is not None else 0
         for item in chunk:
             if isinstance(item, PlainJpeg):
-                images.append(next(jpeg_images))
+                images.append(next(jpeg_images))  # type: ignore[arg-type]
             else:
-                images.append(up[start:start + item.size].reshape(item.shape))  # type: ignore[index]
+                images.append(DeviceImage(start, item.shape, item.shape[1] * item.shape[2]))
                 start += item.size
-        shapes = [image.shape for image in images]
         flat = cp.empty(sum(image.size for image in images), cp.uint8)
         keep.append(flat)
-        offset = 0
+        at = flat.data.ptr
         for image in images:
-            _copy_image(flat[offset:offset + image.size], image)
-            offset += image.size
-        self.preprocess_batch(flat, shapes, batch, keep)
+            cuda_driver.copy_image(at, image, state.stream.ptr)
+            at += image.size
+        self.preprocess_batch(flat, [image.shape for image in images], batch, keep)
         return missed
 
     def _freeing(self) -> contextlib.AbstractContextManager[Any]:

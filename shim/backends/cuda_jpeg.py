@@ -20,6 +20,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from .cuda_driver import DeviceImage
+
 log = logging.getLogger(__name__)
 
 CPU_THREADS = 2  # each decoder's own pool (nvImageCodec's default: one thread per core, per decoder)
@@ -94,11 +96,11 @@ class JpegEngines:
             raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
         return decoder
 
-    def decode(self, jpegs: Sequence[bytes], stream: int, owner: Any) -> list[cp.ndarray | None]:
-        """``jpegs`` decoded as one batch by ``owner``'s decoder (``decoder``) to uint8 RGB HWC arrays
+    def decode(self, jpegs: Sequence[bytes], stream: int, owner: Any) -> list[DeviceImage | None]:
+        """``jpegs`` decoded as one batch by ``owner``'s decoder (``decoder``) to uint8 RGB HWC images
         on the device, ready in ``stream``'s order (the engines' work and their buffers' allocation
         and release are queued there); None for each they did not decode, all None where the decoder
-        failed (each kind of trouble logged at most once a minute). The arrays keep the decoded
+        failed (each kind of trouble logged at most once a minute). The records keep the decoded
         images and their decoder alive."""
         images: list[Any] = [None] * len(jpegs)
         decoder = None
@@ -109,22 +111,22 @@ class JpegEngines:
                                         cuda_stream=stream)
         except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
             self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-        arrays = [self._array(image, decoder) for image in images]
-        missed = sum(array is None for array in arrays)  # not list.count: a cupy array's == is elementwise
+        decoded = [self._image(image, decoder) for image in images]
+        missed = sum(image is None for image in decoded)
         if missed:
             with self._count:
                 self.fallbacks += missed
                 so_far = self.fallbacks
             self._warn("missed", f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
                                  f"them ({so_far} so far)")
-        return arrays
+        return decoded
 
-    def _array(self, image: Any, decoder: Any) -> cp.ndarray | None:
+    def _image(self, image: Any, decoder: Any) -> DeviceImage | None:
         if image is None:
             return None
-        try:  # the array keeps the decoder too (an image that outlived its decoder crashed the process),
+        try:  # the record keeps the decoder too (an image that outlived its decoder crashed the process),
             # image last in the tuple: a tuple lets go of its items last to first, the image before its decoder
-            return device_array(image, self._device_id, (decoder, image))
+            return device_image(image, (decoder, image))
         except Exception as exc:  # noqa: BLE001 - an image not as expected: the CPU decodes it
             self._warn("array", f"a decoded image could not be read ({type(exc).__name__}: {exc})")
             return None
@@ -139,16 +141,28 @@ class JpegEngines:
             log.warning("--gpu-jpeg: %s", message)
 
 
-def device_array(image: Any, device_id: int, keep: Any) -> cp.ndarray:
-    """A decoded image's device buffer as a cupy array that keeps ``keep`` (its decoder, the image) alive,
-    without the host wait ``cp.asarray`` makes for the stream its interface names (that work is
-    ordered on the stream anyway)."""
+def device_image(image: Any, keep: Any) -> DeviceImage:
+    """A decoded image's device buffer, read from its ``__cuda_array_interface__`` without the host
+    wait ``cp.asarray`` makes for the stream it names (that work is ordered on the stream anyway), as
+    a record that keeps ``keep`` (its decoder, the image) alive.
+
+    Raises:
+        ValueError: not uint8 RGB rows of contiguous pixels.
+    """
     face = image.__cuda_array_interface__
     shape = tuple(face["shape"])
-    strides = face.get("strides")
-    nbytes = strides[0] * shape[0] if strides else int(np.prod(shape))
-    memory = cp.cuda.UnownedMemory(face["data"][0], nbytes, keep, device_id)
-    return cp.ndarray(shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0), strides=strides)
+    if face["typestr"][1:] != "u1" or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"not uint8 HWC RGB: {face['typestr']} {shape}")
+    strides = tuple(face.get("strides") or ())
+    if strides and (strides[1:] != (3, 1) or strides[0] < 3 * shape[1]):
+        raise ValueError(f"rows laid out as {strides}, not as pixels end to end")
+    return DeviceImage(face["data"][0], shape, strides[0] if strides else 3 * shape[1], keep)
+
+
+def as_array(image: DeviceImage, device_id: int) -> cp.ndarray:
+    """``image`` as a cupy array (for reading it whole: tests, probes), which keeps what it keeps."""
+    memory = cp.cuda.UnownedMemory(image.ptr, image.pitch * image.shape[0], image.keep, device_id)
+    return cp.ndarray(image.shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0), strides=(image.pitch, 3, 1))
 
 
 def jpeg_engines(device_id: int) -> JpegEngines | None:
