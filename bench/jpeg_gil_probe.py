@@ -82,7 +82,8 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
 
 def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
     """The ways of reading a decoded image compared (None: not read)."""
-    from shim.backends.cuda_jpeg import as_array, device_image  # noqa: PLC0415 - the repository on the path
+    from shim.backends.cuda_driver import as_array  # noqa: PLC0415 - the repository on the path
+    from shim.backends.cuda_jpeg import device_image  # noqa: PLC0415
 
     return {"decode only": None,
             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,

@@ -60,7 +60,7 @@ def _pixel_items(op, images: np.ndarray) -> list:
 
 
 def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stream, chelsea, coffee):
-    from shim.backends.cuda_jpeg import as_array
+    from shim.backends.cuda_driver import as_array
     from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
 
     _, engines = _engines(jpeg_service)
@@ -268,21 +268,30 @@ def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service, st
     """The engines may hand back images whose rows are padded (a pitch above width x 3): such an image
     is copied into the batch's contiguous array without its padding, as a contiguous one is, and read
     whole as it lies. The driver takes the unaligned pitches (172 bytes from 159-byte rows) in one copy;
-    where it refuses them, each row is copied on its own."""
+    where it refuses them, a cupy kernel copies them, and the driver is not asked again."""
     from shim.backends import cuda_driver
-    from shim.backends.cuda_driver import DeviceImage, copy_image, copy_rows_on_device
-    from shim.backends.cuda_jpeg import as_array
+    from shim.backends.cuda_driver import DeviceImage, as_array, copy_image, copy_rows_on_device
 
     rng = np.random.default_rng(3)
     padded = cp.asarray(rng.integers(0, 256, (37, 53 * 3 + 13), dtype=np.uint8))
     plain = cp.ascontiguousarray(padded[:, :53 * 3]).reshape(37, 53, 3)
     cp.cuda.get_current_stream().synchronize()
+    dst = cp.zeros(plain.size, cp.uint8)
+    copy_rows_on_device(dst.data.ptr, padded.data.ptr, 53 * 3 + 13, 53 * 3, 37, stream.ptr)  # the driver's own
+    stream.synchronize()
+    assert cp.array_equal(dst, plain.reshape(-1))
+
     pitched = DeviceImage(padded.data.ptr, (37, 53, 3), 53 * 3 + 13, padded)  # rows 172 bytes apart
+    refusals: list[int] = []
+
+    def refuse(*_args):
+        refusals.append(1)
+        raise cp.cuda.driver.CUDADriverError(1)  # CUDA_ERROR_INVALID_VALUE
+
+    monkeypatch.setattr(cuda_driver, "_pitches_refused", False)  # put back after the test
     for source, refused in ((pitched, False), (DeviceImage(plain.data.ptr, (37, 53, 3), 53 * 3, plain), False),
-                            (pitched, True)):
+                            (pitched, True), (pitched, True)):
         if refused:
-            def refuse(*_args):
-                raise cp.cuda.driver.CUDADriverError(1)  # CUDA_ERROR_INVALID_VALUE
             monkeypatch.setattr(cuda_driver, "copy_rows_on_device", refuse)
         assert cp.array_equal(as_array(source, 0), plain)
         dst = cp.zeros(2 * plain.size + 7, cp.uint8)
@@ -291,12 +300,7 @@ def test_a_decoded_image_with_pitched_rows_is_copied_row_by_row(jpeg_service, st
         stream.synchronize()
         assert cp.array_equal(dst[plain.size:2 * plain.size], plain.reshape(-1))
         assert not dst[:plain.size].any() and not dst[2 * plain.size:].any()
-    monkeypatch.undo()
-    dst = cp.zeros(plain.size, cp.uint8)
-    cp.cuda.Device().synchronize()
-    copy_rows_on_device(dst.data.ptr, padded.data.ptr, 53 * 3 + 13, 53 * 3, 37, stream.ptr)  # not the fallback
-    stream.synchronize()
-    assert cp.array_equal(dst, plain.reshape(-1))
+    assert refusals == [1]
 
 
 def test_a_decoded_image_is_read_by_its_address_pitch_and_shape_or_refused():

@@ -111,20 +111,35 @@ class DeviceImage(NamedTuple):
         return self.shape[0] * self.row_bytes
 
 
+def as_array(image: DeviceImage, device_id: int | None = None) -> cp.ndarray:
+    """``image`` as a cupy array (strided where its rows are padded), which keeps what it keeps."""
+    memory = cp.cuda.UnownedMemory(image.ptr, image.pitch * image.shape[0], image.keep, device_id)
+    return cp.ndarray(image.shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0),
+                      strides=(image.pitch, image.shape[2], 1))
+
+
+_pitches_refused = False  # the driver refused a pitched copy (status 1): cupy copies them from then on
+
+
 def copy_image(dst: int, image: DeviceImage, stream: int) -> None:
     """Queue a copy of ``image`` to device address ``dst``, its rows end to end (without padding), on
-    ``stream``: one plain copy where its rows are, else a pitched one (one copy a row where the
-    driver refuses the pitches: the documentation allows it to, for pitches it did not allocate)."""
+    ``stream``: one plain copy where its rows are, else a pitched one; where the driver refuses
+    the pitches (its documentation allows that, for pitches it did not allocate), a cupy copy kernel."""
+    global _pitches_refused
     if image.pitch == image.row_bytes:
         copy_on_device(dst, image.ptr, image.size, stream)
         return
-    try:
-        copy_rows_on_device(dst, image.ptr, image.pitch, image.row_bytes, image.shape[0], stream)
-    except cp.cuda.driver.CUDADriverError as exc:
-        if exc.status != _INVALID_VALUE:
-            raise
-        for row in range(image.shape[0]):
-            copy_on_device(dst + row * image.row_bytes, image.ptr + row * image.pitch, image.row_bytes, stream)
+    if not _pitches_refused:
+        try:
+            copy_rows_on_device(dst, image.ptr, image.pitch, image.row_bytes, image.shape[0], stream)
+            return
+        except cp.cuda.driver.CUDADriverError as exc:
+            if exc.status != _INVALID_VALUE:
+                raise
+            _pitches_refused = True
+    target = as_array(DeviceImage(dst, image.shape, image.row_bytes))
+    with cp.cuda.ExternalStream(stream):
+        target[...] = as_array(image)
 
 
 def record(event: int, stream: int) -> None:

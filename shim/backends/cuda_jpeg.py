@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Any, Sequence
 
-import cupy as cp
 import numpy as np
 import simplejpeg
 from PIL import Image
@@ -157,12 +156,6 @@ def device_image(image: Any, keep: Any) -> DeviceImage:
     if strides and (strides[1:] != (3, 1) or strides[0] < 3 * shape[1]):
         raise ValueError(f"rows laid out as {strides}, not as pixels end to end")
     return DeviceImage(face["data"][0], shape, strides[0] if strides else 3 * shape[1], keep)
-
-
-def as_array(image: DeviceImage, device_id: int) -> cp.ndarray:
-    """``image`` as a cupy array (for reading it whole: tests, probes), which keeps what it keeps."""
-    memory = cp.cuda.UnownedMemory(image.ptr, image.pitch * image.shape[0], image.keep, device_id)
-    return cp.ndarray(image.shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0), strides=(image.pitch, 3, 1))
 
 
 def jpeg_engines(device_id: int) -> JpegEngines | None:
