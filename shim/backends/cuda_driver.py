@@ -112,8 +112,10 @@ class DeviceImage(NamedTuple):
 
 
 def as_array(image: DeviceImage, device_id: int | None = None) -> cp.ndarray:
-    """``image`` as a cupy array (strided where its rows are padded), which keeps what it keeps."""
-    memory = cp.cuda.UnownedMemory(image.ptr, image.pitch * image.shape[0], image.keep, device_id)
+    """``image`` as a cupy array (strided where its rows are padded), which keeps what it keeps; on
+    GPU ``device_id`` (None: the current one)."""
+    device = cp.cuda.Device().id if device_id is None else device_id
+    memory = cp.cuda.UnownedMemory(image.ptr, image.pitch * image.shape[0], image.keep, device)
     return cp.ndarray(image.shape, cp.uint8, cp.cuda.MemoryPointer(memory, 0),
                       strides=(image.pitch, image.shape[2], 1))
 
