@@ -1,0 +1,117 @@
+"""The device process's share of a classify call on the link, without a device: CPU per call.
+
+    python bench/link_device_probe.py [ROUNDS] [THREADS]   # default 3 rounds of 4 s, 8 client threads
+
+A ``LinkServer`` in a process of its own answers ``logits`` as the device process does once warm (a
+``Deferred`` handler, here answering at once with one row of 1000 FP32 logits per image); this process
+sends calls from THREADS threads over 4 links with arenas, as 4 request workers with ``--gpu-jpeg``
+would (one ``PlainJpeg`` of the chelsea photo each, its bytes in the pickle). Printed per round: calls
+a second and the server process's CPU per call (user and system, from /proc). On the GPU machine the
+device process spends this per request beside its batches' work, all of it under one interpreter
+lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. Needs /tmp/cat.jpg or
+scikit-image (``make test``'s .venv has it).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CLASSES = 1000
+LINKS = 4
+
+
+def _serve(address: str, ready: Any, stop: Any) -> None:
+    from concurrent.futures import Future
+
+    from shim.workers.link import Deferred, LinkServer
+
+    row = np.random.default_rng(0).standard_normal((1, CLASSES)).astype(np.float32)
+
+    def logits(_model: str, items: list[Any]) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        future.set_result(np.repeat(row, len(items), axis=0))
+        return future
+
+    server = LinkServer(address, b"probe", {"logits": Deferred(logits)}, threads=4)
+    ready.set()
+    stop.wait()
+    server.close()
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """User and system seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _jpeg() -> bytes:
+    path = Path("/tmp/cat.jpg")
+    if not path.exists():
+        from PIL import Image
+        from skimage import data
+
+        Image.fromarray(data.chelsea()).save(path, quality=90)
+    return path.read_bytes()
+
+
+def one_round(seconds: float, threads: int) -> str:
+    from shim.backends.base import PlainJpeg
+    from shim.workers.arena import Arena
+    from shim.workers.link import LinkClient
+
+    item = [PlainJpeg(_jpeg(), (300, 451, 3))]
+    address = tempfile.mktemp(suffix=".sock")  # noqa: S306 - the listener creates it at once
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    server = ctx.Process(target=_serve, args=(address, ready, stop), daemon=True)
+    server.start()
+    ready.wait(30)
+    clients = [LinkClient(address, b"probe", arena=Arena()) for _ in range(LINKS)]
+    try:
+        for client in clients:
+            client.call("logits", "m", item)
+        calls, done = [0] * threads, threading.Event()
+
+        def loop(index: int) -> None:
+            client = clients[index % LINKS]
+            while not done.is_set():
+                client.call("logits", "m", item)
+                calls[index] += 1
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+        (user0, sys0), began = _cpu(server.pid), time.perf_counter()
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds)
+        done.set()
+        for worker in workers:
+            worker.join()
+        (user1, sys1), wall = _cpu(server.pid), time.perf_counter() - began
+    finally:
+        for client in clients:
+            client.close()
+        stop.set()
+        server.join(10)
+    n = sum(calls)
+    user, system = user1 - user0, sys1 - sys0
+    return (f"{threads} threads on {LINKS} links: {n / wall:.0f} calls/s; the server's CPU per call "
+            f"{1e3 * (user + system) / n:.4f} ms (user {1e3 * user / n:.4f}, system {1e3 * system / n:.4f}), "
+            f"{(user + system) / wall:.2f} cores")
+
+
+if __name__ == "__main__":
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    threads = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    for _ in range(rounds):
+        print(one_round(4.0, threads), flush=True)
