@@ -8,7 +8,9 @@ sends calls from THREADS threads over 4 links with arenas, as 4 request workers 
 would (one ``PlainJpeg`` of the chelsea photo each, its bytes in the pickle). Printed per round: calls
 a second and the server process's CPU per call (user and system, from /proc). On the GPU machine the
 device process spends this per request beside its batches' work, all of it under one interpreter
-lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. Needs /tmp/cat.jpg or
+lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. A lower bound: the real
+handler hands each call to a batcher thread and its reply comes from the landing's thread, which
+this one does not (its Future is done at once, the reply goes from the reader). Needs /tmp/cat.jpg or
 scikit-image (``make test``'s .venv has it).
 """
 from __future__ import annotations
@@ -76,9 +78,14 @@ def one_round(seconds: float, threads: int) -> str:
     ready, stop = ctx.Event(), ctx.Event()
     server = ctx.Process(target=_serve, args=(address, ready, stop), daemon=True)
     server.start()
-    ready.wait(30)
-    clients = [LinkClient(address, b"probe", arena=Arena()) for _ in range(LINKS)]
+    arenas: list[Arena] = []
+    clients: list[LinkClient] = []
     try:
+        if not ready.wait(30):
+            raise RuntimeError("the probe's link server did not start within 30 s")
+        for _ in range(LINKS):
+            arenas.append(Arena())
+            clients.append(LinkClient(address, b"probe", arena=arenas[-1]))
         for client in clients:
             client.call("logits", "m", item)
         calls, done = [0] * threads, threading.Event()
@@ -101,8 +108,12 @@ def one_round(seconds: float, threads: int) -> str:
     finally:
         for client in clients:
             client.close()
+        for arena in arenas:
+            arena.close()
         stop.set()
         server.join(10)
+        if server.is_alive():
+            server.kill()
     n = sum(calls)
     user, system = user1 - user0, sys1 - sys0
     return (f"{threads} threads on {LINKS} links: {n / wall:.0f} calls/s; the server's CPU per call "

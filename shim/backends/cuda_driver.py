@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from typing import Any, NamedTuple, Sequence
 
 import cupy as cp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _MEMORY_DEVICE = 2  # CU_MEMORYTYPE_DEVICE
 
@@ -123,10 +126,17 @@ def as_array(image: DeviceImage, device_id: int | None = None) -> cp.ndarray:
 _pitches_refused = False  # the driver refused a pitched copy (status 1): cupy copies them from then on
 
 
+@functools.cache
+def _cupy_stream(stream: int) -> cp.cuda.ExternalStream:
+    """``stream`` for cupy's kernels, made once per stream (cupy warns of each one it makes)."""
+    return cp.cuda.ExternalStream(stream)
+
+
 def copy_image(dst: int, image: DeviceImage, stream: int) -> None:
     """Queue a copy of ``image`` to device address ``dst``, its rows end to end (without padding), on
     ``stream``: one plain copy where its rows are, else a pitched one; where the driver refuses
-    the pitches (its documentation allows that, for pitches it did not allocate), a cupy copy kernel."""
+    the pitches (its documentation allows that, for pitches it did not allocate: logged once), a
+    cupy copy kernel from then on."""
     global _pitches_refused
     if image.pitch == image.row_bytes:
         copy_on_device(dst, image.ptr, image.size, stream)
@@ -139,8 +149,11 @@ def copy_image(dst: int, image: DeviceImage, stream: int) -> None:
             if exc.status != _INVALID_VALUE:
                 raise
             _pitches_refused = True
+            log.warning("the driver refused a pitched copy of %s rows of %d bytes %d apart (%s); images with "
+                        "padded rows are copied by a cupy kernel from now on", image.shape[0], image.row_bytes,
+                        image.pitch, exc)
     target = as_array(DeviceImage(dst, image.shape, image.row_bytes))
-    with cp.cuda.ExternalStream(stream):
+    with _cupy_stream(stream):
         target[...] = as_array(image)
 
 
