@@ -88,7 +88,7 @@ def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
     return {"decode only": None,
             "__cuda_array_interface__": lambda image: image.__cuda_array_interface__,
             "device_image (the shim's)": lambda image: device_image(image, (engines.decoder, image)),
-            "a cupy array of it (the shim's before)": lambda image: as_array(device_image(image, image), 0),
+            "a cupy array over the record (about the shim's before)": lambda image: as_array(device_image(image, image), 0),
             "cupy.from_dlpack": cp.from_dlpack}
 
 

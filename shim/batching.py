@@ -32,7 +32,8 @@ starts another. Each keeps to its share of ``concurrency`` (its stream's landing
 share it leaves the gathering to the others. On the H200 two were 12-14% slower than one at 32
 clients (the JPEG engines' decode call in a batch's start waits for the interpreter lock, not the
 engines; and each thread's hold-back for a busy GPU then read its own stream's work only, so the
-batches shrank from 9.6 to 5.7 images); the hold-back now reads every stream's, not yet measured.
+batches shrank from 9.6 to 5.7 images); with the hold-back reading every stream's, still about 8%
+slower on average (bench/results/NOTES.md, seventeenth session).
 
 Without ``thread_start``, the last request expected (nobody announced before the batch's oldest is
 still decoding, and a batch may go) starts the batch on its own thread, taking what is queued and

@@ -299,7 +299,8 @@ class CudaImagePipeline:
             return missed
         up = state.upload_concatenated([p.reshape(-1) for p in pixels], IMAGE_SLOT, before_staging) \
             if pixels else None  # type: ignore[union-attr]
-        keep.append(up)
+        if up is not None:
+            keep.append(up)
         images: list[DeviceImage] = []  # each row's image on the device, in row order
         jpeg_images, start = iter(decoded), up.data.ptr if up is not None else 0
         for item in chunk:
