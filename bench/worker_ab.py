@@ -13,6 +13,11 @@
                                                  # the resize, the model, the replies;
                                                  # per worker call the link round trip (wall and CPU ms);
                                                  # each thread's cores busy, how late a 2 ms sleep wakes
+    python bench/worker_ab.py spy N C [FLAG...]  # as cpu, with py-spy (PYSPY, else on the PATH) sampling the device
+                                                 # process for 6 s twice: the thread holding the interpreter
+                                                 # lock (--gil), then every thread's stacks (--threads):
+                                                 # collapsed stacks in SPY_OUT (default .), summed by
+                                                 # bench/spy_report.py
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
@@ -130,6 +135,26 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
           f"({', '.join(f'{u / wall:.2f}' for u in used[1:])}), rest {rest / wall:.2f}")
     print(f"  CPU ms per image: device {1e3 * used[0] / images:.2f}, workers {1e3 * sum(used[1:]) / images:.2f}, "
           f"rest {1e3 * rest / images:.2f}", flush=True)
+
+
+def spy(workers: int, clients: int, flags: list[str]) -> None:
+    import shutil
+
+    spy_bin = os.environ.get("PYSPY") or shutil.which("py-spy") or sys.exit("py-spy: not found (PYSPY=...)")
+    out_dir, jpeg, seconds = Path(os.environ.get("SPY_OUT", ".")), cat_jpeg(), 6
+    tag = "-".join(f.lstrip("-") for f in flags) or "plain"
+    with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
+        process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
+        for mode in ("gil", "threads"):
+            path = out_dir / f"spy-{tag}-{clients}-{mode}.txt"
+            recorder = subprocess.Popen([spy_bin, "record", "--pid", str(shim.proc.pid), "--rate", "400",
+                                         "--duration", str(seconds), "--nonblocking", "--format", "raw",
+                                         "--output", str(path), "--threads"] + (["--gil"] if mode == "gil" else []),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds + 1.0, min(clients, 16))
+            _, err = recorder.communicate(timeout=60)
+            print(f"spy {mode} workers={workers} clients={clients} {' '.join(flags)}: "
+                  f"{out['images_per_s']:.0f} img/s, py-spy rc {recorder.returncode} {err.strip()[-300:]}", flush=True)
 
 
 def stages(workers: int, clients: int, flags: list[str]) -> None:
@@ -453,6 +478,8 @@ if __name__ == "__main__":
         first(int(sys.argv[2]))
     elif sys.argv[1:2] == ["region"]:
         region()
+    elif sys.argv[1:2] == ["spy"]:
+        spy(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     elif sys.argv[1:2] == ["cpu"]:
         cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:

@@ -11,6 +11,7 @@
 #    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice;
 #    launchers, not in all: `cpu N 32 --gpu-jpeg` with the classifier's instance_count 1 and 2 (two bound
 #    batcher threads), alternating three times, then one pair without --gpu-jpeg;
+#    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
 #    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
@@ -117,6 +118,12 @@ for step in $what; do
     gil)
       timeout 90 python3 bench/jpeg_gil_probe.py 2>&1 | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" \
         | tee "$OUT/gil.log" ;;
+    spy)  # py-spy on the device process at 32 clients with --gpu-jpeg: who holds the interpreter lock
+      # (the py-spy wheel carried in .probe/pyspy; collapsed stacks and their sums under $OUT)
+      [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .probe/pyspy/*.whl
+      { SPY_OUT="$OUT" PYSPY=/tmp/pyspy/bin/py-spy timeout 120 python3 bench/worker_ab.py spy "$workers" 32 --gpu-jpeg
+        python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/spy-report.txt"
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8 ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
