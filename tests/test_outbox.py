@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from shim.workers.outbox import HELD_SEND_MAX, Outbox, send_holding_lock
+from shim.workers.outbox import Outbox
 
 
 def _message(i: int, n: int, rng: random.Random) -> list[bytes]:
@@ -101,65 +101,3 @@ def test_a_message_that_fails_partway_ends_the_link_instead_of_running_into_the_
         received += chunk
     assert received == b"HEAD" and not box._busy
     a.close(), b.close()
-
-
-def test_a_held_send_takes_what_the_socket_takes_then_nothing_and_never_waits():
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    chunk = bytes(range(256)) * 64  # 16 KiB
-    sent = []
-    while not sent or sent[-1] == len(chunk):
-        sent.append(send_holding_lock(a, chunk))
-    assert 0 < sum(sent) and sent[-1] < len(chunk)  # the last took part of it (or none) without blocking
-    assert send_holding_lock(a, chunk) == 0  # full: nothing, at once
-    b.settimeout(5)
-    received = bytearray()
-    while len(received) < sum(sent):
-        received += b.recv(1 << 16)
-    assert bytes(received) == (chunk * len(sent))[:sum(sent)]  # in order, none twice
-    a.close(), b.close()
-
-
-def test_a_held_send_to_a_gone_peer_or_on_a_closed_socket_raises_oserror():
-    a, b = socket.socketpair()
-    b.close()
-    with pytest.raises(OSError):
-        send_holding_lock(a, b"x")
-    a.close()
-    with pytest.raises(OSError):
-        send_holding_lock(a, b"x")
-
-
-@pytest.mark.parametrize("size", [10, HELD_SEND_MAX - 20, HELD_SEND_MAX + 1])
-def test_messages_either_side_of_the_held_send_limit_arrive_whole_and_in_order_through_a_full_socket(size):
-    """Small messages go out joined with one held send, larger ones part by part; where the socket
-    is full, what a held send left over still follows in order (posted: by the writer)."""
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    box, rng = Outbox(a), random.Random(size)
-    messages = [_message(i, size, rng) for i in range(40)]
-    got: list[tuple[int, int, bool]] = []
-
-    def read() -> None:
-        b.settimeout(10)
-        for _ in messages:
-            time.sleep(0.001)  # a slow reader: the socket fills
-            index, n, crc = struct.unpack("!QQI", _exactly(b, 20))
-            got.append((index, n, zlib.crc32(_exactly(b, n)) == crc))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    for i, parts in enumerate(messages):  # one thread, in order: the reader can check the order
-        (box.post if i % 2 else box.send)(parts)
-    reader.join(20)
-    assert got == [(i, size, True) for i in range(len(messages))]
-    box.close(), a.close(), b.close()
-
-
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, "the link ended early"
-        out += chunk
-    return out

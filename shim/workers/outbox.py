@@ -12,11 +12,7 @@ end rather than read the next message after a partial one.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import logging
-import os
 import socket
 import threading
 from collections import deque
@@ -25,10 +21,6 @@ from typing import Any, Sequence
 log = logging.getLogger(__name__)
 
 _MAX_VIEWS = 64  # buffers per sendmsg (the system takes at most IOV_MAX, 1024 on Linux)
-#: the largest message whose first try is one ``send_holding_lock`` call (joined into one buffer: a
-#: copy, cheap at this size; replies and requests with their payload in an arena are far smaller)
-HELD_SEND_MAX = 1 << 14
-_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 class Outbox:
@@ -54,7 +46,7 @@ class Outbox:
                 self._cond.wait()
             self._busy = True
         try:
-            for part in self._first_try(parts):
+            for part in parts:
                 self._sock.sendall(part)
         except BaseException as exc:
             self._fail(exc)  # maybe partway: the link cannot carry another message after it
@@ -103,19 +95,8 @@ class Outbox:
             self._busy = False
             self._cond.notify_all()
 
-    def _first_try(self, parts: Sequence[Any]) -> list[Any]:
-        """What of ``parts`` is left after one ``send_holding_lock`` of them joined, for a message of
-        buffers of at most ``HELD_SEND_MAX`` bytes; all of them, as they are, for any other."""
-        if not all(isinstance(part, (bytes, memoryview)) for part in parts) \
-                or sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts) > HELD_SEND_MAX:
-            return list(parts)
-        data = b"".join(parts)
-        sent = send_holding_lock(self._sock, data)
-        return [memoryview(data)[sent:]] if sent < len(data) else []
-
     def _push(self, views: list[memoryview]) -> list[memoryview]:
         """What of ``views`` the socket does not take without blocking."""
-        views = self._first_try(views)
         while views:
             try:
                 sent = self._sock.sendmsg(views[:_MAX_VIEWS], [], socket.MSG_DONTWAIT)
@@ -178,31 +159,6 @@ class Outbox:
         link, not the next message after a partial one) and the message dropped."""
         log.debug("dropped a message; the link is shut down: %s: %s", type(exc).__name__, exc)
         shut_down(self._sock)
-
-
-@functools.cache
-def _libc() -> ctypes.PyDLL:
-    """The C library, its functions called without letting go of the interpreter lock (``PyDLL``)."""
-    lib = ctypes.PyDLL(None, use_errno=True)
-    lib.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    lib.send.restype = ctypes.c_ssize_t
-    return lib
-
-
-def send_holding_lock(sock: socket.socket, data: bytes) -> int:
-    """How many of ``data``'s first bytes ``sock`` took at once (0 where it would block), sent with one
-    non-blocking ``send`` that keeps the interpreter lock (microseconds: it never waits for the peer).
-
-    Raises:
-        OSError: the socket is closed or the peer gone (as ``socket.send`` would).
-    """
-    sent = _libc().send(sock.fileno(), data, len(data), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-    if sent >= 0:
-        return sent
-    code = ctypes.get_errno()
-    if code in _AGAIN:
-        return 0
-    raise OSError(code, os.strerror(code))
 
 
 def shut_down(sock: socket.socket) -> None:
