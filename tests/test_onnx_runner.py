@@ -306,3 +306,19 @@ def test_a_session_follows_its_callers_stream_only_where_onnxruntime_reports_it(
     fixed = FixedSession(session, "cuda", 0, ComputeStream(140737, lambda: None))
     assert fixed.follows is follows
     assert FixedSession(session, "cuda", 0).follows is False  # no stream given: nothing to follow
+
+
+def test_queued_runs_name_the_default_graph_and_compute_what_plain_runs_do(fixed, plain):
+    """A queued run names graph 0 (the default, captured at warm-up): onnxruntime's wrapper looks the
+    entry up before each run, and looking up a missing one raises inside it (tens of us a run)."""
+    from shim.backends.onnx import GRAPH_ID_KEY, _queued_run  # noqa: PLC0415 - the options under test
+
+    assert _queued_run().get_run_config_entry(GRAPH_ID_KEY) == "0"
+    fixed.run({"input": np.zeros((2, 3, 224, 224), np.float32)})  # its session of 2 rows built
+    session = fixed._by_batch[2][0].session  # noqa: SLF001 - that session
+    x = np.random.default_rng(5).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    session.inputs["input"].update_inplace(x)
+    session.session.run_with_iobinding(session.binding, _queued_run())
+    got = session.outputs[0].numpy()
+    want = plain.run({"input": x})["logits"]
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
