@@ -14,9 +14,10 @@
                                                  # per worker call the link round trip (wall and CPU ms);
                                                  # each thread's cores busy, how late a 2 ms sleep wakes
     python bench/worker_ab.py spy N C [FLAG...]  # as cpu, with py-spy (PYSPY, else on the PATH) sampling the device
-                                                 # process for 6 s three times: the thread holding the interpreter
-                                                 # lock (--gil), every thread on a CPU, every thread's wall
-                                                 # time (--idle: waits too, for the lock as well):
+                                                 # process for 6 s twice: every thread's wall time (--idle:
+                                                 # waits too, for the lock as well), then the thread holding
+                                                 # the interpreter lock (--gil; py-spy also counts a thread
+                                                 # blocked in a socket read, the lock's last holder):
                                                  # collapsed stacks in SPY_OUT (default .), summed by
                                                  # bench/spy_report.py
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
@@ -146,11 +147,11 @@ def spy(workers: int, clients: int, flags: list[str]) -> None:
     tag = "-".join(f.lstrip("-") for f in flags) or "plain"
     with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
         process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
-        for mode in ("gil", "threads", "idle"):
+        for mode in ("idle", "gil"):
             path = out_dir / f"spy-{tag}-{clients}-{mode}.txt"
             recorder = subprocess.Popen([spy_bin, "record", "--pid", str(shim.proc.pid), "--rate", "400",
                                          "--duration", str(seconds), "--nonblocking", "--format", "raw",
-                                         "--output", str(path), "--threads"] + ([] if mode == "threads" else [f"--{mode}"]),
+                                         "--output", str(path), "--threads"] + [f"--{mode}"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds + 1.0, min(clients, 16))
             try:
