@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     for path in args.files:
+        if not path.is_file():
+            print(f"## {path}: no such file (its recording failed?)\n")
+            continue
         total, kinds, functions = summed(path)
         print(f"## {path.name}: {total} samples")
         for kind, count in kinds.most_common():

@@ -14,12 +14,11 @@
                                                  # per worker call the link round trip (wall and CPU ms);
                                                  # each thread's cores busy, how late a 2 ms sleep wakes
     python bench/worker_ab.py spy N C [FLAG...]  # as cpu, with py-spy (PYSPY, else on the PATH) sampling the device
-                                                 # process for 6 s twice: every thread's wall time (--idle:
-                                                 # waits too, for the lock as well), then the thread holding
-                                                 # the interpreter lock (--gil; py-spy also counts a thread
-                                                 # blocked in a socket read, the lock's last holder):
-                                                 # collapsed stacks in SPY_OUT (default .), summed by
-                                                 # bench/spy_report.py
+                                                 # process for 6 s of the load, once per mode in SPY_MODES
+                                                 # (default "gil": the thread holding the interpreter lock;
+                                                 # "idle": every thread's wall time, waits too, which hung
+                                                 # py-spy on the H200): collapsed stacks in SPY_OUT
+                                                 # (default .), summed by bench/spy_report.py
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
@@ -140,23 +139,31 @@ def cpu(workers: int, clients: int, flags: list[str]) -> None:
 
 
 def spy(workers: int, clients: int, flags: list[str]) -> None:
+    import re
     import shutil
+    import threading
 
     spy_bin = os.environ.get("PYSPY") or shutil.which("py-spy") or sys.exit("py-spy: not found (PYSPY=...)")
-    out_dir, jpeg, seconds = Path(os.environ.get("SPY_OUT", ".")), cat_jpeg(), 6
-    tag = "-".join(f.lstrip("-") for f in flags) or "plain"
+    out_dir, jpeg, seconds, ramp = Path(os.environ.get("SPY_OUT", ".")), cat_jpeg(), 6, 2.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(flags)).strip("-") or "plain"
     with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
         process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
-        for mode in ("idle", "gil"):
+        for mode in os.environ.get("SPY_MODES", "gil").split():
             path = out_dir / f"spy-{tag}-{clients}-{mode}.txt"
-            recorder = subprocess.Popen([spy_bin, "record", "--pid", str(shim.proc.pid), "--rate", "400",
-                                         "--duration", str(seconds), "--nonblocking", "--format", "raw",
-                                         "--output", str(path), "--threads"] + [f"--{mode}"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds + 1.0, min(clients, 16))
+            command = [spy_bin, "record", "--pid", str(shim.proc.pid), "--rate", "400", "--duration", str(seconds),
+                       "--nonblocking", "--format", "raw", "--output", str(path), "--threads", f"--{mode}"]
+            started: list[subprocess.Popen[str]] = []
+            # recorded once the clients' processes are up and sending, within the load's window
+            timer = threading.Timer(ramp, lambda: started.append(subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            timer.start()
+            out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, ramp + seconds + 1.0, min(clients, 16))
+            timer.join()
+            recorder = started[0]
             try:
                 _, err = recorder.communicate(timeout=30)
-            except subprocess.TimeoutExpired:  # it hung once on the H200 (--threads): what it wrote stays
+            except subprocess.TimeoutExpired:  # --idle hung py-spy on the H200's device process: what it wrote stays
                 recorder.kill()
                 _, err = recorder.communicate()
                 err = f"killed after 30 s; {err}"

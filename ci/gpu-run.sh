@@ -121,9 +121,11 @@ for step in $what; do
     spy)  # py-spy on the device process at 32 clients with --gpu-jpeg: who holds the interpreter lock
       # (the py-spy wheel carried in .probe/pyspy; collapsed stacks and their sums under $OUT)
       [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .probe/pyspy/*.whl
-      { SPY_OUT="$OUT" PYSPY=/tmp/pyspy/bin/py-spy timeout 150 python3 bench/worker_ab.py spy "$workers" 32 --gpu-jpeg
-        python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/spy-report.txt"
-      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8 ;;
+      if [ -x /tmp/pyspy/bin/py-spy ]; then
+        { SPY_OUT="$OUT" PYSPY=/tmp/pyspy/bin/py-spy timeout 150 python3 bench/worker_ab.py spy "$workers" 32 --gpu-jpeg
+          python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/report-spy.txt"
+        } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8
+      else echo "spy: py-spy is not installed (carry .probe/pyspy/*.whl)"; fi ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shim.backends.onnx import FixedSession, OnnxRunner
+from shim.backends.onnx import GRAPH_ID_KEY, FixedSession, OnnxRunner, _queued_run
 
 CPU = ["CPUExecutionProvider"]
 
@@ -311,8 +311,6 @@ def test_a_session_follows_its_callers_stream_only_where_onnxruntime_reports_it(
 def test_queued_runs_name_the_default_graph_and_compute_what_plain_runs_do(fixed, plain):
     """A queued run names graph 0 (the default, captured at warm-up): onnxruntime's wrapper looks the
     entry up before each run, and looking up a missing one raises inside it (tens of us a run)."""
-    from shim.backends.onnx import GRAPH_ID_KEY, _queued_run  # noqa: PLC0415 - the options under test
-
     assert _queued_run().get_run_config_entry(GRAPH_ID_KEY) == "0"
     fixed.run({"input": np.zeros((2, 3, 224, 224), np.float32)})  # its session of 2 rows built
     session = fixed._by_batch[2][0].session  # noqa: SLF001 - that session
