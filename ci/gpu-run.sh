@@ -11,6 +11,7 @@
 #    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice;
 #    launchers, not in all: `cpu N 32 --gpu-jpeg` with the classifier's instance_count 1 and 2 (two bound
 #    batcher threads), alternating three times, then one pair without --gpu-jpeg;
+#    jpegthreads, not in all: `stages N 32 --gpu-jpeg` with nvImageCodec's pool of 2, 1 and 4 threads;
 #    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
 #    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
@@ -126,6 +127,15 @@ for step in $what; do
           python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/report-spy.txt"
         } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8
       else echo "spy: py-spy is not installed (carry .probe/pyspy/*.whl)"; fi ;;
+    jpegthreads)  # the engines' decode call's wall and CPU with nvImageCodec's pool at 2 (as is), 1 and 4
+      # threads (cuda_jpeg.CPU_THREADS, edited in this copy and put back)
+      { for t in 2 1 4; do
+          sed -i "s/^CPU_THREADS = [0-9]*/CPU_THREADS = $t/" shim/backends/cuda_jpeg.py; echo "== CPU_THREADS $t"
+          timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
+        done
+        sed -i "s/^CPU_THREADS = [0-9]*/CPU_THREADS = 2/" shim/backends/cuda_jpeg.py
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/jpegthreads.log" \
+        | grep -E "^==|img/s|engines' decode|start a batch|batcher-classify" ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
