@@ -17,7 +17,8 @@
                                                  # process for 6 s of the load, once per mode in SPY_MODES
                                                  # (default "gil": the thread holding the interpreter lock;
                                                  # "idle": every thread's wall time, waits too, which hung
-                                                 # py-spy on the H200): collapsed stacks in SPY_OUT
+                                                 # py-spy on the H200; SPY_NATIVE=1 adds C frames, where a
+                                                 # blocked socket read shows, pausing the process to read them): collapsed stacks in SPY_OUT
                                                  # (default .), summed by bench/spy_report.py
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
@@ -151,8 +152,10 @@ def spy(workers: int, clients: int, flags: list[str]) -> None:
         process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
         for mode in os.environ.get("SPY_MODES", "gil").split():
             path = out_dir / f"spy-{tag}-{clients}-{mode}.txt"
+            # C frames too (a blocked read shows as one), which py-spy reads only pausing the process
+            native = ["--native"] if os.environ.get("SPY_NATIVE") else ["--nonblocking"]
             command = [spy_bin, "record", "--pid", str(shim.proc.pid), "--rate", "400", "--duration", str(seconds),
-                       "--nonblocking", "--format", "raw", "--output", str(path), "--threads", f"--{mode}"]
+                       *native, "--format", "raw", "--output", str(path), "--threads", f"--{mode}"]
             started: list[subprocess.Popen[str]] = []
             # recorded once the clients' processes are up and sending, within the load's window
             timer = threading.Timer(ramp, lambda: started.append(subprocess.Popen(

@@ -123,7 +123,7 @@ for step in $what; do
       # (the py-spy wheel carried in .probe/pyspy; collapsed stacks and their sums under $OUT)
       [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .probe/pyspy/*.whl
       if [ -x /tmp/pyspy/bin/py-spy ]; then
-        { SPY_OUT="$OUT" PYSPY=/tmp/pyspy/bin/py-spy timeout 150 python3 bench/worker_ab.py spy "$workers" 32 --gpu-jpeg
+        { SPY_OUT="$OUT" PYSPY=/tmp/pyspy/bin/py-spy SPY_NATIVE="${SPY_NATIVE:-}" timeout 150 python3 bench/worker_ab.py spy "$workers" 32 --gpu-jpeg
           python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/report-spy.txt"
         } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8
       else echo "spy: py-spy is not installed (carry .probe/pyspy/*.whl)"; fi ;;
