@@ -10,13 +10,12 @@ a second and the server process's CPU per call (user and system, from /proc). On
 device process spends this per request beside its batches' work, all of it under one interpreter
 lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. A lower bound: the real
 handler hands each call to a batcher thread and its reply comes from the landing's thread, which
-this one does not (its Future is done at once, the reply goes from the reader). Needs /tmp/cat.jpg or
-scikit-image (``make test``'s .venv has it).
+this one does not (its Future is done at once, the reply goes from the reader). Needs scikit-image
+(``make test``'s .venv has it).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import threading
@@ -50,29 +49,15 @@ def _serve(address: str, ready: Any, stop: Any) -> None:
     server.close()
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """User and system seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def _jpeg() -> bytes:
-    path = Path("/tmp/cat.jpg")
-    if not path.exists():
-        from PIL import Image
-        from skimage import data
-
-        Image.fromarray(data.chelsea()).save(path, quality=90)
-    return path.read_bytes()
-
-
 def one_round(seconds: float, threads: int) -> str:
+    from bench.procs import cat_jpeg, cpu_times
     from shim.backends.base import PlainJpeg
+    from shim.ops.jpeg import plain_jpeg_shape
     from shim.workers.arena import Arena
     from shim.workers.link import LinkClient
 
-    item = [PlainJpeg(_jpeg(), (300, 451, 3))]
+    jpeg = cat_jpeg()
+    item = [PlainJpeg(jpeg, plain_jpeg_shape(jpeg, 1 << 30))]
     address = tempfile.mktemp(suffix=".sock")  # noqa: S306 - the listener creates it at once
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
@@ -97,14 +82,14 @@ def one_round(seconds: float, threads: int) -> str:
                 calls[index] += 1
 
         workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
-        (user0, sys0), began = _cpu(server.pid), time.perf_counter()
+        (user0, sys0), began = cpu_times(server.pid), time.perf_counter()
         for worker in workers:
             worker.start()
         time.sleep(seconds)
         done.set()
         for worker in workers:
             worker.join()
-        (user1, sys1), wall = _cpu(server.pid), time.perf_counter() - began
+        (user1, sys1), wall = cpu_times(server.pid), time.perf_counter() - began
     finally:
         for client in clients:
             client.close()

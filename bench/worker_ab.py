@@ -18,8 +18,9 @@
                                                  # (default "gil": the thread holding the interpreter lock;
                                                  # "idle": every thread's wall time, waits too, which hung
                                                  # py-spy on the H200; SPY_NATIVE=1 adds C frames, where a
-                                                 # blocked socket read shows, pausing the process to read them): collapsed stacks in SPY_OUT
-                                                 # (default .), summed by bench/spy_report.py
+                                                 # blocked socket read shows, pausing the process to read
+                                                 # them): collapsed stacks in SPY_OUT (default .), summed
+                                                 # by bench/spy_report.py
     python bench/worker_ab.py link               # one link call with 1 and 4 decoded photos (406 KB each,
                                                  # random pixels; the device side reads every page),
                                                  # over the socket and lent through the arena: ms, CPU ms
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, ShimProcess  # noqa: E402
 from bench.front_probe import faked_device_handlers  # noqa: E402
 from bench.loop import process_closed_loop  # noqa: E402
-from bench.procs import cat_jpeg  # noqa: E402
+from bench.procs import cat_jpeg, cpu_times  # noqa: E402
 
 
 def _device() -> str:
@@ -110,8 +111,7 @@ def latency(label: str, workers: int) -> None:
 
 
 def _cpu_seconds(pid: int | str) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 def _busy_seconds() -> float:

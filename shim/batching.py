@@ -26,14 +26,15 @@ pipeline's, queued on a bound stream) a batch is only started: its results come 
 split back out on the thread that sets it (the link's reader, a landing thread), up to
 ``concurrency`` batches on their way; a failed batch of several goes back to the batcher's threads,
 to rerun alone. Such a batcher has one thread, or with ``thread_start`` ``launchers`` of them (a
-model's ``instance_count`` on the GPU: each bound to a stream, a JPEG decoder and captured sessions of
-its own), taking turns to gather: while one is held up starting its batch the next gathers and
+model's ``instance_count`` on the GPU: each bound to a stream, a JPEG decoder and captured sessions
+of its own), taking turns to gather: while one is held up starting its batch the next gathers and
 starts another. Each keeps to its share of ``concurrency`` (its stream's landing slots): at its
 share it leaves the gathering to the others. On the H200 two were 12-14% slower than one at 32
-clients (the JPEG engines' decode call in a batch's start waits for the interpreter lock, not the
-engines; and each thread's hold-back for a busy GPU then read its own stream's work only, so the
-batches shrank from 9.6 to 5.7 images); with the hold-back reading every stream's, still about 8%
-slower on average (bench/results/NOTES.md, seventeenth session).
+clients (one more thread wanting the interpreter lock, which the JPEG engines' decode call in a
+batch's start lets go of and waits to take back; and each thread's hold-back for a busy GPU then
+read its own stream's work only, so the batches shrank from 9.6 to 5.7 images); with the hold-back
+reading every stream's, still about 8% slower on average (bench/results/NOTES.md, seventeenth
+session).
 
 Without ``thread_start``, the last request expected (nobody announced before the batch's oldest is
 still decoding, and a batch may go) starts the batch on its own thread, taking what is queued and

@@ -105,6 +105,11 @@ class DeviceImage(NamedTuple):
     pitch: int
     keep: Any = None
 
+    @classmethod
+    def packed(cls, ptr: int, shape: tuple[int, ...], keep: Any = None) -> DeviceImage:
+        """An image whose rows lie end to end (no padding) from ``ptr``."""
+        return cls(ptr, shape, shape[1] * shape[2], keep)
+
     @property
     def row_bytes(self) -> int:
         return self.shape[1] * self.shape[2]
@@ -152,7 +157,7 @@ def copy_image(dst: int, image: DeviceImage, stream: int) -> None:
             log.warning("the driver refused a pitched copy of %s rows of %d bytes %d apart (%s); images with "
                         "padded rows are copied by a cupy kernel from now on", image.shape[0], image.row_bytes,
                         image.pitch, exc)
-    target = as_array(DeviceImage(dst, image.shape, image.row_bytes))
+    target = as_array(DeviceImage.packed(dst, image.shape))
     with _cupy_stream(stream):
         target[...] = as_array(image)
 

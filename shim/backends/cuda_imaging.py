@@ -307,7 +307,7 @@ class CudaImagePipeline:
             if isinstance(item, PlainJpeg):
                 images.append(next(jpeg_images))  # type: ignore[arg-type]
             else:
-                images.append(DeviceImage(start, item.shape, item.shape[1] * item.shape[2]))
+                images.append(DeviceImage.packed(start, item.shape))
                 start += item.size
         flat = cp.empty(sum(image.size for image in images), cp.uint8)
         keep.append(flat)

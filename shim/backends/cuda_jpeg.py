@@ -155,7 +155,9 @@ def device_image(image: Any, keep: Any) -> DeviceImage:
     strides = tuple(face.get("strides") or ())
     if strides and (strides[1:] != (3, 1) or strides[0] < 3 * shape[1]):
         raise ValueError(f"rows laid out as {strides}, not as pixels end to end")
-    return DeviceImage(face["data"][0], shape, strides[0] if strides else 3 * shape[1], keep)
+    if not strides:
+        return DeviceImage.packed(face["data"][0], shape, keep)
+    return DeviceImage(face["data"][0], shape, strides[0], keep)
 
 
 def jpeg_engines(device_id: int) -> JpegEngines | None:
