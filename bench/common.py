@@ -97,8 +97,7 @@ class ShimProcess:
         self.tcp_url, self.unix_url = f"http://127.0.0.1:{self.port}", f"unix://{self.sock}"
 
     def __enter__(self) -> "ShimProcess":
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd)
+        self.launch()
         try:
             self.wait_ready()
         except BaseException:
@@ -106,6 +105,11 @@ class ShimProcess:
             raise
         self.ready_seconds = time.perf_counter() - self.started
         return self
+
+    def launch(self) -> None:
+        """Start the shim without waiting for it (``wait_ready``; ``__exit__`` stops it)."""
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd)
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Wait until the shim says it is ready, giving up as soon as it exits (a shim that cannot

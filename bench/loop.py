@@ -115,13 +115,14 @@ def shares(clients: int, processes: int) -> list[int]:
     return [clients // processes + (i < clients % processes) for i in range(processes)]
 
 
-def process_closed_loop(caller: tuple[Any, ...], image: bytes, clients: int, duration: float,
-                        processes: int) -> dict[str, Any]:
+def process_closed_loop(caller: tuple[Any, ...] | list[tuple[Any, ...]], image: bytes, clients: int,
+                        duration: float, processes: int) -> dict[str, Any]:
     """``clients`` threads classifying ``image`` back to back, spread over ``processes`` fresh processes.
 
     ``caller`` says what each thread classifies with (``make_caller``): ``("accel", url)``, its own
     ``accel.Client(url)``, or ``("naive", device, model_dir)``, its own batch-1 ORT session (a naive
-    function instance: the process holds its own GPU context). The processes are spawned (nothing of
+    function instance: the process holds its own GPU context); a list of them: process p's threads
+    take the list's item p modulo its length (e.g. clients spread over several shims). The processes are spawned (nothing of
     this process's GPU context or sessions comes along), make their callers, start one common window
     of ``duration`` s, and send back what their threads did; images/s = all images / ``duration``.
 
@@ -134,10 +135,12 @@ def process_closed_loop(caller: tuple[Any, ...], image: bytes, clients: int, dur
     counts = shares(clients, processes)
     conns: list[Connection] = []
     procs: list[Any] = []
+    callers = caller if isinstance(caller, list) else [caller]
     try:
-        for n in counts:
+        for p, n in enumerate(counts):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_client_process, args=(theirs, caller, image, n, duration), daemon=True)
+            proc = ctx.Process(target=_client_process, args=(theirs, callers[p % len(callers)], image, n, duration),
+                               daemon=True)
             proc.start()
             theirs.close()
             conns.append(mine)

@@ -7,6 +7,10 @@
                                                  # cores busy and CPU ms per image in the device process,
                                                  # the workers (each) and the rest (clients, kernel);
                                                  # PROBE_DEVICE=cpu runs it on a machine without a GPU
+    python bench/worker_ab.py replicas K N C [FLAG...]  # as cpu, with K whole shims (K device processes, each
+                                                 # with N workers) on the one GPU, the client processes
+                                                 # spread over them in turn: would more device processes
+                                                 # lift the rate at C clients?
     python bench/worker_ab.py stages N C [FLAG...]  # the shim with --workers N (and FLAGs), C clients for 6 s, every process
                                                  # timing its stages (bench/stage_timer): per device batch
                                                  # the pixels' upload, the JPEG engines' decode (--gpu-jpeg),
@@ -119,23 +123,37 @@ def _busy_seconds() -> float:
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def cpu(workers: int, clients: int, flags: list[str]) -> None:
+def cpu(workers: int, clients: int, flags: list[str], shims: int = 1) -> None:
+    """``shims`` shims (each its own device process with ``workers`` request workers, on the one GPU),
+    the client processes spread over them in turn: the rate, and the cores each process kind keeps busy."""
+    import contextlib
+
     jpeg, seconds = cat_jpeg(), 6.0
-    with ShimProcess(_device(), ROOT / "models", *flags, workers=workers) as shim:
-        device = shim.proc.pid
-        kids = subprocess.run(["pgrep", "-P", str(device)], capture_output=True, text=True).stdout.split()
-        process_closed_loop(("accel", shim.unix_url), jpeg, clients, 2.0, min(clients, 16))  # warm
-        before = [_cpu_seconds(device), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
-        out = process_closed_loop(("accel", shim.unix_url), jpeg, clients, seconds, min(clients, 16))
-        after = [_cpu_seconds(device), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
+    with contextlib.ExitStack() as stack:
+        started = [ShimProcess(_device(), ROOT / "models", *flags, workers=workers) for _ in range(shims)]
+        for shim in started:  # all start at once, then each is waited for
+            shim.launch()
+            stack.callback(shim.__exit__)
+        for shim in started:
+            shim.wait_ready()
+        urls = [("accel", shim.unix_url) for shim in started]
+        devices = [shim.proc.pid for shim in started]
+        kids = [pid for device in devices for pid in subprocess.run(
+            ["pgrep", "-P", str(device)], capture_output=True, text=True).stdout.split()]
+        process_closed_loop(urls, jpeg, clients, 2.0, min(clients, 16))  # warm
+        before = [*map(_cpu_seconds, devices), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
+        out = process_closed_loop(urls, jpeg, clients, seconds, min(clients, 16))
+        after = [*map(_cpu_seconds, devices), *map(_cpu_seconds, kids)], _busy_seconds(), time.monotonic()
     wall, images = after[2] - before[2], out["images_per_s"] * seconds
     used = [a - b for a, b in zip(after[0], before[0])]
+    device, workers_used = used[:shims], used[shims:]
     rest = after[1] - before[1] - sum(used)
-    print(f"workers={workers} clients={clients} {' '.join(flags)}: {out['images_per_s']:.0f} img/s, "
-          f"p50 {out.get('p50_ms', 0):.1f} p99 {out.get('p99_ms', 0):.1f} ms, errors {out['errors']}")
-    print(f"  cores busy: device {used[0] / wall:.2f}, workers {sum(used[1:]) / wall:.2f} "
-          f"({', '.join(f'{u / wall:.2f}' for u in used[1:])}), rest {rest / wall:.2f}")
-    print(f"  CPU ms per image: device {1e3 * used[0] / images:.2f}, workers {1e3 * sum(used[1:]) / images:.2f}, "
+    print(f"{f'shims={shims} ' if shims > 1 else ''}workers={workers} clients={clients} {' '.join(flags)}: "
+          f"{out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} p99 {out.get('p99_ms', 0):.1f} ms, "
+          f"errors {out['errors']}")
+    print(f"  cores busy: device {' + '.join(f'{u / wall:.2f}' for u in device)}, workers "
+          f"{sum(workers_used) / wall:.2f} ({', '.join(f'{u / wall:.2f}' for u in workers_used)}), rest {rest / wall:.2f}")
+    print(f"  CPU ms per image: device {1e3 * sum(device) / images:.2f}, workers {1e3 * sum(workers_used) / images:.2f}, "
           f"rest {1e3 * rest / images:.2f}", flush=True)
 
 
@@ -499,5 +517,7 @@ if __name__ == "__main__":
         spy(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     elif sys.argv[1:2] == ["cpu"]:
         cpu(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    elif sys.argv[1:2] == ["replicas"]:
+        cpu(int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:], shims=int(sys.argv[2]))
     else:
         sys.exit(__doc__)

@@ -11,6 +11,8 @@
 #    gpujpeg128, not in all: `cpu N 128` without and with --gpu-jpeg, alternating twice;
 #    launchers, not in all: `cpu N 32 --gpu-jpeg` with the classifier's instance_count 1 and 2 (two bound
 #    batcher threads), alternating three times, then one pair without --gpu-jpeg;
+#    replicas, not in all: `cpu N 32` with one shim against two whole shims (N/2 and N workers each) on the one
+#    GPU, the clients spread over them, without and with --gpu-jpeg, alternating twice;
 #    jpegthreads, not in all: `stages N 32 --gpu-jpeg` with nvImageCodec's pool of 2, 1 and 4 threads;
 #    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
 #    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
@@ -127,6 +129,17 @@ for step in $what; do
           python3 bench/spy_report.py "$OUT"/spy-*.txt --top 60 > "$OUT/report-spy.txt"
         } 2>&1 | grep -v "No registered plugin" | tee "$OUT/spy.log" | tail -8
       else echo "spy: py-spy is not installed (carry .probe/pyspy/*.whl)"; fi ;;
+    replicas)  # would more device processes lift the rate at 32 clients? whole shims side by side on the
+      # one GPU (worker_ab.py replicas), the clients spread over them, against one shim, alternating
+      { for flag in "" --gpu-jpeg; do
+          for _ in 1 2; do
+            echo "== one shim, $workers workers $flag"; timeout 120 python3 bench/worker_ab.py cpu "$workers" 32 $flag
+            echo "== two shims, $((workers / 2)) workers each $flag"
+            timeout 120 python3 bench/worker_ab.py replicas 2 $((workers / 2)) 32 $flag
+            echo "== two shims, $workers workers each $flag"; timeout 120 python3 bench/worker_ab.py replicas 2 "$workers" 32 $flag
+          done
+        done
+      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/replicas.log" | grep -E "^==|img/s|busy" ;;
     jpegthreads)  # the engines' decode call's wall and CPU with nvImageCodec's pool at 2 (as is), 1 and 4
       # threads (cuda_jpeg.CPU_THREADS, edited in this copy and put back)
       { for t in 2 1 4; do
