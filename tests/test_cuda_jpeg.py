@@ -308,6 +308,7 @@ def test_a_decoded_image_with_padded_rows_is_copied_without_its_padding(jpeg_ser
         assert cp.array_equal(dst[plain.size:2 * plain.size], plain.reshape(-1))
         assert not dst[:plain.size].any() and not dst[2 * plain.size:].any()
     assert refusals == [1]
+    assert cuda_driver._cupy_stream(stream.ptr).ptr == stream.ptr  # the cupy kernel ran on the stream asked for
 
 
 def test_a_decoded_image_is_read_by_its_address_pitch_and_shape_or_refused():

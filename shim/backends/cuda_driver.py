@@ -131,10 +131,25 @@ def as_array(image: DeviceImage, device_id: int | None = None) -> cp.ndarray:
 _pitches_refused = False  # the driver refused a pitched copy (status 1): cupy copies them from then on
 
 
+class _StreamHandle:
+    """A driver stream handle offered to cupy through the CUDA stream protocol (``__cuda_stream__``:
+    version 0 and the address); cupy wraps it without taking ownership."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.ptr
+
+
 @functools.cache
-def _cupy_stream(stream: int) -> cp.cuda.ExternalStream:
-    """``stream`` for cupy's kernels, made once per stream (cupy warns of each one it makes)."""
-    return cp.cuda.ExternalStream(stream)
+def _cupy_stream(stream: int) -> cp.cuda.Stream:
+    """``stream`` for cupy's kernels, made once per stream: through ``Stream.from_external`` (cupy
+    14 deprecates ``ExternalStream``, which older releases need)."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    return from_external(_StreamHandle(stream)) if from_external else cp.cuda.ExternalStream(stream)
 
 
 def copy_image(dst: int, image: DeviceImage, stream: int) -> None:
