@@ -30,6 +30,16 @@ def test_process_closed_loop_counts_every_process(live_shim, chelsea) -> None:
     assert out["images_per_s"] == pytest.approx(out["completed"] / 0.5)
 
 
+def test_process_closed_loop_spreads_its_processes_over_a_list_of_callers(live_shim, chelsea) -> None:
+    """Process p takes the list's item p modulo its length: one process uses the first caller only;
+    with two, the second process gets the second caller (here one that cannot be made)."""
+    callers = [("accel", live_shim.unix_url), ("no such caller",)]
+    out = process_closed_loop(callers, encode(chelsea, "JPEG"), clients=2, duration=0.3, processes=1)
+    assert out["errors"] == 0 and out["completed"] > 0, out["first_errors"]
+    with pytest.raises(RuntimeError, match="unknown caller"):
+        process_closed_loop(callers, encode(chelsea, "JPEG"), clients=2, duration=0.3, processes=2)
+
+
 def test_naive_function_processes_classify_with_their_own_sessions(models_dir, chelsea) -> None:
     out = process_closed_loop(("naive", "cpu", str(models_dir / "efficientnet-lite0")), encode(chelsea, "JPEG"),
                               clients=2, duration=0.5, processes=2)
