@@ -4,7 +4,9 @@
 The engines' decode of 1, 10 and 30 JPEGs (the chelsea photo) timed alone; then a Python thread spins
 while another decodes batches of 10: the spinner's rate and largest gaps against spinning alone (a
 call that held the lock would stall it), and the decoding thread's wall and CPU time per call (a
-call that lets go of the lock waits to take it back). Then what reading the decoded images costs
+call that lets go of the lock waits to take it back); then the same beside threads that hold the lock
+in short stretches, about as the shim's device process does at 32 clients (how many times a call
+takes it back). Then what reading the decoded images costs
 and whether it waits for the engines: each image's ``__cuda_array_interface__``, the shim's
 ``device_image`` (which reads it; before, a cupy array for each), ``cupy.from_dlpack``; the share of batches whose stream was still
 busy right after the decode call and right after the reads (a read that waits leaves none busy).
@@ -78,6 +80,43 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
     stop.set()
     thread.join()
     return spun, stats
+
+
+def decoding_beside_bursts(engines: Engines, seconds: float, holders: int = 3, burst_s: float = 60e-6,
+                           gap_s: float = 120e-6) -> tuple[float, dict]:
+    """As the shim's device process at 32 clients (the lock held about 59% of the time, in short
+    stretches by its links' readers and landing): ``holders`` threads each hold the lock in Python for
+    ``burst_s`` and let go of it for ``gap_s`` (a sleep), again and again, while another decodes
+    batches of ``BATCH``. Returns the share of the time the holders ran (their CPU over the window,
+    summed) and the decoding thread's calls, wall and CPU seconds: wall beyond CPU well above one
+    burst per call would mean the call takes the lock back more than once."""
+    stop, stats, ran = threading.Event(), {}, []
+
+    def holding() -> None:
+        cpu = time.thread_time()
+        while not stop.is_set():
+            until = time.perf_counter() + burst_s
+            while time.perf_counter() < until:
+                pass
+            time.sleep(gap_s)
+        ran.append(time.thread_time() - cpu)
+
+    def decoding() -> None:
+        calls, wall, cpu = 0, time.perf_counter(), time.thread_time()
+        while not stop.is_set():
+            engines.decode(BATCH)
+            calls += 1
+        stats.update(calls=calls, wall=time.perf_counter() - wall, cpu=time.thread_time() - cpu)
+
+    threads = [threading.Thread(target=holding) for _ in range(holders)] + [threading.Thread(target=decoding)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(ran) / (time.perf_counter() - began), stats
 
 
 def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
@@ -169,6 +208,12 @@ def main() -> None:
     print(line % ("decoding: ", *spun))
     print(f"decoder thread: {stats['calls'] / stats['wall']:.0f} calls/s, {1e3 * stats['wall'] / stats['calls']:.2f} ms "
           f"wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms CPU per call of {BATCH}")
+    for holders, burst_us, gap_us in ((3, 60, 120), (3, 20, 40), (1, 300, 200)):
+        held, stats = decoding_beside_bursts(engines, 2.0, holders, burst_us * 1e-6, gap_us * 1e-6)
+        print(f"beside {holders} threads holding the lock {burst_us} us at a time ({gap_us} us apart; they ran "
+              f"{held:.0%} of the time): {stats['calls'] / stats['wall']:.0f} calls/s, "
+              f"{1e3 * stats['wall'] / stats['calls']:.2f} ms wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms "
+              f"CPU per call of {BATCH}")
     reading_the_images(engines)
     behind_queued_work(engines)
 
