@@ -103,7 +103,6 @@ class ShimProcess:
         except BaseException:
             self.__exit__()
             raise
-        self.ready_seconds = time.perf_counter() - self.started
         return self
 
     def launch(self) -> None:
@@ -123,6 +122,7 @@ class ShimProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the shim was not ready in {timeout:.0f} s")
             time.sleep(0.05)
+        self.ready_seconds = time.perf_counter() - self.started
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()

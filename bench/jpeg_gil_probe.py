@@ -61,19 +61,20 @@ def spin(seconds: float) -> tuple[float, float, float, int]:
     return len(gaps) / seconds, float(np.percentile(ms, 99.9)), float(ms.max()), int((ms > 0.2).sum())
 
 
+def _decode_until(engines: Engines, stop: threading.Event, stats: dict) -> None:
+    """Decode batches of ``BATCH`` until ``stop``; then ``stats`` has the calls, wall and CPU seconds."""
+    calls, wall, cpu = 0, time.perf_counter(), time.thread_time()
+    while not stop.is_set():
+        engines.decode(BATCH)
+        calls += 1
+    stats.update(calls=calls, wall=time.perf_counter() - wall, cpu=time.thread_time() - cpu)
+
+
 def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[float, float, float, int], dict]:
     """``spin`` while another thread decodes batches of ``BATCH``; the spin's numbers and the
     decoding thread's calls, wall and CPU seconds."""
     stop, stats = threading.Event(), {}
-
-    def decoding() -> None:
-        calls, wall, cpu = 0, time.perf_counter(), time.thread_time()
-        while not stop.is_set():
-            engines.decode(BATCH)
-            calls += 1
-        stats.update(calls=calls, wall=time.perf_counter() - wall, cpu=time.thread_time() - cpu)
-
-    thread = threading.Thread(target=decoding)
+    thread = threading.Thread(target=_decode_until, args=(engines, stop, stats))
     thread.start()
     time.sleep(0.1)
     spun = spin(seconds)
@@ -101,14 +102,8 @@ def decoding_beside_bursts(engines: Engines, seconds: float, holders: int = 3, b
             time.sleep(gap_s)
         ran.append(time.thread_time() - cpu)
 
-    def decoding() -> None:
-        calls, wall, cpu = 0, time.perf_counter(), time.thread_time()
-        while not stop.is_set():
-            engines.decode(BATCH)
-            calls += 1
-        stats.update(calls=calls, wall=time.perf_counter() - wall, cpu=time.thread_time() - cpu)
-
-    threads = [threading.Thread(target=holding) for _ in range(holders)] + [threading.Thread(target=decoding)]
+    threads = [threading.Thread(target=holding) for _ in range(holders)]
+    threads.append(threading.Thread(target=_decode_until, args=(engines, stop, stats)))
     began = time.perf_counter()
     for thread in threads:
         thread.start()

@@ -128,6 +128,8 @@ def cpu(workers: int, clients: int, flags: list[str], shims: int = 1) -> None:
     the client processes spread over them in turn: the rate, and the cores each process kind keeps busy."""
     import contextlib
 
+    if shims < 1 or workers < 1:
+        sys.exit("cpu/replicas: at least one shim and one worker")
     jpeg, seconds = cat_jpeg(), 6.0
     with contextlib.ExitStack() as stack:
         started = [ShimProcess(_device(), ROOT / "models", *flags, workers=workers) for _ in range(shims)]
@@ -148,7 +150,9 @@ def cpu(workers: int, clients: int, flags: list[str], shims: int = 1) -> None:
     used = [a - b for a, b in zip(after[0], before[0])]
     device, workers_used = used[:shims], used[shims:]
     rest = after[1] - before[1] - sum(used)
-    print(f"{f'shims={shims} ' if shims > 1 else ''}workers={workers} clients={clients} {' '.join(flags)}: "
+    per_shim = [sum(out["threads_per_process"][k::shims]) for k in range(shims)]  # process p calls shim p % K
+    print(f"{f'shims={shims} (clients {per_shim}) ' if shims > 1 else ''}workers={workers} clients={clients} "
+          f"{' '.join(flags)}: "
           f"{out['images_per_s']:.0f} img/s, p50 {out.get('p50_ms', 0):.1f} p99 {out.get('p99_ms', 0):.1f} ms, "
           f"errors {out['errors']}")
     print(f"  cores busy: device {' + '.join(f'{u / wall:.2f}' for u in device)}, workers "

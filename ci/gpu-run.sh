@@ -134,8 +134,9 @@ for step in $what; do
       { for flag in "" --gpu-jpeg; do
           for _ in 1 2; do
             echo "== one shim, $workers workers $flag"; timeout 120 python3 bench/worker_ab.py cpu "$workers" 32 $flag
-            echo "== two shims, $((workers / 2)) workers each $flag"
-            timeout 120 python3 bench/worker_ab.py replicas 2 $((workers / 2)) 32 $flag
+            half=$(( workers > 1 ? workers / 2 : 1 ))
+            echo "== two shims, $half workers each $flag"
+            timeout 120 python3 bench/worker_ab.py replicas 2 "$half" 32 $flag
             echo "== two shims, $workers workers each $flag"; timeout 120 python3 bench/worker_ab.py replicas 2 "$workers" 32 $flag
           done
         done

@@ -295,6 +295,9 @@ def test_a_decoded_image_with_padded_rows_is_copied_without_its_padding(jpeg_ser
         raise cp.cuda.driver.CUDADriverError(1)  # CUDA_ERROR_INVALID_VALUE
 
     monkeypatch.setattr(cuda_driver, "_pitches_refused", False)  # put back after the test
+    read_on: list[int] = []  # the current stream where copy_image reads an image as a cupy array
+    monkeypatch.setattr(cuda_driver, "as_array", lambda image, device_id=None: (
+        read_on.append(cp.cuda.get_current_stream().ptr), as_array(image, device_id))[1])
     for source, refused in ((pitched, False), (DeviceImage(plain.data.ptr, (37, 53, 3), 53 * 3, plain), False),
                             (pitched, True), (pitched, True)):
         if refused and not refusals:  # from here on the driver refuses (the flag as if it never had)
@@ -308,7 +311,7 @@ def test_a_decoded_image_with_padded_rows_is_copied_without_its_padding(jpeg_ser
         assert cp.array_equal(dst[plain.size:2 * plain.size], plain.reshape(-1))
         assert not dst[:plain.size].any() and not dst[2 * plain.size:].any()
     assert refusals == [1]
-    assert cuda_driver._cupy_stream(stream.ptr).ptr == stream.ptr  # the cupy kernel ran on the stream asked for
+    assert read_on.count(stream.ptr) == 2  # the two refused copies' cupy kernels ran on the stream asked for
 
 
 def test_a_decoded_image_is_read_by_its_address_pitch_and_shape_or_refused():
