@@ -401,3 +401,63 @@ def test_two_launcher_threads_queue_batches_on_streams_and_decoders_of_their_own
     assert len({stream for stream, _ in threads.values()}) == 2 and len({d for _, d in threads.values()}) == 2
     assert all(len({(s, d) for n, s, d in started if n == name}) == 1 for name in threads)  # each its own, always
     assert engines.fallbacks == before
+
+
+@pytest.fixture(scope="module")
+def first_service(models_dir):
+    from shim.config import Settings
+    from shim.service import build_service
+
+    svc = build_service(Settings(device="cuda", models_dir=models_dir, gpu_jpeg=True, gpu_jpeg_first=True))
+    svc.load()
+    yield svc
+    svc.registry.close()
+
+
+def test_with_gpu_jpeg_first_decode_calls_run_first_and_each_caller_gets_its_own_classes(first_service, service,
+                                                                                         chelsea, coffee):
+    """--gpu-jpeg-first: each engines' decode call runs with the backend's turnstile closed and the
+    landing waits at it before answering; 64 concurrent callers of 1-8 JPEGs (and PNGs decoded on
+    the CPU beside them) get their CPU twin's classes."""
+    import contextlib
+
+    from accel.codec import InferRequest
+    from accel.tensor import Tensor
+
+    op, engines = _engines(first_service)
+    turnstile = first_service.backend.turnstile
+    assert turnstile is not None
+    before, calls = engines.fallbacks, {"first": 0, "wait": 0}
+    first, wait = turnstile.first, turnstile.wait
+
+    @contextlib.contextmanager
+    def counted_first():
+        with first():
+            calls["first"] += 1
+            yield
+
+    def counted_wait():
+        calls["wait"] += 1
+        wait()
+
+    pictures = [encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85), encode(coffee, "PNG")]
+    twin = service.registry.lookup("classify")
+    want = twin.logits(twin._prepare(np.array(pictures, dtype=object))).argmax(axis=1)  # noqa: SLF001
+    rng = np.random.default_rng(12)
+    plans = [rng.integers(0, len(pictures), rng.integers(1, 9)).tolist() for _ in range(64)]
+
+    def call(plan):
+        request = InferRequest([Tensor.from_bytes_list("image", [pictures[i] for i in plan])],
+                               parameters={"top_k": 1})
+        out = first_service.dispatcher.infer("classify", request)
+        return {t.name: t.numpy() for t in out.outputs}["classes"][:, 0].tolist()
+
+    turnstile.first, turnstile.wait = counted_first, counted_wait
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            for _ in range(2):
+                assert list(pool.map(call, plans)) == [[int(want[i]) for i in plan] for plan in plans]
+    finally:
+        del turnstile.first, turnstile.wait
+    assert calls["first"] > 0 and calls["wait"] > 0, calls
+    assert engines.fallbacks == before

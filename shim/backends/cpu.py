@@ -20,6 +20,7 @@ class CpuBackend:
     """Runs every op on the host CPU."""
 
     name = "cpu"
+    turnstile = None
 
     def __init__(self, threads: int = 0) -> None:
         self.threads = threads

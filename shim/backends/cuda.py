@@ -28,6 +28,7 @@ import numpy as np
 from accel.errors import InsufficientStorage
 
 from ..modelrepo import ModelConfig
+from ..turnstile import Turnstile
 from . import onnx
 from .base import ImagePipeline, ModelRunner, TensorSpec
 from .cpu import CpuImagePipeline
@@ -66,8 +67,10 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, threads: int = 0, device_id: int = 0, memory_limit: int | None = None,
-                 graphs: bool = True, jpeg: bool = False) -> None:
+                 graphs: bool = True, jpeg: bool = False, jpeg_first: bool = False) -> None:
         self.threads = threads
+        # the engines' decode call first, the readers and landings waiting (``--gpu-jpeg-first``)
+        self.turnstile = Turnstile() if jpeg and jpeg_first else None
         self.device_id = device_id
         self.graphs = graphs
         self._jpeg_asked = jpeg
@@ -237,7 +240,7 @@ class CudaBackend:
 
         if self._jpeg_asked and self._jpeg is None:
             self._jpeg_asked = False  # asked once: logged once either way
-            self._jpeg = jpeg_engines(self.device_id)
+            self._jpeg = jpeg_engines(self.device_id, self.turnstile)
         return CudaImagePipeline(self, runner, config, self._jpeg)
 
     def describe(self) -> dict[str, object]:

@@ -39,7 +39,7 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         link = LinkServer(link_path, authkey, endpoint.handlers(),
                           threads=settings.workers * (settings.threads + settings.max_queue),
                           pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
-                          unpin=backend.unregister_host)
+                          unpin=backend.unregister_host, turnstile=backend.turnstile)
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()

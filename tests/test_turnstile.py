@@ -1,0 +1,92 @@
+"""The turnstile (``--gpu-jpeg-first``): threads that wait at it stand by while a call runs first,
+and a link's reader waits there before taking a message in."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+
+import pytest
+
+from shim.cli import _parser, serve_settings
+from shim.turnstile import Turnstile
+from shim.workers.channel import Channel
+
+
+def _waiter(turnstile: Turnstile) -> tuple[threading.Thread, threading.Event]:
+    passed = threading.Event()
+    thread = threading.Thread(target=lambda: (turnstile.wait(), passed.set()), daemon=True)
+    thread.start()
+    return thread, passed
+
+
+def test_a_thread_waits_while_a_call_runs_first_and_passes_once_it_ends() -> None:
+    turnstile = Turnstile()
+    _, passed = _waiter(turnstile)
+    assert passed.wait(5)  # open: at once
+    with turnstile.first():
+        thread, passed = _waiter(turnstile)
+        assert not passed.wait(0.3)
+    assert passed.wait(5)
+    thread.join(5)
+    with turnstile.first():  # open again after each call
+        pass
+    assert _waiter(turnstile)[1].wait(5)
+
+
+def test_a_readers_message_waits_at_the_turnstile_after_it_arrives() -> None:
+    turnstile = Turnstile()
+    a, b = socket.socketpair()
+    sender, receiver = Channel(Connection(os.dup(a.fileno()))), Channel(Connection(os.dup(b.fileno())), turnstile)
+    a.close()
+    b.close()
+    try:
+        got: list[object] = []
+        with turnstile.first():
+            reader = threading.Thread(target=lambda: got.append(receiver.recv()), daemon=True)
+            reader.start()
+            sender.send((1, "logits", ("efficientnet-lite0", [b"jpeg"])))
+            reader.join(0.3)
+            assert reader.is_alive() and not got  # arrived, held at the turnstile
+        reader.join(5)
+        assert got == [(1, "logits", ("efficientnet-lite0", [b"jpeg"]))]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_gpu_jpeg_first_is_a_setting_that_needs_gpu_jpeg() -> None:
+    settings = serve_settings(_parser().parse_args(["serve", "--gpu-jpeg", "--gpu-jpeg-first"]))
+    assert settings.gpu_jpeg and settings.gpu_jpeg_first
+    with pytest.raises(ValueError, match="needs --gpu-jpeg"):
+        serve_settings(_parser().parse_args(["serve", "--gpu-jpeg-first"]))
+
+
+def test_without_a_gpu_the_backend_has_no_turnstile(models_dir) -> None:
+    from shim.config import Settings
+    from shim.service import build_service
+
+    svc = build_service(Settings(device="cpu", models_dir=models_dir, gpu_jpeg=True, gpu_jpeg_first=True))
+    try:
+        assert svc.backend.turnstile is None
+    finally:
+        svc.registry.close()
+
+
+def test_the_link_servers_readers_wait_at_its_turnstile(tmp_path) -> None:
+    from shim.workers.link import LinkClient, LinkServer
+
+    key, turnstile = os.urandom(16), Turnstile()
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: x}, threads=4, turnstile=turnstile)
+    client = LinkClient(server.address, key)
+    try:
+        assert client.call("echo", 1) == 1
+        with turnstile.first():
+            later = client.call_later("echo", 2)
+            with pytest.raises(TimeoutError):
+                later.result(0.3)
+        assert later.result(5) == 2
+    finally:
+        client.close()
+        server.close()
