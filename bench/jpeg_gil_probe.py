@@ -6,7 +6,7 @@ while another decodes batches of 10: the spinner's rate and largest gaps against
 call that held the lock would stall it), and the decoding thread's wall and CPU time per call (a
 call that lets go of the lock waits to take it back); then the same beside threads that hold the lock
 in short stretches, about as the shim's device process does at 32 clients (how many times a call
-takes it back). Then what reading the decoded images costs
+takes it back), without and with ``--gpu-jpeg-first``'s turnstile. Then what reading the decoded images costs
 and whether it waits for the engines: each image's ``__cuda_array_interface__``, the shim's
 ``device_image`` (which reads it; before, a cupy array for each), ``cupy.from_dlpack``; the share of batches whose stream was still
 busy right after the decode call and right after the reads (a read that waits leaves none busy).
@@ -26,6 +26,9 @@ import numpy as np
 from nvidia import nvimgcodec as nv
 from PIL import Image
 from skimage import data as skdata
+
+from bench.turnstile_probe import beside_holders
+from shim.turnstile import Turnstile
 
 BATCH = 10
 
@@ -81,37 +84,6 @@ def decoding_beside_a_spinner(engines: Engines, seconds: float) -> tuple[tuple[f
     stop.set()
     thread.join()
     return spun, stats
-
-
-def decoding_beside_bursts(engines: Engines, seconds: float, holders: int = 3, burst_s: float = 60e-6,
-                           gap_s: float = 120e-6) -> tuple[float, dict]:
-    """As the shim's device process at 32 clients (the lock held about 59% of the time, in short
-    stretches by its links' readers and landing): ``holders`` threads each hold the lock in Python for
-    ``burst_s`` and let go of it for ``gap_s`` (a sleep), again and again, while another decodes
-    batches of ``BATCH``. Returns the share of the time the holders ran (their CPU over the window,
-    summed) and the decoding thread's calls, wall and CPU seconds: wall beyond CPU well above one
-    burst per call would mean the call takes the lock back more than once."""
-    stop, stats, ran = threading.Event(), {}, []
-
-    def holding() -> None:
-        cpu = time.thread_time()
-        while not stop.is_set():
-            until = time.perf_counter() + burst_s
-            while time.perf_counter() < until:
-                pass
-            time.sleep(gap_s)
-        ran.append(time.thread_time() - cpu)
-
-    threads = [threading.Thread(target=holding) for _ in range(holders)]
-    threads.append(threading.Thread(target=_decode_until, args=(engines, stop, stats)))
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    return sum(ran) / (time.perf_counter() - began), stats
 
 
 def _reads(engines: Engines) -> dict[str, Callable[[Any], Any] | None]:
@@ -203,12 +175,15 @@ def main() -> None:
     print(line % ("decoding: ", *spun))
     print(f"decoder thread: {stats['calls'] / stats['wall']:.0f} calls/s, {1e3 * stats['wall'] / stats['calls']:.2f} ms "
           f"wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms CPU per call of {BATCH}")
-    for holders, burst_us, gap_us in ((3, 60, 120), (3, 20, 40), (1, 300, 200)):
-        held, stats = decoding_beside_bursts(engines, 2.0, holders, burst_us * 1e-6, gap_us * 1e-6)
-        print(f"beside {holders} threads holding the lock {burst_us} us at a time ({gap_us} us apart; they ran "
-              f"{held:.0%} of the time): {stats['calls'] / stats['wall']:.0f} calls/s, "
-              f"{1e3 * stats['wall'] / stats['calls']:.2f} ms wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms "
-              f"CPU per call of {BATCH}")
+    # beside threads holding the lock in short stretches, as the device process's readers and landing
+    # do at 32 clients (the lock held about 59% of the time), without and with --gpu-jpeg-first's
+    # turnstile: wall well beyond CPU per call means the call waits out their stretches
+    for turnstile in (None, Turnstile(), None, Turnstile()):
+        walls, cpu, held = beside_holders(lambda: engines.decode(BATCH), 2.0, turnstile)
+        print(f"beside 3 threads holding the lock 60 us at a time, 120 us apart "
+              f"({'with' if turnstile else 'without'} the turnstile; they ran {held:.0%} of the time): "
+              f"{len(walls) / 2.0:.0f} calls/s, {1e3 * sum(walls) / len(walls):.2f} ms wall and "
+              f"{1e3 * cpu / len(walls):.2f} ms CPU per call of {BATCH}")
     reading_the_images(engines)
     behind_queued_work(engines)
 

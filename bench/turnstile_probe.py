@@ -1,25 +1,28 @@
 """What ``--gpu-jpeg-first``'s turnstile (``shim/turnstile.py``) does to a call that lets go of the
-interpreter lock many times, on the CPU, with a stand-in for nvImageCodec's decode call:
+interpreter lock many times, on the CPU, with a stand-in for a batch's JPEG decode:
 
     python bench/turnstile_probe.py [SECONDS]
 
-The stand-in lets go of the lock and takes it back 21 times (a SHA-256 of 4 KiB, which hashlib runs
-without the lock: as the engines' call does twice per image for 10 images, and once around their
-work), then waits 0.4 ms without it (the engines' work); the calling thread then holds the lock for 1 ms
-of Python (the batcher's other work in its cycle) before the next call. Beside it, three threads stand for the
-device process's links' readers: each waits 120 us (a blocking read), then holds the lock for 60 us
-of Python. Alternating without and with the turnstile closed around each call (the readers waiting
-at it after each read): the call's median and p90 wall time, cycles/s (a call and the 1 ms), and
-the share of the time the readers ran. Not the device process: the engines, the batcher's other work and the real readers'
-stretches differ; ``ci/gpu-run.sh jpegfirst`` measures the shim itself.
+The stand-in lets go of the lock and takes it back 60 times (a SHA-256 of 4 KiB, which hashlib runs
+without the lock: as nvImageCodec does about 6 times per image for 10 images), then waits 0.4 ms
+without it (the engines' work); the calling thread then holds the lock for 1 ms of Python (the
+batcher's other work in its cycle) before the next call. Beside it (``beside_holders``), three
+threads stand for the device process's links' readers: each waits 120 us (a blocking read), then
+holds the lock for 60 us of Python. Alternating without and with the turnstile (closed around each
+call, the readers waiting at it after each read): the call's median and p90 wall time, cycles/s (a
+call and the 1 ms) and the share of the time the readers ran. These readers are greedy (they always
+want the lock), the shim's read only what comes: ``ci/gpu-run.sh jpegfirst`` measures the shim.
+``bench/jpeg_gil_probe.py`` runs the engines' own call in the same harness on the GPU machine.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,40 +31,39 @@ from shim.turnstile import Turnstile  # noqa: E402
 BLOCK = bytes(4096)
 
 
-def stand_in() -> None:
-    for _ in range(21):
-        hashlib.sha256(BLOCK)  # hashlib lets go of the lock above 2 KiB
-    time.sleep(0.0004)
+def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnstile | None = None, holders: int = 3,
+                   burst_s: float = 60e-6, gap_s: float = 120e-6,
+                   after: Callable[[], None] = lambda: None) -> tuple[list[float], float, float]:
+    """``call`` back to back on a thread for ``seconds`` (run ``first`` at ``turnstile`` if given,
+    then ``after``, untimed), while ``holders`` threads each sleep ``gap_s`` (a blocking read), wait
+    at the turnstile if given, and hold the lock in Python for ``burst_s``, again and again. Returns
+    each call's wall seconds, the calling thread's CPU seconds in all, and the share of the time the
+    holders ran (their CPU over the window, summed)."""
+    stop, walls, cpu, ran = threading.Event(), [], [0.0], []
+    first = turnstile.first if turnstile is not None else contextlib.nullcontext
 
-
-def run(seconds: float, turnstile: Turnstile | None) -> tuple[float, float, float, float]:
-    stop, walls, ran = threading.Event(), [], []
-
-    def reader() -> None:
-        cpu = time.thread_time()
+    def holding() -> None:
+        began = time.thread_time()
         while not stop.is_set():
-            time.sleep(120e-6)
+            time.sleep(gap_s)
             if turnstile is not None:
                 turnstile.wait()
-            until = time.perf_counter() + 60e-6
+            until = time.perf_counter() + burst_s
             while time.perf_counter() < until:
                 pass
-        ran.append(time.thread_time() - cpu)
+        ran.append(time.thread_time() - began)
 
-    def caller() -> None:
+    def calling() -> None:
+        began = time.thread_time()
         while not stop.is_set():
-            began = time.perf_counter()
-            if turnstile is None:
-                stand_in()
-            else:
-                with turnstile.first():
-                    stand_in()
-            walls.append(time.perf_counter() - began)
-            until = time.perf_counter() + 1e-3
-            while time.perf_counter() < until:
-                pass
+            wall = time.perf_counter()
+            with first():
+                call()
+            walls.append(time.perf_counter() - wall)
+            after()
+        cpu[0] = time.thread_time() - began
 
-    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=caller)]
+    threads = [threading.Thread(target=holding) for _ in range(holders)] + [threading.Thread(target=calling)]
     began = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -69,10 +71,19 @@ def run(seconds: float, turnstile: Turnstile | None) -> tuple[float, float, floa
     stop.set()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - began
-    walls.sort()
-    return (1e3 * walls[len(walls) // 2], 1e3 * walls[int(len(walls) * 0.9)], len(walls) / elapsed,
-            sum(ran) / elapsed)
+    return walls, cpu[0], sum(ran) / (time.perf_counter() - began)
+
+
+def stand_in() -> None:
+    for _ in range(60):
+        hashlib.sha256(BLOCK)  # hashlib lets go of the lock above 2 KiB
+    time.sleep(0.0004)
+
+
+def python_for(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
 
 
 def main() -> None:
@@ -83,8 +94,10 @@ def main() -> None:
     print(f"the stand-in alone: {5 * (time.perf_counter() - began):.3f} ms a call")  # 200 calls: s * 5 = ms each
     for _ in range(2):
         for name, turnstile in (("without the turnstile", None), ("with it", Turnstile())):
-            p50, p90, rate, share = run(seconds, turnstile)
-            print(f"{name:22s} the call p50 {p50:.3f} ms, p90 {p90:.3f} ms, {rate:.0f} cycles/s; "
+            walls, _, share = beside_holders(stand_in, seconds, turnstile, after=lambda: python_for(1e-3))
+            walls.sort()
+            print(f"{name:22s} the call p50 {1e3 * walls[len(walls) // 2]:.3f} ms, p90 "
+                  f"{1e3 * walls[int(len(walls) * 0.9)]:.3f} ms, {len(walls) / seconds:.0f} cycles/s; "
                   f"the readers ran {share:.0%} of the time", flush=True)
 
 

@@ -1,13 +1,15 @@
-"""A turnstile for the interpreter lock: one thread's call that lets go of the lock many times takes
-it back at once, while the process's other busy threads wait at the turnstile.
+"""A turnstile for the interpreter lock: a call that lets go of the lock many times takes it back at
+once, while the process's other busy threads wait at the turnstile.
 
-nvImageCodec's decode call (``--gpu-jpeg``) lets go of the lock and takes it back twice per image
-before the engines' work, and once around that work. In the device process at 32 clients another
-thread (a link's reader, a landing) takes the lock at each release and keeps it for a stretch of its
-own work, so the call waits behind each: about 1 ms of its 2 ms on the H200, where its CPU is 0.9.
-With ``--gpu-jpeg-first`` the call runs with the turnstile closed (``first``) and those threads
-``wait`` at it before a stretch of work, so the call's releases cost a thread switch each, not a
-stretch; they work while it is open (the batcher's thread between calls).
+nvImageCodec's Python binding (``--gpu-jpeg``) lets go of the lock about 6 times per image in a
+batch's decode: making each code stream, around each image's info and inside each output image's
+constructor in the decode call, and in each read of an image's ``__cuda_array_interface__``; and
+once around the engines' work. In a busy device process another thread (a link's reader, a landing)
+may take the lock at each release and keep it for a stretch of its work, which the batcher's thread
+then waits out (the likely part of the decode's 2 ms of wall time for 0.9 ms of CPU on the H200 at
+32 clients; not measured). With ``--gpu-jpeg-first`` a decode runs ``first`` and those threads
+``wait`` at the turnstile before a stretch of work, so each release costs a thread switch instead;
+they also wait while the engines work inside the call, when the lock is free: the price.
 """
 from __future__ import annotations
 
@@ -15,21 +17,35 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+MAX_WAIT_S = 0.01  # a waiter goes on after this long (a stuck call slows the others, never stops them)
+
 
 class Turnstile:
-    """Closed while one call runs ``first``; other threads ``wait`` there before their work."""
+    """Closed while any call runs ``first`` (such calls do not exclude each other); other threads
+    ``wait`` there before their work, at most ``max_wait_s``."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self._count = threading.Lock()
+        self._running = 0
+        self._max_wait_s = max_wait_s
 
     @contextmanager
     def first(self) -> Iterator[None]:
-        """Close the turnstile for the ``with`` block (one such block at a time)."""
-        with self._lock:
+        """Keep the turnstile closed for the ``with`` block."""
+        with self._count:
+            self._running += 1
+            self._open.clear()
+        try:
             yield
+        finally:
+            with self._count:
+                self._running -= 1
+                if not self._running:
+                    self._open.set()
 
     def wait(self) -> None:
-        """Return at once while the turnstile is open, else once it opens."""
-        if self._lock.locked():
-            with self._lock:
-                pass
+        """Return at once while the turnstile is open, else once it opens or ``max_wait_s`` has passed."""
+        if not self._open.is_set():
+            self._open.wait(self._max_wait_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import pytest
@@ -22,7 +23,7 @@ def _waiter(turnstile: Turnstile) -> tuple[threading.Thread, threading.Event]:
 
 
 def test_a_thread_waits_while_a_call_runs_first_and_passes_once_it_ends() -> None:
-    turnstile = Turnstile()
+    turnstile = Turnstile(max_wait_s=30)
     _, passed = _waiter(turnstile)
     assert passed.wait(5)  # open: at once
     with turnstile.first():
@@ -35,8 +36,38 @@ def test_a_thread_waits_while_a_call_runs_first_and_passes_once_it_ends() -> Non
     assert _waiter(turnstile)[1].wait(5)
 
 
+def test_calls_run_first_side_by_side_and_the_turnstile_opens_when_the_last_ends() -> None:
+    turnstile = Turnstile(max_wait_s=30)
+    inside, leave = threading.Barrier(3), threading.Event()
+
+    def call() -> None:
+        with turnstile.first():
+            inside.wait(5)  # both inside at once: the calls do not exclude each other
+            leave.wait(5)
+
+    calls = [threading.Thread(target=call, daemon=True) for _ in range(2)]
+    for thread in calls:
+        thread.start()
+    inside.wait(5)
+    _, passed = _waiter(turnstile)
+    assert not passed.wait(0.3)
+    leave.set()
+    for thread in calls:
+        thread.join(5)
+    assert passed.wait(5)
+
+
+def test_a_waiter_goes_on_after_its_longest_wait_if_the_call_does_not_end() -> None:
+    turnstile = Turnstile(max_wait_s=0.05)
+    with turnstile.first():
+        began = time.monotonic()
+        _, passed = _waiter(turnstile)
+        assert passed.wait(5)
+        assert time.monotonic() - began >= 0.04
+
+
 def test_a_readers_message_waits_at_the_turnstile_after_it_arrives() -> None:
-    turnstile = Turnstile()
+    turnstile = Turnstile(max_wait_s=30)
     a, b = socket.socketpair()
     sender, receiver = Channel(Connection(os.dup(a.fileno()))), Channel(Connection(os.dup(b.fileno())), turnstile)
     a.close()
@@ -63,21 +94,10 @@ def test_gpu_jpeg_first_is_a_setting_that_needs_gpu_jpeg() -> None:
         serve_settings(_parser().parse_args(["serve", "--gpu-jpeg-first"]))
 
 
-def test_without_a_gpu_the_backend_has_no_turnstile(models_dir) -> None:
-    from shim.config import Settings
-    from shim.service import build_service
-
-    svc = build_service(Settings(device="cpu", models_dir=models_dir, gpu_jpeg=True, gpu_jpeg_first=True))
-    try:
-        assert svc.backend.turnstile is None
-    finally:
-        svc.registry.close()
-
-
 def test_the_link_servers_readers_wait_at_its_turnstile(tmp_path) -> None:
     from shim.workers.link import LinkClient, LinkServer
 
-    key, turnstile = os.urandom(16), Turnstile()
+    key, turnstile = os.urandom(16), Turnstile(max_wait_s=30)
     server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda x: x}, threads=4, turnstile=turnstile)
     client = LinkClient(server.address, key)
     try:

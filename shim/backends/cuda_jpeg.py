@@ -43,8 +43,8 @@ class JpegEngines:
     """One nvImageCodec decoder per device worker (per stream), on the hardware backend only, never a
     slower GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it
     is made (its buffers, now), whose pixels must be libjpeg-turbo's. With a ``turnstile``, each
-    decode call runs with it closed (``Turnstile.first``: the call takes the interpreter lock back at
-    once after each of its releases, twice per image, while the threads that wait there stand by).
+    ``decode`` runs with it closed (``Turnstile.first``: nvImageCodec lets go of the interpreter lock
+    about 6 times per image, and takes it back at once while the threads that wait there stand by).
 
     Raises (constructor):
         RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
@@ -108,15 +108,17 @@ class JpegEngines:
         images and their decoder alive."""
         images: list[Any] = [None] * len(jpegs)
         decoder = None
-        try:
-            decoder = self.decoder(owner)
-            if decoder is not None:
-                streams = [self._nv.CodeStream(data) for data in jpegs]
-                with self._turnstile.first() if self._turnstile is not None else contextlib.nullcontext():
-                    images = decoder.decode(streams, params=self._params, cuda_stream=stream)
-        except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
-            self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-        decoded = [self._image(image, decoder) for image in images]
+        # each step lets go of the interpreter lock per image (a code stream made, the image's info and
+        # buffer in the call, its interface read: about 6 times), hence all of them ``first``
+        with self._turnstile.first() if self._turnstile is not None else contextlib.nullcontext():
+            try:
+                decoder = self.decoder(owner)
+                if decoder is not None:
+                    images = decoder.decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
+                                            cuda_stream=stream)
+            except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
+                self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
+            decoded = [self._image(image, decoder) for image in images]
         missed = sum(image is None for image in decoded)
         if missed:
             with self._count:
