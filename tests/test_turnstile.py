@@ -110,3 +110,29 @@ def test_the_link_servers_readers_wait_at_its_turnstile(tmp_path) -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_the_device_link_of_a_backend_with_a_turnstile_reads_at_it(service, tmp_path) -> None:
+    """``device_link`` (what ``serve_with_workers`` serves the workers with) hands the backend's
+    turnstile to the link's readers: a worker's call waits while a decode runs first."""
+    from shim.workers import device_link
+    from shim.workers.device import DeviceEndpoint
+    from shim.workers.link import LinkClient
+
+    key = os.urandom(16)
+    service.backend.turnstile = Turnstile(max_wait_s=30)  # as the CUDA backend's with --gpu-jpeg-first
+    try:
+        link = device_link(service, DeviceEndpoint(service, workers=1), str(tmp_path / "link.sock"), key)
+        client = LinkClient(link.address, key)
+        try:
+            assert client.call("worker_ready", 1) is None
+            with service.backend.turnstile.first():
+                later = client.call_later("worker_ready", 2)
+                with pytest.raises(TimeoutError):
+                    later.result(0.3)
+            assert later.result(5) is None
+        finally:
+            client.close()
+            link.close()
+    finally:
+        del service.backend.turnstile
