@@ -37,9 +37,12 @@ def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnst
     """``call`` back to back on a thread for ``seconds`` (run ``first`` at ``turnstile`` if given,
     then ``after``, untimed), while ``holders`` threads each sleep ``gap_s`` (a blocking read), wait
     at the turnstile if given, and hold the lock in Python for ``burst_s``, again and again. Returns
-    each call's wall seconds, the calling thread's CPU seconds in all, and the share of the time the
-    holders ran (their CPU over the window, summed)."""
-    stop, walls, cpu, ran = threading.Event(), [], [0.0], []
+    each call's wall seconds, the calling thread's CPU seconds in its calls (``after`` left out), and
+    the share of the time the holders ran (their CPU over the window, summed).
+
+    Raises:
+        RuntimeError: no call ended in the window (``call`` raised: its error is the cause)."""
+    stop, walls, cpu, ran, failed = threading.Event(), [], [0.0], [], []
     first = turnstile.first if turnstile is not None else contextlib.nullcontext
 
     def holding() -> None:
@@ -54,14 +57,16 @@ def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnst
         ran.append(time.thread_time() - began)
 
     def calling() -> None:
-        began = time.thread_time()
-        while not stop.is_set():
-            wall = time.perf_counter()
-            with first():
-                call()
-            walls.append(time.perf_counter() - wall)
-            after()
-        cpu[0] = time.thread_time() - began
+        try:
+            while not stop.is_set():
+                wall, began = time.perf_counter(), time.thread_time()
+                with first():
+                    call()
+                walls.append(time.perf_counter() - wall)
+                cpu[0] += time.thread_time() - began
+                after()
+        except Exception as exc:  # noqa: BLE001 - the caller says why
+            failed.append(exc)
 
     threads = [threading.Thread(target=holding) for _ in range(holders)] + [threading.Thread(target=calling)]
     began = time.perf_counter()
@@ -71,6 +76,8 @@ def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnst
     stop.set()
     for thread in threads:
         thread.join()
+    if not walls:
+        raise RuntimeError("no call ended in the window") from (failed[0] if failed else None)
     return walls, cpu[0], sum(ran) / (time.perf_counter() - began)
 
 

@@ -14,6 +14,7 @@ they also wait while the engines work inside the call, when the lock is free: th
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,31 +22,37 @@ MAX_WAIT_S = 0.01  # a waiter goes on after this long (a stuck call slows the ot
 
 
 class Turnstile:
-    """Closed while any call runs ``first`` (such calls do not exclude each other); other threads
-    ``wait`` there before their work, at most ``max_wait_s``."""
+    """Closed while calls run ``first`` (such calls do not exclude each other); a thread that
+    ``wait``s there goes on once the calls running when it came have ended, or after ``max_wait_s``
+    (calls that start after it came do not hold it: two batcher threads' overlapping decodes cannot
+    keep it waiting for ever)."""
 
     def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
-        self._open = threading.Event()
-        self._open.set()
-        self._count = threading.Lock()
-        self._running = 0
+        self._running: set[threading.Event] = set()  # one per call running first, set as it ends
+        self._lock = threading.Lock()
         self._max_wait_s = max_wait_s
 
     @contextmanager
     def first(self) -> Iterator[None]:
         """Keep the turnstile closed for the ``with`` block."""
-        with self._count:
-            self._running += 1
-            self._open.clear()
+        ended = threading.Event()
+        with self._lock:
+            self._running.add(ended)
         try:
             yield
         finally:
-            with self._count:
-                self._running -= 1
-                if not self._running:
-                    self._open.set()
+            with self._lock:
+                self._running.discard(ended)
+            ended.set()
 
     def wait(self) -> None:
-        """Return at once while the turnstile is open, else once it opens or ``max_wait_s`` has passed."""
-        if not self._open.is_set():
-            self._open.wait(self._max_wait_s)
+        """Return at once while no call runs first, else once those running now have ended (at
+        most ``max_wait_s``)."""
+        if not self._running:
+            return
+        with self._lock:
+            calls = list(self._running)
+        deadline = time.monotonic() + self._max_wait_s
+        for ended in calls:
+            if not ended.wait(max(0.0, deadline - time.monotonic())):
+                return

@@ -3,7 +3,7 @@ that decodes them with libjpeg-turbo (run on the GPU machine with nvImageCodec i
 ``pytest -m gpu``; ``ci/gpu-run.sh`` installs it from ``.whl-gpu``)."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,14 +26,21 @@ DECODE_TOLERANCE = 5e-3
 
 
 def _concurrent_top1(svc, pictures: list[bytes], plans: list[list[int]], timeout: float = 120) -> list[list[int]]:
-    """Each plan's pictures classified in one request (top 1), all the plans' requests at once."""
+    """Each plan's pictures classified in one request (top 1), all the plans' requests at once (a
+    fresh pool of threads each time); fails if they have not all ended within ``timeout``."""
     def call(plan: list[int]) -> list[int]:
         request = InferRequest([Tensor.from_bytes_list("image", [pictures[i] for i in plan])], parameters={"top_k": 1})
         out = svc.dispatcher.infer("classify", request)
         return {t.name: t.numpy() for t in out.outputs}["classes"][:, 0].tolist()
 
-    with ThreadPoolExecutor(len(plans)) as pool:
-        return [f.result(timeout) for f in [pool.submit(call, plan) for plan in plans]]
+    pool = ThreadPoolExecutor(len(plans))
+    try:
+        futures = [pool.submit(call, plan) for plan in plans]
+        _, pending = wait(futures, timeout)
+        assert not pending, f"{len(pending)} of {len(plans)} requests not answered in {timeout} s"
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _same_classes(got: np.ndarray, want: np.ndarray, k: int = 5) -> bool:
@@ -424,7 +431,7 @@ def test_with_gpu_jpeg_first_decode_calls_run_first_and_each_caller_gets_its_own
     turnstile = first_service.backend.turnstile
     assert turnstile is not None
     before, calls = engines.fallbacks, {"first": 0, "wait": 0}
-    first, wait = turnstile.first, turnstile.wait
+    first, wait_at = turnstile.first, turnstile.wait
 
     @contextlib.contextmanager
     def counted_first():
@@ -434,7 +441,7 @@ def test_with_gpu_jpeg_first_decode_calls_run_first_and_each_caller_gets_its_own
 
     def counted_wait():
         calls["wait"] += 1
-        wait()
+        wait_at()
 
     pictures = [encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85), encode(coffee, "PNG")]
     twin = service.registry.lookup("classify")

@@ -57,6 +57,36 @@ def test_calls_run_first_side_by_side_and_the_turnstile_opens_when_the_last_ends
     assert passed.wait(5)
 
 
+def test_a_waiter_is_not_held_by_calls_that_start_after_it_came() -> None:
+    """Two batcher threads' decodes may overlap in a chain: a waiter goes on once those running
+    when it came have ended, though another runs first by then."""
+    turnstile = Turnstile(max_wait_s=30)
+    leave_a, leave_b, b_inside = threading.Event(), threading.Event(), threading.Event()
+
+    def call(leave: threading.Event, inside: threading.Event | None = None) -> None:
+        with turnstile.first():
+            if inside is not None:
+                inside.set()
+            leave.wait(10)
+
+    a = threading.Thread(target=call, args=(leave_a,), daemon=True)
+    a.start()
+    time.sleep(0.05)
+    _, passed = _waiter(turnstile)  # came while A runs
+    b = threading.Thread(target=call, args=(leave_b, b_inside), daemon=True)
+    b.start()
+    assert b_inside.wait(5)
+    assert not passed.wait(0.3)
+    leave_a.set()  # A ends, B still runs: the waiter goes on
+    assert passed.wait(5)
+    _, later = _waiter(turnstile)  # one that came while B runs waits for B
+    assert not later.wait(0.3)
+    leave_b.set()
+    assert later.wait(5)
+    a.join(5)
+    b.join(5)
+
+
 def test_a_waiter_goes_on_after_its_longest_wait_if_the_call_does_not_end() -> None:
     turnstile = Turnstile(max_wait_s=0.05)
     with turnstile.first():
@@ -122,7 +152,8 @@ def test_the_device_link_of_a_backend_with_a_turnstile_reads_at_it(service, tmp_
     key = os.urandom(16)
     service.backend.turnstile = Turnstile(max_wait_s=30)  # as the CUDA backend's with --gpu-jpeg-first
     try:
-        link = device_link(service, DeviceEndpoint(service, workers=1), str(tmp_path / "link.sock"), key)
+        # workers=0: no readiness gate left on the shared service's registry
+        link = device_link(service, DeviceEndpoint(service, workers=0), str(tmp_path / "link.sock"), key)
         client = LinkClient(link.address, key)
         try:
             assert client.call("worker_ready", 1) is None
