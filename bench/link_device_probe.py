@@ -50,7 +50,7 @@ def _serve(address: str, ready: Any, stop: Any) -> None:
 
 
 def one_round(seconds: float, threads: int) -> str:
-    from bench.procs import cat_jpeg, cpu_times
+    from bench.procs import cat_jpeg, cpu_times, run_threads
     from shim.backends.base import PlainJpeg
     from shim.ops.jpeg import plain_jpeg_shape
     from shim.workers.arena import Arena
@@ -83,12 +83,7 @@ def one_round(seconds: float, threads: int) -> str:
 
         workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
         (user0, sys0), began = cpu_times(server.pid), time.perf_counter()
-        for worker in workers:
-            worker.start()
-        time.sleep(seconds)
-        done.set()
-        for worker in workers:
-            worker.join()
+        run_threads(workers, seconds, done)
         (user1, sys1), wall = cpu_times(server.pid), time.perf_counter() - began
     finally:
         for client in clients:

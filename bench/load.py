@@ -30,7 +30,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, md_table, percentiles, write_results  # noqa: E402
-from bench.procs import CHILD_TIMEOUT_S, cat_jpeg, child_env, rss_mib  # noqa: E402
+from bench.procs import CHILD_TIMEOUT_S, cat_jpeg, child_env, rss_mib, run_threads  # noqa: E402
 
 
 def metrics_text(url: str) -> str:
@@ -189,12 +189,7 @@ def run_load(clients: int, seconds: float, kill_every: float | None, models: Pat
         threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
         threads.append(threading.Thread(target=killer, daemon=True))
         began = time.monotonic()
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join(timeout + 60)
+        run_threads(threads, seconds, stop, timeout + 60)
         elapsed = time.monotonic() - began
         rss_end = rss_mib(shim.proc.pid)  # type: ignore[union-attr]
         lost = []

@@ -137,6 +137,18 @@ def cpu_times(pid: int | str) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def run_threads(threads: list[threading.Thread], seconds: float, stop: threading.Event,
+                join_timeout: float | None = None) -> None:
+    """Start ``threads``, let them run ``seconds``, set ``stop`` and join them (each for at most
+    ``join_timeout``)."""
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(join_timeout)
+
+
 def cat_jpeg() -> bytes:
     from PIL import Image
     from skimage import data

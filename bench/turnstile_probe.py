@@ -26,6 +26,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.procs import run_threads  # noqa: E402
 from shim.turnstile import Turnstile  # noqa: E402
 
 BLOCK = bytes(4096)
@@ -70,12 +71,7 @@ def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnst
 
     threads = [threading.Thread(target=holding) for _ in range(holders)] + [threading.Thread(target=calling)]
     began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    run_threads(threads, seconds, stop)
     if not walls:
         raise RuntimeError("no call ended in the window") from (failed[0] if failed else None)
     return walls, cpu[0], sum(ran) / (time.perf_counter() - began)

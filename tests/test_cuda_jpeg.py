@@ -427,7 +427,7 @@ def test_with_gpu_jpeg_first_decode_calls_run_first_and_each_caller_gets_its_own
     the CPU beside them) get their CPU twin's classes."""
     import contextlib
 
-    op, engines = _engines(first_service)
+    _, engines = _engines(first_service)
     turnstile = first_service.backend.turnstile
     assert turnstile is not None
     before, calls = engines.fallbacks, {"first": 0, "wait": 0}
