@@ -6,7 +6,7 @@ while another decodes batches of 10: the spinner's rate and largest gaps against
 call that held the lock would stall it), and the decoding thread's wall and CPU time per call (a
 call that lets go of the lock waits to take it back); then the same beside threads that hold the lock
 in short stretches, about as the shim's device process does at 32 clients (how many times a call
-takes it back), without and with ``--gpu-jpeg-first``'s turnstile. Then what reading the decoded images costs
+takes it back), without and with ``bench/turnstile_probe.py``'s turnstile. Then what reading the decoded images costs
 and whether it waits for the engines: each image's ``__cuda_array_interface__``, the shim's
 ``device_image`` (which reads it; before, a cupy array for each), ``cupy.from_dlpack``; the share of batches whose stream was still
 busy right after the decode call and right after the reads (a read that waits leaves none busy).
@@ -31,8 +31,7 @@ from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.turnstile_probe import beside_holders, python_for  # noqa: E402
-from shim.turnstile import Turnstile  # noqa: E402
+from bench.turnstile_probe import Turnstile, beside_holders, python_for  # noqa: E402
 
 BATCH = 10
 
@@ -180,8 +179,8 @@ def main() -> None:
     print(f"decoder thread: {stats['calls'] / stats['wall']:.0f} calls/s, {1e3 * stats['wall'] / stats['calls']:.2f} ms "
           f"wall and {1e3 * stats['cpu'] / stats['calls']:.2f} ms CPU per call of {BATCH}")
     # beside threads holding the lock in short stretches, as the device process's readers and landing
-    # do at 32 clients (the lock held about 59% of the time), without and with --gpu-jpeg-first's
-    # turnstile, as bench/turnstile_probe.py's stand-in: each call as the shim's (code streams, the
+    # do at 32 clients (the lock held about 59% of the time), without and with the turnstile, as
+    # bench/turnstile_probe.py's stand-in: each call as the shim's (code streams, the
     # decode, each image's interface read), then 1 ms of other Python; wall well beyond CPU per call
     # means the call waits out their stretches
     from shim.backends.cuda_jpeg import device_image  # noqa: PLC0415 - the repository on the path

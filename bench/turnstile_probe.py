@@ -1,5 +1,5 @@
-"""What ``--gpu-jpeg-first``'s turnstile (``shim/turnstile.py``) does to a call that lets go of the
-interpreter lock many times, on the CPU, with a stand-in for a batch's JPEG decode:
+"""What a turnstile for the interpreter lock (``Turnstile``, below) does to a call that lets go of the
+lock many times, on the CPU, with a stand-in for a batch's JPEG decode:
 
     python bench/turnstile_probe.py [SECONDS]
 
@@ -11,8 +11,10 @@ threads stand for the device process's links' readers: each waits 120 us (a bloc
 holds the lock for 60 us of Python. Alternating without and with the turnstile (closed around each
 call, the readers waiting at it after each read): the call's median and p90 wall time, cycles/s (a
 call and the 1 ms) and the share of the time the readers ran. These readers are greedy (they always
-want the lock), the shim's read only what comes: ``ci/gpu-run.sh jpegfirst`` measures the shim.
-``bench/jpeg_gil_probe.py`` runs the engines' own call in the same harness on the GPU machine.
+want the lock), the shim's read only what comes. The shim had it as ``--gpu-jpeg-first`` (its decode
+calls first, the links' readers and the landing waiting): on the H200 it was 9% slower at 32
+clients, and it went (bench/results/NOTES.md, twentieth session). ``bench/jpeg_gil_probe.py`` runs
+the engines' own call in this harness on the GPU machine.
 """
 from __future__ import annotations
 
@@ -21,15 +23,53 @@ import hashlib
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.procs import run_threads  # noqa: E402
-from shim.turnstile import Turnstile  # noqa: E402
 
 BLOCK = bytes(4096)
+MAX_WAIT_S = 0.01  # a waiter goes on after this long (a stuck call slows the others, never stops them)
+
+
+class Turnstile:
+    """Closed while calls run ``first`` (such calls do not exclude each other); a thread that
+    ``wait``s there goes on once the calls running when it came have ended, or after ``max_wait_s``
+    (calls that start after it came do not hold it: two batcher threads' overlapping decodes cannot
+    keep it waiting for ever)."""
+
+    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+        self._running: set[threading.Event] = set()  # one per call running first, set as it ends
+        self._lock = threading.Lock()
+        self._max_wait_s = max_wait_s
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        """Keep the turnstile closed for the ``with`` block."""
+        ended = threading.Event()
+        with self._lock:
+            self._running.add(ended)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(ended)
+            ended.set()
+
+    def wait(self) -> None:
+        """Return at once while no call runs first, else once those running now have ended (at
+        most ``max_wait_s``)."""
+        if not self._running:
+            return
+        with self._lock:
+            calls = list(self._running)
+        deadline = time.monotonic() + self._max_wait_s
+        for ended in calls:
+            if not ended.wait(max(0.0, deadline - time.monotonic())):
+                return
 
 
 def beside_holders(call: Callable[[], object], seconds: float, turnstile: Turnstile | None = None, holders: int = 3,

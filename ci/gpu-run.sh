@@ -13,8 +13,6 @@
 #    batcher threads), alternating three times, then one pair without --gpu-jpeg;
 #    replicas, not in all: `cpu N 32` with one shim against two whole shims (N/2 and N workers each) on the one
 #    GPU, the clients spread over them, without and with --gpu-jpeg, alternating twice;
-#    jpegfirst, not in all: `cpu N 32 --gpu-jpeg` without and with --gpu-jpeg-first, alternating three times,
-#    then `stages` without and with it;
 #    jpegthreads, not in all: `stages N 32 --gpu-jpeg` with nvImageCodec's pool of 2, 1 and 4 threads;
 #    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
 #    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
@@ -143,16 +141,6 @@ for step in $what; do
           done
         done
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/replicas.log" | grep -E "^==|img/s|busy" ;;
-    jpegfirst)  # --gpu-jpeg-first: the engines' decode calls first, the readers and landings waiting
-      { for _ in 1 2 3; do
-          echo "== --gpu-jpeg"; timeout 100 python3 bench/worker_ab.py cpu "$workers" 32 --gpu-jpeg
-          echo "== --gpu-jpeg --gpu-jpeg-first"; timeout 100 python3 bench/worker_ab.py cpu "$workers" 32 --gpu-jpeg --gpu-jpeg-first
-        done
-        for first in "" --gpu-jpeg-first; do
-          echo "== stages --gpu-jpeg $first"; timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg $first
-        done
-      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/jpegfirst.log" \
-        | grep -E "^==|img/s|busy|engines' decode|start a batch|link message in|land a batch" ;;
     jpegthreads)  # the engines' decode call's wall and CPU with nvImageCodec's pool at 2 (as is), 1 and 4
       # threads (cuda_jpeg.CPU_THREADS, edited in this copy and put back)
       { for t in 2 1 4; do

@@ -47,10 +47,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="decode classify's plain baseline JPEGs on the GPU's JPEG engines (nvImageCodec, the "
                             "nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels) instead of on the CPU; off by default: on "
                             "an H200 12%% slower at 32 clients, 22%% faster at 128 (docs/deploy.md)")
-    serve.add_argument("--gpu-jpeg-first", dest="gpu_jpeg_first", action="store_true", default=None,
-                       help="with --gpu-jpeg: the engines' decode calls take the interpreter lock back first, the "
-                            "device process's link readers and landings waiting meanwhile (experimental: "
-                            "shim/turnstile.py)")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                        help="run models on the GPU node by node instead of replaying a CUDA graph per batch size")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")

@@ -27,7 +27,6 @@ class Settings:
     batching: bool = True                     # dynamic batching of classify and raw models
     cuda_graphs: bool = True                  # models on the GPU replay a captured CUDA graph per batch size
     gpu_jpeg: bool = False                    # classify's plain JPEGs decoded on the GPU's JPEG engines
-    gpu_jpeg_first: bool = False              # their decode calls first, the device's other threads waiting
     models_dir: Path = Path("models")
     threads: int = 32                         # requests served at once (more: bigger dynamic batches)
     workers: int = 1                          # request worker processes in front of the device process (1: none)
@@ -91,8 +90,6 @@ class Settings:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
-        if self.gpu_jpeg_first and not self.gpu_jpeg:
-            raise ValueError("--gpu-jpeg-first orders the GPU's JPEG decode calls: it needs --gpu-jpeg")
         if self.vsock_port is not None and not 0 < self.vsock_port < 0xFFFFFFFF:
             raise ValueError(f"vsock port {self.vsock_port} out of range (1 to 4294967294)")
 

@@ -100,7 +100,7 @@ def build_service(settings: Settings, backend: Backend | None = None, extra_ops:
     metrics = Metrics()
     guard = build_guard(settings, metrics)  # first: a bad tokens file fails before the device starts
     backend = backend or select_backend(settings.device, 0, settings.gpu_memory_limit, settings.cuda_graphs,
-                                        settings.gpu_jpeg, settings.gpu_jpeg_first)
+                                        settings.gpu_jpeg)
     metrics.info.info({"version": __version__, "backend": backend.name})
     batching = (BatchingFactory(metrics.batch_size, metrics.queue_seconds, metrics.batch_seconds)
                 if settings.batching else None)

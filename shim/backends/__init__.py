@@ -11,11 +11,10 @@ __all__ = ["Backend", "ImagePipeline", "ModelRunner", "TensorSpec", "select_back
 
 
 def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cuda_graphs: bool = True,
-                   gpu_jpeg: bool = False, gpu_jpeg_first: bool = False) -> Backend:
+                   gpu_jpeg: bool = False) -> Backend:
     """The backend for ``device`` (auto|cpu|cuda); the reason for the choice is logged. ``cuda_graphs``:
     the CUDA backend's models replay captured CUDA graphs (``OnnxRunner``); ``gpu_jpeg``: its classify
-    decodes plain JPEGs on the GPU's JPEG engines where it has them (``cuda_jpeg``), else logs why not;
-    ``gpu_jpeg_first``: their decode calls run first (``shim.turnstile``).
+    decodes plain JPEGs on the GPU's JPEG engines where it has them (``cuda_jpeg``), else logs why not.
 
     Raises:
         RuntimeError: ``cuda`` was asked for and no usable GPU is there.
@@ -32,8 +31,7 @@ def select_backend(device: str, threads: int = 0, gpu_memory_limit: int = 0, cud
         from .cuda import CudaBackend  # noqa: PLC0415 - imports cupy
 
         log.info("backend: cuda (%s)", "asked for" if device == "cuda" else "auto: cupy sees a GPU")
-        return CudaBackend(threads, memory_limit=gpu_memory_limit or None, graphs=cuda_graphs, jpeg=gpu_jpeg,
-                           jpeg_first=gpu_jpeg_first)
+        return CudaBackend(threads, memory_limit=gpu_memory_limit or None, graphs=cuda_graphs, jpeg=gpu_jpeg)
     if device == "cuda":
         raise RuntimeError(f"--device cuda, but no usable GPU: {reason}")
     log.info("backend: cpu (auto: %s)", reason)

@@ -10,7 +10,6 @@ import numpy as np
 if TYPE_CHECKING:
     from ..kernels.resample import Picture
     from ..modelrepo import ModelConfig
-    from ..turnstile import Turnstile
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,6 @@ class Backend(Protocol):
     """A device: GEMM, model execution and classify's image pipeline."""
 
     name: str
-    #: where the process's busy threads wait while a call that lets go of the interpreter lock many
-    #: times runs first (``shim.turnstile``; the CUDA backend's with ``--gpu-jpeg-first``), else None
-    turnstile: Turnstile | None
 
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
              precision: str = "default", *, out: np.ndarray | None = None) -> np.ndarray:

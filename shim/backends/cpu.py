@@ -13,7 +13,6 @@ import numpy as np
 
 from ..kernels.resample import Picture, pillow_preprocess
 from ..modelrepo import ModelConfig
-from ..turnstile import Turnstile
 from . import onnx
 
 
@@ -21,7 +20,6 @@ class CpuBackend:
     """Runs every op on the host CPU."""
 
     name = "cpu"
-    turnstile: Turnstile | None = None  # none: no call here runs first (``shim.turnstile``)
 
     def __init__(self, threads: int = 0) -> None:
         self.threads = threads

@@ -28,7 +28,6 @@ import numpy as np
 from accel.errors import InsufficientStorage
 
 from ..modelrepo import ModelConfig
-from ..turnstile import Turnstile
 from . import onnx
 from .base import ImagePipeline, ModelRunner, TensorSpec
 from .cpu import CpuImagePipeline
@@ -67,10 +66,8 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, threads: int = 0, device_id: int = 0, memory_limit: int | None = None,
-                 graphs: bool = True, jpeg: bool = False, jpeg_first: bool = False) -> None:
+                 graphs: bool = True, jpeg: bool = False) -> None:
         self.threads = threads
-        # the engines' decode call first, the readers and landings waiting (``--gpu-jpeg-first``)
-        self.turnstile = Turnstile() if jpeg and jpeg_first else None
         self.device_id = device_id
         self.graphs = graphs
         self._jpeg_asked = jpeg
@@ -240,7 +237,7 @@ class CudaBackend:
 
         if self._jpeg_asked and self._jpeg is None:
             self._jpeg_asked = False  # asked once: logged once either way
-            self._jpeg = jpeg_engines(self.device_id, self.turnstile)
+            self._jpeg = jpeg_engines(self.device_id)
         return CudaImagePipeline(self, runner, config, self._jpeg)
 
     def describe(self) -> dict[str, object]:

@@ -136,7 +136,7 @@ class CudaImagePipeline:
             with self._backend.pinned.capture_lock, device_errors():  # pinned memory: not while a graph is captured
                 nbytes = onnx.padded_batch(self._step) * int(np.prod(classes)) * 4
                 self._local.landing = Landing(self.in_flight, nbytes, lambda: device_errors(self._backend.reclaim),
-                                              self._name, self._freeing, self._backend.turnstile)
+                                              self._name, self._freeing)
             with self._lock:
                 self._landings.add(self._local.landing)
 

@@ -9,7 +9,6 @@ Whatever the engines do not decode comes back as None: the op decodes it on the 
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import threading
@@ -20,7 +19,6 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from ..turnstile import Turnstile
 from .cuda_driver import DeviceImage
 
 log = logging.getLogger(__name__)
@@ -42,16 +40,13 @@ def _sample_jpeg() -> bytes:
 class JpegEngines:
     """One nvImageCodec decoder per device worker (per stream), on the hardware backend only, never a
     slower GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it
-    is made (its buffers, now), whose pixels must be libjpeg-turbo's. With a ``turnstile``, each
-    ``decode`` runs with it closed (``Turnstile.first``: nvImageCodec lets go of the interpreter lock
-    about 6 times per image, and takes it back at once while the threads that wait there stand by).
+    is made (its buffers, now), whose pixels must be libjpeg-turbo's.
 
     Raises (constructor):
         RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
     """
 
-    def __init__(self, device_id: int, turnstile: Turnstile | None = None) -> None:
-        self._turnstile = turnstile
+    def __init__(self, device_id: int) -> None:
         try:
             from nvidia import nvimgcodec  # noqa: PLC0415 - optional: the nvidia-nvimgcodec-cu13 wheel
         except Exception as exc:  # noqa: BLE001 - ImportError, or a library it loads
@@ -108,17 +103,14 @@ class JpegEngines:
         images and their decoder alive."""
         images: list[Any] = [None] * len(jpegs)
         decoder = None
-        # each step lets go of the interpreter lock per image (a code stream made, the image's info and
-        # buffer in the call, its interface read: about 6 times), hence all of them ``first``
-        with self._turnstile.first() if self._turnstile is not None else contextlib.nullcontext():
-            try:
-                decoder = self.decoder(owner)
-                if decoder is not None:
-                    images = decoder.decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
-                                            cuda_stream=stream)
-            except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
-                self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-            decoded = [self._image(image, decoder) for image in images]
+        try:
+            decoder = self.decoder(owner)
+            if decoder is not None:
+                images = decoder.decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
+                                        cuda_stream=stream)
+        except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
+            self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
+        decoded = [self._image(image, decoder) for image in images]
         missed = sum(image is None for image in decoded)
         if missed:
             with self._count:
@@ -168,14 +160,12 @@ def device_image(image: Any, keep: Any) -> DeviceImage:
     return DeviceImage(face["data"][0], shape, strides[0], keep)
 
 
-def jpeg_engines(device_id: int, turnstile: Turnstile | None = None) -> JpegEngines | None:
-    """The JPEG engines of GPU ``device_id`` (``turnstile``: see ``JpegEngines``), or None (logged:
-    classify then decodes on the CPU)."""
+def jpeg_engines(device_id: int) -> JpegEngines | None:
+    """The JPEG engines of GPU ``device_id``, or None (logged: classify then decodes on the CPU)."""
     try:
-        engines = JpegEngines(device_id, turnstile)
+        engines = JpegEngines(device_id)
     except Exception as exc:  # noqa: BLE001 - whatever it is, the shim serves without them
         log.warning("--gpu-jpeg: %s; JPEGs are decoded on the CPU", exc)
         return None
-    log.info("--gpu-jpeg: classify's plain baseline JPEGs are decoded on GPU %d's JPEG engines%s", device_id,
-             " (their decode calls first: --gpu-jpeg-first)" if turnstile is not None else "")
+    log.info("--gpu-jpeg: classify's plain baseline JPEGs are decoded on GPU %d's JPEG engines", device_id)
     return engines

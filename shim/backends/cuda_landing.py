@@ -23,7 +23,6 @@ from typing import Any, Callable
 import cupy as cp
 import numpy as np
 
-from ..turnstile import Turnstile
 from . import cuda_driver
 
 log = logging.getLogger(__name__)
@@ -66,14 +65,11 @@ class Landing:
         freeing: the context to let go of device and pinned memory in (what a batch read, the slots
             once the batcher's thread has ended): the capture lock while CUDA graphs may still be
             captured on other threads, where a free would break their capture.
-        turnstile: where the thread waits after each batch lands, before answering it (``shim.turnstile``).
     """
 
     def __init__(self, slots: int, nbytes: int, errors: Callable[[], AbstractContextManager[None]], name: str,
-                 freeing: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-                 turnstile: Turnstile | None = None) -> None:
+                 freeing: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         self._freeing = freeing
-        self._turnstile = turnstile
         self._slots = [Slot(nbytes) for _ in range(max(1, slots))]
         self._next = 0
         self._errors = errors
@@ -172,6 +168,4 @@ class Landing:
             future.set_exception(exc)
             return
         slot.free.set()
-        if self._turnstile is not None:  # the answers' work waits while the engines' decode call runs first
-            self._turnstile.wait()
         future.set_result(logits)

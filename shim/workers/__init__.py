@@ -35,7 +35,11 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         # process (warm-up, signals, draining); the workers reach its app over the link instead
         endpoint = DeviceEndpoint(service, settings.workers)
         authkey = os.urandom(32)
-        link = device_link(service, endpoint, link_path, authkey)
+        backend = service.backend  # the workers' arenas pinned for DMA (the CUDA backend's; the CPU's ignores it)
+        link = LinkServer(link_path, authkey, endpoint.handlers(),
+                          threads=settings.workers * (settings.threads + settings.max_queue),
+                          pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
+                          unpin=backend.unregister_host)
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()
@@ -56,17 +60,6 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
                 if sock.family == socket.AF_UNIX:
                     _unlink(sock.getsockname())
                 sock.close()
-
-
-def device_link(service: Service, endpoint: DeviceEndpoint, path: str, authkey: bytes) -> LinkServer:
-    """The link the request workers call the device process through: room for all their calls, their
-    arenas pinned for DMA by the backend (the CUDA backend's; the CPU's ignores it), its readers
-    waiting at the backend's turnstile (``--gpu-jpeg-first``)."""
-    settings, backend = service.settings, service.backend
-    return LinkServer(path, authkey, endpoint.handlers(),
-                      threads=settings.workers * (settings.threads + settings.max_queue),
-                      pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
-                      unpin=backend.unregister_host, turnstile=backend.turnstile)
 
 
 def _unlink(path: str) -> None:

@@ -12,7 +12,6 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from ..turnstile import Turnstile
 from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
 from .outbox import Outbox, shut_down
 
@@ -33,14 +32,12 @@ class Channel:
 
     A message is a header (buffer count, pickle size, then per out-of-band buffer its size and where
     it is: 0 on the socket after the pickle, else 1 + its offset in the sender's arena), the pickle,
-    then the buffers that go on the socket. With a ``turnstile``, a message's reading waits at it once
-    its first bytes have come, before the work of taking it in (``shim.turnstile``).
+    then the buffers that go on the socket.
     """
 
-    def __init__(self, conn: Connection, turnstile: Turnstile | None = None) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         conn.close()
-        self._turnstile = turnstile
         self._out = Outbox(self.sock)
         self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
         self._ahead = bytearray(READ_AHEAD)  # read off the socket, not taken yet: [_start, _end)
@@ -87,10 +84,7 @@ class Channel:
         self.sock.close()
 
     def recv(self) -> Any:
-        first = self._exactly(12)
-        if self._turnstile is not None:
-            self._turnstile.wait()
-        count, size = struct.unpack("!IQ", first)
+        count, size = struct.unpack("!IQ", self._exactly(12))
         places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
         data = self._exactly(size)
         buffers: list[Any] = []

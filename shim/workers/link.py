@@ -27,7 +27,6 @@ from typing import Any, Callable
 from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
-from ..turnstile import Turnstile
 from .arena import Arena, Lent
 from .channel import Channel, Unencodable
 from .outbox import shut_down
@@ -206,14 +205,11 @@ class LinkServer:
         threads: calls that may run (or wait in a batcher) at once, over all workers.
         pin, unpin: pin a worker's arena (the bytes it keeps) as it connects, and unpin it once it
             is gone and no call holds a view of it (``PeerArena``): the CUDA backend's DMA.
-        turnstile: where each connection's reader waits before taking a message in (``Channel``).
     """
 
     def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int,
-                 pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None,
-                 turnstile: Turnstile | None = None) -> None:
+                 pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None) -> None:
         self.address = address
-        self._turnstile = turnstile
         self._handlers = handlers
         self._pin, self._unpin = pin, unpin
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
@@ -232,7 +228,7 @@ class LinkServer:
                     break
                 log.warning("refused a request worker connection: %s", exc)
                 continue
-            chan = Channel(conn, self._turnstile)
+            chan = Channel(conn)
             self._conns.append(chan)
             threading.Thread(target=self._serve, args=(chan,), name="link-conn", daemon=True).start()
         self._listener.close()

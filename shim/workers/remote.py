@@ -68,7 +68,6 @@ class RemoteBackend:
     def __init__(self, link: LinkClient, name: str, description: dict[str, object]) -> None:
         self._link = link
         self.name = name
-        self.turnstile = None  # the device process's own
         self._described = description
 
     def gemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None, alpha: float, beta: float,
