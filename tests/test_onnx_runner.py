@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shim.backends.onnx import GRAPH_ID_KEY, FixedSession, OnnxRunner, _queued_run
+from shim.backends.onnx import OnnxRunner
+from shim.backends.onnx_fixed import GRAPH_ID_KEY, FixedSession, _queued_run
 
 CPU = ["CPUExecutionProvider"]
 

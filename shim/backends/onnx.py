@@ -1,7 +1,7 @@
-"""ONNX models through onnxruntime (CPU provider here; the CUDA backend passes its provider)."""
+"""ONNX models through onnxruntime: ``OnnxRunner`` (CPU provider here; the CUDA backend passes its
+provider), and the names of ``onnx_fixed`` and ``onnx_runtime`` that its callers use."""
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -9,46 +9,17 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
-try:
-    import onnxruntime as ort
-except ModuleNotFoundError as exc:  # an install with neither extra (a dependency of it missing: as it is)
-    if exc.name != "onnxruntime":
-        raise
-    raise ModuleNotFoundError("onnxruntime is not installed: install accelshim[cpu], or accelshim[cuda] "
-                              "on a GPU host (onnxruntime-gpu)", name="onnxruntime") from exc
-
-from accel.datatypes import FIXED
 
 from ..padding import padded_batch
-from .base import TensorSpec
+from .onnx_fixed import ComputeStream, DeviceCopy, FixedSession, QueuedDownload
+from .onnx_runtime import NUMPY_TYPES, dtype_of, first_line, has_cuda_provider, ort, tensor_spec, version
 
 __all__ = ["BoundInput", "ComputeStream", "FixedSession", "OnnxRunner", "QueuedDownload", "first_line", "padded_batch",
            "version", "has_cuda_provider"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-#: copies ``nbytes`` from one device address to another, on the calling thread, done when it returns
-DeviceCopy = Callable[[int, int, int], None]
-#: queues a copy of ``nbytes`` from a device address to a (pinned) host address on a stream:
-#: (host, device, nbytes, stream)
-QueuedDownload = Callable[[int, int, int, int], None]
-GRAPH_ID_KEY = "gpu_graph_id"  # the run option naming the CUDA graph a run replays
 GRAPH_WARMUP_RUNS = 3  # onnxruntime captures the CUDA graph in the first runs: before any request
-
-_ORT_TYPES = {
-    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
-    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
-}
-
-
-class ComputeStream(NamedTuple):
-    """A CUDA stream that a thread queues its work on, for its sessions to run on too (the model then
-    follows that work with no wait on the host between): its address, and how to wait for it."""
-
-    pointer: int
-    synchronize: Callable[[], None]
 
 
 class BoundInput(NamedTuple):
@@ -61,131 +32,6 @@ class BoundInput(NamedTuple):
     stream: int | None
 
 
-def _spec(arg: Any) -> TensorSpec:
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
-    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type), shape)
-
-
-class FixedSession:
-    """A session for one batch size whose inputs and outputs stay at fixed addresses on the runner's
-    device: what a CUDA graph replays (onnxruntime captures one when the provider is asked to).
-
-    Every call runs on the session's own thread (``OnnxRunner._on_gpu``), so the buffers are never
-    shared between two runs. A session given a ``stream`` of its caller's waits for it after each
-    run (onnxruntime does not synchronize a stream it was given, and the outputs are read on the host
-    next); ``follows`` says whether onnxruntime reports running on that stream, so that the caller's
-    work queued there before a run needs no wait.
-    """
-
-    def __init__(self, session: Any, device: str, device_id: int, stream: ComputeStream | None = None) -> None:
-        self.session, self.device, self.stream = session, device, stream
-        self.follows = stream is not None and _runs_on(session, stream.pointer)
-        self.binding = session.io_binding()
-        self.inputs: dict[str, Any] = {}
-        self.outputs: list[Any] = []
-        for arg in session.get_inputs():
-            value = ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _NUMPY[arg.type], device, device_id)
-            self.binding.bind_ortvalue_input(arg.name, value)
-            self.inputs[arg.name] = value
-        for arg in session.get_outputs():
-            value = ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _NUMPY[arg.type], device, device_id)
-            self.binding.bind_ortvalue_output(arg.name, value)
-            self.outputs.append(value)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Host arrays (exactly the session's shapes) in, host arrays out."""
-        for name, array in feeds.items():
-            value = self.inputs[name]
-            value.update_inplace(np.ascontiguousarray(array, dtype=_dtype(value)))
-        return self._run()
-
-    def run_device(self, name: str, pointer: int, shape: tuple[int, ...], copy: DeviceCopy) -> np.ndarray:
-        """The first output, of the FP32 input ``name`` of ``shape`` at the device address ``pointer``
-        (copied in first, unless it is this session's own input)."""
-        value = self.inputs[name]
-        if tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32:
-            raise ValueError(f"input {name!r} is {_dtype(value)} {tuple(value.shape())} here, not float32 {shape}")
-        if pointer != value.data_ptr():  # else written in place (``OnnxRunner.input_buffer``)
-            copy(value.data_ptr(), pointer, int(np.prod(shape)) * 4)
-        self._replay()
-        return self._host(self.outputs[0])
-
-    def launch_device(self, name: str, pointer: int, shape: tuple[int, ...], host: np.ndarray,
-                      download: QueuedDownload) -> bool:
-        """Queue a run on the FP32 batch at ``pointer`` (this session's own input ``name``, written on
-        the stream it follows) and its first output's copy into ``host`` (pinned, of that output's
-        shape and type), and return at once: done when the stream gets past them. False, with nothing
-        queued, where the session does not follow a caller's stream or ``pointer`` is not its input."""
-        value, out = self.inputs.get(name), self.outputs[0]
-        if (not self.follows or self.stream is None or value is None or pointer != value.data_ptr()
-                or tuple(value.shape()) != tuple(shape) or _dtype(value) != np.float32
-                or host.shape != tuple(out.shape()) or host.dtype != _dtype(out)):
-            return False
-        self.session.run_with_iobinding(self.binding, _queued_run())
-        download(host.ctypes.data, out.data_ptr(), host.nbytes, self.stream.pointer)
-        return True
-
-    def warm_up(self, runs: int) -> None:
-        for name, value in self.inputs.items():
-            value.update_inplace(np.zeros(value.shape(), _dtype(value)))
-        for _ in range(runs):
-            self._run()
-
-    def _run(self) -> list[np.ndarray]:
-        self._replay()
-        return [self._host(value) for value in self.outputs]
-
-    def _replay(self) -> None:
-        self.session.run_with_iobinding(self.binding)
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def _host(self, value: Any) -> np.ndarray:
-        """A host array of its own (the buffers are reused): ``numpy()`` copies a device buffer and
-        views a host one."""
-        array = value.numpy()
-        return array.copy() if self.device == "cpu" else array
-
-
-#: onnxruntime element type -> numpy scalar type, for the fixed-size ones (what a fixed buffer can hold)
-_NUMPY = {ort_type: np.dtype(FIXED[datatype][2]).type for ort_type, datatype in _ORT_TYPES.items()
-          if datatype in FIXED}
-
-
-@functools.cache
-def _queued_run() -> Any:
-    """Run options under which a run returns once its work is queued: onnxruntime leaves the stream
-    unsynchronized at the run's end (the caller waits for an event queued after it). The graph's id
-    is onnxruntime's default (0, the one captured at warm-up), set so that its Python wrapper finds
-    it: it looks the entry up before every run, and a missing one raises (and is caught) inside (28 us
-    a run on the CPU machine; roughly 50-85 us of the batcher thread's time per batch in py-spy's
-    profile on the H200). onnxruntime's run option keys say 0 is reserved for its own use: it means
-    the default graph today (the GPU tests would catch a release that refuses it)."""
-    options = ort.RunOptions()
-    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-    options.add_run_config_entry(GRAPH_ID_KEY, "0")
-    return options
-
-
-def _runs_on(session: Any, stream: int) -> bool:
-    """Whether onnxruntime reports ``session``'s CUDA provider running on ``stream`` (a session of
-    another provider: taken at its word, there is no stream to check)."""
-    if "CUDAExecutionProvider" not in session.get_providers():
-        return True
-    options = session.get_provider_options().get("CUDAExecutionProvider", {})
-    try:
-        return int(options.get("user_compute_stream", "0")) == stream
-    except ValueError:
-        return False
-
-
-def _dtype(value: Any) -> np.dtype:
-    return np.dtype(_NUMPY[value.data_type()])
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, at most 200 characters (onnxruntime's run on)."""
-    return (str(exc).splitlines() or [""])[0][:200]
 
 
 class _Copy:
@@ -227,8 +73,8 @@ class OnnxRunner:
         self._path, self._providers, self.device_id = Path(path), list(providers), device_id
         self._threads = threads
         self.session = self._new_session()
-        self.inputs = [_spec(i) for i in self.session.get_inputs()]
-        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self.inputs = [tensor_spec(i) for i in self.session.get_inputs()]
+        self.outputs = [tensor_spec(o) for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self._names = [o.name for o in self.outputs]
@@ -369,7 +215,7 @@ class OnnxRunner:
         writes need no wait before the run."""
         session = self._bound(batch)
         value = None if session is None else session.inputs.get(name)
-        if value is None or _dtype(value) != np.float32:
+        if value is None or dtype_of(value) != np.float32:
             return None
         return BoundInput(value.data_ptr(), tuple(value.shape()), session.stream.pointer if session.follows else None)
 
@@ -459,24 +305,8 @@ def _batch_axis_name(session: Any) -> str | None:
         first, rest = arg.shape[0] if arg.shape else None, arg.shape[1:]
         if not isinstance(first, str) or not all(isinstance(d, int) and d >= 0 for d in rest):
             return None
-        if getattr(arg, "type", None) not in _NUMPY:  # strings, maps, sequences: no fixed buffer for them
+        if getattr(arg, "type", None) not in NUMPY_TYPES:  # strings, maps, sequences: no fixed buffer for them
             return None
         names.add(first)
     return names.pop() if len(names) == 1 else None
 
-
-def version() -> str:
-    return ort.__version__
-
-
-def has_cuda_provider() -> bool:
-    """Whether this onnxruntime build has the CUDA execution provider (onnxruntime-gpu); if so, its
-    CUDA and cuDNN libraries are loaded from the nvidia-* wheels where those are installed."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 - the system's libraries may serve; the session will tell
-            pass
-    return True
