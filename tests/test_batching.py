@@ -428,10 +428,10 @@ def test_a_batch_waits_for_requests_announced_before_its_oldest_not_after():
     try:
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(earlier)
-            while batcher._incoming != 1:  # noqa: SLF001 - announced, decoding
+            while batcher._queue.incoming != 1:  # noqa: SLF001 - announced, decoding
                 time.sleep(0.001)
             oldest = pool.submit(batcher.submit, [1], 1)
-            while not (batcher._forming or calls):  # noqa: SLF001 - queued, gathered: it waits
+            while not (batcher._queue.forming or calls):  # noqa: SLF001 - queued, gathered: it waits
                 time.sleep(0.001)
             last = pool.submit(later)
             later_announced.wait(10)

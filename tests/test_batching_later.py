@@ -117,7 +117,7 @@ def test_a_failed_batch_runs_its_requests_again_each_alone():
     assert isinstance(got[2], ValueError) and str(got[2]) == "poisoned"
     assert any("poison" in b and len(b) > 1 for b in device.started)  # it was batched with others
     assert ["poison"] in device.started and ["a"] in device.started  # then each ran alone
-    assert batcher._in_flight == 0  # noqa: SLF001 - every batch taken was counted back
+    assert batcher._queue.in_flight == 0  # noqa: SLF001 - every batch taken was counted back
 
 
 def test_a_batch_that_cannot_start_fails_its_request_and_the_batcher_goes_on():
@@ -186,7 +186,7 @@ def test_results_that_cannot_be_handed_out_fail_their_requests_instead_of_leavin
             batcher.submit("x", 1)
     finally:
         batcher.close()
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_submit_later_is_answered_on_the_reply_thread_and_cancelled_requests_are_skipped():
@@ -208,7 +208,7 @@ def test_submit_later_is_answered_on_the_reply_thread_and_cancelled_requests_are
         batcher.close()
         device.stop()
     assert answered_on == ["replies-m"]  # not the device's thread: a callback may block there
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_with_land_answers_submit_later_is_answered_where_the_batch_lands():
@@ -230,7 +230,7 @@ def test_with_land_answers_submit_later_is_answered_where_the_batch_lands():
         batcher.close()
         device.stop()
     assert answered_on == ["device", "device"]
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_with_land_answers_a_batch_run_at_once_is_still_answered_on_the_reply_thread():
@@ -272,7 +272,7 @@ def test_a_batch_whose_requests_were_all_cancelled_frees_its_place():
     finally:
         batcher.close()
         device.stop()
-    assert batcher._in_flight == 0 and device.started == [["a"], ["c"]]  # noqa: SLF001
+    assert batcher._queue.in_flight == 0 and device.started == [["a"], ["c"]]  # noqa: SLF001
 
 
 def test_a_metric_that_fails_fails_the_requests_instead_of_leaving_them_waiting():
@@ -291,7 +291,7 @@ def test_a_metric_that_fails_fails_the_requests_instead_of_leaving_them_waiting(
     finally:
         batcher.close()
         device.stop()
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 class _Recorder:
@@ -364,9 +364,9 @@ def test_the_last_request_expected_takes_over_the_batch_being_gathered():
 
     try:
         late = _in_thread("request-late", announced_then, "b", 1)
-        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        _until(lambda: batcher._queue.incoming == 1)  # noqa: SLF001
         first = _in_thread("request-first", batcher.submit, "a", 1)
-        _until(lambda: batcher._forming is not None)  # noqa: SLF001 - its thread waits for the late one
+        _until(lambda: batcher._queue.forming is not None)  # noqa: SLF001 - its thread waits for the late one
         decoded.set()
         assert late.result(5) == "bb" and first.result(5) == "aa"
         # the late one's thread started both, at once: not after the batcher's thread woke (5 s)
@@ -375,16 +375,16 @@ def test_the_last_request_expected_takes_over_the_batch_being_gathered():
         # what does not fit is left to the batcher's thread, which is not stuck in the batch taken over
         decoded.clear()
         late = _in_thread("request-late", announced_then, "big", 4)
-        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        _until(lambda: batcher._queue.incoming == 1)  # noqa: SLF001
         first = _in_thread("request-first", batcher.submit, "c", 1)
-        _until(lambda: batcher._forming is not None)  # noqa: SLF001
+        _until(lambda: batcher._queue.forming is not None)  # noqa: SLF001
         decoded.set()
         assert first.result(5) == "cc" and late.result(2) == "bigbig"
         # (the two start at once, each on its thread: in either order)
         assert sorted(device.started[1:]) == [(["big"], "batcher-m-0"), (["c"], "request-late")]
     finally:
         batcher.close()
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_a_request_does_not_start_a_batch_beyond_those_that_may_be_on_their_way():
@@ -405,7 +405,7 @@ def test_a_request_does_not_start_a_batch_beyond_those_that_may_be_on_their_way(
     finally:
         batcher.close()
     assert device.started == [(["a"], "request-1"), (["b"], "batcher-m-0")]
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_a_batch_taken_over_that_fails_runs_its_requests_again_each_alone():
@@ -431,9 +431,9 @@ def test_a_batch_taken_over_that_fails_runs_its_requests_again_each_alone():
 
     try:
         late = _in_thread("request-late", announced_then, "poison")
-        _until(lambda: batcher._incoming == 1)  # noqa: SLF001
+        _until(lambda: batcher._queue.incoming == 1)  # noqa: SLF001
         first = _in_thread("request-first", batcher.submit, "a", 1)
-        _until(lambda: batcher._forming is not None)  # noqa: SLF001
+        _until(lambda: batcher._queue.forming is not None)  # noqa: SLF001
         decoded.set()
         assert first.result(5) == "aa"
         with pytest.raises(ValueError, match="poisoned"):
@@ -442,7 +442,7 @@ def test_a_batch_taken_over_that_fails_runs_its_requests_again_each_alone():
         batcher.close()
     assert started[0] == (["a", "poison"], "request-late")
     assert sorted(items for items, _ in started[1:]) == [["a"], ["poison"]]  # each again, alone
-    assert batcher._in_flight == 0  # noqa: SLF001
+    assert batcher._queue.in_flight == 0  # noqa: SLF001
 
 
 def test_a_batch_that_cannot_start_on_a_requests_thread_fails_its_requests_and_frees_its_place():
@@ -466,7 +466,7 @@ def test_a_batch_that_cannot_start_on_a_requests_thread_fails_its_requests_and_f
     try:
         with pytest.raises(Stop):
             batcher.submit("a", 1)
-        assert batcher._in_flight == 0  # noqa: SLF001 - its place is free: the next batch goes
+        assert batcher._queue.in_flight == 0  # noqa: SLF001 - its place is free: the next batch goes
         assert _in_thread("request-2", batcher.submit, "b", 1).result(5) == "bb"
     finally:
         batcher.close()
@@ -608,7 +608,7 @@ def test_a_launcher_with_its_share_of_batches_on_their_way_leaves_the_next_to_an
         batcher.close()
     by = {tuple(items): thread for items, thread in device.started}
     assert by[("b",)] == by[("c",)] != by[("a",)] == by[("d",)]
-    assert batcher._in_flight == 0 and not any(batcher._mine.values())  # noqa: SLF001
+    assert batcher._queue.in_flight == 0 and not any(batcher._queue.mine.values())  # noqa: SLF001
 
 
 def test_a_failed_requests_error_keeps_no_frame_of_the_errors_it_came_from_alive():

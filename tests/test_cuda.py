@@ -253,7 +253,7 @@ def test_batching_returns_each_of_64_callers_its_own_result(cuda_service, chelse
     assert 'accelshim_batch_size_count{op="classify"}' in text
     batcher = cuda_service.registry.get("classify")._batcher
     # one bound thread, two batches queued on its stream at once (``CudaImagePipeline.in_flight``)
-    assert batcher._cap == 2 and [t.name for t in batcher._threads] == ["batcher-classify-0"]
+    assert batcher._queue.cap == 2 and [t.name for t in batcher._threads] == ["batcher-classify-0"]
 
 
 def test_device_work_runs_on_the_calling_thread_a_batchers_bound_stream_or_a_borrowed_worker(cuda_service, chelsea,

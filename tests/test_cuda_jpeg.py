@@ -379,7 +379,7 @@ def test_two_launcher_threads_queue_batches_on_streams_and_decoders_of_their_own
     op, engines = _engines(two_launchers)
     pipeline, backend, batcher = op._pipeline, two_launchers.backend, op._batcher  # noqa: SLF001
     assert [t.name for t in batcher._threads] == ["batcher-classify-0", "batcher-classify-1"]  # noqa: SLF001
-    assert batcher._cap == 4  # noqa: SLF001
+    assert batcher._queue.cap == 4  # noqa: SLF001
     before = engines.fallbacks
     pictures = [encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85), encode(coffee, "PNG"),
                 encode(np.ascontiguousarray(chelsea[:201, :333]), "JPEG", quality=90)]

@@ -91,7 +91,7 @@ def _dump() -> None:
 def _patch(name: str, module: Any) -> None:
     if name == "shim.batching":
         batcher = module.Batcher
-        init, run, gather = batcher.__init__, batcher._run, batcher._gather
+        init, run = batcher.__init__, batcher._run
 
         def __init__(self: Any, op: str, run_batch: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
             init(self, op, _timed(f"{op}: run the batch", run_batch, rows=lambda a: len(a[0])), *args, **kwargs)
@@ -103,7 +103,8 @@ def _patch(name: str, module: Any) -> None:
                                  rows=lambda a: len(a[1]))
         batcher._landed = _timed(lambda a: f"{a[0].name}: answer a started batch", batcher._landed,
                                  rows=lambda a: len(a[1]))
-        batcher._gather = _timed(lambda a: f"{a[0].name}: gather", gather)
+    elif name == "shim.batch_queue":
+        module.BatchQueue._gather = _timed(lambda a: f"{a[0].name}: gather", module.BatchQueue._gather)
     elif name == "shim.backends.cuda_host":
         module.DeviceWorker.upload_concatenated = _timed("pixels up (DMA or staging copy, queued)",
                                                          module.DeviceWorker.upload_concatenated)
@@ -144,8 +145,8 @@ def _patch(name: str, module: Any) -> None:
                                              module.LinkServer._dispatch)
 
 
-_WANTED = {"shim.batching", "shim.backends.cuda_host", "shim.backends.cuda_imaging", "shim.backends.cuda_jpeg",
-           "shim.backends.cuda_landing",
+_WANTED = {"shim.batching", "shim.batch_queue", "shim.backends.cuda_host", "shim.backends.cuda_imaging",
+           "shim.backends.cuda_jpeg", "shim.backends.cuda_landing",
            "shim.backends.onnx",
            "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
            "shim.workers.channel"}
