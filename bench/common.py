@@ -132,6 +132,16 @@ class ShimProcess:
             self.proc.kill()
 
 
+def probe_device() -> str:
+    """The device of a probe's shim: ``PROBE_DEVICE`` (cpu on a machine without a GPU), else cuda."""
+    return os.environ.get("PROBE_DEVICE", "cuda")
+
+
+def probe_shim(*flags: str, workers: int = 1) -> ShimProcess:
+    """A probe's shim, not started yet: on ``probe_device()``, with our models, ``flags`` and ``workers``."""
+    return ShimProcess(probe_device(), ROOT / "models", *flags, workers=workers)
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
 
