@@ -195,7 +195,8 @@ class CudaImagePipeline:
         slot = landing.slot()
         keep: list[Any] = []  # what its queued work reads (pixels, decoded images, resize plans): held until it lands
         try:
-            if any(isinstance(item, PlainJpeg) for item in items):
+            jpegs = any(isinstance(item, PlainJpeg) for item in items)
+            if jpegs:
                 missed = self._decode_into(state, items, batch, keep, landing.staging_free)
                 if missed:
                     raise UndecodedImages(missed)
@@ -214,7 +215,8 @@ class CudaImagePipeline:
             # the stream and its worker (the JPEG decoder) first: a tuple lets go of its items last to
             # first, and decoded images are released on their stream, which must outlive them and
             # their decoder (the thread may end before they go)
-            return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began,
+                                jpegs)
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()

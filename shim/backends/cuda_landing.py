@@ -7,7 +7,8 @@ of slots (a pinned buffer that a batch's logits come down into, an event recorde
 thread of its own that waits for each batch's event in turn (sleeping: a blocking-sync event, the
 interpreter lock let go) and sets the batch's Future with its rows. It also keeps an estimate of
 until when the GPU is busy with what is queued (``busy_until``): a batch's time there, measured per
-batch size as the time between one landing and the next, and the thread's time to queue one.
+kind of batch (its JPEGs decoded there or not: the decode takes the GPU's time too) and batch size
+as the time between one landing and the next, and the thread's time to queue one.
 """
 from __future__ import annotations
 
@@ -76,9 +77,10 @@ class Landing:
         self._uploaded = cp.cuda.Event(disable_timing=True)  # after the last batch's pixels went up
         self._staged = False  # whether ``_uploaded`` has been recorded
         self._owner = threading.current_thread()
-        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], float]] = \
+        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], float, bool]] = \
             queue.SimpleQueue()
-        self._gpu_s: dict[int, float] = {}  # a batch's time on the GPU, by its (padded) rows: the landing thread's
+        # a batch's time on the GPU, by whether it decodes JPEGs and its (padded) rows: the landing thread's
+        self._gpu_s: dict[tuple[bool, int], float] = {}
         self._last_landed = 0.0
         self._queue_s: float | None = None  # the batcher's time to queue a batch: its thread's
         self._busy = 0.0  # until when the GPU is busy with what was queued, as far as known: its thread's
@@ -117,23 +119,25 @@ class Landing:
         self._staged = True
 
     def land(self, slot: Slot, stream: int, rows: int, shape: tuple[int, ...], keep: Any,
-             began: float) -> Future[np.ndarray]:
+             began: float, jpegs: bool = False) -> Future[np.ndarray]:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
-        logits coming down into ``slot``, of ``shape``): a Future of its first ``rows`` rows, set on
-        this landing's thread once the GPU is done. ``keep`` (what the queued work reads: pixels,
-        decoded images, resize plans) is held until then, and let go when ``slot`` is next taken."""
+        logits coming down into ``slot``, of ``shape``; ``jpegs``: its queued work decodes JPEGs): a
+        Future of its first ``rows`` rows, set on this landing's thread once the GPU is done. ``keep``
+        (what the queued work reads: pixels, decoded images, resize plans) is held until then, and let
+        go when ``slot`` is next taken."""
         cuda_driver.record(slot.done.ptr, stream)
         slot.keep = keep
         future: Future[np.ndarray] = Future()
         now = time.perf_counter()
         self._queue_s = _average(self._queue_s, now - began)
-        self._busy = max(now, self._busy) + self._gpu_s.get(shape[0], 0.0)
-        self._queue.put((slot, rows, shape, future, now))
+        self._busy = max(now, self._busy) + self._gpu_s.get((jpegs, shape[0]), 0.0)
+        self._queue.put((slot, rows, shape, future, now, jpegs))
         return future
 
     def busy_until(self) -> float:
         """The ``perf_counter`` time until which a batch queued now would wait behind those queued
-        before, less the time queueing it takes (on the batcher's thread)."""
+        before, less the time queueing it takes (on the batcher's thread; one average over both kinds
+        of batch, since the next one's kind is not known yet)."""
         return self._busy - (self._queue_s or 0.0)
 
     def _loop(self) -> None:
@@ -150,7 +154,7 @@ class Landing:
             del entry
 
     def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray],
-                  queued: float) -> None:
+                  queued: float, jpegs: bool) -> None:
         """Wait for ``slot``'s batch, then set ``future`` (its callbacks, the batch's answers, run here)."""
         try:
             # one found done already ended while this thread answered the batch before: when, is
@@ -160,7 +164,8 @@ class Landing:
                 slot.done.synchronize()
             landed = time.perf_counter()  # its time on the GPU: since it was queued, or the one before landed
             if seen_running:
-                self._gpu_s[shape[0]] = _average(self._gpu_s.get(shape[0]), landed - max(queued, self._last_landed))
+                key = (jpegs, shape[0])
+                self._gpu_s[key] = _average(self._gpu_s.get(key), landed - max(queued, self._last_landed))
             self._last_landed = landed
             logits = slot.view(shape)[:rows].copy()
         except BaseException as exc:  # noqa: BLE001 - the batch's requests get it

@@ -1,0 +1,49 @@
+"""The landing's estimate of the GPU's queued work (run on the GPU machine: ``pytest -m gpu``)."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy")
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
+
+
+def test_batches_that_decode_jpegs_have_an_estimate_of_their_own() -> None:
+    """A batch whose JPEGs the GPU decodes takes longer there than one of pixels of the same rows:
+    each kind's time on the GPU is estimated apart, so a batch queued after a run of the other
+    kind is not expected to end at their average."""
+    from shim.backends.cuda_landing import Landing
+
+    spin = cp.RawKernel(_SPIN, "spin")
+    cycles_per_ms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"]  # kHz
+    landing = Landing(2, 8 * 4 * 4, contextlib.nullcontext, "estimates")
+    stream = cp.cuda.Stream(non_blocking=True)
+
+    def batch(ms: float, jpegs: bool) -> tuple[float, float]:
+        """One batch of ``ms`` on the GPU, landed; how long after queueing ``busy_until`` put its end."""
+        slot = landing.slot()
+        with stream:
+            spin((1,), (1,), (cp.int64(int(ms * cycles_per_ms)),))
+        queued = time.perf_counter()
+        future = landing.land(slot, stream.ptr, 8, (8, 4), None, queued, jpegs)
+        expected = landing.busy_until() - queued
+        assert future.result(10).shape == (8, 4)
+        return expected, time.perf_counter() - queued
+
+    for _ in range(8):  # alternating, as a --gpu-jpeg shim's batches may (PNGs go as pixels)
+        batch(20.0, True)
+        batch(2.0, False)
+    jpeg_expected, jpeg_took = batch(20.0, True)
+    pixels_expected, pixels_took = batch(2.0, False)
+    assert jpeg_took > 0.018 and pixels_took < 0.015, (jpeg_took, pixels_took)
+    assert 0.015 < jpeg_expected < 0.03, jpeg_expected
+    assert 0.001 < pixels_expected < 0.006, pixels_expected
