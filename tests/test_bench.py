@@ -150,3 +150,20 @@ def test_a_run_records_the_shims_settings_from_its_environment(monkeypatch):
     assert "ACCELSHIM_CONNECTION_THREADS" not in environment().get("shim_environment", {})
     monkeypatch.setenv("ACCELSHIM_CONNECTION_THREADS", "0")
     assert environment()["shim_environment"]["ACCELSHIM_CONNECTION_THREADS"] == "0"
+
+
+def test_the_probes_command_line_takes_each_modes_arguments_and_refuses_what_does_not_fit() -> None:
+    from bench import closed_loop_probe, latency_probe
+    from bench.worker_ab import parse
+
+    assert parse(["replicas", "2", "4", "32", "--gpu-jpeg"]) == (closed_loop_probe.replicas, [2, 4, 32, ["--gpu-jpeg"]])
+    assert parse(["cpu", "8", "32"]) == (closed_loop_probe.cpu, [8, 32, []])
+    assert parse(["latency", "L", "1"]) == (latency_probe.latency, ["L", 1])
+    for argv, says in ((["cpu", "8"], "1 argument(s) given, 2 taken (then FLAGs); usage: python bench/worker_ab.py "
+                                      "cpu N C [FLAG...]"),
+                       (["cpu", "eight", "32"], "usage: python bench/worker_ab.py cpu N C"),
+                       (["region", "extra"], "1 argument(s) given, 0 taken; usage: python bench/worker_ab.py region"),
+                       (["nope"], "no probe 'nope'")):
+        with pytest.raises(SystemExit) as exited:
+            parse(argv)
+        assert says in str(exited.value.code), (argv, exited.value.code)

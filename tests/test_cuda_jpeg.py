@@ -228,10 +228,12 @@ def test_jpeg_batches_queued_on_a_bound_stream_land_with_the_logits_of_batches_r
         futures = [pipeline.logits_later(items) for items in prepared]  # queued back to back
         queued = [future.result(timeout=30) for future in futures]
         held = [slot.keep is not None for slot in landing._slots]  # noqa: SLF001
-        return queued, [pipeline.logits(items) for items in prepared], held
+        kinds = {jpegs for jpegs, _ in landing._gpu_s}  # noqa: SLF001 - the estimates, by kind and rows
+        return queued, [pipeline.logits(items) for items in prepared], held, kinds
 
-    queued, waited, held = _on_a_batcher_thread(pipeline, bound)
+    queued, waited, held, kinds = _on_a_batcher_thread(pipeline, bound)
     assert all(held), "a landed batch's decoded images were let go before its slot was taken again"
+    assert True in kinds, "no JPEG batch's time on the GPU was estimated as a JPEG batch's"
     for images, got, want in zip(batches, queued, waited):
         assert got.shape == (len(images), 1000)
         assert np.array_equal(got, want)

@@ -34,10 +34,12 @@ def test_batches_that_decode_jpegs_have_an_estimate_of_their_own() -> None:
         with stream:
             spin((1,), (1,), (cp.int64(int(ms * cycles_per_ms)),))
         queued = time.perf_counter()
-        future = landing.land(slot, stream.ptr, 8, (8, 4), None, queued, jpegs)
+        future = landing.land(slot, stream.ptr, 8, (8, 4), None, queued, jpegs=jpegs)
         expected = landing.busy_until() - queued
         assert future.result(10).shape == (8, 4)
-        return expected, time.perf_counter() - queued
+        took = time.perf_counter() - queued
+        time.sleep(0.01)  # the next batch starts on an idle GPU: no estimate of this one carried over
+        return expected, took
 
     for _ in range(8):  # alternating, as a --gpu-jpeg shim's batches may (PNGs go as pixels)
         batch(20.0, True)
@@ -45,5 +47,5 @@ def test_batches_that_decode_jpegs_have_an_estimate_of_their_own() -> None:
     jpeg_expected, jpeg_took = batch(20.0, True)
     pixels_expected, pixels_took = batch(2.0, False)
     assert jpeg_took > 0.018 and pixels_took < 0.015, (jpeg_took, pixels_took)
-    assert 0.015 < jpeg_expected < 0.03, jpeg_expected
+    assert 0.015 < jpeg_expected < 0.05, jpeg_expected  # rows alone: about 11 ms for both
     assert 0.001 < pixels_expected < 0.006, pixels_expected

@@ -103,6 +103,8 @@ def _patch(name: str, module: Any) -> None:
                                  rows=lambda a: len(a[1]))
         batcher._landed = _timed(lambda a: f"{a[0].name}: answer a started batch", batcher._landed,
                                  rows=lambda a: len(a[1]))
+        if hasattr(batcher, "_gather"):  # a tree before the queue had a module of its own (bench/ab.sh)
+            batcher._gather = _timed(lambda a: f"{a[0].name}: gather", batcher._gather)
     elif name == "shim.batch_queue":
         module.BatchQueue._gather = _timed(lambda a: f"{a[0].name}: gather", module.BatchQueue._gather)
     elif name == "shim.backends.cuda_host":

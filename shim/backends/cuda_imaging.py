@@ -216,7 +216,7 @@ class CudaImagePipeline:
             # first, and decoded images are released on their stream, which must outlive them and
             # their decoder (the thread may end before they go)
             return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began,
-                                jpegs)
+                                jpegs=jpegs)
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()

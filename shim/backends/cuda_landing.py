@@ -119,7 +119,7 @@ class Landing:
         self._staged = True
 
     def land(self, slot: Slot, stream: int, rows: int, shape: tuple[int, ...], keep: Any,
-             began: float, jpegs: bool = False) -> Future[np.ndarray]:
+             began: float, *, jpegs: bool) -> Future[np.ndarray]:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
         logits coming down into ``slot``, of ``shape``; ``jpegs``: its queued work decodes JPEGs): a
         Future of its first ``rows`` rows, set on this landing's thread once the GPU is done. ``keep``

@@ -115,8 +115,8 @@ def _queued_run() -> Any:
     is onnxruntime's default (0, the one captured at warm-up), set so that its Python wrapper finds
     it: it looks the entry up before every run, and a missing one raises (and is caught) inside (28 us
     a run on the CPU machine; roughly 50-85 us of the batcher thread's time per batch in py-spy's
-    profile on the H200). onnxruntime's run option keys say 0 is reserved for its own use: it means
-    the default graph today (the GPU tests would catch a release that refuses it)."""
+    profile on the H200). 0 is onnxruntime's own default annotation (``kCudaGraphAnnotationDefault``
+    in its CUDA graph code; -1 skips the graph)."""
     options = ort.RunOptions()
     options.add_run_config_entry("disable_synchronize_execution_providers", "1")
     options.add_run_config_entry(GRAPH_ID_KEY, "0")
