@@ -28,7 +28,7 @@ What it prints, also written as JSON to ``$OUT/nvjpeg-probe.json`` when OUT is s
             bit-exact with Pillow, the model on the CUDA EP; the CPU twin with --cpu-only) on the
             shim's pixels and on each variant's, taken to the host: max abs logits difference, top-1
   e2e       per batch: the shim's decode then ``pipeline.logits`` (pixels uploaded), against a GPU
-            decode straight into the same pipeline's resize (``preprocess_batch``) and model
+            decode straight into the same pipeline's resize (``resizer.preprocess_batch``) and model
             (``runner.run_device``), no host copy of the pixels; in-process, no request worker or link
 
 Exits 2 when ``nvidia.nvimgcodec`` cannot be imported.
@@ -361,7 +361,7 @@ def end_to_end(report: Report, backend: Any, pipeline: Any, size: int, working: 
             rows = onnx.padded_batch(len(batch))
             out = cp.empty((rows, 3, size, size), dtype=cp.float32)
             plans: list[Any] = []  # held until the stream has run the resize
-            pipeline.preprocess_batch(flat, [tuple(a.shape) for a in arrays], out, plans)
+            pipeline.resizer.preprocess_batch(flat, [tuple(a.shape) for a in arrays], out, plans)
             if rows > len(batch):
                 out[len(batch):] = 0
             state.stream.synchronize()

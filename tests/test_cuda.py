@@ -106,7 +106,7 @@ def test_gpu_preprocessing_is_pillow_exactly(cuda_service, chelsea, coffee):
 def test_runs_of_same_size_images_are_resized_together_exactly(cuda_service, chelsea, coffee):
     """One launch per pass for each run of same-size images (as a batch lays them out), every slot
     still Pillow's bytes; runs of one, of several, and sizes that come back later."""
-    from shim.backends.cuda_imaging import same_shape_runs
+    from shim.backends.cuda_resize import same_shape_runs
     from shim.kernels.resample import normalize, resize_reference
 
     op = cuda_service.registry.get("classify")
@@ -120,7 +120,7 @@ def test_runs_of_same_size_images_are_resized_together_exactly(cuda_service, che
     flat = cp.asarray(np.concatenate([p.reshape(-1) for p in items]))
     out = cp.full((len(items) + 1, 3, pre.size, pre.size), 7.0, dtype=cp.float32)
     plans: list = []  # held until the copy back has waited for the resize
-    pipeline.preprocess_batch(flat, shapes, out, plans)
+    pipeline.resizer.preprocess_batch(flat, shapes, out, plans)
     got = cp.asnumpy(out)
     for i, pixels in enumerate(items):
         assert np.array_equal(got[i], normalize(resize_reference(pixels, pre), pre)), (i, pixels.shape)
@@ -766,7 +766,7 @@ def test_a_new_image_size_does_not_wait_for_the_batches_queued_before_it(cuda_se
         behind = cp.cuda.Event(disable_timing=True)
         behind.record(stream)
         with stream:  # as a batch's run calls it: on the batcher's stream
-            pipeline._plan(389, 517)  # what a batch of the new size does first
+            pipeline.resizer._plan(389, 517)  # what a batch of the new size does first
         still_running = not behind.done  # the GPU has not reached the end of what was queued
         fresh = pipeline.logits_later(new)
         got = [f.result(timeout=30) for f in [*queued, fresh]]
@@ -797,7 +797,7 @@ def test_a_plan_the_cache_drops_while_its_batch_is_queued_is_not_overwritten_bef
         pipeline.bind_thread()
         queued = [pipeline.logits_later(items) for items in [*busy, target]]
         for width in range(300):  # new sizes: the target's plan leaves the cache, its memory is reused
-            pipeline._plan(1000 + width, 701)
+            pipeline.resizer._plan(1000 + width, 701)
         got = [f.result(timeout=30) for f in queued]
         return got, [pipeline.logits(items) for items in [*busy, target]]
 

@@ -112,13 +112,18 @@ def _patch(name: str, module: Any) -> None:
                                                          module.DeviceWorker.upload_concatenated)
     elif name == "shim.backends.cuda_imaging":
         pipeline = module.CudaImagePipeline
-        pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
+        if hasattr(pipeline, "preprocess_batch"):  # a tree before the resize had a module of its own (bench/ab.sh)
+            pipeline.preprocess_batch = _timed("resize + normalise (launches)", pipeline.preprocess_batch)
+            pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
         pipeline.logits = _timed("logits (the whole device run)", pipeline.logits, rows=lambda a: len(a[1]))
         pipeline.logits_later = _timed("queue a batch (pixels up, resize, model, logits down: queued)",
                                        pipeline.logits_later, rows=lambda a: len(a[1]))
-        pipeline._preprocess = _timed("resize + normalise: one run of same-size images", pipeline._preprocess)
         pipeline._decode_into = _timed("a chunk with JPEGs: pixels up, JPEGs decoded, all resized", pipeline._decode_into,
                                        rows=lambda a: len(a[2]))
+    elif name == "shim.backends.cuda_resize":
+        resizer = module.CudaResizer
+        resizer.preprocess_batch = _timed("resize + normalise (launches)", resizer.preprocess_batch)
+        resizer.preprocess_run = _timed("resize + normalise: one run of same-size images", resizer.preprocess_run)
     elif name == "shim.backends.cuda_landing":
         module.Landing._land_one = _timed("land a batch (the wait for the GPU, logits out, the answers)",
                                           module.Landing._land_one, rows=lambda a: a[2])
@@ -148,7 +153,7 @@ def _patch(name: str, module: Any) -> None:
 
 
 _WANTED = {"shim.batching", "shim.batch_queue", "shim.backends.cuda_host", "shim.backends.cuda_imaging",
-           "shim.backends.cuda_jpeg", "shim.backends.cuda_landing",
+           "shim.backends.cuda_jpeg", "shim.backends.cuda_landing", "shim.backends.cuda_resize",
            "shim.backends.onnx",
            "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
            "shim.workers.channel"}

@@ -1,8 +1,7 @@
 """classify's device half on the GPU: decoded RGB pixels up (or, with ``--gpu-jpeg``, plain JPEGs
-decoded there by the JPEG engines), Pillow's resize + normalisation there (the preloaded kernels of
-``shim/kernels/resample.cu``), the batch straight into the model. A batcher's batches (pixels, or
-JPEGs for the engines) are queued on its stream one behind the other (``logits_later``,
-``cuda_landing``)."""
+decoded there by the JPEG engines), Pillow's resize + normalisation there (``cuda_resize``), the batch
+straight into the model. A batcher's batches (pixels, or JPEGs for the engines) are queued on its
+stream one behind the other (``logits_later``, ``cuda_landing``)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +9,6 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -19,7 +17,7 @@ import numpy as np
 
 from ..padding import padded_sizes
 from ..faults import DeviceLost
-from ..kernels.resample import CUDA_SOURCE, Pass, Picture, plan, rgb_pixels
+from ..kernels.resample import Picture, rgb_pixels
 from ..modelrepo import ModelConfig
 from . import cuda_driver, onnx
 from .base import PlainJpeg, UndecodedImages
@@ -27,35 +25,14 @@ from .cuda import IMAGE_SLOT
 from .cuda_driver import DeviceImage
 from .cuda_errors import device_errors
 from .cuda_landing import Landing
-
-PLAN_RESERVE_BYTES = 8 << 20  # resize plans' device memory, reserved: 16-20 KiB each for a photo, 90 for 4000x3000
-
-
-def _uploaded(host: np.ndarray, stream: cp.cuda.Stream) -> cp.ndarray:
-    """``host`` on the device, copied on ``stream`` (allocated in its part of the pool)."""
-    device = cp.empty(host.shape, host.dtype)
-    device.set(host, stream=stream)
-    return device
-
+from .cuda_resize import CudaResizer
 
 if TYPE_CHECKING:
     from .cuda import CudaBackend
     from .cuda_host import DeviceWorker
     from .cuda_jpeg import JpegEngines
 
-_THREADS_PER_BLOCK = 256
 log = logging.getLogger(__name__)
-
-
-def same_shape_runs(shapes: Sequence[tuple[int, ...]]) -> list[tuple[tuple[int, ...], int]]:
-    """``(shape, count)`` of each run of equal consecutive shapes, in order."""
-    runs: list[tuple[tuple[int, ...], int]] = []
-    for shape in shapes:
-        if runs and runs[-1][0] == shape:
-            runs[-1] = (shape, runs[-1][1] + 1)
-        else:
-            runs.append((shape, 1))
-    return runs
 
 
 class CudaImagePipeline:
@@ -84,20 +61,8 @@ class CudaImagePipeline:
         self._name = config.name
         self._step = max(1, config.max_batch_size)
         self._input = runner.inputs[0].name
-        with device_errors():
-            module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
-            self._module = module  # kept: the kernels' handles below are valid while it is loaded
-            self._h, self._v = (cuda_driver.kernel_handle(module.get_function(name))
-                                for name in ("resample_h", "resample_v"))
-        self._plans: OrderedDict[tuple[int, int], list[tuple[Pass, cp.ndarray, cp.ndarray]]] = OrderedDict()
-        with device_errors():
-            # a new size's plan goes up on a stream of its own: waiting for it does not wait for the
-            # batches queued on the batcher's streams. Its arrays come from that stream's part of the
-            # memory pool, reserved here: a device allocation (cudaMalloc) would serialise the streams
-            self._plan_stream = cp.cuda.Stream(non_blocking=True)
-            with self._plan_stream:
-                cp.empty(PLAN_RESERVE_BYTES, cp.uint8)  # freed at once, kept by the pool for this stream
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the resize plans' cache, ``_landings``
+        self.resizer = CudaResizer(self._pre, self._lock)  # the batches' resize + normalisation
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
         self._landings: weakref.WeakSet[Landing] = weakref.WeakSet()  # every bound thread's (under ``_lock``)
 
@@ -204,7 +169,7 @@ class CudaImagePipeline:
                 flat = state.upload_concatenated([p.reshape(-1) for p in items],  # type: ignore[union-attr]
                                                  IMAGE_SLOT, landing.staging_free)
                 keep.append(flat)
-                self.preprocess_batch(flat, [p.shape for p in items], batch, keep)  # type: ignore[union-attr]
+                self.resizer.preprocess_batch(flat, [p.shape for p in items], batch, keep)  # type: ignore[union-attr]
             self._pad(state, batch, len(items))
             if any(isinstance(item, np.ndarray) for item in items):  # (JPEGs alone stage nothing)
                 landing.uploaded(state.stream.ptr)
@@ -256,7 +221,8 @@ class CudaImagePipeline:
                     missed.extend(start + row for row in self._decode_into(state, chunk, batch, held))
                 else:  # the chunk's images go up end to end: from a worker's pinned arena, or staged
                     flat = state.upload_concatenated([p.reshape(-1) for p in chunk], IMAGE_SLOT)  # type: ignore[union-attr]
-                    self.preprocess_batch(flat, [p.shape for p in chunk], batch, held)  # type: ignore[union-attr]
+                    self.resizer.preprocess_batch(flat, [p.shape for p in chunk],  # type: ignore[union-attr]
+                                                  batch, held)
                 if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
                     state.stream.synchronize()  # what went up and was decoded is read before it goes
                     continue
@@ -286,9 +252,9 @@ class CudaImagePipeline:
         """``chunk``'s images resized into ``batch[:len(chunk)]``: the JPEGs decoded by the engines as
         one batch, first, then the pixels up (``before_staging`` as ``upload_concatenated``'s), all
         of them end to end in row order (the decoder's rows may be pitched) and resized as
-        ``preprocess_batch`` does. What the stream reads from goes into ``keep``. Returns the rows of
-        the JPEGs the engines did not decode: where there are any, nothing but their decode was
-        queued."""
+        ``CudaResizer.preprocess_batch`` does. What the stream reads from goes into ``keep``. Returns
+        the rows of the JPEGs the engines did not decode: where there are any, nothing but their
+        decode was queued."""
         pixels = [item for item in chunk if not isinstance(item, PlainJpeg)]
         jpegs = [item for item in chunk if isinstance(item, PlainJpeg)]
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
@@ -317,7 +283,7 @@ class CudaImagePipeline:
         for image in images:
             cuda_driver.copy_image(at, image, state.stream.ptr)
             at += image.size
-        self.preprocess_batch(flat, [image.shape for image in images], batch, keep)
+        self.resizer.preprocess_batch(flat, [image.shape for image in images], batch, keep)
         return missed
 
     def _freeing(self) -> contextlib.AbstractContextManager[Any]:
@@ -340,80 +306,8 @@ class CudaImagePipeline:
         def run(state: DeviceWorker) -> np.ndarray:
             out = cp.empty((1, 3, self._pre.size, self._pre.size), dtype=cp.float32)
             plans: list[Any] = []  # held until the copy back (blocking) has waited for the kernels
-            self._preprocess(cp.asarray(pixels).reshape(-1), pixels.shape, out, plans)
+            self.resizer.preprocess_run(cp.asarray(pixels).reshape(-1), pixels.shape, out, plans)
             return cp.asnumpy(out[0], stream=state.stream)
 
         with device_errors():
             return self._backend.on_device(run)
-
-    def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray,
-                         plans: list[Any]) -> None:
-        """Images of ``shapes`` laid end to end in ``flat`` (uint8 on the device) into ``out[:len(shapes)]``;
-        each run of same-size images is resized with one launch per pass (their plans into ``plans``,
-        as ``_preprocess``)."""
-        offset = row = 0
-        for shape, count in same_shape_runs(shapes):
-            span = count * int(np.prod(shape))
-            self._preprocess(flat[offset:offset + span], shape, out[row:row + count], plans)
-            offset, row = offset + span, row + count
-
-    def _preprocess(self, src: cp.ndarray, shape: tuple[int, ...], out: cp.ndarray, plans: list[Any]) -> None:
-        """Resize + normalise ``len(out)`` uint8 HWC images of one ``shape``, laid end to end in ``src``
-        (their bytes on the device), into ``out`` [n, C, size, size]: one launch per pass for all.
-        The plan the launches read goes into ``plans``, for the caller to hold until they have run."""
-        height, width, channels = shape
-        count = out.shape[0]
-        src_w, src_stride = width, height * width * channels
-        mean, std = np.float32(self._pre.mean), np.float32(self._pre.std)
-        null, out_stride = np.uint64(0), np.int64(out[0].size)
-        stream = cp.cuda.get_current_stream().ptr  # the device worker's
-        steps = self._plan(width, height)
-        plans.append(steps)  # held until the kernels that read them have run
-        for index, (step, bounds, weights) in enumerate(steps):
-            last = index == len(steps) - 1
-            out_n = len(step.bounds)
-            if step.axis == 1:
-                rows = step.last - step.first
-                per_image = rows * out_n * channels
-                args = (src, np.int32(src_w), np.int32(channels), np.int32(step.first), np.int32(rows),
-                        bounds, weights, np.int32(step.weights.shape[1]), np.int32(out_n))
-                kernel, src_w = self._h, out_n
-            else:
-                per_image = out_n * src_w * channels
-                args = (src, np.int32(src_w), np.int32(channels), bounds, weights,
-                        np.int32(step.weights.shape[1]), np.int32(out_n))
-                kernel = self._v
-            dst = None if last else cp.empty(count * per_image, dtype=cp.uint8)
-            cuda_driver.launch(kernel, ((per_image + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK, count),
-                               _THREADS_PER_BLOCK, args + (dst if dst is not None else null, out if last else null,
-                                                           mean, std, np.int64(src_stride), np.int64(per_image),
-                                                           out_stride), stream)
-            if dst is not None:
-                src, src_stride = dst, per_image
-
-    def _plan(self, width: int, height: int) -> list[tuple[Pass, cp.ndarray, cp.ndarray]]:
-        """The resize passes of a ``width`` x ``height`` image with their bounds and weights on the
-        device, cached per image size (LRU of 256). A plan dropped from the cache goes back to the
-        plan stream's part of the pool, where the next plan's upload may take it at once, not
-        ordered after the kernels queued on other streams: whoever launches kernels that read a
-        plan holds it until they have run (``_preprocess``'s ``plans``; a queued batch's landing)."""
-        key = (width, height)
-        with self._lock:
-            cached = self._plans.get(key)
-            if cached is not None:
-                self._plans.move_to_end(key)
-                return cached
-        with self._plan_stream:  # straight from pageable memory (cp.asarray stages through pinned memory
-            # that it may allocate: a page-locked allocation serialises the streams too)
-            steps = [(p, _uploaded(p.bounds, self._plan_stream), _uploaded(p.weights, self._plan_stream))
-                     for p in plan(width, height, self._pre)]
-            self._plan_stream.synchronize()  # up before any stream (this thread's, others') reads them
-        with self._lock:
-            cached = self._plans.get(key)
-            if cached is not None:  # another thread's went in first: ours was never read, it may go
-                self._plans.move_to_end(key)
-                return cached
-            self._plans[key] = steps
-            while len(self._plans) > 256:
-                self._plans.popitem(last=False)
-        return steps
