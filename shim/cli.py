@@ -165,7 +165,8 @@ def _serve(args: argparse.Namespace, extra_ops: Sequence[Op] = ()) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.gil_switch_us:
         sys.setswitchinterval(settings.gil_switch_us / 1e6)
-    from .server.serving import Server, bind_sockets  # noqa: PLC0415
+    from .server.binding import bind_sockets  # noqa: PLC0415
+    from .server.serving import Server  # noqa: PLC0415
     from .service import build_service  # noqa: PLC0415
 
     try:

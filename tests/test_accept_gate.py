@@ -9,7 +9,8 @@ import time
 import pytest
 from waitress import wasyncore
 
-from shim.server.serving import ACCEPT_DEFER_S, Server, bind_sockets
+from shim.server.binding import bind_sockets
+from shim.server.serving import ACCEPT_DEFER_S, Server
 
 
 class Refusing:

@@ -174,7 +174,8 @@ def _in_process(tmp_path, on: bool, wrap=None):
     import threading
 
     from shim.config import Settings
-    from shim.server.serving import Server, bind_sockets
+    from shim.server.binding import bind_sockets
+    from shim.server.serving import Server
     from shim.service import build_service
 
     (tmp_path / "models").mkdir(exist_ok=True)

@@ -1,116 +1,26 @@
 """Run the app under waitress on a TCP port and/or a unix socket; warm up in the background."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import select
 import signal
 import socket
-import stat
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from waitress import wasyncore
-from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
-from waitress.server import BaseWSGIServer, create_server
-from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import Error as WaitressError
+from waitress.task import ThreadedTaskDispatcher
 
-from accel.errors import Unauthorized
-
-from ..auth import TokenStore
 from ..config import DRAIN_SECONDS, TASKS_SHUTDOWN_S
 from ..faults import EXIT_DEVICE_LOST, DeviceLost
 from ..service import Service
-from .guard import RECEIVED_KEY
 from .threaded import ThreadBudget, limit_connections, request_begun, threaded
+from .waitress_ext import channel_class, make_server
 
 log = logging.getLogger(__name__)
 _VSOCK_CID_ANY_NAME = "any"  # VMADDR_CID_ANY in logs: the peer uses this machine's own CID
-
-
-def bind_sockets(host: str | None, port: int, unix_path: str | None, *,
-                 vsock_port: int | None = None) -> list[socket.socket]:
-    """Bound, not yet listening, sockets: TCP (``port`` 0 picks a free one), the unix socket (0660) and
-    AF_VSOCK on any CID at ``vsock_port``.
-
-    Raises:
-        OSError: a socket cannot be bound; for vsock, also when this kernel or Python has no AF_VSOCK.
-    """
-    sockets = []
-    if host is not None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        tcp = socket.socket(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((host, port))
-        sockets.append(tcp)
-    if unix_path:
-        path = Path(unix_path)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-            path.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(str(path))
-        os.chmod(path, 0o660)
-        sockets.append(unix)
-    if vsock_port is not None:
-        sockets.append(bind_vsock(vsock_port))
-    return sockets
-
-
-def bind_vsock(port: int) -> socket.socket:
-    """An AF_VSOCK stream socket bound to (VMADDR_CID_ANY, ``port``): reachable from the host (CID 2) of
-    the microVM this runs in, or from the guests of the host this runs on.
-
-    Raises:
-        OSError: no AF_VSOCK in this Python or kernel (load ``vsock``/``vmw_vsock_virtio_transport``,
-            or run inside a VM with a virtio-vsock device), or the port is taken.
-    """
-    family = getattr(socket, "AF_VSOCK", None)
-    if family is None:
-        raise OSError(f"--vsock {port}: this Python has no socket.AF_VSOCK (Linux only)")
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise OSError(exc.errno, f"--vsock {port}: the kernel has no AF_VSOCK support ({exc.strerror}); "
-                                 "inside a microVM the guest needs a virtio-vsock device") from None
-    try:
-        sock.bind((socket.VMADDR_CID_ANY, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"--vsock {port}: cannot bind AF_VSOCK port {port}: {exc.strerror}") from None
-    return sock
-
-
-_HEADER_LINE = re.compile(r'(header line) ".*"', re.DOTALL)  # waitress quotes a malformed header line
-_UNQUOTED = r"\1 (not repeated: it may hold a credential)"
-
-
-class _JsonErrorTask(ErrorTask):
-    """waitress's own errors (a body over the limit, malformed HTTP) as ``{"error": ...}`` JSON,
-    like every other error of the shim, instead of waitress's text/plain page."""
-
-    def execute(self) -> None:
-        error = self.request.error
-        limit = self.channel.adj.max_request_body_size - 1
-        message = {413: f"the request body is over the limit of {limit} bytes",
-                   401: error.body}.get(error.code, f"{error.reason}: {_HEADER_LINE.sub(_UNQUOTED, error.body)}")
-        body = json.dumps({"error": message}).encode("utf-8")
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        if error.code == 401:
-            self.response_headers.append(("WWW-Authenticate", 'Bearer realm="accelshim"'))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
 
 
 CONNECTION_LIMIT = 1000  # open connections per server process; more wait in the listen backlog
@@ -130,88 +40,6 @@ class AcceptGate(Protocol):
 
     def closed(self) -> None:
         """This server takes no more connections (it is stopping)."""
-
-
-EARLY_AUTH_BYTES = 64 * 1024  # bodies over this are refused unread when their token is not valid
-
-
-class _Unauthorized(WaitressError):
-    code = 401
-    reason = "Unauthorized"
-
-
-class _StampedParser(HTTPRequestParser):
-    """Notes when the request had arrived whole, so that a deadline counts the time spent queued in
-    waitress too, not only from when a worker thread picks the request up; and, on a shim with
-    tokens, refuses a request with a body but no valid token as soon as its headers are in, before
-    waitress buffers a body of up to ``--max-body-bytes`` for it."""
-
-    received_at: float | None = None
-    tokens: TokenStore | None = None  # set on a subclass per server
-    _vetted = False
-
-    def received(self, data: bytes) -> int:
-        consumed = super().received(data)
-        if self.tokens is not None and not self._vetted and self.headers_finished and not self.error:
-            self._vetted = True
-            if self.content_length > EARLY_AUTH_BYTES or self.chunked:
-                try:
-                    self.tokens.authenticate(self.headers.get("AUTHORIZATION"))
-                except Unauthorized as exc:
-                    self.error, self.completed = _Unauthorized(exc.message), True
-        if self.completed and self.received_at is None:
-            self.received_at = time.monotonic()
-        if self.error is not None:  # refused (413, 431, the early 401): no 100 Continue to send its body
-            self.expect_continue = False
-        return consumed
-
-
-class _StampedTask(WSGITask):
-    """Stamps the request's arrival into its environ; once the server is ``stopping``, its response
-    says ``Connection: close`` and the connection closes after it: a client that keeps its connection
-    busy hears that it ends, rather than being served until the drain's deadline and then cut."""
-
-    stopping: threading.Event | None = None  # set on a subclass per server
-
-    def get_environment(self) -> dict:
-        environ = super().get_environment()
-        environ[RECEIVED_KEY] = getattr(self.request, "received_at", None)
-        return environ
-
-    def build_response_header(self) -> bytes:
-        if self.stopping is not None and self.stopping.is_set():
-            self.request.headers["CONNECTION"] = "close"  # an HTTP/1.0 keep-alive is not kept either
-            self.set_close_on_finish()
-        return super().build_response_header()
-
-
-class _JsonErrorChannel(HTTPChannel):
-    error_task_class = _JsonErrorTask
-    parser_class = _StampedParser
-    task_class = _StampedTask
-
-
-class _VsockWSGIServer(BaseWSGIServer):
-    """waitress on an already bound AF_VSOCK socket (waitress itself takes only TCP and unix sockets)."""
-
-    def getsockname(self) -> tuple[str, int]:
-        return "vsock", self.socket.getsockname()[1]
-
-    def set_socket_options(self, conn: socket.socket) -> None:
-        pass  # waitress's defaults are TCP options (TCP_NODELAY), which AF_VSOCK refuses
-
-    def fix_addr(self, addr: tuple[int, int]) -> tuple[str, int]:
-        return f"vsock:{addr[0]}", addr[1]  # REMOTE_ADDR: the peer's CID
-
-
-def _create_server(app: object, sock: socket.socket, *, map: dict, dispatcher: ThreadedTaskDispatcher,
-                   **adjustments: object) -> BaseWSGIServer:
-    """One waitress server on ``sock`` (TCP, unix or vsock), sharing ``map`` and ``dispatcher``."""
-    if sock.family == getattr(socket, "AF_VSOCK", None):
-        sockinfo = (sock.family, sock.type, sock.proto, sock.getsockname())
-        return _VsockWSGIServer(app, map=map, _sock=sock, dispatcher=dispatcher, adj=Adjustments(**adjustments),
-                                bind_socket=False, sockinfo=sockinfo)
-    return create_server(app, map=map, _dispatcher=dispatcher, sockets=[sock], **adjustments)
 
 
 def _in_flight(channel: Any) -> bool:
@@ -252,24 +80,22 @@ class Server:
         # with connection threads the pool runs nothing: each connection's thread runs its tasks
         self._tasks.set_thread_count(1 if settings.connection_threads else threads)
         self._servers = [
-            _create_server(service.app, sock, map=self._map, dispatcher=self._tasks,
-                           threads=threads, ident="accelshim",
-                           # waitress refuses a body of >= its limit; the shim's limit is inclusive
-                           max_request_body_size=settings.max_body_bytes + 1, channel_timeout=CHANNEL_TIMEOUT_S,
-                           connection_limit=CONNECTION_LIMIT, clear_untrusted_proxy_headers=True,
-                           # tensors are large: keep bodies in memory (waitress spills anything over
-                           # 512 KiB to a temp file by default) and read them in big pieces. A response
-                           # goes out from its request's thread as it is written (waitress's send_bytes
-                           # of 1, deprecated to set): a threshold above it would leave each one to the
-                           # event loop's thread, one more hand-off under the interpreter lock
-                           inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
-                           recv_bytes=1 << 18, outbuf_high_watermark=1 << 30)
+            make_server(service.app, sock, map=self._map, dispatcher=self._tasks,
+                        threads=threads, ident="accelshim",
+                        # waitress refuses a body of >= its limit; the shim's limit is inclusive
+                        max_request_body_size=settings.max_body_bytes + 1, channel_timeout=CHANNEL_TIMEOUT_S,
+                        connection_limit=CONNECTION_LIMIT, clear_untrusted_proxy_headers=True,
+                        # tensors are large: keep bodies in memory (waitress spills anything over
+                        # 512 KiB to a temp file by default) and read them in big pieces. A response
+                        # goes out from its request's thread as it is written (waitress's send_bytes
+                        # of 1, deprecated to set): a threshold above it would leave each one to the
+                        # event loop's thread, one more hand-off under the interpreter lock
+                        inbuf_overflow=settings.max_body_bytes + 65536, outbuf_overflow=1 << 30,
+                        recv_bytes=1 << 18, outbuf_high_watermark=1 << 30)
             for sock in sockets
         ]
         tokens = service.guard.tokens if service.guard is not None else None
-        parser = type("_Parser", (_StampedParser,), {"tokens": tokens})
-        task = type("_Task", (_StampedTask,), {"stopping": self._stopping})
-        channel = type("_Channel", (_JsonErrorChannel,), {"parser_class": parser, "task_class": task})
+        channel = channel_class(tokens, self._stopping)
         if settings.connection_threads:
             budget = ThreadBudget(CONNECTION_LIMIT, self._servers)
             channel = threaded(channel, budget)

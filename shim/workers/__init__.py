@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
     """Serve ``sockets`` with ``service.settings.workers`` request workers until SIGTERM; the exit code."""
-    from ..server.serving import Server, bind_sockets  # noqa: PLC0415 - waitress, once serving
+    from ..server.binding import bind_sockets  # noqa: PLC0415
+    from ..server.serving import Server  # noqa: PLC0415 - waitress, once serving
 
     settings = service.settings
     with tempfile.TemporaryDirectory(prefix="accelshim-") as private:  # 0700: this user alone

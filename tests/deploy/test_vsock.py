@@ -22,7 +22,8 @@ from accel import Client
 from accel.errors import InvalidInput
 from accel.transport import HTTPTransport, parse_url
 from shim.config import Settings
-from shim.server.serving import Server, bind_sockets, bind_vsock
+from shim.server.binding import bind_sockets, bind_vsock
+from shim.server.serving import Server
 from tests.conftest import CAT_LABELS, encode
 
 VMADDR_CID_LOCAL = 1
