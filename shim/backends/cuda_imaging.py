@@ -61,8 +61,8 @@ class CudaImagePipeline:
         self._name = config.name
         self._step = max(1, config.max_batch_size)
         self._input = runner.inputs[0].name
-        self._lock = threading.Lock()  # the resize plans' cache, ``_landings``
-        self.resizer = CudaResizer(self._pre, self._lock)  # the batches' resize + normalisation
+        self._lock = threading.Lock()  # ``_landings``'
+        self.resizer = CudaResizer(self._pre)  # the batches' resize + normalisation
         self._local = threading.local()  # ``landing``: a bound thread's, where its batches may be queued
         self._landings: weakref.WeakSet[Landing] = weakref.WeakSet()  # every bound thread's (under ``_lock``)
 

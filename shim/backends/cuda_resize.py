@@ -42,8 +42,7 @@ class CudaResizer:
     the current stream (bit-exact with the CPU twin), with one launch per pass for each run of
     same-size images; each size's plan (its passes' bounds and weights) cached on the device."""
 
-    def __init__(self, pre: Preprocessing, lock: threading.Lock) -> None:
-        """``lock`` guards the plan cache (the pipeline's own)."""
+    def __init__(self, pre: Preprocessing) -> None:
         self._pre = pre
         with device_errors():
             module = cp.RawModule(code=CUDA_SOURCE.read_text(encoding="utf-8"), options=("-std=c++14",))
@@ -58,7 +57,7 @@ class CudaResizer:
             self._plan_stream = cp.cuda.Stream(non_blocking=True)
             with self._plan_stream:
                 cp.empty(PLAN_RESERVE_BYTES, cp.uint8)  # freed at once, kept by the pool for this stream
-        self._lock = lock
+        self._lock = threading.Lock()  # the plan cache's (batcher threads look plans up at once)
 
     def preprocess_batch(self, flat: cp.ndarray, shapes: Sequence[tuple[int, ...]], out: cp.ndarray,
                          plans: list[Any]) -> None:

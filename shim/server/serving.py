@@ -1,4 +1,4 @@
-"""Run the app under waitress on a TCP port and/or a unix socket; warm up in the background."""
+"""Run the app under waitress on the sockets ``binding`` made (TCP, unix, vsock); warm up in the background."""
 from __future__ import annotations
 
 import logging
