@@ -84,7 +84,7 @@ for step in $what; do
   case $step in
     tests|all)
       timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-        tests/test_cuda.py tests/test_cuda_jpeg.py tests/test_workers.py tests/test_faults.py \
+        tests/test_cuda*.py tests/test_workers.py tests/test_faults.py \
         $(ls tests/test_kaas*gpu*.py 2>/dev/null) 2>&1 | tee "$OUT/tests-gpu.log" | tail -40 ;;&
     bench|all)
       timeout 480 python3 -m bench gpu --device cuda --shim-workers "$workers" --out "$OUT/bench" 2>&1 \
