@@ -12,6 +12,13 @@ lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. A lower bo
 handler hands each call to a batcher thread and its reply comes from the landing's thread, which
 this one does not (its Future is done at once, the reply goes from the reader). Needs scikit-image
 (``make test``'s .venv has it).
+
+Each round runs twice: the shim's ``LinkServer`` (a reader thread per link, blocked in its socket
+read) and ``SelectorLinkServer``, a prototype with one thread that waits on every link's socket at
+once (``selectors``) and reads the messages of those that are ready. The prototype reads a message
+whose first bytes have come with a blocking read, so a worker that stops half way through a message
+would stall every link: not for the shim as it is (it would need reads that never block, and a thread
+of its own for a message larger than what a socket holds).
 """
 from __future__ import annotations
 
@@ -31,7 +38,51 @@ CLASSES = 1000
 LINKS = 4
 
 
-def _serve(address: str, ready: Any, stop: Any) -> None:
+def _selector_server() -> type:
+    """``LinkServer`` with one thread reading every link (see the module's docstring)."""
+    import selectors
+    from multiprocessing.connection import AuthenticationError
+
+    from shim.workers.channel import Channel
+    from shim.workers.link import LinkServer
+
+    class SelectorLinkServer(LinkServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._selector = selectors.DefaultSelector()  # before the acceptor thread starts
+            super().__init__(*args, **kwargs)
+            threading.Thread(target=self._select, name="link-select", daemon=True).start()
+
+        def _accept(self) -> None:
+            while not self._closing:
+                try:
+                    conn = self._listener.accept()
+                except (OSError, EOFError, AuthenticationError):
+                    if self._closing:
+                        break
+                    continue
+                chan = Channel(conn)
+                chan.accept_arena(self._pin, self._unpin)
+                self._conns.append(chan)
+                self._selector.register(chan.sock, selectors.EVENT_READ, chan)
+            self._listener.close()
+
+        def _select(self) -> None:
+            while not self._closing:
+                for key, _ in self._selector.select(timeout=0.5):
+                    chan = key.data
+                    try:
+                        self._dispatch(chan, *chan.recv())
+                        while chan.buffered():  # more read ahead: the next message(s)
+                            self._dispatch(chan, *chan.recv())
+                    except (EOFError, OSError):
+                        self._selector.unregister(chan.sock)
+                        chan.close()
+                        self._conns.remove(chan)
+
+    return SelectorLinkServer
+
+
+def _serve(address: str, ready: Any, stop: Any, selector: bool = False) -> None:
     from concurrent.futures import Future
 
     from shim.workers.link import Deferred, LinkServer
@@ -43,13 +94,14 @@ def _serve(address: str, ready: Any, stop: Any) -> None:
         future.set_result(np.repeat(row, len(items), axis=0))
         return future
 
-    server = LinkServer(address, b"probe", {"logits": Deferred(logits)}, threads=4)
+    server = (_selector_server() if selector else LinkServer)(address, b"probe", {"logits": Deferred(logits)},
+                                                               threads=4)
     ready.set()
     stop.wait()
     server.close()
 
 
-def one_round(seconds: float, threads: int) -> str:
+def one_round(seconds: float, threads: int, selector: bool = False) -> str:
     from bench.procs import cat_jpeg, cpu_times, run_threads
     from shim.backends.base import PlainJpeg
     from shim.ops.jpeg import plain_jpeg_shape
@@ -61,7 +113,7 @@ def one_round(seconds: float, threads: int) -> str:
     address = tempfile.mktemp(suffix=".sock")  # noqa: S306 - the listener creates it at once
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    server = ctx.Process(target=_serve, args=(address, ready, stop), daemon=True)
+    server = ctx.Process(target=_serve, args=(address, ready, stop, selector), daemon=True)
     server.start()
     arenas: list[Arena] = []
     clients: list[LinkClient] = []
@@ -96,7 +148,8 @@ def one_round(seconds: float, threads: int) -> str:
             server.kill()
     n = sum(calls)
     user, system = user1 - user0, sys1 - sys0
-    return (f"{threads} threads on {LINKS} links: {n / wall:.0f} calls/s; the server's CPU per call "
+    return (f"{'one selector thread' if selector else 'a thread per link  '}, {threads} threads on {LINKS} links: "
+            f"{n / wall:.0f} calls/s; the server's CPU per call "
             f"{1e3 * (user + system) / n:.4f} ms (user {1e3 * user / n:.4f}, system {1e3 * system / n:.4f}), "
             f"{(user + system) / wall:.2f} cores")
 
@@ -105,4 +158,5 @@ if __name__ == "__main__":
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     threads = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     for _ in range(rounds):
-        print(one_round(4.0, threads), flush=True)
+        for selector in (False, True):
+            print(one_round(4.0, threads, selector), flush=True)

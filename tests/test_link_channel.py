@@ -49,6 +49,17 @@ def test_small_messages_sent_together_are_read_in_one_read(pair) -> None:
     assert counting.reads == 1  # not three per message (header, places, pickle)
 
 
+def test_a_channel_says_whether_more_was_read_ahead_than_the_messages_taken(pair) -> None:
+    sender, receiver = pair
+    assert not receiver.buffered()
+    sender.send(("first", 1))
+    sender.send(("second", 2))
+    assert receiver.recv() == ("first", 1)
+    assert receiver.buffered()  # the second came in the same read
+    assert receiver.recv() == ("second", 2)
+    assert not receiver.buffered()
+
+
 def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
     rng = np.random.default_rng(5)
     big = rng.standard_normal(3 * READ_AHEAD // 8 + 17)  # over the read-ahead: read straight into place

@@ -97,6 +97,11 @@ class Channel:
                 buffers.append(self.peer_arena.view(where - 1, nbytes))
         return pickle.loads(data, buffers=buffers)
 
+    def buffered(self) -> bool:
+        """Whether bytes read off the socket ahead wait for the next ``recv`` (the start of a message
+        at least; it may still be coming)."""
+        return self._start < self._end
+
     def offer_arena(self, arena: Arena | None) -> bool:
         """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of
         its first bytes the device may pin (8 bytes: for a ``pinned`` arena those it never gives
