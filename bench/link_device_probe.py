@@ -13,8 +13,8 @@ handler hands each call to a batcher thread and its reply comes from the landing
 this one does not (its Future is done at once, the reply goes from the reader). Needs scikit-image
 (``make test``'s .venv has it).
 
-Each round runs twice: the shim's ``LinkServer`` (a reader thread per link, blocked in its socket
-read) and ``SelectorLinkServer``, a prototype with one thread that waits on every link's socket at
+Each round runs twice, in the other order each round: the shim's ``LinkServer`` (a reader thread per
+link, blocked in its socket read) and ``SelectorLinkServer``, a prototype with one thread that waits on every link's socket at
 once (``selectors``) and reads the messages of those that are ready. The prototype reads a message
 whose first bytes have come with a blocking read, so a worker that stops half way through a message
 would stall every link: not for the shim as it is (it would need reads that never block, and a thread
@@ -74,7 +74,7 @@ def _selector_server() -> type:
                         self._dispatch(chan, *chan.recv())
                         while chan.buffered():  # more read ahead: the next message(s)
                             self._dispatch(chan, *chan.recv())
-                    except (EOFError, OSError):
+                    except (EOFError, OSError, ValueError):  # gone, or a buffer outside its arena
                         self._selector.unregister(chan.sock)
                         chan.close()
                         self._conns.remove(chan)
@@ -157,6 +157,6 @@ def one_round(seconds: float, threads: int, selector: bool = False) -> str:
 if __name__ == "__main__":
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     threads = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    for _ in range(rounds):
-        for selector in (False, True):
+    for index in range(rounds):  # the order swapped each round (A B, B A, ...): neither always goes first
+        for selector in ((False, True), (True, False))[index % 2]:
             print(one_round(4.0, threads, selector), flush=True)
