@@ -14,11 +14,10 @@ this one does not (its Future is done at once, the reply goes from the reader). 
 (``make test``'s .venv has it).
 
 Each round runs twice, in the other order each round: the shim's ``LinkServer`` (a reader thread per
-link, blocked in its socket read) and ``SelectorLinkServer``, a prototype with one thread that waits on every link's socket at
-once (``selectors``) and reads the messages of those that are ready. The prototype reads a message
-whose first bytes have come with a blocking read, so a worker that stops half way through a message
-would stall every link: not for the shim as it is (it would need reads that never block, and a thread
-of its own for a message larger than what a socket holds).
+link, blocked in its socket read) and ``SelectorLinkServer``, a prototype with one thread that waits on
+every link's socket at once (``selectors``) and takes the messages that came whole
+(``Channel.take_ready``, which never waits for the rest of one), each link's handshake on a thread of
+its own.
 """
 from __future__ import annotations
 
@@ -61,23 +60,34 @@ def _selector_server() -> type:
                         break
                     continue
                 chan = Channel(conn)
-                chan.accept_arena(self._pin, self._unpin)
                 self._conns.append(chan)
-                self._selector.register(chan.sock, selectors.EVENT_READ, chan)
+                threading.Thread(target=self._handshake, args=(chan,), daemon=True).start()
             self._listener.close()
+
+        def _handshake(self, chan: Channel) -> None:
+            try:
+                chan.accept_arena(self._pin, self._unpin)
+            except (EOFError, OSError):
+                self._drop(chan)
+                return
+            self._selector.register(chan.sock, selectors.EVENT_READ, chan)
 
         def _select(self) -> None:
             while not self._closing:
                 for key, _ in self._selector.select(timeout=0.5):
                     chan = key.data
                     try:
-                        self._dispatch(chan, *chan.recv())
-                        while chan.buffered():  # more read ahead: the next message(s)
-                            self._dispatch(chan, *chan.recv())
-                    except (EOFError, OSError, ValueError):  # gone, or a buffer outside its arena
+                        for message in chan.take_ready():
+                            self._dispatch(chan, *message)
+                    except Exception:  # noqa: BLE001 - gone, a buffer outside its arena, a bad pickle: that link only
                         self._selector.unregister(chan.sock)
-                        chan.close()
-                        self._conns.remove(chan)
+                        self._drop(chan)
+
+        def _drop(self, chan: Channel) -> None:
+            chan.close()
+            if chan.peer_arena is not None:
+                chan.peer_arena.close()
+            self._conns.remove(chan)
 
     return SelectorLinkServer
 

@@ -60,10 +60,8 @@ def test_a_channel_says_whether_more_was_read_ahead_than_the_messages_taken(pair
     assert not receiver.buffered()
 
 
-def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
-    rng = np.random.default_rng(5)
-    big = rng.standard_normal(3 * READ_AHEAD // 8 + 17)  # over the read-ahead: read straight into place
-    messages = [("small", 1), ("big", big), ("after", b"y" * (READ_AHEAD - 5)), ("last", np.arange(7))]
+def _wire_bytes(messages: list[Any]) -> bytes:
+    """What a sender puts on its socket for ``messages``."""
     out, wire = socket.socketpair()  # a sender's bytes, caught on ``wire``
     sender = Channel(Connection(os.dup(out.fileno())))
     sent = bytearray()
@@ -79,16 +77,42 @@ def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
     sender.close()
     out.close()
     catcher.join(10)
+    wire.close()
     assert not catcher.is_alive()
+    return bytes(sent)
+
+
+def _steps(total: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of 1, 2, 3, ... 64 bytes, then 100 000 at a time, over ``total`` bytes."""
+    cuts, at, step = [], 0, 1
+    while at < total:
+        cuts.append((at, min(total, at + step)))
+        at += step
+        step = step + 1 if step < 64 else 100_000
+    return cuts
+
+
+def _mixed_messages() -> list[Any]:
+    big = np.random.default_rng(5).standard_normal(3 * READ_AHEAD // 8 + 17)  # over the read-ahead
+    return [("small", 1), ("big", big), ("after", b"y" * (READ_AHEAD - 5)), ("last", np.arange(7))]
+
+
+def _assert_mixed(got: list[Any], messages: list[Any]) -> None:
+    assert [g[0] for g in got] == ["small", "big", "after", "last"]
+    assert got[0][1] == 1 and got[2][1] == b"y" * (READ_AHEAD - 5)
+    np.testing.assert_array_equal(got[1][1], messages[1][1])
+    np.testing.assert_array_equal(got[3][1], np.arange(7))
+
+
+def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
+    messages = _mixed_messages()  # the big one read straight into place
+    sent = _wire_bytes(messages)
     into, peer = socket.socketpair()  # then fed to a receiver 1, 2, 3, ... bytes at a time
     receiver = Channel(Connection(os.dup(into.fileno())))
 
     def dribble() -> None:
-        at, step = 0, 1
-        while at < len(sent):
-            peer.sendall(sent[at:at + step])
-            at += step
-            step = step + 1 if step < 64 else 100_000
+        for start, end in _steps(len(sent)):
+            peer.sendall(sent[start:end])
 
     writer = threading.Thread(target=dribble, daemon=True)
     writer.start()
@@ -96,13 +120,53 @@ def test_messages_cut_anywhere_and_large_buffers_arrive_whole() -> None:
         got = [receiver.recv() for _ in messages]
     finally:
         writer.join(10)
-        for end in (receiver, into, peer, wire):
+        for end in (receiver, into, peer):
             end.close()
     assert not writer.is_alive()
-    assert [g[0] for g in got] == ["small", "big", "after", "last"]
-    assert got[0][1] == 1 and got[2][1] == b"y" * (READ_AHEAD - 5)
-    np.testing.assert_array_equal(got[1][1], big)
-    np.testing.assert_array_equal(got[3][1], np.arange(7))
+    _assert_mixed(got, messages)
+
+
+def test_take_ready_takes_the_messages_that_came_whole_and_never_waits() -> None:
+    """One thread reading many links takes what came: a message cut anywhere waits for its rest
+    (one larger than the read-ahead too), and a call with nothing come returns at once."""
+    messages = _mixed_messages()
+    sent = _wire_bytes(messages)
+    into, peer = socket.socketpair()
+    receiver = Channel(Connection(os.dup(into.fileno())))
+    ends = [len(_wire_bytes(messages[:index + 1])) for index in range(len(messages))]  # each message's last byte
+    got: list[Any] = []
+    calls: list[list[Any]] = []
+
+    def take() -> None:
+        calls.append(receiver.take_ready())
+
+    try:
+        for start, end in _steps(len(sent)):
+            peer.sendall(sent[start:end])
+            taker = threading.Thread(target=take, daemon=True)
+            taker.start()
+            taker.join(5)
+            assert not taker.is_alive(), "take_ready waited for bytes that had not come"
+            got += calls[-1]
+            assert len(got) == sum(1 for last in ends if last <= end)  # those whole by now, no more
+        assert receiver.take_ready() == []  # nothing more came: at once
+        peer.close()
+        with pytest.raises(EOFError):
+            receiver.take_ready()
+    finally:
+        receiver.close()
+        into.close()
+    _assert_mixed(got, messages)
+
+
+def test_take_ready_gives_the_messages_that_came_before_the_close_then_eof(pair) -> None:
+    sender, receiver = pair
+    sender.send(("first", 1))
+    sender.send(("second", 2))
+    sender.close()
+    assert receiver.take_ready() == [("first", 1), ("second", 2)]
+    with pytest.raises(EOFError):
+        receiver.take_ready()
 
 
 def test_a_closed_peer_is_eof_even_partway_through_a_message(pair) -> None:
