@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import struct
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shim.workers.channel import READ_AHEAD, Channel
+from shim.workers.channel import READ_AHEAD, TAKE_AT_MOST, Channel
 
 
 class _CountingSocket:
@@ -157,6 +159,47 @@ def test_take_ready_takes_the_messages_that_came_whole_and_never_waits() -> None
         receiver.close()
         into.close()
     _assert_mixed(got, messages)
+
+
+def test_take_ready_gives_the_messages_before_a_bad_one_then_its_error() -> None:
+    into, peer = socket.socketpair()
+    receiver = Channel(Connection(os.dup(into.fileno())))
+    try:
+        good = _wire_bytes([("good", 1), ("good", 2)])
+        peer.sendall(good + struct.pack("!IQ", 0, 12) + b"not a pickle")
+        assert receiver.take_ready() == [("good", 1), ("good", 2)]  # not lost with the bad one
+        with pytest.raises(pickle.UnpicklingError):
+            receiver.take_ready()
+    finally:
+        for end in (receiver, into, peer):
+            end.close()
+
+
+def test_take_ready_reads_no_more_after_its_share_and_loses_nothing() -> None:
+    messages = [(i, "logits", b"z" * 500) for i in range(3 * TAKE_AT_MOST)]  # more than the read-ahead holds
+    into, peer = socket.socketpair()
+    receiver = Channel(Connection(os.dup(into.fileno())))
+    peer.sendall(_wire_bytes(messages))  # all of it waiting in the socket (about 100 KiB)
+    first = receiver.take_ready()
+    assert TAKE_AT_MOST <= len(first) < len(messages)  # its share, then the other links' turn
+    got = first
+    while len(got) < len(messages):
+        more = receiver.take_ready()
+        assert more, "whole messages were left behind"
+        got += more
+    for end in (receiver, into, peer):
+        end.close()
+    assert got == messages
+
+
+def test_take_ready_at_a_close_part_way_through_a_message_is_eof(pair) -> None:
+    sender, receiver = pair
+    sender.send(("whole", 1))
+    sender.sock.sendall(_wire_bytes([("cut", b"x" * 100)])[:50])
+    sender.close()
+    assert receiver.take_ready() == [("whole", 1)]
+    with pytest.raises(EOFError):
+        receiver.take_ready()
 
 
 def test_take_ready_gives_the_messages_that_came_before_the_close_then_eof(pair) -> None:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 #: one read, where each part read on its own let go of the interpreter lock and waited to take it
 #: back (0.2-0.3 ms each in a busy process on the H200 host)
 READ_AHEAD = 1 << 16
+TAKE_AT_MOST = 64  # messages after which ``take_ready`` reads no more (the rest for the next call: other links wait)
 
 
 class Unencodable(Exception):
@@ -42,6 +43,7 @@ class Channel:
         self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
         self._ahead = bytearray(READ_AHEAD)  # read off the socket, not taken yet: [_start, _end)
         self._start = self._end = 0
+        self._failed: BaseException | None = None  # a message ``take_ready`` could not take, after others
 
     def send(self, message: Any, arena: Arena | None = None, wait: bool = True) -> Lent:
         """Send ``message``, its large buffers through ``arena`` where they fit; the slots taken (the
@@ -99,19 +101,30 @@ class Channel:
 
     def take_ready(self) -> list[Any]:
         """The messages whose bytes have all come, reading what the socket holds without waiting for
-        more (a message still on its way stays for the next call; the read-ahead grows to hold one
-        larger than ``READ_AHEAD``): for one thread that reads many links as they become readable.
+        more (a message still on its way stays for the next call; no more reads once ``TAKE_AT_MOST``
+        were taken; the read-ahead grows to hold a message larger than ``READ_AHEAD``, which then costs
+        twice its size while it is taken): for one thread that reads many links as they become readable.
 
         Raises:
             EOFError: the peer closed the link (once the messages that came whole were taken).
+            Exception: a message that could not be taken (``recv``'s errors), once those before it were.
         """
-        messages = []
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+        messages: list[Any] = []
         while True:
             came = self._read_what_came()
-            while (total := self._next_size()) is not None and self._end - self._start >= total:
-                messages.append(self.recv())  # all its bytes read ahead: no read of the socket
-            if came != "full":
-                break
+            try:
+                while (total := self._next_size()) is not None and self._end - self._start >= total:
+                    messages.append(self.recv())  # all its bytes read ahead: no read of the socket
+            except Exception as exc:
+                if not messages:
+                    raise
+                self._failed = exc  # for the next call: those taken before it go first
+                return messages
+            if came != "full" or len(messages) >= TAKE_AT_MOST:  # (what the socket still holds keeps
+                break  # it readable: none of it is left behind)
         if came == "closed" and not messages:
             raise EOFError("the link was closed")
         return messages
@@ -160,11 +173,13 @@ class Channel:
                 read = self.sock.recv_into(memoryview(self._ahead)[self._end:], room, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return "drained"
+            except ConnectionResetError:  # gone with replies unread
+                return "closed"
             if not read:
                 return "closed"
             self._end += read
-            if read < room:  # all it held (a stream socket's read takes what it holds, up to the room):
-                return "drained"  # what comes later makes it readable again
+            if read < room:  # all it held then (a unix stream socket's read takes what it holds, up to the
+                return "drained"  # room); what comes later makes it readable again
 
     def buffered(self) -> bool:
         """Whether bytes read off the socket ahead wait for the next ``recv`` (the start of a message
