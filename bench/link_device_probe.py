@@ -83,12 +83,6 @@ def _selector_server() -> type:
                         self._selector.unregister(chan.sock)
                         self._drop(chan)
 
-        def _drop(self, chan: Channel) -> None:
-            chan.close()
-            if chan.peer_arena is not None:
-                chan.peer_arena.close()
-            self._conns.remove(chan)
-
     return SelectorLinkServer
 
 

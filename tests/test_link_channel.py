@@ -51,17 +51,6 @@ def test_small_messages_sent_together_are_read_in_one_read(pair) -> None:
     assert counting.reads == 1  # not three per message (header, places, pickle)
 
 
-def test_a_channel_says_whether_more_was_read_ahead_than_the_messages_taken(pair) -> None:
-    sender, receiver = pair
-    assert not receiver.buffered()
-    sender.send(("first", 1))
-    sender.send(("second", 2))
-    assert receiver.recv() == ("first", 1)
-    assert receiver.buffered()  # the second came in the same read
-    assert receiver.recv() == ("second", 2)
-    assert not receiver.buffered()
-
-
 def _wire_bytes(messages: list[Any]) -> bytes:
     """What a sender puts on its socket for ``messages``."""
     out, wire = socket.socketpair()  # a sender's bytes, caught on ``wire``

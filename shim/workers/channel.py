@@ -116,7 +116,7 @@ class Channel:
         while True:
             came = self._read_what_came()
             try:
-                while (total := self._next_size()) is not None and self._end - self._start >= total:
+                while self._end - self._start >= self._needed():
                     messages.append(self.recv())  # all its bytes read ahead: no read of the socket
             except Exception as exc:
                 if not messages:
@@ -129,25 +129,18 @@ class Channel:
             raise EOFError("the link was closed")
         return messages
 
-    def _next_size(self) -> int | None:
-        """The next message's bytes (header, pickle, the buffers on the socket), once enough of it is
-        read ahead to tell; else None."""
-        have = self._end - self._start
-        if have < 12:
-            return None
-        count, size = struct.unpack_from("!IQ", self._ahead, self._start)
-        if have < 12 + 16 * count:
-            return None
-        places = struct.unpack_from(f"!{2 * count}Q", self._ahead, self._start + 12)
-        return 12 + 16 * count + size + sum(n for n, where in zip(places[::2], places[1::2]) if not where)
-
     def _needed(self) -> int:
-        """The bytes to read ahead before the next message can be taken, or its size be told."""
+        """The bytes to read ahead before the next message can be taken (all of it), or its size told
+        (its header, then its places)."""
         have = self._end - self._start
         if have < 12:
             return 12
-        total = self._next_size()
-        return total if total is not None else 12 + 16 * struct.unpack_from("!I", self._ahead, self._start)[0]
+        count, size = struct.unpack_from("!IQ", self._ahead, self._start)
+        head = 12 + 16 * count
+        if have < head:
+            return head
+        places = struct.unpack_from(f"!{2 * count}Q", self._ahead, self._start + 12)
+        return head + size + sum(n for n, where in zip(places[::2], places[1::2]) if not where)
 
     def _read_what_came(self) -> str:
         """Read what the socket holds into the read-ahead, never waiting: "drained" (all of it),
@@ -180,11 +173,6 @@ class Channel:
             self._end += read
             if read < room:  # all it held then (a unix stream socket's read takes what it holds, up to the
                 return "drained"  # room); what comes later makes it readable again
-
-    def buffered(self) -> bool:
-        """Whether bytes read off the socket ahead wait for the next ``recv`` (the start of a message
-        at least; it may still be coming)."""
-        return self._start < self._end
 
     def offer_arena(self, arena: Arena | None) -> bool:
         """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of

@@ -243,10 +243,14 @@ class LinkServer:
         except ValueError as exc:  # a buffer outside the arena
             log.warning("dropped a request worker's link: %s", exc)
         finally:
-            chan.close()
-            if chan.peer_arena is not None:
-                chan.peer_arena.close()  # unmapped once no call of it holds a view
-            self._conns.remove(chan)
+            self._drop(chan)
+
+    def _drop(self, chan: Channel) -> None:
+        """Close a link that was read for the last time, and let go of its worker's arena."""
+        chan.close()
+        if chan.peer_arena is not None:
+            chan.peer_arena.close()  # unmapped once no call of it holds a view
+        self._conns.remove(chan)
 
     def _dispatch(self, chan: Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         """Start one call: a Deferred handler here, any other on a pool thread."""
