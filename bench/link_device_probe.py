@@ -13,11 +13,10 @@ handler hands each call to a batcher thread and its reply comes from the landing
 this one does not (its Future is done at once, the reply goes from the reader). Needs scikit-image
 (``make test``'s .venv has it).
 
-Each round runs twice, in the other order each round: the shim's ``LinkServer`` (a reader thread per
-link, blocked in its socket read) and ``SelectorLinkServer``, a prototype with one thread that waits on
-every link's socket at once (``selectors``) and takes the messages that came whole
-(``Channel.take_ready``, which never waits for the rest of one), each link's handshake on a thread of
-its own.
+Each round runs twice, in the other order each round: the shim's ``LinkServer`` (one thread reading
+every link, ``LinkReader``: it waits on all the links' sockets at once and takes the messages that
+came whole with ``Channel.take_ready``) and ``ThreadPerLinkServer``, the shim's reading before it (a
+thread per link, blocked in its socket read).
 """
 from __future__ import annotations
 
@@ -37,56 +36,26 @@ CLASSES = 1000
 LINKS = 4
 
 
-def _selector_server() -> type:
-    """``LinkServer`` with one thread reading every link (see the module's docstring)."""
-    import selectors
-    from multiprocessing.connection import AuthenticationError
-
+def _thread_per_link_server() -> type:
+    """``LinkServer`` as it read before ``LinkReader``: a thread per link, blocked in its socket read."""
     from shim.workers.channel import Channel
     from shim.workers.link import LinkServer
 
-    class SelectorLinkServer(LinkServer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._selector = selectors.DefaultSelector()  # before the acceptor thread starts
-            super().__init__(*args, **kwargs)
-            threading.Thread(target=self._select, name="link-select", daemon=True).start()
-
-        def _accept(self) -> None:
-            while not self._closing:
-                try:
-                    conn = self._listener.accept()
-                except (OSError, EOFError, AuthenticationError):
-                    if self._closing:
-                        break
-                    continue
-                chan = Channel(conn)
-                self._conns.append(chan)
-                threading.Thread(target=self._handshake, args=(chan,), daemon=True).start()
-            self._listener.close()
-
+    class ThreadPerLinkServer(LinkServer):
         def _handshake(self, chan: Channel) -> None:
             try:
                 chan.accept_arena(self._pin, self._unpin)
+                while True:
+                    self._dispatch(chan, *chan.recv())
             except (EOFError, OSError):
+                pass
+            finally:
                 self._drop(chan)
-                return
-            self._selector.register(chan.sock, selectors.EVENT_READ, chan)
 
-        def _select(self) -> None:
-            while not self._closing:
-                for key, _ in self._selector.select(timeout=0.5):
-                    chan = key.data
-                    try:
-                        for message in chan.take_ready():
-                            self._dispatch(chan, *message)
-                    except Exception:  # noqa: BLE001 - gone, a buffer outside its arena, a bad pickle: that link only
-                        self._selector.unregister(chan.sock)
-                        self._drop(chan)
-
-    return SelectorLinkServer
+    return ThreadPerLinkServer
 
 
-def _serve(address: str, ready: Any, stop: Any, selector: bool = False) -> None:
+def _serve(address: str, ready: Any, stop: Any, selector: bool = True) -> None:
     from concurrent.futures import Future
 
     from shim.workers.link import Deferred, LinkServer
@@ -98,14 +67,14 @@ def _serve(address: str, ready: Any, stop: Any, selector: bool = False) -> None:
         future.set_result(np.repeat(row, len(items), axis=0))
         return future
 
-    server = (_selector_server() if selector else LinkServer)(address, b"probe", {"logits": Deferred(logits)},
-                                                               threads=4)
+    server = (LinkServer if selector else _thread_per_link_server())(address, b"probe",
+                                                                {"logits": Deferred(logits)}, threads=4)
     ready.set()
     stop.wait()
     server.close()
 
 
-def one_round(seconds: float, threads: int, selector: bool = False) -> str:
+def one_round(seconds: float, threads: int, selector: bool = True) -> str:
     from bench.procs import cat_jpeg, cpu_times, run_threads
     from shim.backends.base import PlainJpeg
     from shim.ops.jpeg import plain_jpeg_shape

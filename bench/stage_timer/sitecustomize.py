@@ -146,6 +146,9 @@ def _patch(name: str, module: Any) -> None:
     elif name == "shim.workers.channel":
         module.Channel.recv = _timed("link message in (the wait for it, read, unpickled)", module.Channel.recv)
         module.Channel.send = _timed("link message out (pickled, sent or posted)", module.Channel.send)
+        if hasattr(module.Channel, "take_ready"):  # (the device's links, read by one thread: recv only unpickles)
+            module.Channel.take_ready = _timed("link messages taken (read without waiting, unpickled)",
+                                               module.Channel.take_ready)
     elif name == "shim.workers.link":
         module.LinkClient.call = _timed("link call (worker side)", module.LinkClient.call)
         module.LinkServer._dispatch = _timed("link call started (a Deferred: into the batcher)",

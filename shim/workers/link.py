@@ -8,10 +8,11 @@ Messages (``channel.Channel``) are pickles (protocol 5) whose arrays travel out 
 ``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
 once the reply is in), the others written from where they lie and read straight into the buffers
 they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
-pieces). On the device side a reader thread per worker hands each call to a pool of threads (a
-call may wait in a batcher) and replies as each finishes; a ``Deferred`` handler instead starts its
-call on the reader thread and the reply goes from whichever thread completes its Future (a
-batcher's, as its batch ends): no thread is woken per call. Errors travel as (status, message): the
+pieces). On the device side one thread reads every worker's link (``LinkReader``: the links ready at
+once in one wake-up) and hands each call to a pool of threads (a call may wait in a batcher), which
+replies as each finishes; a ``Deferred`` handler instead starts its call on that reading thread and
+the reply goes from whichever thread completes its Future (a batcher's, as its batch ends): no thread
+is woken per call. Errors travel as (status, message): the
 worker raises the same ``accel.errors`` class, and a lost device stays a ``DeviceLost``.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from accel.errors import AccelError, InternalError, NotReady, error_for_status
 from ..faults import DeviceLost
 from .arena import Arena, Lent
 from .channel import Channel, Unencodable
+from .link_reader import LinkReader
 from .outbox import shut_down
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,8 @@ _LOST = "device_lost"
 
 
 class Deferred:
-    """A handler that answers later: ``fn(*args)`` returns a Future at once (it runs on the link's
-    reader thread, so it must not block) and the reply goes when that Future is done."""
+    """A handler that answers later: ``fn(*args)`` returns a Future at once (it runs on the thread
+    that reads every link, so it must not block) and the reply goes when that Future is done."""
 
     def __init__(self, fn: Callable[..., "Future[Any]"]) -> None:
         self.fn = fn
@@ -214,8 +216,10 @@ class LinkServer:
         self._pin, self._unpin = pin, unpin
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
-        self._conns: list[Channel] = []
+        self._lock = threading.Lock()  # guards what follows
+        self._conns: list[Channel] = []  # links not yet closed
         self._closing = False
+        self._reader = LinkReader(lambda chan, message: self._dispatch(chan, *message), self._drop)
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
         self._acceptor.start()
 
@@ -229,28 +233,33 @@ class LinkServer:
                 log.warning("refused a request worker connection: %s", exc)
                 continue
             chan = Channel(conn)
-            self._conns.append(chan)
-            threading.Thread(target=self._serve, args=(chan,), name="link-conn", daemon=True).start()
+            with self._lock:
+                if self._closing:  # came as it closed: not shut down with the others
+                    chan.close()
+                    break
+                self._conns.append(chan)
+            # on a thread of its own: the worker's offer may be slow to come, and pinning its arena takes a while
+            threading.Thread(target=self._handshake, args=(chan,), name="link-handshake", daemon=True).start()
         self._listener.close()
 
-    def _serve(self, chan: Channel) -> None:
+    def _handshake(self, chan: Channel) -> None:
+        """Map the worker's arena (``Channel.accept_arena``), then hand the link to the reader."""
         try:
             chan.accept_arena(self._pin, self._unpin)
-            while True:
-                self._dispatch(chan, *chan.recv())  # no message kept here: its arena views die with its call
-        except (EOFError, OSError):
-            pass
-        except ValueError as exc:  # a buffer outside the arena
-            log.warning("dropped a request worker's link: %s", exc)
-        finally:
+        except Exception as exc:  # noqa: BLE001 - that link only
+            if not isinstance(exc, (EOFError, OSError)):  # else gone (or shut down) before its handshake
+                log.warning("dropped a request worker's link in its handshake: %s: %s", type(exc).__name__, exc)
             self._drop(chan)
+            return
+        self._reader.add(chan)
 
     def _drop(self, chan: Channel) -> None:
         """Close a link that was read for the last time, and let go of its worker's arena."""
         chan.close()
         if chan.peer_arena is not None:
             chan.peer_arena.close()  # unmapped once no call of it holds a view
-        self._conns.remove(chan)
+        with self._lock:
+            self._conns.remove(chan)
 
     def _dispatch(self, chan: Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         """Start one call: a Deferred handler here, any other on a pool thread."""
@@ -296,14 +305,19 @@ class LinkServer:
             log.debug("the reply to %s went nowhere (the worker is gone, its caller with it): %s", method, exc)
 
     def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+        """Stop: no more links or calls; each link is closed (its worker's calls not yet answered
+        fail there as ``LinkClosed``)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            conns = list(self._conns)
         # shut down, not closed: each thread that reads a socket wakes up and closes it itself (a
         # close under a blocked reader neither wakes it nor tells the peer, and frees the fd number)
         shut_down(self._listener._listener._socket)  # noqa: SLF001 - wakes the thread in accept()
-        for chan in list(self._conns):
-            shut_down(chan.sock)
+        for chan in conns:
+            shut_down(chan.sock)  # a link in its handshake wakes up
+        self._reader.close()  # it closes the links it reads
         self._acceptor.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
