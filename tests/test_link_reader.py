@@ -3,22 +3,32 @@ links at once, each in its order, and whatever goes wrong with one link drops th
 from __future__ import annotations
 
 import os
+import pickle
+import socket
+import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing.connection import Client
+from multiprocessing.connection import Client, Connection
+from typing import Any
 
 import numpy as np
 import pytest
 
 from accel.errors import NotReady
 from shim.workers.arena import Arena
-from shim.workers.channel import READ_AHEAD
+from shim.workers.channel import READ_AHEAD, Channel
 from shim.workers.link import Deferred, LinkClient, LinkServer
+from shim.workers.link_reader import LinkReader
 
 
 def _threads(name: str) -> int:
     return sum(thread.name == name for thread in threading.enumerate())
+
+
+def _call(client: LinkClient, method: str, *args: Any) -> Any:
+    """``client.call`` that cannot hang the suite."""
+    return client.call_later(method, *args).result(10)
 
 
 def _until(condition, timeout: float = 5.0) -> bool:
@@ -52,24 +62,25 @@ def test_one_thread_reads_many_links_each_in_its_order(served) -> None:
     reading thread for them all (no thread per link once connected), every call answered with its
     own result, and each link's notifications started in the order they were sent."""
     server, key = served
-    before = threading.active_count()
+    before = set(threading.enumerate())
     arenas = [Arena(1 << 20) for _ in range(8)]
     clients = [LinkClient(server.address, key, arena=arena) for arena in arenas]
     try:
         assert _until(lambda: _threads("link-handshake") == 0)
-        assert threading.active_count() - before == len(clients)  # the clients' readers: none on the device side
+        started = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+        assert sorted(started) == ["link-reader"] * len(clients)  # the clients' own: none per link on the device side
         for link, client in enumerate(clients):
             for index in range(200):
                 client.notify("order", link, index)
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(int(rng.integers(1, 5000))).astype(np.float32) for _ in range(64)]
         with ThreadPoolExecutor(32) as pool:
-            replies = list(pool.map(lambda i: clients[i % 8].call("echo", i, arrays[i]), range(64)))
+            replies = list(pool.map(lambda i: _call(clients[i % 8], "echo", i, arrays[i]), range(64)))
         for i, (index, array) in enumerate(replies):
             assert index == i
             np.testing.assert_array_equal(array, arrays[i])
         for link, client in enumerate(clients):
-            assert client.call("seen", link) == list(range(200))  # a link's calls start in its order
+            assert _call(client, "seen", link) == list(range(200))  # a link's calls start in its order
     finally:
         for client in clients:
             client.close()
@@ -86,7 +97,7 @@ def test_messages_larger_than_the_read_ahead_come_whole_on_every_link(served) ->
         rng = np.random.default_rng(1)
         arrays = [rng.integers(0, 1 << 30, size=(3 * READ_AHEAD) // 4 + 977 * i, dtype=np.int64) for i in range(12)]
         with ThreadPoolExecutor(12) as pool:
-            replies = list(pool.map(lambda i: clients[i % 4].call("echo", arrays[i])[0], range(12)))
+            replies = list(pool.map(lambda i: _call(clients[i % 4], "echo", arrays[i])[0], range(12)))
         for reply, array in zip(replies, arrays):
             np.testing.assert_array_equal(reply, array)
     finally:
@@ -100,14 +111,14 @@ def test_a_link_that_sends_what_cannot_be_a_call_is_dropped_alone(served, caplog
     server, key = served
     bad, good = LinkClient(server.address, key), LinkClient(server.address, key)
     try:
-        assert bad.call("echo", 1) == (1,)
+        assert _call(bad, "echo", 1) == (1,)
         bad._chan.send("not a call")  # noqa: SLF001 - what a broken worker could send
         with pytest.raises(NotReady, match="device process is gone"):
             for _ in range(100):  # until the device's reader has dropped it
-                bad.call("echo", 2)
+                _call(bad, "echo", 2)
                 time.sleep(0.02)
         assert "dropped a request worker's link" in caplog.text
-        assert good.call("echo", 3) == (3,)
+        assert _call(good, "echo", 3) == (3,)
         assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - the bad one closed on the device
     finally:
         bad.close()
@@ -121,7 +132,7 @@ def test_a_link_whose_handshake_never_comes_holds_up_nobody(served) -> None:
     silent = Client(server.address, family="AF_UNIX", authkey=key)  # never offers its arena
     client = LinkClient(server.address, key)
     try:
-        assert client.call("echo", "meanwhile") == ("meanwhile",)
+        assert _call(client, "echo", "meanwhile") == ("meanwhile",)
         assert _threads("link-handshake") >= 1
         started = time.monotonic()
         server.close()
@@ -148,12 +159,117 @@ def test_closing_the_server_closes_every_link_and_ends_its_reader(tmp_path) -> N
             waits = [pool.submit(client.call, "wait") for client in clients]
             time.sleep(0.2)
             server.close()
+            assert not reading[0].is_alive()  # joined
             for wait in waits:
                 with pytest.raises(NotReady, match="device process is gone"):
                     wait.result(5)
         assert not server._conns  # noqa: SLF001
-        assert not reading[0].is_alive()
     finally:
         release.set()
         for client in clients:
             client.close()
+
+
+def _pair() -> tuple[socket.socket, Channel]:
+    """A raw socket and the channel on its other end."""
+    raw, other = socket.socketpair()
+    chan = Channel(Connection(os.dup(other.fileno())))
+    other.close()
+    return raw, chan
+
+
+def _wire(message: Any) -> bytes:
+    data = pickle.dumps(message, protocol=5)
+    return struct.pack("!IQ", 0, len(data)) + data
+
+
+def test_a_message_that_cannot_be_read_after_good_ones_drops_its_link_at_once() -> None:
+    """Good messages and a bad one in one write: the good ones are handed on, then the link is
+    dropped then and there (not once its worker sends something more, which it may never do)."""
+    got, gone = [], []
+    reader = LinkReader(lambda chan, message: got.append(message), lambda chan: (gone.append(chan), chan.close()))
+    raw, chan = _pair()
+    try:
+        reader.add(chan)
+        raw.sendall(_wire((1, "a", ())) + _wire((2, "b", ())) + struct.pack("!IQ", 0, 5) + b"\x80\x05bad")
+        assert _until(lambda: gone == [chan], 2)
+        assert got == [(1, "a", ()), (2, "b", ())]
+    finally:
+        reader.close()
+        raw.close()
+
+
+def test_closing_the_reader_hands_every_link_to_on_gone_once() -> None:
+    """Links whose peers are still there, read and not yet read: at close each goes to ``on_gone``
+    once, on the reading thread, which has ended when ``close`` returns."""
+    got, gone = [], []
+    reader = LinkReader(lambda chan, message: got.append(message), lambda chan: (gone.append(chan), chan.close()))
+    pairs = [_pair() for _ in range(5)]
+    try:
+        for index, (raw, chan) in enumerate(pairs):
+            reader.add(chan)
+            raw.sendall(_wire((index, "m", ())))
+        assert _until(lambda: len(got) == 5)
+        reader.close()
+        assert sorted(map(id, gone)) == sorted(id(chan) for _, chan in pairs)
+        assert not any(t.name == "link-read-all" and t.is_alive() for t in threading.enumerate())
+        late_raw, late = _pair()
+        reader.add(late)  # after close: handed back at once
+        assert gone[-1] is late
+        late_raw.close()
+    finally:
+        reader.close()
+        for raw, _ in pairs:
+            raw.close()
+
+
+def test_a_reader_that_fails_drops_its_links_and_says_so(tmp_path, monkeypatch) -> None:
+    """Should the reading thread itself fail, every link is closed (its callers told the device
+    process is gone) and the server's ``on_fail`` is called: nothing reads the links any more."""
+    key, failed = os.urandom(16), threading.Event()
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=2, on_fail=failed.set)
+    client = LinkClient(server.address, key)
+    try:
+        assert _call(client, "echo", 1) == (1,)
+
+        def broken(timeout: float | None = None) -> list:
+            raise OSError("the selector broke")
+
+        monkeypatch.setattr(server._reader._selector, "select", broken)  # noqa: SLF001
+        server._reader._wake()  # noqa: SLF001 - its next wait fails
+        assert failed.wait(5)
+        with pytest.raises(NotReady, match="device process is gone"):
+            for _ in range(100):
+                _call(client, "echo", 2)
+                time.sleep(0.02)
+        assert _until(lambda: not server._conns)  # noqa: SLF001
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(tmp_path) -> None:
+    """Unpinning a gone worker's arena may wait (for CUDA's locks): the other links are read and
+    answered meanwhile, and the unpin comes all the same."""
+    key, release, unpinned = os.urandom(16), threading.Event(), threading.Event()
+
+    def unpin(address: int) -> None:
+        release.wait(10)
+        unpinned.set()
+
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=2,
+                        pin=lambda address, nbytes: None, unpin=unpin)
+    arena = Arena(4 << 20, keep=1 << 20, pinned=True)
+    going, staying = LinkClient(server.address, key, arena=arena), LinkClient(server.address, key)
+    try:
+        assert _call(going, "echo", 1) == (1,)
+        going.close()  # the device drops its link and unpins its arena, which waits for ``release``
+        time.sleep(0.2)
+        assert staying.call_later("echo", 2).result(3) == (2,)  # not behind the unpin (up to 10 s)
+        release.set()
+        assert unpinned.wait(5)
+    finally:
+        release.set()
+        staying.close()
+        arena.close()
+        server.close()

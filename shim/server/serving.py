@@ -205,6 +205,11 @@ class Server:
         """Stop accepting; requests in flight are finished (up to ``drain_seconds``)."""
         self._stopping.set()
 
+    def fail(self, exit_code: int = 1) -> None:
+        """``stop``, the process to exit with ``exit_code`` (a part it cannot serve without has failed)."""
+        self.exit_code = exit_code
+        self.stop()
+
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or a failed warm-up); returns the exit code."""
         def on_signal(signum: int, _frame: object) -> None:

@@ -36,11 +36,6 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
         # process (warm-up, signals, draining); the workers reach its app over the link instead
         endpoint = DeviceEndpoint(service, settings.workers)
         authkey = os.urandom(32)
-        backend = service.backend  # the workers' arenas pinned for DMA (the CUDA backend's; the CPU's ignores it)
-        link = LinkServer(link_path, authkey, endpoint.handlers(),
-                          threads=settings.workers * (settings.threads + settings.max_queue),
-                          pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
-                          unpin=backend.unregister_host)
         for sock in sockets:
             sock.listen(1024)
         description = service.backend.describe()
@@ -50,6 +45,12 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
                               service.backend.name, description, board.fd)
         pool = WorkerPool(settings.workers, config, endpoint.worker_gone, board)
         server = Server(service, internal, before_drain=pool.stop)
+        backend = service.backend  # the workers' arenas pinned for DMA (the CUDA backend's; the CPU's ignores it)
+        # without its links' reader the device process serves nobody: it exits, for its supervisor to restart it
+        link = LinkServer(link_path, authkey, endpoint.handlers(),
+                          threads=settings.workers * (settings.threads + settings.max_queue),
+                          pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
+                          unpin=backend.unregister_host, on_fail=server.fail)
         pool.start()
         log.info("%d request workers serving %s", settings.workers, " ".join(Server.describe_sockets(sockets)))
         try:

@@ -86,6 +86,12 @@ class Channel:
         self.sock.close()
 
     def recv(self) -> Any:
+        """The next message, waiting for it.
+
+        Raises:
+            EOFError: the link was closed.
+            ValueError: a buffer outside the peer's arena, or in an arena never sent.
+        """
         count, size = struct.unpack("!IQ", self._exactly(12))
         places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
         data = self._exactly(size)
@@ -94,10 +100,15 @@ class Channel:
             if not where:
                 buffers.append(self._exactly(nbytes))
             elif self.peer_arena is None:
-                raise EOFError("a link message names an arena that was never sent")
+                raise ValueError("a link message names an arena that was never sent")
             else:
                 buffers.append(self.peer_arena.view(where - 1, nbytes))
         return pickle.loads(data, buffers=buffers)
+
+    @property
+    def failing(self) -> bool:
+        """Whether ``take_ready`` holds the error of a message it could not take, for its next call."""
+        return self._failed is not None
 
     def take_ready(self) -> list[Any]:
         """The messages whose bytes have all come, reading what the socket holds without waiting for

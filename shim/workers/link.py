@@ -4,8 +4,8 @@ per worker (``multiprocessing.connection``, authenticated with a per-run key).
 A worker's request threads ``call`` the device concurrently: each call carries an id, a reader
 thread sets each call's Future as its reply comes in (``call_later`` returns that Future: its
 callbacks run on the reader, so a batch's requests are answered with no other thread woken).
-Messages (``channel.Channel``) are pickles (protocol 5) whose arrays travel out of band: a call's large buffers are lent through the worker's shared-memory
-``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
+Messages (``channel.Channel``) are pickles (protocol 5) whose arrays travel out of band: a call's
+large buffers are lent through the worker's shared-memory ``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
 once the reply is in), the others written from where they lie and read straight into the buffers
 they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
 pieces). On the device side one thread reads every worker's link (``LinkReader``: the links ready at
@@ -207,10 +207,12 @@ class LinkServer:
         threads: calls that may run (or wait in a batcher) at once, over all workers.
         pin, unpin: pin a worker's arena (the bytes it keeps) as it connects, and unpin it once it
             is gone and no call holds a view of it (``PeerArena``): the CUDA backend's DMA.
+        on_fail: called once should the thread that reads the links fail (they are all closed then).
     """
 
     def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int,
-                 pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None) -> None:
+                 pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None,
+                 on_fail: Callable[[], None] | None = None) -> None:
         self.address = address
         self._handlers = handlers
         self._pin, self._unpin = pin, unpin
@@ -219,7 +221,7 @@ class LinkServer:
         self._lock = threading.Lock()  # guards what follows
         self._conns: list[Channel] = []  # links not yet closed
         self._closing = False
-        self._reader = LinkReader(lambda chan, message: self._dispatch(chan, *message), self._drop)
+        self._reader = LinkReader(lambda chan, message: self._dispatch(chan, *message), self._drop, on_fail)
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
         self._acceptor.start()
 
@@ -255,11 +257,16 @@ class LinkServer:
 
     def _drop(self, chan: Channel) -> None:
         """Close a link that was read for the last time, and let go of its worker's arena."""
-        chan.close()
-        if chan.peer_arena is not None:
-            chan.peer_arena.close()  # unmapped once no call of it holds a view
-        with self._lock:
-            self._conns.remove(chan)
+        try:
+            chan.close()
+        finally:
+            with self._lock:
+                self._conns.remove(chan)
+            arena = chan.peer_arena
+            if arena is not None and arena.pinned:  # unpinning may wait for CUDA: not on the links' reader
+                threading.Thread(target=arena.close, name="arena-unpin", daemon=True).start()
+            elif arena is not None:
+                arena.close()  # unmapped once no call of it holds a view
 
     def _dispatch(self, chan: Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         """Start one call: a Deferred handler here, any other on a pool thread."""

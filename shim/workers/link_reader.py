@@ -7,7 +7,9 @@ socket, taking the messages that came whole (``Channel.take_ready``, which never
 of one), and hands each to ``on_message`` in the link's order. ``on_message`` runs on this thread
 for every link, so it must not block: it starts a call (on a pool, or in a batcher) and returns.
 Whatever goes wrong with one link (its peer gone, a message that cannot be read, one ``on_message``
-refuses) drops that link alone: ``on_gone`` is called once for it, and the others go on.
+refuses) drops that link alone: ``on_gone`` is called once for it, and the others go on. Should the
+thread itself fail (the selector), every link is dropped and ``on_fail`` says so: nothing is read
+any more, and the process is to end.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ class LinkReader:
         on_message: ``on_message(chan, message)`` for each message, in each link's order; must not block.
         on_gone: ``on_gone(chan)`` once for a link that is read no more (by then not registered here),
             which is to close it: its peer gone, an error, or this reader closing.
+        on_fail: ``on_fail()`` once the reading thread has failed and dropped every link (not at ``close``).
     """
 
-    def __init__(self, on_message: Callable[[Channel, Any], None], on_gone: Callable[[Channel], None]) -> None:
-        self._on_message, self._on_gone = on_message, on_gone
+    def __init__(self, on_message: Callable[[Channel, Any], None], on_gone: Callable[[Channel], None],
+                 on_fail: Callable[[], None] | None = None) -> None:
+        self._on_message, self._on_gone, self._on_fail = on_message, on_gone, on_fail
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -73,6 +77,7 @@ class LinkReader:
             pass
 
     def _read(self) -> None:
+        failed = False
         try:
             while True:
                 for key, _ in self._selector.select():
@@ -83,6 +88,7 @@ class LinkReader:
                         self._take(key.fd, key.data)
         except Exception:  # noqa: BLE001 - a failure of the selector itself: no link can be read
             log.exception("the device process's link reader failed; its links are closed")
+            failed = True
         finally:
             with self._lock:
                 self._closing = True
@@ -95,6 +101,8 @@ class LinkReader:
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
+        if failed and self._on_fail is not None:
+            self._on_fail()
 
     def _woken(self) -> bool:
         """Take the wake-ups and register the links added since: whether the reader is to stop."""
@@ -110,27 +118,40 @@ class LinkReader:
         for chan in joining:
             try:  # by its fd (as ``_gone`` unregisters it, whatever became of the socket)
                 self._selector.register(chan.sock.fileno(), selectors.EVENT_READ, chan)
-            except (OSError, ValueError) as exc:  # closed already
-                log.debug("a link closed before it could be read: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - closed already, say: that link only
+                log.warning("a request worker's link could not be read: %s: %s", type(exc).__name__, exc)
                 self._gone(None, chan)
         return False
 
     def _take(self, fd: int, chan: Channel) -> None:
         """Hand on the messages of ``chan`` that came whole; drop it when it is gone or fails."""
-        try:
-            for message in chan.take_ready():
-                self._on_message(chan, message)
-        except (EOFError, OSError):  # the peer went (or its socket was shut down)
-            self._gone(fd, chan)
-        except Exception as exc:  # noqa: BLE001 - a message that cannot be read or started: that link only
-            log.warning("dropped a request worker's link: %s: %s", type(exc).__name__, exc)
-            self._gone(fd, chan)
+        while True:
+            try:
+                messages = chan.take_ready()
+            except (EOFError, OSError):  # the peer went (or the link was shut down)
+                self._gone(fd, chan)
+                return
+            except Exception as exc:  # noqa: BLE001 - a message that cannot be read: that link only
+                self._drop_bad(fd, chan, "a message that cannot be read", exc)
+                return
+            for message in messages:
+                try:
+                    self._on_message(chan, message)
+                except Exception as exc:  # noqa: BLE001 - that link only
+                    self._drop_bad(fd, chan, "a message that cannot be started", exc)
+                    return
+            if not chan.failing:  # else one came after these that it could not take: raised now
+                return
+
+    def _drop_bad(self, fd: int, chan: Channel, what: str, exc: Exception) -> None:
+        log.warning("dropped a request worker's link, %s: %s: %s", what, type(exc).__name__, exc)
+        self._gone(fd, chan)
 
     def _gone(self, fd: int | None, chan: Channel) -> None:
         """``chan`` read no more (unregistered, where ``fd`` says it was), then ``on_gone``."""
-        if fd is not None:
-            self._selector.unregister(fd)
         try:
+            if fd is not None:
+                self._selector.unregister(fd)
             self._on_gone(chan)
         except Exception:  # noqa: BLE001 - the other links go on
             log.exception("a request worker's link could not be closed")
