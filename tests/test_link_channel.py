@@ -6,6 +6,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -209,3 +210,46 @@ def test_a_closed_peer_is_eof_even_partway_through_a_message(pair) -> None:
     assert receiver.recv() == ("whole", 1)
     with pytest.raises(EOFError):
         receiver.recv()
+
+
+def _root(obj: Any) -> Any:
+    """What an array's bytes lie in, through its bases and memoryviews."""
+    while True:
+        if isinstance(obj, np.ndarray) and obj.base is not None:
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        else:
+            return obj
+
+
+def test_take_ready_builds_a_message_larger_than_the_read_ahead_where_it_was_read() -> None:
+    """A message larger than the read-ahead is read into room grown for it alone, and its arrays are
+    built on those bytes (no second copy of it while it is taken); the read-ahead is back to its size
+    and the messages after it come as before."""
+    big = np.random.default_rng(9).standard_normal(READ_AHEAD)  # 8 times the read-ahead
+    messages = [("big", big, b"in band"), ("after", np.arange(5)), ("big again", big[::-1].copy(), b"")]
+    sent = _wire_bytes(messages)
+    into, peer = socket.socketpair()
+    receiver = Channel(Connection(os.dup(into.fileno())))
+    writer = threading.Thread(target=peer.sendall, args=(sent,), daemon=True)
+    writer.start()
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + 10
+        while len(got) < len(messages) and time.monotonic() < deadline:
+            got += receiver.take_ready()
+        writer.join(5)
+    finally:
+        for end in (receiver, into, peer):
+            end.close()
+    assert [g[0] for g in got] == ["big", "after", "big again"]
+    np.testing.assert_array_equal(got[0][1], big)
+    assert got[0][2] == b"in band"
+    np.testing.assert_array_equal(got[1][1], np.arange(5))
+    np.testing.assert_array_equal(got[2][1], big[::-1])
+    for message in (got[0], got[2]):
+        root = _root(message[1])
+        assert isinstance(root, bytearray) and len(root) > message[1].nbytes  # the whole message's room
+        assert message[1].flags.writeable
+    assert len(receiver._ahead) == READ_AHEAD  # noqa: SLF001 - the grown room went with the message

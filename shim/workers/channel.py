@@ -95,14 +95,32 @@ class Channel:
         count, size = struct.unpack("!IQ", self._exactly(12))
         places = struct.unpack(f"!{2 * count}Q", self._exactly(16 * count)) if count else ()
         data = self._exactly(size)
-        buffers: list[Any] = []
+        buffers = [self._in_arena(where, nbytes) if where else self._exactly(nbytes)
+                   for nbytes, where in zip(places[::2], places[1::2])]
+        return pickle.loads(data, buffers=buffers)
+
+    def _in_arena(self, where: int, nbytes: int) -> Any:
+        """A buffer the peer lent through its arena (``where`` is 1 + its offset there)."""
+        if self.peer_arena is None:
+            raise ValueError("a link message names an arena that was never sent")
+        return self.peer_arena.view(where - 1, nbytes)
+
+    def _take_in_place(self) -> Any:
+        """The next message, whole in a read-ahead that was grown for it alone: built on those bytes,
+        which go with it (the read-ahead starts afresh), rather than copied out of them."""
+        whole = memoryview(self._ahead)
+        self._ahead, self._start, self._end = bytearray(READ_AHEAD), 0, 0
+        count, size = struct.unpack_from("!IQ", whole)
+        places = struct.unpack_from(f"!{2 * count}Q", whole, 12)
+        at = 12 + 16 * count
+        data, at = whole[at:at + size], at + size
+        buffers = []
         for nbytes, where in zip(places[::2], places[1::2]):
-            if not where:
-                buffers.append(self._exactly(nbytes))
-            elif self.peer_arena is None:
-                raise ValueError("a link message names an arena that was never sent")
+            if where:
+                buffers.append(self._in_arena(where, nbytes))
             else:
-                buffers.append(self.peer_arena.view(where - 1, nbytes))
+                buffers.append(whole[at:at + nbytes])
+                at += nbytes
         return pickle.loads(data, buffers=buffers)
 
     @property
@@ -113,8 +131,8 @@ class Channel:
     def take_ready(self) -> list[Any]:
         """The messages whose bytes have all come, reading what the socket holds without waiting for
         more (a message still on its way stays for the next call; no more reads once ``TAKE_AT_MOST``
-        were taken; the read-ahead grows to hold a message larger than ``READ_AHEAD``, which then costs
-        twice its size while it is taken): for one thread that reads many links as they become readable.
+        were taken; the read-ahead grows to hold a message larger than ``READ_AHEAD``, and that message
+        is built on those bytes, not copied): for one thread that reads many links as they become readable.
 
         Raises:
             EOFError: the peer closed the link (once the messages that came whole were taken).
@@ -127,8 +145,10 @@ class Channel:
         while True:
             came = self._read_what_came()
             try:
-                while self._end - self._start >= self._needed():
-                    messages.append(self.recv())  # all its bytes read ahead: no read of the socket
+                while self._end - self._start >= self._needed():  # all its bytes read ahead: no read of the socket
+                    # (a read-ahead grown for one message holds it alone, filled: built in place)
+                    grown = len(self._ahead) > READ_AHEAD and self._start == 0 and self._end == len(self._ahead)
+                    messages.append(self._take_in_place() if grown else self.recv())
             except Exception as exc:
                 if not messages:
                     raise
