@@ -225,8 +225,8 @@ def _root(obj: Any) -> Any:
 
 def test_take_ready_builds_a_message_larger_than_the_read_ahead_where_it_was_read() -> None:
     """A message larger than the read-ahead is read into room grown for it alone, and its arrays are
-    built on those bytes (no second copy of it while it is taken); the read-ahead is back to its size
-    and the messages after it come as before."""
+    built on those bytes (no second copy of it while it is taken), aligned; the read-ahead is back to
+    its size and the messages after it come as before."""
     big = np.random.default_rng(9).standard_normal(READ_AHEAD)  # 8 times the read-ahead
     messages = [("big", big, b"in band"), ("after", np.arange(5)), ("big again", big[::-1].copy(), b"")]
     sent = _wire_bytes(messages)
@@ -252,4 +252,23 @@ def test_take_ready_builds_a_message_larger_than_the_read_ahead_where_it_was_rea
         root = _root(message[1])
         assert isinstance(root, bytearray) and len(root) > message[1].nbytes  # the whole message's room
         assert message[1].flags.writeable
+        assert message[1].flags.aligned and message[1].ctypes.data % 16 == 0  # the pickle padded before it
     assert len(receiver._ahead) == READ_AHEAD  # noqa: SLF001 - the grown room went with the message
+
+
+def test_a_pickle_cut_short_is_a_bad_message_not_the_end_of_the_link() -> None:
+    """Unpickling a pickle cut short raises EOFError, which readers take for a link its peer closed:
+    it comes as a ValueError (logged and the link dropped as a bad message), on both paths."""
+    into, peer = socket.socketpair()
+    receiver = Channel(Connection(os.dup(into.fileno())))
+    try:
+        cut = pickle.dumps(("call", 1), protocol=5)[:2]  # cut where unpickling says "Ran out of input"
+        peer.sendall(struct.pack("!IQ", 0, len(cut)) + cut)
+        with pytest.raises(ValueError, match="cut short"):
+            receiver.take_ready()
+        peer.sendall(struct.pack("!IQ", 0, len(cut)) + cut)
+        with pytest.raises(ValueError, match="cut short"):
+            receiver.recv()
+    finally:
+        for end in (receiver, into, peer):
+            end.close()

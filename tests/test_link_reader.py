@@ -273,3 +273,33 @@ def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(tmp_path) -> No
         staying.close()
         arena.close()
         server.close()
+
+
+def test_closing_the_server_waits_for_the_unpins_on_their_way(tmp_path) -> None:
+    """A gone worker's arena being unpinned as the server closes: ``close`` waits for it (the process
+    and its CUDA context may go right after)."""
+    key, release, unpinned = os.urandom(16), threading.Event(), threading.Event()
+
+    def unpin(address: int) -> None:
+        release.wait(10)
+        unpinned.set()
+
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=2,
+                        pin=lambda address, nbytes: None, unpin=unpin)
+    arena = Arena(4 << 20, keep=1 << 20, pinned=True)
+    going = LinkClient(server.address, key, arena=arena)
+    try:
+        assert _call(going, "echo", 1) == (1,)
+        going.close()
+        assert _until(lambda: _threads("arena-unpin") == 1)
+        closing = threading.Thread(target=server.close)
+        closing.start()
+        time.sleep(0.3)
+        assert closing.is_alive()  # waiting for the unpin
+        release.set()
+        closing.join(5)
+        assert not closing.is_alive() and unpinned.is_set()
+    finally:
+        release.set()
+        arena.close()
+        server.close()

@@ -206,8 +206,10 @@ class Server:
         self._stopping.set()
 
     def fail(self, exit_code: int = 1) -> None:
-        """``stop``, the process to exit with ``exit_code`` (a part it cannot serve without has failed)."""
-        self.exit_code = exit_code
+        """``stop``, the process to exit with ``exit_code`` (a part it cannot serve without has failed),
+        unless an earlier failure set one."""
+        if not self.exit_code:
+            self.exit_code = exit_code
         self.stop()
 
     def run(self) -> int:

@@ -51,9 +51,9 @@ def serve_with_workers(service: Service, sockets: list[socket.socket]) -> int:
                           threads=settings.workers * (settings.threads + settings.max_queue),
                           pin=lambda address, nbytes: backend.register_host(address, nbytes, now=True),
                           unpin=backend.unregister_host, on_fail=server.fail)
-        pool.start()
-        log.info("%d request workers serving %s", settings.workers, " ".join(Server.describe_sockets(sockets)))
         try:
+            pool.start()
+            log.info("%d request workers serving %s", settings.workers, " ".join(Server.describe_sockets(sockets)))
             return server.run()
         finally:
             pool.stop()

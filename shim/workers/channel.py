@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 #: one read, where each part read on its own let go of the interpreter lock and waited to take it
 #: back (0.2-0.3 ms each in a busy process on the H200 host)
 READ_AHEAD = 1 << 16
+SOCKET_ALIGN = 64  # where in a message its first buffer on the socket starts (a multiple of this)
 TAKE_AT_MOST = 64  # messages after which ``take_ready`` reads no more (the rest for the next call: other links wait)
 
 
@@ -66,8 +67,12 @@ class Channel:
                 if offset is not None:
                     lent.append((offset, raw.nbytes))
                 places += [raw.nbytes, 0 if offset is None else offset + 1]
-            header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data), *places)
-            parts = [header + data, *(raw for raw, where in zip(raws, places[1::2]) if not where)]
+            on_socket = [raw for raw, where in zip(raws, places[1::2]) if not where]
+            # the pickle padded (unpickling ignores what follows it) for the first buffer on the socket to
+            # start SOCKET_ALIGN bytes into the message: one built where it was read (``take_ready``) is aligned
+            pad = -(12 + 16 * len(raws) + len(data)) % SOCKET_ALIGN if on_socket else 0
+            header = struct.pack(f"!IQ{len(places)}Q", len(raws), len(data) + pad, *places)
+            parts = [header + data + bytes(pad), *on_socket]
             if wait:
                 self._out.send(parts)
             else:
@@ -97,7 +102,7 @@ class Channel:
         data = self._exactly(size)
         buffers = [self._in_arena(where, nbytes) if where else self._exactly(nbytes)
                    for nbytes, where in zip(places[::2], places[1::2])]
-        return pickle.loads(data, buffers=buffers)
+        return _unpickle(data, buffers)
 
     def _in_arena(self, where: int, nbytes: int) -> Any:
         """A buffer the peer lent through its arena (``where`` is 1 + its offset there)."""
@@ -107,7 +112,9 @@ class Channel:
 
     def _take_in_place(self) -> Any:
         """The next message, whole in a read-ahead that was grown for it alone: built on those bytes,
-        which go with it (the read-ahead starts afresh), rather than copied out of them."""
+        which go with it (the read-ahead starts afresh), rather than copied out of them. Its buffers on
+        the socket share that room (an array kept keeps all of it) and are writeable; the first starts
+        aligned (``SOCKET_ALIGN``), the others where the sizes before them put them."""
         whole = memoryview(self._ahead)
         self._ahead, self._start, self._end = bytearray(READ_AHEAD), 0, 0
         count, size = struct.unpack_from("!IQ", whole)
@@ -121,7 +128,7 @@ class Channel:
             else:
                 buffers.append(whole[at:at + nbytes])
                 at += nbytes
-        return pickle.loads(data, buffers=buffers)
+        return _unpickle(data, buffers)
 
     @property
     def failing(self) -> bool:
@@ -266,3 +273,15 @@ class Channel:
                 raise EOFError("the link was closed")
             got += min(read, n - got)
         return buf
+
+
+def _unpickle(data: Any, buffers: list[Any]) -> Any:
+    """A message's object from its pickle and buffers.
+
+    Raises:
+        ValueError: a pickle cut short (its ``EOFError`` is no end of the link).
+    """
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except EOFError as exc:
+        raise ValueError(f"a link message's pickle is cut short: {exc}") from exc

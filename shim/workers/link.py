@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from accel.errors import AccelError, InternalError, NotReady, error_for_status
 
 from ..faults import DeviceLost
-from .arena import Arena, Lent
+from .arena import Arena, Lent, PeerArena
 from .channel import Channel, Unencodable
 from .link_reader import LinkReader
 from .outbox import shut_down
@@ -220,6 +221,7 @@ class LinkServer:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
         self._lock = threading.Lock()  # guards what follows
         self._conns: list[Channel] = []  # links not yet closed
+        self._unpinning: list[threading.Thread] = []  # gone workers' arenas being unpinned
         self._closing = False
         self._reader = LinkReader(lambda chan, message: self._dispatch(chan, *message), self._drop, on_fail)
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
@@ -262,11 +264,24 @@ class LinkServer:
         finally:
             with self._lock:
                 self._conns.remove(chan)
-            arena = chan.peer_arena
-            if arena is not None and arena.pinned:  # unpinning may wait for CUDA: not on the links' reader
-                threading.Thread(target=arena.close, name="arena-unpin", daemon=True).start()
-            elif arena is not None:
-                arena.close()  # unmapped once no call of it holds a view
+            if chan.peer_arena is not None:
+                self._let_go(chan.peer_arena)
+
+    def _let_go(self, arena: PeerArena) -> None:
+        """Close a gone worker's arena (unmapped once no call of it holds a view); one that is pinned
+        on a thread of its own, joined at ``close``: unpinning may wait for CUDA, and every link's reader
+        must not."""
+        if not arena.pinned:
+            arena.close()
+            return
+        thread = threading.Thread(target=arena.close, name="arena-unpin", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: here, then
+            arena.close()
+            return
+        with self._lock:
+            self._unpinning = [t for t in self._unpinning if t.is_alive()] + [thread]
 
     def _dispatch(self, chan: Channel, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         """Start one call: a Deferred handler here, any other on a pool thread."""
@@ -326,6 +341,11 @@ class LinkServer:
             shut_down(chan.sock)  # a link in its handshake wakes up
         self._reader.close()  # it closes the links it reads
         self._acceptor.join(5)
+        deadline = time.monotonic() + 5
+        with self._lock:
+            unpinning = list(self._unpinning)
+        for thread in unpinning:  # before the process (and its CUDA context) may go
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -152,6 +152,9 @@ class LinkReader:
         try:
             if fd is not None:
                 self._selector.unregister(fd)
+        except Exception:  # noqa: BLE001 - closed all the same
+            log.exception("a request worker's link could not be unregistered")
+        try:
             self._on_gone(chan)
         except Exception:  # noqa: BLE001 - the other links go on
             log.exception("a request worker's link could not be closed")
