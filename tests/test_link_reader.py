@@ -248,9 +248,10 @@ def test_a_reader_that_fails_drops_its_links_and_says_so(tmp_path, monkeypatch) 
         server.close()
 
 
-def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(tmp_path) -> None:
-    """Unpinning a gone worker's arena may wait (for CUDA's locks): the other links are read and
-    answered meanwhile, and the unpin comes all the same."""
+@pytest.fixture()
+def slow_unpin(tmp_path):
+    """A server whose unpin waits for ``release`` (as CUDA's may), ``unpinned`` set once it is done;
+    and a pinned worker's arena and key to connect with."""
     key, release, unpinned = os.urandom(16), threading.Event(), threading.Event()
 
     def unpin(address: int) -> None:
@@ -260,6 +261,16 @@ def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(tmp_path) -> No
     server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=2,
                         pin=lambda address, nbytes: None, unpin=unpin)
     arena = Arena(4 << 20, keep=1 << 20, pinned=True)
+    yield server, key, arena, release, unpinned
+    release.set()
+    arena.close()
+    server.close()
+
+
+def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(slow_unpin) -> None:
+    """Unpinning a gone worker's arena may wait (for CUDA's locks): the other links are read and
+    answered meanwhile, and the unpin comes all the same."""
+    server, key, arena, release, unpinned = slow_unpin
     going, staying = LinkClient(server.address, key, arena=arena), LinkClient(server.address, key)
     try:
         assert _call(going, "echo", 1) == (1,)
@@ -269,37 +280,21 @@ def test_a_gone_workers_arena_is_unpinned_off_the_reading_thread(tmp_path) -> No
         release.set()
         assert unpinned.wait(5)
     finally:
-        release.set()
         staying.close()
-        arena.close()
-        server.close()
 
 
-def test_closing_the_server_waits_for_the_unpins_on_their_way(tmp_path) -> None:
+def test_closing_the_server_waits_for_the_unpins_on_their_way(slow_unpin) -> None:
     """A gone worker's arena being unpinned as the server closes: ``close`` waits for it (the process
     and its CUDA context may go right after)."""
-    key, release, unpinned = os.urandom(16), threading.Event(), threading.Event()
-
-    def unpin(address: int) -> None:
-        release.wait(10)
-        unpinned.set()
-
-    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=2,
-                        pin=lambda address, nbytes: None, unpin=unpin)
-    arena = Arena(4 << 20, keep=1 << 20, pinned=True)
+    server, key, arena, release, unpinned = slow_unpin
     going = LinkClient(server.address, key, arena=arena)
-    try:
-        assert _call(going, "echo", 1) == (1,)
-        going.close()
-        assert _until(lambda: _threads("arena-unpin") == 1)
-        closing = threading.Thread(target=server.close)
-        closing.start()
-        time.sleep(0.3)
-        assert closing.is_alive()  # waiting for the unpin
-        release.set()
-        closing.join(5)
-        assert not closing.is_alive() and unpinned.is_set()
-    finally:
-        release.set()
-        arena.close()
-        server.close()
+    assert _call(going, "echo", 1) == (1,)
+    going.close()
+    assert _until(lambda: _threads("arena-unpin") == 1)
+    closing = threading.Thread(target=server.close)
+    closing.start()
+    time.sleep(0.3)
+    assert closing.is_alive()  # waiting for the unpin
+    release.set()
+    closing.join(5)
+    assert not closing.is_alive() and unpinned.is_set()
