@@ -184,10 +184,8 @@ class Channel:
         """Read what the socket holds into the read-ahead, never waiting: "drained" (all of it),
         "full" (the read-ahead holds a whole message and has no room left) or "closed" (by the peer)."""
         while True:
-            if self._start == self._end:
+            if self._start == self._end:  # (a read-ahead grown for a message went with it: ``_take_in_place``)
                 self._start = self._end = 0
-                if len(self._ahead) > READ_AHEAD:  # a large message's room, given back
-                    self._ahead = bytearray(READ_AHEAD)
             have, needed = self._end - self._start, self._needed()
             if self._end == len(self._ahead) and have >= needed:
                 return "full"  # a whole message in it: taken before reading on

@@ -242,7 +242,7 @@ def build_front(config: WorkerConfig) -> FrontService:
     link = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none(pinned=True))
     # forwarded requests get a connection of their own: a big KaaS buffer crossing it does not hold
     # up the device calls of the requests this worker serves itself behind it (on the device, one thread
-    # reads every link as its bytes come: only the copy and unpickling of a message past the arena runs there)
+    # reads every link as its bytes come: only the unpickling of a message past the arena runs there)
     forwarded = LinkClient(config.link_address, config.authkey, on_close=lost, arena=Arena.or_none())
     backend = RemoteBackend(link, config.backend_name, config.backend_description)
     # the worker batches too: the requests it decodes at once go to the device in one call, where the

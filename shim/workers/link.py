@@ -5,14 +5,14 @@ A worker's request threads ``call`` the device concurrently: each call carries a
 thread sets each call's Future as its reply comes in (``call_later`` returns that Future: its
 callbacks run on the reader, so a batch's requests are answered with no other thread woken).
 Messages (``channel.Channel``) are pickles (protocol 5) whose arrays travel out of band: a call's
-large buffers are lent through the worker's shared-memory ``Arena`` (the device rebuilds the arrays on the arena where they lie; the worker frees the slots
-once the reply is in), the others written from where they lie and read straight into the buffers
-they are rebuilt on (``multiprocessing``'s own framing reads big messages in many reallocated
-pieces). On the device side one thread reads every worker's link (``LinkReader``: the links ready at
-once in one wake-up) and hands each call to a pool of threads (a call may wait in a batcher), which
-replies as each finishes; a ``Deferred`` handler instead starts its call on that reading thread and
-the reply goes from whichever thread completes its Future (a batcher's, as its batch ends): no thread
-is woken per call. Errors travel as (status, message): the
+large buffers are lent through the worker's shared-memory ``Arena`` (the device rebuilds the arrays
+on the arena where they lie; the worker frees the slots once the reply is in), the others written
+from where they lie and read into the buffers they are rebuilt on (``multiprocessing``'s own framing
+reads big messages in many reallocated pieces). On the device side one thread reads every worker's
+link (``LinkReader``: the links ready at once in one wake-up) and hands each call to a pool of threads
+(a call may wait in a batcher), which replies as each finishes; a ``Deferred`` handler instead starts
+its call on that reading thread and the reply goes from whichever thread completes its Future (a
+batcher's, as its batch ends): no thread is woken per call. Errors travel as (status, message): the
 worker raises the same ``accel.errors`` class, and a lost device stays a ``DeviceLost``.
 """
 from __future__ import annotations
