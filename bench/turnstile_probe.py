@@ -13,8 +13,9 @@ call, the readers waiting at it after each read): the call's median and p90 wall
 call and the 1 ms) and the share of the time the readers ran. These readers are greedy (they always
 want the lock), the shim's read only what comes. The shim had it as ``--gpu-jpeg-first`` (its decode
 calls first, the links' readers and the landing waiting): on the H200 it was 9% slower at 32
-clients, and it went (bench/results/NOTES.md, twentieth session). ``bench/jpeg_gil_probe.py`` runs
-the engines' own call in this harness on the GPU machine.
+clients, and it went (bench/results/NOTES.md, twentieth session). ``bench/jpeg_gil_probe.py`` ran
+nvImageCodec's decode call in this harness on the GPU machine; it went with nvImageCodec (twenty-second
+session: the shim now calls nvJPEG, which lets go of the lock once per batch).
 """
 from __future__ import annotations
 

@@ -13,14 +13,14 @@
 #    batcher threads), alternating three times, then one pair without --gpu-jpeg;
 #    replicas, not in all: `cpu N 32` with one shim against two whole shims (N/2 and N workers each) on the one
 #    GPU, the clients spread over them, without and with --gpu-jpeg, alternating twice;
-#    jpegthreads, not in all: `stages N 32 --gpu-jpeg` with nvImageCodec's pool of 2, 1 and 4 threads;
 #    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
-#    gil, not in all: bench/jpeg_gil_probe.py, whether the engines' decode call holds the interpreter lock)
+#    jpegcall, not in all: bench/jpeg_call_probe.py, the shim's nvJPEG call against nvImageCodec's, per batch)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
-#    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py.
-#    libnvjpeg needs no LD_LIBRARY_PATH: nvImageCodec's libraries have RUNPATH $ORIGIN/../../cu13/lib, where the
-#    nvidia-nvjpeg wheel puts libnvjpeg.so.13 (both wheels go to /tmp/site-nvjpeg/nvidia/ in one pip call))
+#    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py. The shim's
+#    --gpu-jpeg needs nvJPEG alone (it finds nvidia/cu13/lib/libnvjpeg.so.13 on the path); the probe and
+#    trees before 2026-12-03's twenty-second session use nvImageCodec, whose libraries have RUNPATH
+#    $ORIGIN/../../cu13/lib (both wheels go to /tmp/site-nvjpeg/nvidia/ in one pip call))
 # Prepared here, before the device calls (all git-ignored):
 #   bash ../shared/gpu/prepare-ort-gpu.sh            -> .ort1 .. .ort5 (onnxruntime-gpu in chunks)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -118,9 +118,6 @@ for step in $what; do
         done
         instances 1
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/launchers.log" | grep -E "^==|img/s|busy" ;;
-    gil)
-      timeout 90 python3 bench/jpeg_gil_probe.py 2>&1 | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" \
-        | tee "$OUT/gil.log" ;;
     spy)  # py-spy on the device process at 32 clients with --gpu-jpeg: who holds the interpreter lock
       # (the py-spy wheel carried in .probe/pyspy; collapsed stacks and their sums under $OUT)
       [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .probe/pyspy/*.whl
@@ -141,19 +138,13 @@ for step in $what; do
           done
         done
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/replicas.log" | grep -E "^==|img/s|busy" ;;
-    jpegthreads)  # the engines' decode call's wall and CPU with nvImageCodec's pool at 2 (as is), 1 and 4
-      # threads (cuda_jpeg.CPU_THREADS, edited in this copy and put back)
-      { for t in 2 1 4; do
-          sed -i "s/^CPU_THREADS = [0-9]*/CPU_THREADS = $t/" shim/backends/cuda_jpeg.py; echo "== CPU_THREADS $t"
-          timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
-        done
-        sed -i "s/^CPU_THREADS = [0-9]*/CPU_THREADS = 2/" shim/backends/cuda_jpeg.py
-      } 2>&1 | grep -v "No registered plugin" | tee "$OUT/jpegthreads.log" \
-        | grep -E "^==|img/s|engines' decode|start a batch|batcher-classify" ;;
     jpegstages)  # where the device's cycle goes with and without --gpu-jpeg
       { timeout 90 python3 bench/worker_ab.py stages "$workers" 32
         timeout 90 python3 bench/worker_ab.py stages "$workers" 32 --gpu-jpeg
       } 2>&1 | grep -v "No registered plugin" | tee "$OUT/jpegstages.log" | tail -60 ;;
+    jpegcall)
+      OUT="$OUT" timeout 120 python3 bench/jpeg_call_probe.py 2>&1 \
+        | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" | tee "$OUT/jpegcall.log" ;;
     nvjpeg)
       OUT="$OUT" timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
         | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|(nvjpeg2k|nvtiff)_ext\]" | tail -120 ;;

@@ -1,5 +1,5 @@
 """``--gpu-jpeg``: classify's plain JPEGs decoded on the GPU's JPEG engines, against the CPU twin
-that decodes them with libjpeg-turbo (run on the GPU machine with nvImageCodec installed:
+that decodes them with libjpeg-turbo (run on the GPU machine with the nvidia-nvjpeg wheel installed:
 ``pytest -m gpu``; ``ci/gpu-run.sh`` installs it from ``.whl-gpu``)."""
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tests.test_jpeg import plain_variants, without_segment
 
 pytestmark = pytest.mark.gpu
 cp = pytest.importorskip("cupy")
-pytest.importorskip("nvidia.nvimgcodec")
+if __import__("shim.backends.nvjpeg", fromlist=["library_path"]).library_path() is None:
+    pytest.skip("the nvidia-nvjpeg wheel is not installed", allow_module_level=True)
 
 CAT_LABELS = {"tiger cat", "tabby, tabby cat", "Egyptian cat"}
 # the engines' pixels are at most 1 off libjpeg-turbo's in a few values: logits 0.0009 apart on the
@@ -58,11 +59,8 @@ def jpeg_service(models_dir):
     svc.registry.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def stream():
-    """A stream that outlives the tests' decoded images: their buffers are released on the stream
-    they were decoded on (one destroyed before them crashed the process). Session-wide: a failed
-    test's traceback keeps its images past the module."""
     return cp.cuda.Stream(non_blocking=True)
 
 
@@ -79,28 +77,89 @@ def _pixel_items(op, images: np.ndarray) -> list:
     return [op._pipeline.prepare(decode_image(data, "image", 10**8)) for data in images]  # noqa: SLF001
 
 
+def _decode(engines, jpegs: list, stream, owner=None) -> tuple[list[int], list]:
+    """``jpegs`` (PlainJpeg) decoded by ``engines`` into an array of their own each: the indices not
+    decoded, and the arrays (on the host, the stream waited for)."""
+    targets = [cp.full(jpeg.shape, 7, cp.uint8) for jpeg in jpegs]
+    cp.cuda.Device().synchronize()  # the fills, before the decode on the other stream
+    missed = engines.decode_into(jpegs, [t.data.ptr for t in targets], stream.ptr, owner or SimpleNamespace())
+    stream.synchronize()
+    return missed, [cp.asnumpy(t) for t in targets]
+
+
+def _plain(data: bytes):
+    from shim.backends.base import PlainJpeg
+    from shim.ops.jpeg import plain_jpeg_shape
+
+    return PlainJpeg(data, plain_jpeg_shape(data, 10**8))
+
+
+def _near_libjpeg_turbo(got: np.ndarray, data: bytes) -> str | None:
+    """Why ``got`` is not ``data``'s libjpeg-turbo decode (within 1 per value), or None."""
+    from shim.ops.jpeg import decode_plain_jpeg
+
+    want = decode_plain_jpeg(data, 10**8)
+    if got.shape != want.shape:
+        return f"shape {got.shape}, not {want.shape}"
+    off = np.abs(got.astype(np.int16) - want)
+    return None if off.max() <= 1 and off.mean() < 0.01 else f"{off.max()} off, {off.mean():.4f} on average"
+
+
 def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stream, chelsea, coffee):
-    from shim.backends.cuda_driver import as_array
-    from shim.ops.jpeg import decode_plain_jpeg, plain_jpeg_shape
+    from shim.ops.jpeg import plain_jpeg_shape
 
     _, engines = _engines(jpeg_service)
     before = engines.fallbacks
     plain = {name: data for name, data in plain_variants(chelsea, coffee).items()
              if plain_jpeg_shape(data, 10**8) and name != "one pixel"}  # (the engines may want more than 1x1)
     assert len(plain) >= 10
-    decoded = engines.decode(list(plain.values()), stream.ptr, SimpleNamespace())
-    stream.synchronize()
-    try:
-        for (name, data), image in zip(plain.items(), decoded):
-            assert image is not None, f"{name}: not decoded by the engines"
-            want = decode_plain_jpeg(data, 10**8)
-            got = cp.asnumpy(as_array(image, 0))
-            assert got.shape == want.shape, name
-            off = np.abs(got.astype(np.int16) - want)
-            assert off.max() <= 1 and off.mean() < 0.01, f"{name}: {off.max()} off, {off.mean():.4f} on average"
-    finally:  # the images go now, even when a failure's traceback keeps this frame
-        decoded = image = None
+    missed, decoded = _decode(engines, [_plain(data) for data in plain.values()], stream)
+    assert missed == []
+    for (name, data), got in zip(plain.items(), decoded):
+        assert _near_libjpeg_turbo(got, data) is None, name
     assert engines.fallbacks == before
+
+
+def test_a_batch_with_jpegs_the_engines_refuse_decodes_the_others_and_hands_those_back(jpeg_service, stream, chelsea,
+                                                                                       coffee):
+    """A progressive JPEG passed off as a plain one fails the engines' batch: each JPEG is then decoded
+    alone, and only it comes back undecoded. A PNG (no JPEG header for nvJPEG) and a JPEG whose
+    shape the op read otherwise than nvJPEG does are handed back without being decoded (the engines
+    never write past the room made for an image)."""
+    from shim.backends.base import PlainJpeg
+
+    _, engines = _engines(jpeg_service)
+    cat, cup = encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85)
+    png = PlainJpeg(encode(chelsea, "PNG"), chelsea.shape)
+    short = PlainJpeg(cup, (coffee.shape[0] - 8, coffee.shape[1], 3))  # a lie about its height
+    progressive = PlainJpeg(encode(coffee, "JPEG", quality=90, progressive=True), coffee.shape)
+    before = engines.fallbacks
+    missed, decoded = _decode(engines, [_plain(cat), png, _plain(cup), short, progressive, _plain(cat)], stream)
+    assert missed == [1, 3, 4] and engines.fallbacks == before + 3
+    for index, data in ((0, cat), (2, cup), (5, cat)):
+        assert _near_libjpeg_turbo(decoded[index], data) is None, index
+    assert (decoded[3] == 7).all(), "a JPEG whose shape was not nvJPEG's was decoded"
+
+
+def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(jpeg_service, stream, chelsea, coffee):
+    """More batches than a decoder has states, queued on one stream without waiting between them
+    (as a batcher queues them), each decode into its own arrays: every one as libjpeg-turbo's (a
+    state reused before its decode was done would mix them up)."""
+    from shim.backends.cuda_jpeg import STATES
+
+    _, engines = _engines(jpeg_service)
+    owner = SimpleNamespace()
+    photos = [encode(chelsea, "JPEG", quality=q) for q in (70, 80, 90)] + [encode(coffee, "JPEG", quality=q)
+                                                                            for q in (75, 85, 95)]
+    batches = [[_plain(photos[(b + i) % len(photos)]) for i in range(1 + b % 4)] for b in range(3 * STATES + 1)]
+    targets = [[cp.zeros(jpeg.shape, cp.uint8) for jpeg in batch] for batch in batches]
+    cp.cuda.Device().synchronize()
+    for batch, arrays in zip(batches, targets):
+        assert engines.decode_into(batch, [a.data.ptr for a in arrays], stream.ptr, owner) == []
+    stream.synchronize()
+    for batch, arrays in zip(batches, targets):
+        for jpeg, array in zip(batch, arrays):
+            assert _near_libjpeg_turbo(cp.asnumpy(array), jpeg.data) is None
 
 
 def test_plain_jpegs_go_to_the_engines_and_give_the_logits_of_their_cpu_decode(jpeg_service, service, chelsea,
@@ -281,73 +340,6 @@ def test_a_queued_batch_with_a_jpeg_the_engines_cannot_decode_queues_nothing_and
     assert np.abs(got - want).max() <= DECODE_TOLERANCE and _same_classes(got, want)
     assert np.array_equal(first, after) and np.abs(first - want[2:]).max() <= DECODE_TOLERANCE
     assert engines.fallbacks > before
-
-
-def test_a_decoded_image_with_padded_rows_is_copied_without_its_padding(jpeg_service, stream, monkeypatch):
-    """The engines may hand back images whose rows are padded (a pitch above width x 3): such an image
-    is copied into the batch's contiguous array without its padding, as a contiguous one is, and read
-    whole as it lies. The driver takes the unaligned pitches (172 bytes from 159-byte rows) in one copy;
-    where it refuses them, a cupy kernel copies them, and the driver is not asked again."""
-    from shim.backends import cuda_driver
-    from shim.backends.cuda_driver import DeviceImage, as_array, copy_image, copy_rows_on_device
-
-    rng = np.random.default_rng(3)
-    padded = cp.asarray(rng.integers(0, 256, (37, 53 * 3 + 13), dtype=np.uint8))
-    plain = cp.ascontiguousarray(padded[:, :53 * 3]).reshape(37, 53, 3)
-    cp.cuda.get_current_stream().synchronize()
-    dst = cp.zeros(plain.size, cp.uint8)
-    cp.cuda.Device().synchronize()
-    try:  # the driver's own pitched copy (the H200's takes these pitches)
-        copy_rows_on_device(dst.data.ptr, padded.data.ptr, 53 * 3 + 13, 53 * 3, 37, stream.ptr)
-    except cp.cuda.driver.CUDADriverError as exc:
-        if exc.status != 1:
-            raise
-    else:
-        stream.synchronize()
-        assert cp.array_equal(dst, plain.reshape(-1))
-
-    pitched = DeviceImage(padded.data.ptr, (37, 53, 3), 53 * 3 + 13, padded)  # rows 172 bytes apart
-    refusals: list[int] = []
-
-    def refuse(*_args):
-        refusals.append(1)
-        raise cp.cuda.driver.CUDADriverError(1)  # CUDA_ERROR_INVALID_VALUE
-
-    monkeypatch.setattr(cuda_driver, "_pitches_refused", False)  # put back after the test
-    read_on: list[int] = []  # the current stream where copy_image reads an image as a cupy array
-    monkeypatch.setattr(cuda_driver, "as_array", lambda image, device_id=None: (
-        read_on.append(cp.cuda.get_current_stream().ptr), as_array(image, device_id))[1])
-    for source, refused in ((pitched, False), (DeviceImage(plain.data.ptr, (37, 53, 3), 53 * 3, plain), False),
-                            (pitched, True), (pitched, True)):
-        if refused and not refusals:  # from here on the driver refuses (the flag as if it never had)
-            monkeypatch.setattr(cuda_driver, "_pitches_refused", False)
-            monkeypatch.setattr(cuda_driver, "copy_rows_on_device", refuse)
-        assert cp.array_equal(as_array(source, 0), plain)
-        dst = cp.zeros(2 * plain.size + 7, cp.uint8)
-        cp.cuda.Device().synchronize()  # the zeros, on the current stream, before the copy on the other
-        copy_image(dst.data.ptr + plain.size, source, stream.ptr)
-        stream.synchronize()
-        assert cp.array_equal(dst[plain.size:2 * plain.size], plain.reshape(-1))
-        assert not dst[:plain.size].any() and not dst[2 * plain.size:].any()
-    assert refusals == [1]
-    assert read_on.count(stream.ptr) == 2  # the two refused copies' cupy kernels ran on the stream asked for
-
-
-def test_a_decoded_image_is_read_by_its_address_pitch_and_shape_or_refused():
-    """``device_image`` reads an image's array interface as the pipeline copies from it: plain and
-    padded rows give their pitch; anything but uint8 RGB rows of pixels end to end is refused (the
-    CPU then decodes that JPEG)."""
-    from shim.backends.cuda_jpeg import device_image
-
-    padded = cp.zeros((5, 7 * 3 + 4), cp.uint8)
-    plain = cp.zeros((5, 7, 3), cp.uint8)
-    assert device_image(plain, "kept") == (plain.data.ptr, (5, 7, 3), 21, "kept")
-    assert device_image(padded[:, :21].reshape(5, 7, 3), None)[1:3] == ((5, 7, 3), 25)
-    overlapping = cp.lib.stride_tricks.as_strided(plain, (5, 7, 3), (18, 3, 1))  # rows 18 bytes apart, 21 wide
-    for bad in (plain.astype(cp.float32), plain[:, :, :2], plain[:, ::2], plain[:, :, 0], plain.transpose(1, 0, 2),
-                overlapping):
-        with pytest.raises(ValueError):
-            device_image(bad, None)
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,13 @@ def _patch(name: str, module: Any) -> None:
                                           module.Landing._land_one, rows=lambda a: a[2])
         module.Landing.slot = _timed("a landing slot (waits while as many batches are in flight)", module.Landing.slot)
     elif name == "shim.backends.cuda_jpeg":
-        module.JpegEngines.decode = _timed("the JPEG engines' decode (one call per chunk)", module.JpegEngines.decode,
-                                           rows=lambda a: len(a[1]))
+        call = "decode_into" if hasattr(module.JpegEngines, "decode_into") else "decode"  # (nvImageCodec's before)
+        setattr(module.JpegEngines, call, _timed("the JPEG engines' decode (one call per chunk)",
+                                                 getattr(module.JpegEngines, call), rows=lambda a: len(a[1])))
+    elif name == "shim.backends.nvjpeg":
+        module.Nvjpeg.decode_batch = _timed("nvJPEG's initialize + decode (the lock let go once)",
+                                            module.Nvjpeg.decode_batch, rows=lambda a: len(a[2]))
+        module.Nvjpeg.shape = _timed("nvJPEG's header read (one JPEG)", module.Nvjpeg.shape)
     elif name == "shim.backends.onnx":
         module.OnnxRunner.run_device = _timed("the model (run_device, synchronous)", module.OnnxRunner.run_device)
         module.FixedSession.run_device = _timed("the model on its thread (input copy, replay, logits down)",

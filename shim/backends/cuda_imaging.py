@@ -5,6 +5,7 @@ stream one behind the other (``logits_later``, ``cuda_landing``)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -22,7 +23,6 @@ from ..modelrepo import ModelConfig
 from . import cuda_driver, onnx
 from .base import PlainJpeg, UndecodedImages
 from .cuda import IMAGE_SLOT
-from .cuda_driver import DeviceImage
 from .cuda_errors import device_errors
 from .cuda_landing import Landing
 from .cuda_resize import CudaResizer
@@ -178,8 +178,8 @@ class CudaImagePipeline:
                                              cuda_driver.copy_to_host):
                 raise RuntimeError(f"{self._name}: the session of {rows} rows could not queue its run")
             # the stream and its worker (the JPEG decoder) first: a tuple lets go of its items last to
-            # first, and decoded images are released on their stream, which must outlive them and
-            # their decoder (the thread may end before they go)
+            # first, so what the queued work read goes before the stream it was queued on (the thread
+            # may end before they go)
             return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began,
                                 jpegs=jpegs)
         except BaseException:
@@ -249,42 +249,36 @@ class CudaImagePipeline:
 
     def _decode_into(self, state: DeviceWorker, chunk: Sequence[np.ndarray | PlainJpeg], batch: cp.ndarray,
                      keep: list[Any], before_staging: Callable[[], None] | None = None) -> list[int]:
-        """``chunk``'s images resized into ``batch[:len(chunk)]``: the JPEGs decoded by the engines as
-        one batch, first, then the pixels up (``before_staging`` as ``upload_concatenated``'s), all
-        of them end to end in row order (the decoder's rows may be pitched) and resized as
-        ``CudaResizer.preprocess_batch`` does. What the stream reads from goes into ``keep``. Returns
-        the rows of the JPEGs the engines did not decode: where there are any, nothing but their
-        decode was queued."""
-        pixels = [item for item in chunk if not isinstance(item, PlainJpeg)]
-        jpegs = [item for item in chunk if isinstance(item, PlainJpeg)]
+        """``chunk``'s images resized into ``batch[:len(chunk)]``: all of them end to end in row order
+        in one array, the JPEGs decoded into their places there by the engines as one batch, first,
+        then the pixels up (``before_staging`` as ``upload_concatenated``'s) and copied to theirs, and
+        resized as ``CudaResizer.preprocess_batch`` does. What the stream reads from goes into
+        ``keep``. Returns the rows of the JPEGs the engines did not decode: where there are any,
+        nothing but the decode was queued."""
         assert self._jpeg is not None, "PlainJpeg items without JPEG engines"
-        with self._freeing():  # the decoder allocates: not while a graph is captured
-            decoded = self._jpeg.decode([jpeg.data for jpeg in jpegs], state.stream.ptr, state)
-        keep.extend(image for image in decoded if image is not None)
-        rows = [row for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
-        missed = [row for row, jpeg, image in zip(rows, jpegs, decoded) if image is None or image.shape != jpeg.shape]
-        if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
-            return missed
-        up = state.upload_concatenated([p.reshape(-1) for p in pixels], IMAGE_SLOT, before_staging) \
-            if pixels else None  # type: ignore[union-attr]
-        if up is not None:
-            keep.append(up)
-        images: list[DeviceImage] = []  # each row's image on the device, in row order
-        jpeg_images, start = iter(decoded), up.data.ptr if up is not None else 0
-        for item in chunk:
-            if isinstance(item, PlainJpeg):
-                images.append(next(jpeg_images))  # type: ignore[arg-type]
-            else:
-                images.append(DeviceImage.packed(start, item.shape))
-                start += item.size
-        flat = cp.empty(sum(image.size for image in images), cp.uint8)
+        shapes = [item.shape for item in chunk]
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        flat = cp.empty(sum(sizes), cp.uint8)
         keep.append(flat)
-        at = flat.data.ptr
-        for image in images:
-            cuda_driver.copy_image(at, image, state.stream.ptr)
-            at += image.size
-        self.resizer.preprocess_batch(flat, [image.shape for image in images], batch, keep)
-        return missed
+        starts = list(itertools.accumulate(sizes[:-1], initial=flat.data.ptr))
+        rows = [row for row, item in enumerate(chunk) if isinstance(item, PlainJpeg)]
+        with self._freeing():  # the decoder allocates: not while a graph is captured
+            missed = self._jpeg.decode_into([chunk[row] for row in rows], [starts[row] for row in rows],
+                                            state.stream.ptr, state)
+        if missed:  # no model run: the batch runs again once they are decoded (on the CPU)
+            return [rows[i] for i in missed]
+        pixels = [row for row, item in enumerate(chunk) if not isinstance(item, PlainJpeg)]
+        if pixels:
+            up = state.upload_concatenated([chunk[row].reshape(-1) for row in pixels],  # type: ignore[union-attr]
+                                           IMAGE_SLOT, before_staging)
+            keep.append(up)
+            at = up.data.ptr
+            for first, count in _runs(pixels):  # rows next to each other lie end to end in both
+                nbytes = sum(sizes[first:first + count])
+                cuda_driver.copy_on_device(starts[first], at, nbytes, state.stream.ptr)
+                at += nbytes
+        self.resizer.preprocess_batch(flat, shapes, batch, keep)
+        return []
 
     def _freeing(self) -> contextlib.AbstractContextManager[Any]:
         """What to hold where the JPEG decoder allocates or device memory is let go: the capture lock
@@ -311,3 +305,14 @@ class CudaImagePipeline:
 
         with device_errors():
             return self._backend.on_device(run)
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ``rows`` as (first, count) runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][0] + runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((row, 1))
+    return runs

@@ -1,11 +1,11 @@
-"""classify's JPEGs decoded on the GPU's JPEG engines (nvImageCodec's hardware backend), in the
-device process, for ``--gpu-jpeg``.
+"""classify's JPEGs decoded on the GPU's JPEG engines (nvJPEG's hardware backend, ``nvjpeg``), in
+the device process, for ``--gpu-jpeg``: a batch's JPEGs straight into their rows of the batch's
+pixel array, in one call.
 
 Only plain baseline JPEGs come here (``ops.jpeg.plain_jpeg_shape``): on an H200 the engines gave the
 sample photos' pixels as libjpeg-turbo does (the chelsea photo bit for bit, coffee at most 1 off in a
-few values; classify's logits 0 and 0.0009 apart, ``bench/results/...-nvjpeg-probe.md``), in 0.5 ms
-for a batch of 6 with 0.1 ms of CPU per image, where the CPU decode takes 0.6-1.1 ms of CPU each.
-Whatever the engines do not decode comes back as None: the op decodes it on the CPU, as its twin.
+few values; classify's logits 0 and 0.0009 apart, ``bench/results/...-nvjpeg-probe.md``). Whatever
+the engines do not decode is handed back: the op decodes it on the CPU, as its twin.
 """
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ import threading
 import time
 from typing import Any, Sequence
 
+import cupy as cp
 import numpy as np
 import simplejpeg
 from PIL import Image
 
-from .cuda_driver import DeviceImage
+from . import cuda_driver
+from .base import PlainJpeg
+from .nvjpeg import Nvjpeg, NvjpegError
 
 log = logging.getLogger(__name__)
 
-CPU_THREADS = 2  # each decoder's own pool (nvImageCodec's default: one thread per core, per decoder)
+STATES = 3  # decode states a device worker takes in turn: one is reused once its decode is done
 WARN_EVERY_S = 60.0
 MAX_OFF = 1  # a warm-up pixel may differ from libjpeg-turbo's by this much (rounding in the colour conversion)
 
@@ -37,33 +40,77 @@ def _sample_jpeg() -> bytes:
     return out.getvalue()
 
 
+class _Decoder:
+    """A device worker's decode states, taken in turn, each with an event recorded on the stream after
+    its last decode: a state is reused only once its decode is done (waiting for it where it is not,
+    which with ``STATES`` above the batches a worker may have queued does not happen)."""
+
+    def __init__(self, nv: Nvjpeg, count: int = STATES) -> None:
+        self._nv = nv
+        self._states: list[int] = []
+        try:
+            for _ in range(count):
+                self._states.append(nv.state())
+        except BaseException:
+            self.close()
+            raise
+        self._events = [cp.cuda.Event(block=True, disable_timing=True) for _ in self._states]
+        self._next = 0
+
+    def decode(self, jpegs: Sequence[bytes], targets: Sequence[int], widths: Sequence[int], stream: int) -> None:
+        """``Nvjpeg.decode_batch`` on the next state.
+
+        Raises:
+            NvjpegError: as ``decode_batch``.
+        """
+        turn = self._next
+        self._next = (turn + 1) % len(self._states)
+        event = self._events[turn]
+        if not cuda_driver.done(event.ptr):
+            event.synchronize()
+        try:
+            self._nv.decode_batch(self._states[turn], jpegs, targets, widths, stream)
+        finally:  # after what was queued, even a failed call's
+            cuda_driver.record(event.ptr, stream)
+
+    def close(self) -> None:
+        """Destroys the states, once their decodes are done."""
+        states, self._states = self._states, []
+        for event in getattr(self, "_events", ()):
+            event.synchronize()
+        for state in states:
+            self._nv.destroy_state(state)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a device already gone, or the interpreter's teardown
+            pass
+
+
 class JpegEngines:
-    """One nvImageCodec decoder per device worker (per stream), on the hardware backend only, never a
-    slower GPU decoder whose pixels differ from libjpeg-turbo's; each decodes a sample JPEG when it
-    is made (its buffers, now), whose pixels must be libjpeg-turbo's.
+    """GPU ``device_id``'s JPEG engines: one nvJPEG handle, and a ``_Decoder`` per device worker (per
+    stream) that has decoded a sample JPEG as libjpeg-turbo does when it is made.
 
     Raises (constructor):
-        RuntimeError: nvImageCodec is not installed, the GPU has no JPEG engines, or their pixels differ.
+        RuntimeError: no nvJPEG library, the GPU has no JPEG engines, or their pixels differ.
     """
 
     def __init__(self, device_id: int) -> None:
-        try:
-            from nvidia import nvimgcodec  # noqa: PLC0415 - optional: the nvidia-nvimgcodec-cu13 wheel
-        except Exception as exc:  # noqa: BLE001 - ImportError, or a library it loads
-            raise RuntimeError(f"nvImageCodec is not importable ({type(exc).__name__}: {exc})") from None
-        self._nv = nvimgcodec
         self._device_id = device_id
-        # plain JPEGs are upright (no orientation to apply); sRGB: YCbCr to RGB as libjpeg does
-        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
-                                               allow_any_depth=False)
+        try:
+            with cp.cuda.Device(device_id):
+                self._nv = Nvjpeg()
+        except (OSError, NvjpegError) as exc:
+            raise RuntimeError(f"no hardware JPEG decoder on GPU {device_id} ({exc})") from None
         self._sample = _sample_jpeg()
         self._sample_pixels = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         self._warned: dict[str, float] = {}
         self._count = threading.Lock()  # ``fallbacks`` and ``_warned``: batcher threads (instance_count) add at once
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
-        self._new_decoder()  # here, so that a GPU without engines, or with other pixels, fails the start
+        self._new_decoder().close()  # here, so that a GPU without engines, or with other pixels, fails the start
 
-    def decoder(self, owner: Any) -> Any:
+    def decoder(self, owner: Any) -> _Decoder | None:
         """``owner``'s decoder (a device worker's: one per stream), made and warmed up on first use;
         None where it could not be made (logged, once for each owner).
 
@@ -80,55 +127,68 @@ class JpegEngines:
             owner._jpeg_decoder = decoder
         return decoder or None
 
-    def _new_decoder(self) -> Any:
-        """A decoder on the engines that has decoded the sample JPEG as libjpeg-turbo does."""
+    def _new_decoder(self) -> _Decoder:
+        """A decoder each of whose states has decoded the sample JPEG as libjpeg-turbo does."""
+        want = self._sample_pixels
         try:
-            decoder = self._nv.Decoder(device_id=self._device_id, max_num_cpu_threads=CPU_THREADS,
-                                       backends=[self._nv.Backend(self._nv.BackendKind.HW_GPU_ONLY)])
-            image = decoder.decode(self._nv.CodeStream(self._sample), params=self._params)
-        except Exception as exc:  # noqa: BLE001 - nvImageCodec raises plain RuntimeErrors
+            with cp.cuda.Device(self._device_id):
+                stream = cp.cuda.Stream(non_blocking=True)
+                decoder = _Decoder(self._nv)
+                got = cp.empty((STATES, *want.shape), cp.uint8)
+                for row in got:
+                    decoder.decode([self._sample], [row.data.ptr], [want.shape[1]], stream.ptr)
+                stream.synchronize()
+                got = cp.asnumpy(got)
+        except (NvjpegError, cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError) as exc:
             raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
-        if image is None:
-            raise RuntimeError("the JPEG engines did not decode a plain baseline JPEG")
-        got, want = np.asarray(image.cpu()), self._sample_pixels
-        if got.shape != want.shape or np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
+        if np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
+            decoder.close()
             raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
         return decoder
 
-    def decode(self, jpegs: Sequence[bytes], stream: int, owner: Any) -> list[DeviceImage | None]:
-        """``jpegs`` decoded as one batch by ``owner``'s decoder (``decoder``) to uint8 RGB HWC images
-        on the device, ready in ``stream``'s order (the engines' work and their buffers' allocation
-        and release are queued there); None for each they did not decode, all None where the decoder
-        failed (each kind of trouble logged at most once a minute). The records keep the decoded
-        images and their decoder alive."""
-        images: list[Any] = [None] * len(jpegs)
-        decoder = None
+    def decode_into(self, jpegs: Sequence[PlainJpeg], targets: Sequence[int], stream: int, owner: Any) -> list[int]:
+        """Queue ``jpegs``' decode by ``owner``'s decoder (``decoder``) on ``stream``, each to uint8 RGB
+        rows end to end at device address ``targets[i]`` (room for its ``shape``). Returns the
+        indices of those the engines did not take: the header nvJPEG reads gives another shape, or
+        the batch failed and that JPEG failed again alone (each kind of trouble logged at most once
+        a minute). The JPEGs' bytes must stay as they are until the stream has done it."""
+        missed: list[int] = list(range(len(jpegs)))
         try:
             decoder = self.decoder(owner)
-            if decoder is not None:
-                images = decoder.decode([self._nv.CodeStream(data) for data in jpegs], params=self._params,
-                                        cuda_stream=stream)
-        except Exception as exc:  # noqa: BLE001 - the CPU decodes them; a broken device fails what follows
-            self._warn("failed", f"the JPEG engines failed a batch of {len(jpegs)} ({type(exc).__name__}: {exc})")
-        decoded = [self._image(image, decoder) for image in images]
-        missed = sum(image is None for image in decoded)
+        except RuntimeError as exc:
+            self._warn("decoder", f"no decoder for a device worker ({exc})")
+            decoder = None
+        if decoder is not None:
+            datas = [jpeg.data if isinstance(jpeg.data, bytes) else bytes(jpeg.data) for jpeg in jpegs]
+            missed = [i for i, (jpeg, data) in enumerate(zip(jpegs, datas)) if self._nv.shape(data) != jpeg.shape]
+            if missed:
+                self._warn("shape", f"{len(missed)} JPEGs whose header nvJPEG reads otherwise than the op did")
+            take = [i for i in range(len(jpegs)) if i not in missed]
+            missed += self._decode(decoder, take, datas, jpegs, targets, stream)
+            missed.sort()
         if missed:
             with self._count:
-                self.fallbacks += missed
+                self.fallbacks += len(missed)
                 so_far = self.fallbacks
-            self._warn("missed", f"{missed} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
+            self._warn("missed", f"{len(missed)} of {len(jpegs)} JPEGs not decoded by the engines: the CPU decodes "
                                  f"them ({so_far} so far)")
-        return decoded
+        return missed
 
-    def _image(self, image: Any, decoder: Any) -> DeviceImage | None:
-        if image is None:
-            return None
-        try:  # the record keeps the decoder too (an image that outlived its decoder crashed the process),
-            # image last in the tuple: a tuple lets go of its items last to first, the image before its decoder
-            return device_image(image, (decoder, image))
-        except Exception as exc:  # noqa: BLE001 - an image not as expected: the CPU decodes it
-            self._warn("array", f"a decoded image could not be read ({type(exc).__name__}: {exc})")
-            return None
+    def _decode(self, decoder: _Decoder, take: list[int], datas: list[bytes], jpegs: Sequence[PlainJpeg],
+                targets: Sequence[int], stream: int) -> list[int]:
+        """``take``'s JPEGs decoded as one batch; where it fails, each alone. Returns those that failed."""
+        def run(rows: list[int]) -> bool:
+            try:
+                decoder.decode([datas[i] for i in rows], [targets[i] for i in rows],
+                               [jpegs[i].shape[1] for i in rows], stream)
+            except NvjpegError as exc:
+                self._warn("failed", f"the JPEG engines failed a batch of {len(rows)} ({exc})")
+                return False
+            return True
+
+        if not take or run(take):
+            return []
+        return [i for i in take if len(take) == 1 or not run([i])]
 
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()
@@ -138,26 +198,6 @@ class JpegEngines:
                 self._warned[kind] = now
         if due:
             log.warning("--gpu-jpeg: %s", message)
-
-
-def device_image(image: Any, keep: Any) -> DeviceImage:
-    """A decoded image's device buffer, read from its ``__cuda_array_interface__`` without the host
-    wait ``cp.asarray`` makes for the stream it names (that work is ordered on the stream anyway), as
-    a record that keeps ``keep`` (its decoder, the image) alive.
-
-    Raises:
-        ValueError: not uint8 RGB rows of contiguous pixels.
-    """
-    face = image.__cuda_array_interface__
-    shape = tuple(face["shape"])
-    if face["typestr"][1:] != "u1" or len(shape) != 3 or shape[2] != 3:
-        raise ValueError(f"not uint8 HWC RGB: {face['typestr']} {shape}")
-    strides = tuple(face.get("strides") or ())
-    if strides and (strides[1:] != (3, 1) or strides[0] < 3 * shape[1]):
-        raise ValueError(f"rows laid out as {strides}, not as pixels end to end")
-    if not strides:
-        return DeviceImage.packed(face["data"][0], shape, keep)
-    return DeviceImage(face["data"][0], shape, strides[0], keep)
 
 
 def jpeg_engines(device_id: int) -> JpegEngines | None:

@@ -41,7 +41,7 @@ def test_cuda_base_pinned_by_arg_and_multi_stage():
     assert '"/src[cuda,gpu-jpeg]"' in build
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {re.split(r"[<>=]", r)[0] for r in extras["cuda"]} == {"cupy-cuda13x", "onnxruntime-gpu"}
-    assert {re.split(r"[<>=]", r)[0] for r in extras["gpu-jpeg"]} == {"nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"}
+    assert {re.split(r"[<>=]", r)[0] for r in extras["gpu-jpeg"]} == {"nvidia-nvjpeg"}
     runtime = lines[lines.index("FROM base AS runtime"):]
     assert "COPY --from=build /opt/accelshim /opt/accelshim" in runtime
     assert not any("torch" in l for l in runtime)

@@ -1,0 +1,141 @@
+"""nvJPEG's batched decode on a GPU's JPEG engines (its hardware backend) through ctypes: the few
+calls ``cuda_jpeg`` makes, with no Python object per image and one release of the interpreter lock
+per batch (nvImageCodec's Python binding, used before, made several objects per image and let go of
+the lock about six times for each).
+
+The library comes from the ``nvidia-nvjpeg`` wheel (``nvidia/cu13/lib/libnvjpeg.so.13`` on the
+path) or the system's loader. Calls that only read a header or reset a state keep the lock
+(``PyDLL``); the decode, which parses every bitstream and queues the engines' work, lets go of it.
+Nothing here imports cupy: what needs a GPU fails with ``NvjpegError``, on any machine.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+from typing import Sequence
+
+BACKEND_HARDWARE = 3  # NVJPEG_BACKEND_HARDWARE: the JPEG engines (baseline, one scan)
+OUTPUT_RGBI = 5  # NVJPEG_OUTPUT_RGBI: interleaved RGB in the first channel
+CSS_444 = 0  # NVJPEG_CSS_444
+_STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_NOT_SUPPORTED", "ALLOCATOR_FAILURE",
+           "EXECUTION_FAILED", "ARCH_MISMATCH", "INTERNAL_ERROR", "IMPLEMENTATION_NOT_SUPPORTED",
+           "INCOMPLETE_BITSTREAM")
+_NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so")  # the loader's, after the wheel's
+
+
+class NvjpegError(RuntimeError):
+    """An nvJPEG call returned a status other than success (``status``)."""
+
+    def __init__(self, call: str, status: int) -> None:
+        name = _STATUS[status] if 0 <= status < len(_STATUS) else "unknown"
+        super().__init__(f"{call} failed: NVJPEG_STATUS_{name} ({status})")
+        self.status = status
+
+
+class Image(ctypes.Structure):
+    """``nvjpegImage_t``: a pointer and a pitch per channel (RGBI uses the first)."""
+
+    _fields_ = [("channel", ctypes.c_void_p * 4), ("pitch", ctypes.c_size_t * 4)]
+
+
+def library_path() -> str | None:
+    """The wheel's ``libnvjpeg.so.*`` under an ``nvidia/*/lib`` folder on ``sys.path`` (CUDA 13's
+    first), else None (the loader's search then)."""
+    for entry in sys.path:
+        found = sorted(Path(entry or ".").glob("nvidia/cu*/lib/libnvjpeg.so.*"), reverse=True)
+        if found:
+            return str(found[0])
+    return None
+
+
+def _load(path: str | None) -> tuple[ctypes.CDLL, ctypes.PyDLL]:
+    """The library twice: calls that let go of the interpreter lock, and calls that keep it."""
+    errors = []
+    for name in ([path] if path else []) + list(_NAMES):
+        try:
+            return ctypes.CDLL(name), ctypes.PyDLL(name)
+        except OSError as exc:
+            errors.append(str(exc))
+    raise OSError("libnvjpeg not found (install the nvidia-nvjpeg wheel): " + "; ".join(errors))
+
+
+class Nvjpeg:
+    """One nvJPEG handle on the hardware backend. Its states (``state``) are one per thread at a time,
+    the handle shared (nvJPEG's thread-safety rules).
+
+    Raises (constructor):
+        OSError: the library cannot be loaded, or lacks a call used here.
+        NvjpegError: no handle on the engines (no GPU, no driver, a GPU without JPEG engines).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or library_path()
+        self._free, self._held = _load(self.path)
+        vp, sz, i, pi = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+        self._calls = {}
+        for lib, name, args in (
+                (self._free, "nvjpegCreateEx", [i, vp, vp, ctypes.c_uint, ctypes.POINTER(vp)]),
+                (self._free, "nvjpegDestroy", [vp]),
+                (self._free, "nvjpegJpegStateCreate", [vp, ctypes.POINTER(vp)]),
+                (self._free, "nvjpegJpegStateDestroy", [vp]),
+                (self._free, "nvjpegDecodeBatchedPreAllocate", [vp, vp, i, i, i, i, i]),
+                (self._held, "nvjpegGetImageInfo", [vp, vp, sz, pi, pi, pi, pi]),
+                (self._held, "nvjpegDecodeBatchedInitialize", [vp, vp, i, i, i]),
+                (self._free, "nvjpegDecodeBatched", [vp, vp, vp, vp, vp, vp])):
+            try:
+                call = getattr(lib, name)
+            except AttributeError:
+                raise OSError(f"{self.path or 'libnvjpeg'} has no {name}") from None
+            call.argtypes, call.restype = args, ctypes.c_int
+            self._calls[name] = call
+        handle = ctypes.c_void_p()
+        self._check("nvjpegCreateEx", BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))
+        self.handle = handle.value
+
+    def _check(self, name: str, *args: object) -> None:
+        status = self._calls[name](*args)
+        if status:
+            raise NvjpegError(name, status)
+
+    def state(self, batch: int = 1, width: int = 1, height: int = 1) -> int:
+        """A new decode state, its engines' buffers allocated for a batch of that size (then grown as
+        needed)."""
+        state = ctypes.c_void_p()
+        self._check("nvjpegJpegStateCreate", self.handle, ctypes.byref(state))
+        try:
+            self._check("nvjpegDecodeBatchedPreAllocate", self.handle, state, batch, width, height, CSS_444, OUTPUT_RGBI)
+        except NvjpegError:
+            self.destroy_state(state.value)  # type: ignore[arg-type]
+            raise
+        return state.value  # type: ignore[return-value]
+
+    def destroy_state(self, state: int) -> None:
+        self._check("nvjpegJpegStateDestroy", state)
+
+    def shape(self, data: bytes) -> tuple[int, int, int] | None:
+        """The (height, width, components) nvJPEG reads in ``data``'s header, or None where it cannot."""
+        components, subsampling = ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * 4)(), (ctypes.c_int * 4)()
+        if self._calls["nvjpegGetImageInfo"](self.handle, data, len(data), ctypes.byref(components),
+                                             ctypes.byref(subsampling), widths, heights):
+            return None
+        return heights[0], widths[0], components.value
+
+    def decode_batch(self, state: int, jpegs: Sequence[bytes], targets: Sequence[int], widths: Sequence[int],
+                     stream: int) -> None:
+        """Queue the decode of ``jpegs`` on ``stream``, each to interleaved RGB rows end to end at device
+        address ``targets[i]``, room for its height x ``widths[i]`` x 3 bytes (``shape``'s). ``state``
+        and the JPEGs' bytes must stay untouched until the stream has done it.
+
+        Raises:
+            NvjpegError: the batch was refused or failed (any of its JPEGs); its targets hold anything.
+        """
+        n = len(jpegs)
+        self._check("nvjpegDecodeBatchedInitialize", self.handle, state, n, 1, OUTPUT_RGBI)
+        images = (Image * n)()
+        for image, target, width in zip(images, targets, widths):
+            image.channel[0] = target
+            image.pitch[0] = width * 3
+        self._check("nvjpegDecodeBatched", self.handle, state, (ctypes.c_char_p * n)(*jpegs),
+                    (ctypes.c_size_t * n)(*map(len, jpegs)), images, stream)

@@ -1,0 +1,69 @@
+"""The nvJPEG binding (``shim.backends.nvjpeg``) without a GPU: where it finds the library, that
+every call it makes is in the nvidia-nvjpeg wheel's library, and how it fails. Its decoding runs in
+``tests/test_cuda_jpeg.py`` on the GPU machine."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+import pytest
+
+from shim.backends import nvjpeg
+from shim.backends.nvjpeg import Nvjpeg, NvjpegError
+
+
+def _has_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def test_the_wheels_library_is_found_on_the_path(tmp_path, monkeypatch):
+    lib = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libnvjpeg.so.13").write_bytes(b"")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "elsewhere"), str(tmp_path / "site")])
+    assert nvjpeg.library_path() == str(lib / "libnvjpeg.so.13")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "elsewhere")])
+    assert nvjpeg.library_path() is None
+
+
+def test_the_test_environment_has_the_wheels_library():
+    path = nvjpeg.library_path()
+    assert path is not None and path.endswith("nvidia/cu13/lib/libnvjpeg.so.13")
+
+
+@pytest.mark.skipif(_has_driver(), reason="a CUDA driver here: the handle may be made")
+def test_every_call_is_bound_and_without_a_gpu_the_handle_fails_with_its_status():
+    """Loading binds every call the shim makes (an unknown name would be an ``OSError``); making the
+    handle on the engines then fails with nvJPEG's status named."""
+    with pytest.raises(NvjpegError) as caught:
+        Nvjpeg()
+    assert caught.value.status != 0 and "nvjpegCreateEx failed: NVJPEG_STATUS_" in str(caught.value)
+
+
+def test_a_file_that_is_not_the_library_is_an_os_error_that_names_the_wheel(tmp_path, monkeypatch):
+    bad = tmp_path / "libnvjpeg.so.13"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setattr(nvjpeg, "_NAMES", ("libnvjpeg-absent.so.99",))  # nor one from the loader
+    with pytest.raises(OSError, match="install the nvidia-nvjpeg wheel"):
+        Nvjpeg(str(bad))
+
+
+def test_a_library_without_a_call_is_an_os_error_that_names_it(monkeypatch):
+    """A libnvjpeg too old for a call the shim makes: refused when loaded, naming the call."""
+    libc = ctypes.util.find_library("c")
+    monkeypatch.setattr(nvjpeg, "_NAMES", ())
+    with pytest.raises(OSError, match="has no nvjpegCreateEx"):
+        Nvjpeg(libc)
+
+
+@pytest.mark.parametrize(("status", "name"), [(3, "NVJPEG_STATUS_BAD_JPEG (3)"),
+                                               (9, "NVJPEG_STATUS_IMPLEMENTATION_NOT_SUPPORTED (9)"),
+                                               (42, "NVJPEG_STATUS_unknown (42)")])
+def test_an_error_names_the_call_and_the_status(status, name):
+    error = NvjpegError("nvjpegDecodeBatched", status)
+    assert str(error) == f"nvjpegDecodeBatched failed: {name}" and error.status == status
