@@ -18,6 +18,9 @@ from typing import Sequence
 BACKEND_HARDWARE = 3  # NVJPEG_BACKEND_HARDWARE: the JPEG engines (baseline, one scan)
 OUTPUT_RGBI = 5  # NVJPEG_OUTPUT_RGBI: interleaved RGB in the first channel
 CSS_444 = 0  # NVJPEG_CSS_444
+# NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION: chroma upsampled as libjpeg's "fancy" upsampling does (without it
+# the H200's engines gave the cat photo 14 off libjpeg-turbo's pixels, a gradient 84; nvImageCodec sets it too)
+FLAGS = 1 << 5
 _STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_NOT_SUPPORTED", "ALLOCATOR_FAILURE",
            "EXECUTION_FAILED", "ARCH_MISMATCH", "INTERNAL_ERROR", "IMPLEMENTATION_NOT_SUPPORTED",
            "INCOMPLETE_BITSTREAM")
@@ -90,7 +93,7 @@ class Nvjpeg:
             call.argtypes, call.restype = args, ctypes.c_int
             self._calls[name] = call
         handle = ctypes.c_void_p()
-        self._check("nvjpegCreateEx", BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))
+        self._check("nvjpegCreateEx", BACKEND_HARDWARE, None, None, FLAGS, ctypes.byref(handle))
         self.handle = handle.value
 
     def _check(self, name: str, *args: object) -> None:
