@@ -92,7 +92,7 @@ class BatchQueue(Generic[Item, Result]):
     def withdraw(self, announced: list[int | None]) -> None:
         """Ends ``announced``'s announcement, if ``put`` has not (its request gave up)."""
         with self._cond:
-            if self._unannounce(announced):
+            if self._unannounce(announced) and self._gathering:  # (only a gathering thread waits on announcements)
                 self._cond.notify_all()
 
     def _unannounce(self, announced: list[int | None]) -> bool:
@@ -127,9 +127,16 @@ class BatchQueue(Generic[Item, Result]):
             job: Job[Item, Result] = Job(item, rows, later, self._announced)
             self._waiting.append(job)
             batch = None if later else self._ready()
-            if batch is None or self._waiting:  # the batcher's thread decides, or gathers what is left
-                self._cond.notify_all()
+            if (batch is None or self._waiting) and self._may_move():  # the batcher's thread decides, or gathers
+                self._cond.notify_all()                                # what is left
         return job, batch
+
+    def _may_move(self) -> bool:
+        """Whether a job queued now may move a thread waiting on the queue: one gathering, or one
+        free to take a batch. While the batches on their way are at ``cap`` and nobody gathers, none
+        may (``done_with`` wakes them): each put woke the batcher's thread for nothing, and a woken
+        thread waits for the interpreter lock (called holding the condition's lock)."""
+        return self._gathering or not self._full()
 
     def _ready(self) -> list[Job[Item, Result]] | None:
         """With ``start_anywhere``, the batch the calling thread may start now: what the batcher's

@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="run each classify / raw-model request alone (no dynamic batching)")
     serve.add_argument("--gpu-jpeg", dest="gpu_jpeg", action="store_true", default=None,
                        help="decode classify's plain baseline JPEGs on the GPU's JPEG engines (nvJPEG's hardware "
-                            "backend, the nvidia-nvjpeg wheel) instead of on the CPU; off by default: on "
-                            "an H200 12%% slower at 32 clients, 22%% faster at 128 (docs/deploy.md)")
+                            "backend, the nvidia-nvjpeg wheel) instead of on the CPU; off by default (docs/deploy.md "
+                            "says when it pays)")
     serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                        help="run models on the GPU node by node instead of replaying a CUDA graph per batch size")
     serve.add_argument("--models", dest="models_dir", type=Path, help="model repository (default ./models)")

@@ -473,6 +473,54 @@ def test_a_batch_that_cannot_start_on_a_requests_thread_fails_its_requests_and_f
     assert device.started == [(["b"], "request-2")]
 
 
+class _CountingCondition(threading.Condition):
+    """A Condition that counts, by thread name, the waits it returned from (each a wake-up)."""
+
+    woken: dict[str, int] = {}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        try:
+            return super().wait(timeout)
+        finally:
+            name = threading.current_thread().name
+            self.woken[name] = self.woken.get(name, 0) + 1
+
+
+def test_requests_queued_while_the_batches_on_their_way_are_at_the_cap_do_not_wake_the_batchers_thread(
+        monkeypatch):
+    """While as many batches as may be are on their way and nobody gathers, a request queued (or
+    one announced and given up) cannot move the batcher's thread: it is not woken for it (each
+    woken thread waits for the interpreter lock, on the device process's busiest core). Once a
+    batch lands it is, and starts the queued requests as one batch."""
+    device = _Recorder(hold=True)
+    _CountingCondition.woken = {}
+    with monkeypatch.context() as patch:  # the batcher's queue made with it (and the Barrier: harmless)
+        patch.setattr(threading, "Condition", _CountingCondition)
+        batcher = Batcher("m", _blocking, max_batch_size=8, max_queue_delay_us=0, concurrency=1,
+                          thread_start=lambda: None, run_batch_later=device.run_later)
+    try:
+        futures = [batcher.submit_later("a", 1)]
+        _until(lambda: len(device.started) == 1)  # on its way: the cap of 1 reached
+        time.sleep(0.05)
+        before = _CountingCondition.woken.get("batcher-m-0", 0)
+        for item in "bcdefg":
+            futures.append(batcher.submit_later(item, 1))
+            with batcher.incoming():  # announced, then given up
+                pass
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert _CountingCondition.woken.get("batcher-m-0", 0) == before and len(device.started) == 1
+        device.release()  # "a" lands: its place is free
+        _until(lambda: len(device.started) == 2)
+        device.release()
+        assert [f.result(5) for f in futures] == [i * 2 for i in "abcdefg"]
+    finally:
+        device._hold = False  # noqa: SLF001
+        device.release()
+        batcher.close()
+    assert [items for items, _ in device.started] == [["a"], list("bcdefg")]
+
+
 def test_a_batcher_whose_threads_are_bound_starts_every_batch_on_its_own_thread():
     device = _Recorder()
     batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, concurrency=2,
