@@ -41,7 +41,7 @@ def decode_plain_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
 
 def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     """The shape of ``data``'s pixels when it is a plain JPEG (``decode_plain_jpeg``'s) that a GPU's
-    JPEG engines decode as libjpeg-turbo does: baseline, YCbCr with 4:4:4, 4:2:2 or 4:2:0 chroma,
+    JPEG engines decode as libjpeg-turbo does: baseline in one scan, YCbCr with 4:4:4, 4:2:2 or 4:2:0 chroma,
     its quantization and Huffman tables in it, ending in its end-of-image marker (without them the
     CPU refuses it, where the engines might make pixels up); else None (the CPU decodes it). Reads
     the markers only: a scan that turns out corrupt is found where it is decoded."""
@@ -54,15 +54,17 @@ def plain_jpeg_shape(data: bytes, max_pixels: int) -> tuple[int, int, int] | Non
     height, width, colorspace, subsampling, segments = header
     frames = {m for m, _ in segments if 0xC0 <= m <= 0xCF and m not in (_DHT, 0xC8, 0xCC)}
     if frames != {_BASELINE} or colorspace != "YCbCr" or subsampling not in _DEVICE_SUBSAMPLING \
-            or not _tables_defined(segments):
+            or not _one_scan_with_tables(segments):
         return None
     return height, width, 3
 
 
-def _tables_defined(segments: list[tuple[int, bytes]]) -> bool:
-    """Whether each quantization table the frame's components use, and each Huffman table the first
-    scan's use, is defined before that scan (``segments``: ``_upright_segments``)."""
-    quant, huffman, used_quant = set(), set(), None
+def _one_scan_with_tables(segments: list[tuple[int, bytes]]) -> bool:
+    """Whether the first scan holds every component of the frame (a baseline JPEG then has no other:
+    the engines decode one scan only, and what they do with more is not known), and each
+    quantization table the frame's components use, and each Huffman table the scan's use, is defined
+    before it (``segments``: ``_upright_segments``)."""
+    quant, huffman, used_quant, components = set(), set(), None, 0
     try:
         for marker, segment in segments:
             if marker == _DQT:  # tables of (precision << 4 | id) and 64 values of 1 or 2 bytes
@@ -76,13 +78,15 @@ def _tables_defined(segments: list[tuple[int, bytes]]) -> bool:
                     huffman.add((segment[j] >> 4, segment[j] & 15))
                     j += 17 + sum(segment[j + 1:j + 17])
             elif marker == _BASELINE:  # precision, height, width, components: (id, sampling, quant table)
-                used_quant = {segment[5 + 3 * k + 3] for k in range(segment[5])}
+                components = segment[5]
+                used_quant = {segment[5 + 3 * k + 3] for k in range(components)}
             elif marker == _SOS:  # components: (id, dc table << 4 | ac table)
                 used = set()
                 for k in range(segment[0]):
                     tables = segment[2 + 2 * k]
                     used |= {(0, tables >> 4), (1, tables & 15)}
-                return used_quant is not None and used_quant <= quant and used <= huffman
+                return used_quant is not None and segment[0] == components and used_quant <= quant \
+                    and used <= huffman
     except IndexError:  # a segment cut short
         return False
     return False
