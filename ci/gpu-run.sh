@@ -46,7 +46,7 @@ if [ ! -d /tmp/site/onnxruntime ]; then
     && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$(cat name)") || echo "onnxruntime-gpu: not installed"
 fi
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-# nvImageCodec + nvJPEG (--gpu-jpeg, the nvjpeg probe) in a target of their own, last on the path: pip
+# nvJPEG (--gpu-jpeg) and nvImageCodec (the nvjpeg probe, older trees) in a target of their own, last on the path: pip
 # --target --upgrade replaces a top-level directory that is there (nvidia/), and their nvidia/ extends
 # the namespace rather than hiding it
 [ -d .whl-gpu ] && [ ! -d /tmp/site-nvjpeg/nvidia ] && python3 -m pip install -q --no-index --no-deps --no-compile \

@@ -54,7 +54,7 @@ class Answers(Generic[Item, Result]):
         """A request its error: ``submit``'s here, ``submit_later``'s on the reply thread."""
         # the error outlives the batch (in the Future): its frames' locals, the items, do not, nor
         # those of the errors it was raised from (a CUDA error's cause holds the frame that read the
-        # batch's decoded images, which must go before their stream)
+        # batch's device arrays, which must go before their stream)
         seen: set[int] = set()
         link: BaseException | None = exc
         while link is not None and id(link) not in seen:

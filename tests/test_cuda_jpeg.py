@@ -64,6 +64,28 @@ def stream():
     return cp.cuda.Stream(non_blocking=True)
 
 
+@pytest.fixture(scope="module")
+def engines():
+    """GPU 0's JPEG engines alone (no service, no model: these tests need neither onnxruntime-gpu)."""
+    from shim.backends.cuda_jpeg import JpegEngines
+
+    return JpegEngines(0)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}"""
+
+
+def _hold_up(stream, ms: float = 50) -> None:
+    """Queue a kernel that keeps ``stream`` busy about ``ms`` (at 2 GHz): what is queued behind it waits."""
+    spin = cp.RawKernel(_SPIN, "spin")
+    with stream:
+        spin((1,), (1,), (np.int64(ms * 2e6),))
+
+
 def _engines(jpeg_service):
     op = jpeg_service.registry.lookup("classify")
     assert op.decodes_jpeg, "the JPEG engines are not in use (see the log)"
@@ -105,10 +127,9 @@ def _near_libjpeg_turbo(got: np.ndarray, data: bytes) -> str | None:
     return None if off.max() <= 1 and off.mean() < 0.01 else f"{off.max()} off, {off.mean():.4f} on average"
 
 
-def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stream, chelsea, coffee):
+def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(engines, stream, chelsea, coffee):
     from shim.ops.jpeg import plain_jpeg_shape
 
-    _, engines = _engines(jpeg_service)
     before = engines.fallbacks
     plain = {name: data for name, data in plain_variants(chelsea, coffee).items()
              if plain_jpeg_shape(data, 10**8) and name != "one pixel"}  # (the engines may want more than 1x1)
@@ -120,7 +141,7 @@ def test_the_engines_decode_plain_jpegs_as_libjpeg_turbo_does(jpeg_service, stre
     assert engines.fallbacks == before
 
 
-def test_a_batch_with_jpegs_the_engines_refuse_decodes_the_others_and_hands_those_back(jpeg_service, stream, chelsea,
+def test_a_batch_with_jpegs_the_engines_refuse_decodes_the_others_and_hands_those_back(engines, stream, chelsea,
                                                                                        coffee):
     """A progressive JPEG passed off as a plain one fails the engines' batch: each JPEG is then decoded
     alone, and only it comes back undecoded. A PNG (no JPEG header for nvJPEG) and a JPEG whose
@@ -128,7 +149,6 @@ def test_a_batch_with_jpegs_the_engines_refuse_decodes_the_others_and_hands_thos
     never write past the room made for an image)."""
     from shim.backends.base import PlainJpeg
 
-    _, engines = _engines(jpeg_service)
     cat, cup = encode(chelsea, "JPEG", quality=90), encode(coffee, "JPEG", quality=85)
     png = PlainJpeg(encode(chelsea, "PNG"), chelsea.shape)
     short = PlainJpeg(cup, (coffee.shape[0] - 8, coffee.shape[1], 3))  # a lie about its height
@@ -141,25 +161,57 @@ def test_a_batch_with_jpegs_the_engines_refuse_decodes_the_others_and_hands_thos
     assert (decoded[3] == 7).all(), "a JPEG whose shape was not nvJPEG's was decoded"
 
 
-def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(jpeg_service, stream, chelsea, coffee):
-    """More batches than a decoder has states, queued on one stream without waiting between them
-    (as a batcher queues them), each decode into its own arrays: every one as libjpeg-turbo's (a
-    state reused before its decode was done would mix them up)."""
+def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(engines, stream, chelsea, coffee):
+    """More batches than a decoder has states, queued on one stream held up by a kernel (as a
+    batcher queues them behind the batches before), each decode into its own arrays: every one as
+    libjpeg-turbo's (a state reused before its decode was done would mix them up). Closing the
+    decoder waits for its decodes."""
+    from shim.backends import cuda_driver
     from shim.backends.cuda_jpeg import STATES
 
-    _, engines = _engines(jpeg_service)
     owner = SimpleNamespace()
     photos = [encode(chelsea, "JPEG", quality=q) for q in (70, 80, 90)] + [encode(coffee, "JPEG", quality=q)
                                                                             for q in (75, 85, 95)]
     batches = [[_plain(photos[(b + i) % len(photos)]) for i in range(1 + b % 4)] for b in range(3 * STATES + 1)]
     targets = [[cp.zeros(jpeg.shape, cp.uint8) for jpeg in batch] for batch in batches]
     cp.cuda.Device().synchronize()
+    _hold_up(stream)
     for batch, arrays in zip(batches, targets):
         assert engines.decode_into(batch, [a.data.ptr for a in arrays], stream.ptr, owner) == []
     stream.synchronize()
     for batch, arrays in zip(batches, targets):
         for jpeg, array in zip(batch, arrays):
             assert _near_libjpeg_turbo(cp.asnumpy(array), jpeg.data) is None
+    _hold_up(stream)
+    engines.decode_into(batches[0], [a.data.ptr for a in targets[0]], stream.ptr, owner)
+    decoder = owner._jpeg_decoder  # noqa: SLF001
+    decoder.close()
+    assert all(cuda_driver.done(event.ptr) for event in decoder._events)  # noqa: SLF001
+
+
+def test_jpegs_of_odd_sizes_decoded_end_to_end_into_one_array_stay_within_their_rows(engines, stream, chelsea):
+    """A batch's JPEGs go straight into one array, end to end at odd offsets (as a batch's rows lie
+    there): each gets libjpeg-turbo's pixels and not a byte beyond its own, the guard bytes around
+    and between them untouched."""
+    sizes = [(9, 17), (47, 63), (300, 451), (1, 2), (297, 443), (8, 8)]
+    jpegs = [_plain(encode(np.ascontiguousarray(chelsea[:h, :w]), "JPEG", quality=90)) for h, w in sizes]
+    guard = 13
+    starts, at = [], guard
+    for jpeg in jpegs:
+        starts.append(at)
+        at += int(np.prod(jpeg.shape)) + guard
+    flat = cp.full(at, 0xA5, cp.uint8)
+    cp.cuda.Device().synchronize()
+    missed = engines.decode_into(jpegs, [flat.data.ptr + start for start in starts], stream.ptr, SimpleNamespace())
+    stream.synchronize()
+    got = cp.asnumpy(flat)
+    assert missed == [] or missed == [3], missed  # (1 x 2: the engines may refuse it; the CPU then decodes it)
+    ends = [start + int(np.prod(jpeg.shape)) for start, jpeg in zip(starts, jpegs)]
+    for index, (jpeg, start, end) in enumerate(zip(jpegs, starts, ends)):
+        if index not in missed:
+            assert _near_libjpeg_turbo(got[start:end].reshape(jpeg.shape), jpeg.data) is None, sizes[index]
+    for before, after in zip([0, *ends], [*starts, len(got)]):
+        assert (got[before:after] == 0xA5).all(), f"bytes {before}-{after} written"
 
 
 def test_plain_jpegs_go_to_the_engines_and_give_the_logits_of_their_cpu_decode(jpeg_service, service, chelsea,
@@ -265,8 +317,8 @@ def test_jpeg_batches_queued_on_a_bound_stream_land_with_the_logits_of_batches_r
     engines' decode, the resize, the model and the logits' download go onto its stream behind the
     batch before. Each batch (one size, several sizes, JPEGs among decoded pixels) gets the logits
     the same thread computes waiting (``logits``), and the CPU decode's within the decode tolerance.
-    The decoded images are let go on the batcher's thread (when their slot is next taken), never on
-    the landing's: a landed batch's slot still holds them."""
+    What a batch's queued work read (its pixels' device array) is let go on the batcher's thread
+    (when its slot is next taken), never on the landing's: a landed batch's slot still holds it."""
     from shim.backends.base import PlainJpeg
     from tests.test_cuda import _on_a_batcher_thread
 
@@ -291,7 +343,7 @@ def test_jpeg_batches_queued_on_a_bound_stream_land_with_the_logits_of_batches_r
         return queued, [pipeline.logits(items) for items in prepared], held, kinds
 
     queued, waited, held, kinds = _on_a_batcher_thread(pipeline, bound)
-    assert all(held), "a landed batch's decoded images were let go before its slot was taken again"
+    assert all(held), "what a landed batch read was let go before its slot was taken again"
     assert True in kinds, "no JPEG batch's time on the GPU was estimated as a JPEG batch's"
     for images, got, want in zip(batches, queued, waited):
         assert got.shape == (len(images), 1000)

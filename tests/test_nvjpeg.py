@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +69,43 @@ def test_a_library_without_a_call_is_an_os_error_that_names_it(monkeypatch):
 def test_an_error_names_the_call_and_the_status(status, name):
     error = NvjpegError("nvjpegDecodeBatched", status)
     assert str(error) == f"nvjpegDecodeBatched failed: {name}" and error.status == status
+
+
+_POINTER_TYPES = ("nvjpegHandle_t", "nvjpegJpegState_t", "cudaStream_t")
+
+
+def _header() -> str:
+    header = Path(nvjpeg.library_path()).parents[1] / "include" / "nvjpeg.h"  # type: ignore[arg-type]
+    return header.read_text()
+
+
+def _kind(ctype: object) -> str:
+    if ctype is ctypes.c_void_p or hasattr(ctype, "contents"):
+        return "pointer"
+    return {ctypes.c_int: "int", ctypes.c_uint: "unsigned int", ctypes.c_size_t: "size_t"}[ctype]  # type: ignore[index]
+
+
+def _declared_kind(parameter: str) -> str:
+    if "*" in parameter or parameter.split()[0] in _POINTER_TYPES:
+        return "pointer"
+    if parameter.startswith("unsigned int"):
+        return "unsigned int"
+    return "size_t" if parameter.startswith("size_t") else "int"  # int, or an enum
+
+
+def test_every_call_is_bound_as_the_wheels_header_declares_it():
+    """Each call the binding makes has the header's number of parameters, each of its kind (a
+    pointer or handle, an int or enum, an unsigned int, a size_t), and the constants are the
+    header's: a binding that disagrees passes garbage to the library, which nothing else here sees."""
+    text = _header()
+    for _, name, args in nvjpeg.SIGNATURES:
+        declared = re.search(rf"nvjpegStatus_t NVJPEGAPI {name}\s*\(([^;]*?)\)\s*;", text)
+        assert declared is not None, name
+        parameters = [" ".join(p.split()) for p in declared.group(1).split(",")]
+        assert [_declared_kind(p) for p in parameters] == [_kind(a) for a in args], (name, parameters)
+    values = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(NVJPEG_\w+)\s*=\s*(-?\d+)", text)}
+    assert values["NVJPEG_BACKEND_HARDWARE"] == nvjpeg.BACKEND_HARDWARE
+    assert values["NVJPEG_OUTPUT_RGBI"] == nvjpeg.OUTPUT_RGBI and values["NVJPEG_CSS_444"] == nvjpeg.CSS_444
+    assert [values[f"NVJPEG_STATUS_{s}"] for s in nvjpeg._STATUS] == list(range(len(nvjpeg._STATUS)))  # noqa: SLF001
+    assert re.search(r"#define NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION 1<<5\b", text) and nvjpeg.FLAGS == 1 << 5
+    assert ctypes.sizeof(nvjpeg.Image) == 4 * 8 + 4 * 8  # unsigned char *channel[4]; size_t pitch[4]

@@ -161,7 +161,7 @@ def _patch(name: str, module: Any) -> None:
 
 
 _WANTED = {"shim.batching", "shim.batch_queue", "shim.backends.cuda_host", "shim.backends.cuda_imaging",
-           "shim.backends.cuda_jpeg", "shim.backends.cuda_landing", "shim.backends.cuda_resize",
+           "shim.backends.cuda_jpeg", "shim.backends.nvjpeg", "shim.backends.cuda_landing", "shim.backends.cuda_resize",
            "shim.backends.onnx",
            "shim.backends.cuda", "shim.ops.classify", "shim.dispatch", "flask.app", "shim.workers.link",
            "shim.workers.channel"}

@@ -91,6 +91,11 @@ class CudaImagePipeline:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's run raises plain RuntimeErrors; the thread still serves
             log.warning("%s: a batcher thread could not build the model's sessions on its stream (%s: %s); it runs "
                         "the shared ones", self._name, type(exc).__name__, onnx.first_line(exc))
+            decoder = getattr(worker, "_jpeg_decoder", None)
+            if decoder:  # its states freed now, under the lock, not wherever the worker goes
+                with self._backend.pinned.capture_lock, contextlib.suppress(Exception):
+                    decoder.close()
+                worker._jpeg_decoder = False  # type: ignore[attr-defined]
             self._backend.unbind_thread()  # a borrowed worker, should a new one fail too
             self._backend.bind_thread()
             return
@@ -158,7 +163,7 @@ class CudaImagePipeline:
             return None
         batch = self._batch_array(target.shape, target)  # type: ignore[arg-type]
         slot = landing.slot()
-        keep: list[Any] = []  # what its queued work reads (pixels, decoded images, resize plans): held until it lands
+        keep: list[Any] = []  # what its queued work reads (pixels, their device array, resize plans): until it lands
         try:
             jpegs = any(isinstance(item, PlainJpeg) for item in items)
             if jpegs:
@@ -200,7 +205,7 @@ class CudaImagePipeline:
         missed: list[int] = []  # rows of JPEGs the engines did not decode
 
         def run(state: DeviceWorker) -> None:
-            held: list[Any] = []  # decoded images, resize plans: until the runs have read them (they wait for the stream)
+            held: list[Any] = []  # device arrays, resize plans: until the runs read them (they wait for the stream)
             try:
                 run_chunks(state, held)
             except BaseException:

@@ -9,6 +9,7 @@ the engines do not decode is handed back: the op decodes it on the CPU, as its t
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -71,7 +72,12 @@ class _Decoder:
         try:
             self._nv.decode_batch(self._states[turn], jpegs, targets, widths, stream)
         finally:  # after what was queued, even a failed call's
-            cuda_driver.record(event.ptr, stream)
+            try:
+                cuda_driver.record(event.ptr, stream)
+            except BaseException:  # the state is not guarded: it is free once the stream is done
+                with contextlib.suppress(Exception):
+                    cp.cuda.runtime.streamSynchronize(stream)
+                raise
 
     def close(self) -> None:
         """Destroys the states, once their decodes are done."""
@@ -132,18 +138,22 @@ class JpegEngines:
         want = self._sample_pixels
         try:
             with cp.cuda.Device(self._device_id):
-                stream = cp.cuda.Stream(non_blocking=True)
                 decoder = _Decoder(self._nv)
-                got = cp.empty((STATES, *want.shape), cp.uint8)
-                for row in got:
-                    decoder.decode([self._sample], [row.data.ptr], [want.shape[1]], stream.ptr)
-                stream.synchronize()
-                got = cp.asnumpy(got)
+                try:
+                    stream = cp.cuda.Stream(non_blocking=True)
+                    with stream:  # the rows are written there: not a block another stream still uses
+                        got = cp.empty((STATES, *want.shape), cp.uint8)
+                    for row in got:
+                        decoder.decode([self._sample], [row.data.ptr], [want.shape[1]], stream.ptr)
+                    stream.synchronize()
+                    pixels = cp.asnumpy(got)
+                    if np.abs(pixels.astype(np.int16) - want).max() > MAX_OFF:
+                        raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
+                except BaseException:
+                    decoder.close()  # (waits for what was queued)
+                    raise
         except (NvjpegError, cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError) as exc:
             raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
-        if np.abs(got.astype(np.int16) - want).max() > MAX_OFF:
-            decoder.close()
-            raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
         return decoder
 
     def decode_into(self, jpegs: Sequence[PlainJpeg], targets: Sequence[int], stream: int, owner: Any) -> list[int]:
@@ -151,7 +161,15 @@ class JpegEngines:
         rows end to end at device address ``targets[i]`` (room for its ``shape``). Returns the
         indices of those the engines did not take: the header nvJPEG reads gives another shape, or
         the batch failed and that JPEG failed again alone (each kind of trouble logged at most once
-        a minute). The JPEGs' bytes must stay as they are until the stream has done it."""
+        a minute). The JPEGs' bytes must stay as they are until the stream has done it.
+
+        Raises:
+            TypeError: a JPEG's data is not ``bytes`` (a copy made here would go before the stream
+                read it).
+        """
+        datas = [jpeg.data for jpeg in jpegs]
+        if not all(type(data) is bytes for data in datas):
+            raise TypeError("PlainJpeg data must be bytes")
         missed: list[int] = list(range(len(jpegs)))
         try:
             decoder = self.decoder(owner)
@@ -159,7 +177,6 @@ class JpegEngines:
             self._warn("decoder", f"no decoder for a device worker ({exc})")
             decoder = None
         if decoder is not None:
-            datas = [jpeg.data if isinstance(jpeg.data, bytes) else bytes(jpeg.data) for jpeg in jpegs]
             missed = [i for i, (jpeg, data) in enumerate(zip(jpegs, datas)) if self._nv.shape(data) != jpeg.shape]
             if missed:
                 self._warn("shape", f"{len(missed)} JPEGs whose header nvJPEG reads otherwise than the op did")

@@ -89,8 +89,8 @@ class Landing:
 
     def slot(self) -> Slot:
         """The next slot, once the batch that used it last has landed (on the batcher's thread, which
-        lets go of what that batch read: decoded images go back to their decoder on the thread that
-        decodes, never on the landing's)."""
+        lets go of what that batch read: device memory goes back to the pool on the thread that
+        allocates it, never on the landing's)."""
         slot = self._slots[self._next]
         self._next = (self._next + 1) % len(self._slots)
         slot.free.wait()
@@ -123,7 +123,7 @@ class Landing:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
         logits coming down into ``slot``, of ``shape``; ``jpegs``: its queued work decodes JPEGs): a
         Future of its first ``rows`` rows, set on this landing's thread once the GPU is done. ``keep``
-        (what the queued work reads: pixels, decoded images, resize plans) is held until then, and let
+        (what the queued work reads: pixels, the batch's decoded pixels, resize plans) is held until then, and let
         go when ``slot`` is next taken."""
         cuda_driver.record(slot.done.ptr, stream)
         slot.keep = keep

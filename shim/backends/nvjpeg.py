@@ -63,6 +63,20 @@ def _load(path: str | None) -> tuple[ctypes.CDLL, ctypes.PyDLL]:
     raise OSError("libnvjpeg not found (install the nvidia-nvjpeg wheel): " + "; ".join(errors))
 
 
+_vp, _size, _int, _ints = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+# (keeps the interpreter lock, name, argument types): every call made, each returning an nvjpegStatus_t
+SIGNATURES = (
+    (False, "nvjpegCreateEx", [_int, _vp, _vp, ctypes.c_uint, ctypes.POINTER(_vp)]),
+    (False, "nvjpegDestroy", [_vp]),
+    (False, "nvjpegJpegStateCreate", [_vp, ctypes.POINTER(_vp)]),
+    (False, "nvjpegJpegStateDestroy", [_vp]),
+    (False, "nvjpegDecodeBatchedPreAllocate", [_vp, _vp, _int, _int, _int, _int, _int]),
+    (True, "nvjpegGetImageInfo", [_vp, _vp, _size, _ints, _ints, _ints, _ints]),
+    (True, "nvjpegDecodeBatchedInitialize", [_vp, _vp, _int, _int, _int]),
+    (False, "nvjpegDecodeBatched", [_vp, _vp, _vp, _vp, _vp, _vp]),
+)
+
+
 class Nvjpeg:
     """One nvJPEG handle on the hardware backend. Its states (``state``) are one per thread at a time,
     the handle shared (nvJPEG's thread-safety rules).
@@ -75,19 +89,10 @@ class Nvjpeg:
     def __init__(self, path: str | None = None) -> None:
         self.path = path or library_path()
         self._free, self._held = _load(self.path)
-        vp, sz, i, pi = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
         self._calls = {}
-        for lib, name, args in (
-                (self._free, "nvjpegCreateEx", [i, vp, vp, ctypes.c_uint, ctypes.POINTER(vp)]),
-                (self._free, "nvjpegDestroy", [vp]),
-                (self._free, "nvjpegJpegStateCreate", [vp, ctypes.POINTER(vp)]),
-                (self._free, "nvjpegJpegStateDestroy", [vp]),
-                (self._free, "nvjpegDecodeBatchedPreAllocate", [vp, vp, i, i, i, i, i]),
-                (self._held, "nvjpegGetImageInfo", [vp, vp, sz, pi, pi, pi, pi]),
-                (self._held, "nvjpegDecodeBatchedInitialize", [vp, vp, i, i, i]),
-                (self._free, "nvjpegDecodeBatched", [vp, vp, vp, vp, vp, vp])):
+        for keeps_lock, name, args in SIGNATURES:
             try:
-                call = getattr(lib, name)
+                call = getattr(self._held if keeps_lock else self._free, name)
             except AttributeError:
                 raise OSError(f"{self.path or 'libnvjpeg'} has no {name}") from None
             call.argtypes, call.restype = args, ctypes.c_int
@@ -107,7 +112,8 @@ class Nvjpeg:
         state = ctypes.c_void_p()
         self._check("nvjpegJpegStateCreate", self.handle, ctypes.byref(state))
         try:
-            self._check("nvjpegDecodeBatchedPreAllocate", self.handle, state, batch, width, height, CSS_444, OUTPUT_RGBI)
+            self._check("nvjpegDecodeBatchedPreAllocate", self.handle, state, batch, width, height, CSS_444,
+                        OUTPUT_RGBI)
         except NvjpegError:
             self.destroy_state(state.value)  # type: ignore[arg-type]
             raise
