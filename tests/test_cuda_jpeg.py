@@ -189,6 +189,35 @@ def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(eng
     assert all(cuda_driver.done(event.ptr) for event in decoder._events)  # noqa: SLF001
 
 
+def test_a_decoder_refused_at_its_warm_up_says_why_and_destroys_every_state(engines, monkeypatch):
+    """A decoder whose warm-up pixels are wrong is refused with that reason, even when destroying its
+    states fails, and every state is destroyed all the same (helper-68: the first failure had hidden
+    the reason and left the other states)."""
+    from shim.backends import cuda_driver
+    from shim.backends.cuda_jpeg import STATES
+    from shim.backends.nvjpeg import NvjpegError
+
+    real, destroyed = engines._nv, []  # noqa: SLF001
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_batch(self, state, jpegs, targets, widths, stream):  # zeros: not the sample's pixels
+            for data, target in zip(jpegs, targets):
+                cuda_driver.fill_zeros(target, int(np.prod(real.shape(data))), stream)
+
+        def destroy_state(self, state):
+            destroyed.append(state)
+            real.destroy_state(state)
+            raise NvjpegError("nvjpegJpegStateDestroy", 8)
+
+    monkeypatch.setattr(engines, "_nv", Failing())
+    with pytest.raises(RuntimeError, match="pixels differ"):
+        engines._new_decoder()  # noqa: SLF001
+    assert len(destroyed) == STATES
+
+
 def test_jpegs_of_odd_sizes_decoded_end_to_end_into_one_array_stay_within_their_rows(engines, stream, chelsea):
     """A batch's JPEGs go straight into one array, end to end at odd offsets (as a batch's rows lie
     there): each gets libjpeg-turbo's pixels and not a byte beyond its own, the guard bytes around

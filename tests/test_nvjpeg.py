@@ -33,6 +33,7 @@ def test_the_wheels_library_is_found_on_the_path(tmp_path, monkeypatch):
     assert nvjpeg.library_path() is None
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the wheel is a test requirement on Linux only")
 def test_the_test_environment_has_the_wheels_library():
     path = nvjpeg.library_path()
     assert path is not None and path.endswith("nvidia/cu13/lib/libnvjpeg.so.13")
@@ -93,6 +94,7 @@ def _declared_kind(parameter: str) -> str:
     return "size_t" if parameter.startswith("size_t") else "int"  # int, or an enum
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the wheel is a test requirement on Linux only")
 def test_every_call_is_bound_as_the_wheels_header_declares_it():
     """Each call the binding makes has the header's number of parameters, each of its kind (a
     pointer or handle, an int or enum, an unsigned int, a size_t), and the constants are the

@@ -80,12 +80,18 @@ class _Decoder:
                 raise
 
     def close(self) -> None:
-        """Destroys the states, once their decodes are done."""
+        """Destroys the states, once their decodes are done: every one, the first failure raised after."""
         states, self._states = self._states, []
         for event in getattr(self, "_events", ()):
             event.synchronize()
+        failed: Exception | None = None
         for state in states:
-            self._nv.destroy_state(state)
+            try:
+                self._nv.destroy_state(state)
+            except Exception as exc:  # noqa: BLE001 - the others are destroyed all the same
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def __del__(self) -> None:
         try:
@@ -150,7 +156,8 @@ class JpegEngines:
                     if np.abs(pixels.astype(np.int16) - want).max() > MAX_OFF:
                         raise RuntimeError("the JPEG engines' pixels differ from libjpeg-turbo's")
                 except BaseException:
-                    decoder.close()  # (waits for what was queued)
+                    with contextlib.suppress(Exception):  # (waits for what was queued); the first error is the one
+                        decoder.close()
                     raise
         except (NvjpegError, cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError) as exc:
             raise RuntimeError(f"no hardware JPEG decoder on GPU {self._device_id} ({exc})") from None
