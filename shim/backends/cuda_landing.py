@@ -123,8 +123,8 @@ class Landing:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
         logits coming down into ``slot``, of ``shape``; ``jpegs``: its queued work decodes JPEGs): a
         Future of its first ``rows`` rows, set on this landing's thread once the GPU is done. ``keep``
-        (what the queued work reads: pixels, the batch's decoded pixels, resize plans) is held until then, and let
-        go when ``slot`` is next taken."""
+        (what the queued work reads: pixels, the batch's decoded pixels, resize plans) is held until
+        then, and let go when ``slot`` is next taken."""
         cuda_driver.record(slot.done.ptr, stream)
         slot.keep = keep
         future: Future[np.ndarray] = Future()
