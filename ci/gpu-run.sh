@@ -14,7 +14,10 @@
 #    replicas, not in all: `cpu N 32` with one shim against two whole shims (N/2 and N workers each) on the one
 #    GPU, the clients spread over them, without and with --gpu-jpeg, alternating twice;
 #    spy, not in all: py-spy (.probe/pyspy/*.whl carried) on the device process at 32 clients with --gpu-jpeg;
-#    jpegcall, not in all: bench/jpeg_call_probe.py, the shim's nvJPEG call against nvImageCodec's, per batch)
+#    jpegcall, not in all: bench/jpeg_call_probe.py, the shim's nvJPEG call against nvImageCodec's, per batch,
+#    and nvJPEG's own GPU memory;
+#    jpegmemory, not in all: bench/jpeg_memory_probe.py, nvJPEG's memory and time for batches of large JPEGs
+#    under several pixel budgets per call)
 #   (nvjpeg, not in all: bench/nvjpeg_probe.py, JPEG decoding on the GPU against the shim's CPU decode
 #    -> nvjpeg.log, nvjpeg-probe.json. .whl-gpu/*.whl (nvImageCodec + nvJPEG), when carried, is installed
 #    into /tmp/site-nvjpeg first thing, for it, the gpujpeg step and tests/test_cuda_jpeg.py. The shim's
@@ -145,6 +148,11 @@ for step in $what; do
     jpegcall)
       OUT="$OUT" timeout 120 python3 bench/jpeg_call_probe.py 2>&1 \
         | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|_ext\]" | tee "$OUT/jpegcall.log" ;;
+    jpegmemory)
+      for args in "16 3024 4032" "32 3024 4032" "64 3024 4032" "128 3024 4032" "64 1080 1920" "1024 1080 1920" \
+                  "64 6000 6000"; do
+        timeout 60 python3 bench/jpeg_memory_probe.py $args 2>&1 | grep -E "MiB|missed|Error"
+      done | tee "$OUT/jpegmemory.log" ;;
     nvjpeg)
       OUT="$OUT" timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \
         | grep -vE "^Failed to load nv(jpeg2k|tiff)|^Note: If using nvImageCodec|(nvjpeg2k|nvtiff)_ext\]" | tail -120 ;;

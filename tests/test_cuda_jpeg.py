@@ -189,6 +189,43 @@ def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(eng
     assert all(cuda_driver.done(event.ptr) for event in decoder._events)  # noqa: SLF001
 
 
+def test_a_batch_over_the_call_budget_goes_in_several_calls_more_than_the_states_each_as_libjpeg_turbo_does(
+        engines, stream, chelsea, coffee, monkeypatch):
+    """A batch whose pixels exceed the budget of one call (made small here: two photos' worth) is
+    decoded in the calls ``split_calls`` gives, more of them than a decoder has states, queued behind
+    a busy stream (a state's reuse waits for its decode): every JPEG as libjpeg-turbo's."""
+    from shim.backends.cuda_jpeg import STATES
+    from shim.backends.nvjpeg import split_calls
+
+    photos = [encode(chelsea, "JPEG", quality=q) for q in (70, 90)] + [encode(coffee, "JPEG", quality=q)
+                                                                       for q in (75, 95)]
+    jpegs = [_plain(photos[i % len(photos)]) for i in range(3 * STATES + 2)]
+    pixels = [jpeg.shape[0] * jpeg.shape[1] for jpeg in jpegs]
+    monkeypatch.setattr(engines, "call_pixels", 2 * max(pixels))
+    owner = SimpleNamespace()
+    decoder = engines.decoder(owner)  # warmed up before its calls are counted
+    real, batches = decoder._nv, []  # noqa: SLF001
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_batch(self, state, datas, targets, widths, stream_ptr):
+            batches.append(len(datas))
+            real.decode_batch(state, datas, targets, widths, stream_ptr)
+
+    monkeypatch.setattr(decoder, "_nv", Counting())
+    targets = [cp.zeros(jpeg.shape, cp.uint8) for jpeg in jpegs]
+    cp.cuda.Device().synchronize()
+    _hold_up(stream)
+    assert engines.decode_into(jpegs, [t.data.ptr for t in targets], stream.ptr, owner) == []
+    stream.synchronize()
+    assert batches == [len(call) for call in split_calls(pixels, 2 * max(pixels))]
+    assert len(batches) > STATES and max(batches) <= 2
+    for jpeg, target in zip(jpegs, targets):
+        assert _near_libjpeg_turbo(cp.asnumpy(target), jpeg.data) is None
+
+
 def test_a_decoder_refused_at_its_warm_up_says_why_and_destroys_every_state(engines, monkeypatch):
     """A decoder whose warm-up pixels are wrong is refused with that reason, even when destroying its
     states fails, and every state is destroyed all the same (helper-68: the first failure had hidden

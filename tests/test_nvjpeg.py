@@ -1,5 +1,6 @@
 """The nvJPEG binding (``shim.backends.nvjpeg``) without a GPU: where it finds the library, that
-every call it makes is in the nvidia-nvjpeg wheel's library, and how it fails. Its decoding runs in
+every call it makes is in the nvidia-nvjpeg wheel's library, how it fails, and how a batch is split
+into calls under the pixel budget. Its decoding runs in
 ``tests/test_cuda_jpeg.py`` on the GPU machine."""
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shim.backends import nvjpeg
-from shim.backends.nvjpeg import Nvjpeg, NvjpegError
+from shim.backends.nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, split_calls
 
 
 def _has_driver() -> bool:
@@ -111,3 +114,25 @@ def test_every_call_is_bound_as_the_wheels_header_declares_it():
     assert [values[f"NVJPEG_STATUS_{s}"] for s in nvjpeg._STATUS] == list(range(len(nvjpeg._STATUS)))  # noqa: SLF001
     assert re.search(r"#define NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION 1<<5\b", text) and nvjpeg.FLAGS == 1 << 5
     assert ctypes.sizeof(nvjpeg.Image) == 4 * 8 + 4 * 8  # unsigned char *channel[4]; size_t pitch[4]
+
+
+def test_a_batch_is_split_into_calls_of_at_most_the_budget_in_order():
+    assert split_calls([], 10) == []
+    assert split_calls([4, 4, 2, 1], 10) == [range(0, 3), range(3, 4)]
+    assert split_calls([11, 3, 12, 10, 10], 10) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert split_calls([5, 5, 5], 10) == [range(0, 2), range(2, 3)]
+    photo = 451 * 300
+    assert split_calls([photo] * 32) == [range(0, 32)], "a batch of the sample photos is one call"
+    assert [len(call) for call in split_calls([3024 * 4032] * 32)] == [5] * 6 + [2], "12-megapixel photos: five a call"
+    assert CALL_PIXELS >= 32 * 1920 * 1080, "a full batch of 1080p frames is one call"
+
+
+@given(st.lists(st.integers(1, 200), max_size=40), st.integers(1, 300))
+def test_every_image_is_in_one_call_and_no_call_of_several_goes_over_the_budget(pixels, budget):
+    calls = split_calls(pixels, budget)
+    assert [i for call in calls for i in call] == list(range(len(pixels)))
+    for call in calls:
+        assert len(call) >= 1
+        assert len(call) == 1 or sum(pixels[i] for i in call) <= budget
+    for before, after in zip(calls, calls[1:]):  # a call ends only where the next image would not fit
+        assert sum(pixels[i] for i in before) + pixels[after[0]] > budget

@@ -1,6 +1,7 @@
 """classify's JPEGs decoded on the GPU's JPEG engines (nvJPEG's hardware backend, ``nvjpeg``), in
 the device process, for ``--gpu-jpeg``: a batch's JPEGs straight into their rows of the batch's
-pixel array, in one call.
+pixel array, in one call (or several, for large images: ``nvjpeg.CALL_PIXELS`` bounds the GPU memory a
+decode state keeps).
 
 Only plain baseline JPEGs come here (``ops.jpeg.plain_jpeg_shape``): on an H200 the engines gave the
 sample photos' pixels as libjpeg-turbo does (the chelsea photo bit for bit, coffee at most 1 off in a
@@ -23,7 +24,7 @@ from PIL import Image
 
 from . import cuda_driver
 from .base import PlainJpeg
-from .nvjpeg import Nvjpeg, NvjpegError
+from .nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, split_calls
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def _sample_jpeg() -> bytes:
 class _Decoder:
     """A device worker's decode states, taken in turn, each with an event recorded on the stream after
     its last decode: a state is reused only once its decode is done (waiting for it where it is not,
-    which with ``STATES`` above the batches a worker may have queued does not happen)."""
+    which with ``STATES`` above the batches a worker may have queued happens only for a batch of large
+    images, decoded in more calls than that)."""
 
     def __init__(self, nv: Nvjpeg, count: int = STATES) -> None:
         self._nv = nv
@@ -118,6 +120,7 @@ class JpegEngines:
         self._sample = _sample_jpeg()
         self._sample_pixels = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         self._warned: dict[str, float] = {}
+        self.call_pixels = CALL_PIXELS  # a batched decode's pixels, at most (``split_calls``)
         self._count = threading.Lock()  # ``fallbacks`` and ``_warned``: batcher threads (instance_count) add at once
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
         self._new_decoder().close()  # here, so that a GPU without engines, or with other pixels, fails the start
@@ -200,7 +203,8 @@ class JpegEngines:
 
     def _decode(self, decoder: _Decoder, take: list[int], datas: list[bytes], jpegs: Sequence[PlainJpeg],
                 targets: Sequence[int], stream: int) -> list[int]:
-        """``take``'s JPEGs decoded as one batch; where it fails, each alone. Returns those that failed."""
+        """``take``'s JPEGs decoded in batches of at most ``CALL_PIXELS`` (the room a decode state keeps);
+        a batch that fails, each of its JPEGs alone. Returns those that failed."""
         def run(rows: list[int]) -> bool:
             try:
                 decoder.decode([datas[i] for i in rows], [targets[i] for i in rows],
@@ -210,9 +214,12 @@ class JpegEngines:
                 return False
             return True
 
-        if not take or run(take):
-            return []
-        return [i for i in take if len(take) == 1 or not run([i])]
+        failed: list[int] = []
+        for call in split_calls([jpegs[i].shape[0] * jpegs[i].shape[1] for i in take], self.call_pixels):
+            rows = [take[i] for i in call]
+            if not run(rows):
+                failed += [i for i in rows if len(rows) == 1 or not run([i])]
+        return failed
 
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()

@@ -21,6 +21,10 @@ CSS_444 = 0  # NVJPEG_CSS_444
 # NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION: chroma upsampled as libjpeg's "fancy" upsampling does (without it
 # the H200's engines gave the cat photo 14 off libjpeg-turbo's pixels, a gradient 84; nvImageCodec sets it too)
 FLAGS = 1 << 5
+# decoded pixels one batched decode takes at most (a larger JPEG goes alone): a decode state keeps the room
+# its largest call needed, outside cupy's pool and --gpu-memory-limit (on the H200 about 1.4 bytes a pixel
+# for 4:2:0 JPEGs: a call of 32 12-megapixel photos grew a state by 556 MiB); 1 << 26 is 32 images of 2 MP
+CALL_PIXELS = 1 << 26
 _STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_NOT_SUPPORTED", "ALLOCATOR_FAILURE",
            "EXECUTION_FAILED", "ARCH_MISMATCH", "INTERNAL_ERROR", "IMPLEMENTATION_NOT_SUPPORTED",
            "INCOMPLETE_BITSTREAM")
@@ -40,6 +44,21 @@ class Image(ctypes.Structure):
     """``nvjpegImage_t``: a pointer and a pitch per channel (RGBI uses the first)."""
 
     _fields_ = [("channel", ctypes.c_void_p * 4), ("pitch", ctypes.c_size_t * 4)]
+
+
+def split_calls(pixels: Sequence[int], budget: int = CALL_PIXELS) -> list[range]:
+    """The images, by their pixel counts in order, as consecutive runs of at most ``budget`` pixels
+    each (an image over it alone): one batched decode each."""
+    calls: list[range] = []
+    first, total = 0, 0
+    for index, count in enumerate(pixels):
+        if index > first and total + count > budget:
+            calls.append(range(first, index))
+            first, total = index, 0
+        total += count
+    if first < len(pixels):
+        calls.append(range(first, len(pixels)))
+    return calls
 
 
 def library_path() -> str | None:
