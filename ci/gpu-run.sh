@@ -152,6 +152,7 @@ for step in $what; do
       for args in "16 3024 4032" "32 3024 4032" "64 3024 4032" "128 3024 4032" "64 1080 1920" "1024 1080 1920" \
                   "64 6000 6000"; do
         timeout 60 python3 bench/jpeg_memory_probe.py $args 2>&1 | grep -E "MiB|missed|Error"
+        echo "   (rc ${PIPESTATUS[0]})"
       done | tee "$OUT/jpegmemory.log" ;;
     nvjpeg)
       OUT="$OUT" timeout 150 python3 bench/nvjpeg_probe.py 2>&1 | tee "$OUT/nvjpeg.log" \

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shim.backends import nvjpeg
-from shim.backends.nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, split_calls
+from shim.backends.nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, decode_in_calls, split_calls
 
 
 def _has_driver() -> bool:
@@ -136,3 +136,25 @@ def test_every_image_is_in_one_call_and_no_call_of_several_goes_over_the_budget(
         assert len(call) == 1 or sum(pixels[i] for i in call) <= budget
     for before, after in zip(calls, calls[1:]):  # a call ends only where the next image would not fit
         assert sum(pixels[i] for i in before) + pixels[after[0]] > budget
+
+
+@given(st.lists(st.integers(1, 200), max_size=40), st.integers(1, 300), st.sets(st.integers(0, 39)))
+def test_each_call_is_made_in_order_and_only_a_failed_calls_images_go_again_one_by_one(pixels, budget, bad):
+    """As nvJPEG does, a call fails when any of its JPEGs is bad: exactly the bad ones come back, in
+    order; every good one is decoded once, in its budgeted call or alone after that call failed."""
+    bad = {i for i in bad if i < len(pixels)}
+    calls: list[list[int]] = []
+
+    def run(indices: list[int]) -> bool:
+        calls.append(indices)
+        return not bad & set(indices)
+
+    assert decode_in_calls(pixels, budget, run) == sorted(bad)
+    expected: list[list[int]] = []
+    for call in split_calls(pixels, budget):
+        expected.append(list(call))
+        if bad & set(call) and len(call) > 1:
+            expected += [[i] for i in call]
+    assert calls == expected
+    decoded = [i for call in calls if not bad & set(call) for i in call]
+    assert sorted(decoded) == [i for i in range(len(pixels)) if i not in bad]

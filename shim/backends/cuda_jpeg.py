@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import cuda_driver
 from .base import PlainJpeg
-from .nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, split_calls
+from .nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, decode_in_calls
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def _sample_jpeg() -> bytes:
 class _Decoder:
     """A device worker's decode states, taken in turn, each with an event recorded on the stream after
     its last decode: a state is reused only once its decode is done (waiting for it where it is not,
-    which with ``STATES`` above the batches a worker may have queued happens only for a batch of large
-    images, decoded in more calls than that)."""
+    which with ``STATES`` above the batches a worker may have queued happens only for a batch decoded in
+    more calls than that: large images, or a failed call decoded again image by image)."""
 
     def __init__(self, nv: Nvjpeg, count: int = STATES) -> None:
         self._nv = nv
@@ -120,7 +120,7 @@ class JpegEngines:
         self._sample = _sample_jpeg()
         self._sample_pixels = simplejpeg.decode_jpeg(self._sample, colorspace="RGB")
         self._warned: dict[str, float] = {}
-        self.call_pixels = CALL_PIXELS  # a batched decode's pixels, at most (``split_calls``)
+        self.call_pixels = CALL_PIXELS  # a batched decode's pixels, at most (``nvjpeg.split_calls``)
         self._count = threading.Lock()  # ``fallbacks`` and ``_warned``: batcher threads (instance_count) add at once
         self.fallbacks = 0  # images the engines gave back undecoded (the CPU decoded them)
         self._new_decoder().close()  # here, so that a GPU without engines, or with other pixels, fails the start
@@ -170,7 +170,7 @@ class JpegEngines:
         """Queue ``jpegs``' decode by ``owner``'s decoder (``decoder``) on ``stream``, each to uint8 RGB
         rows end to end at device address ``targets[i]`` (room for its ``shape``). Returns the
         indices of those the engines did not take: the header nvJPEG reads gives another shape, or
-        the batch failed and that JPEG failed again alone (each kind of trouble logged at most once
+        its call failed and that JPEG failed again alone (each kind of trouble logged at most once
         a minute). The JPEGs' bytes must stay as they are until the stream has done it.
 
         Raises:
@@ -203,9 +203,10 @@ class JpegEngines:
 
     def _decode(self, decoder: _Decoder, take: list[int], datas: list[bytes], jpegs: Sequence[PlainJpeg],
                 targets: Sequence[int], stream: int) -> list[int]:
-        """``take``'s JPEGs decoded in batches of at most ``CALL_PIXELS`` (the room a decode state keeps);
-        a batch that fails, each of its JPEGs alone. Returns those that failed."""
-        def run(rows: list[int]) -> bool:
+        """``take``'s JPEGs decoded in calls of at most ``call_pixels`` (the room a decode state keeps),
+        a call that fails again image by image (``decode_in_calls``). Returns those that failed."""
+        def run(positions: list[int]) -> bool:
+            rows = [take[i] for i in positions]
             try:
                 decoder.decode([datas[i] for i in rows], [targets[i] for i in rows],
                                [jpegs[i].shape[1] for i in rows], stream)
@@ -214,12 +215,8 @@ class JpegEngines:
                 return False
             return True
 
-        failed: list[int] = []
-        for call in split_calls([jpegs[i].shape[0] * jpegs[i].shape[1] for i in take], self.call_pixels):
-            rows = [take[i] for i in call]
-            if not run(rows):
-                failed += [i for i in rows if len(rows) == 1 or not run([i])]
-        return failed
+        pixels = [jpegs[i].shape[0] * jpegs[i].shape[1] for i in take]
+        return [take[i] for i in decode_in_calls(pixels, self.call_pixels, run)]
 
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 BACKEND_HARDWARE = 3  # NVJPEG_BACKEND_HARDWARE: the JPEG engines (baseline, one scan)
 OUTPUT_RGBI = 5  # NVJPEG_OUTPUT_RGBI: interleaved RGB in the first channel
@@ -22,8 +22,9 @@ CSS_444 = 0  # NVJPEG_CSS_444
 # the H200's engines gave the cat photo 14 off libjpeg-turbo's pixels, a gradient 84; nvImageCodec sets it too)
 FLAGS = 1 << 5
 # decoded pixels one batched decode takes at most (a larger JPEG goes alone): a decode state keeps the room
-# its largest call needed, outside cupy's pool and --gpu-memory-limit (on the H200 about 1.4 bytes a pixel
-# for 4:2:0 JPEGs: a call of 32 12-megapixel photos grew a state by 556 MiB); 1 << 26 is 32 images of 2 MP
+# its largest call needed, outside cupy's pool and --gpu-memory-limit, not in proportion to the pixels (on
+# the H200 a call of 32 12-megapixel JPEGs grew a state by 556 MiB; calls of five of them, under this budget,
+# by about 200 MiB each); 1 << 26 takes 32 1080p frames in one call
 CALL_PIXELS = 1 << 26
 _STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_NOT_SUPPORTED", "ALLOCATOR_FAILURE",
            "EXECUTION_FAILED", "ARCH_MISMATCH", "INTERNAL_ERROR", "IMPLEMENTATION_NOT_SUPPORTED",
@@ -59,6 +60,18 @@ def split_calls(pixels: Sequence[int], budget: int = CALL_PIXELS) -> list[range]
     if first < len(pixels):
         calls.append(range(first, len(pixels)))
     return calls
+
+
+def decode_in_calls(pixels: Sequence[int], budget: int, run: Callable[[list[int]], bool]) -> list[int]:
+    """Decode images (by their pixel counts, in order) with ``run(indices) -> whether it succeeded``:
+    in the calls ``split_calls`` gives, a call that fails again image by image. Returns the indices
+    that failed, in order."""
+    failed: list[int] = []
+    for call in split_calls(pixels, budget):
+        rows = list(call)
+        if not run(rows):
+            failed += [i for i in rows if len(rows) == 1 or not run([i])]
+    return failed
 
 
 def library_path() -> str | None:
