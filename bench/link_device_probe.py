@@ -44,7 +44,7 @@ def _thread_per_link_server() -> type:
     class ThreadPerLinkServer(LinkServer):
         def _handshake(self, chan: Channel) -> None:
             try:
-                chan.accept_arena(self._pin, self._unpin)
+                self._open(chan)
                 while True:
                     self._dispatch(chan, *chan.recv())
             except (EOFError, OSError):

@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from typing import Any
 
@@ -142,6 +143,51 @@ def test_a_link_whose_handshake_never_comes_holds_up_nobody(served) -> None:
             silent.recv_bytes()  # its socket was shut down
     finally:
         silent.close()
+        client.close()
+
+
+def test_a_peer_that_never_answers_the_keys_challenge_holds_up_nobody_and_goes_after_the_handshake_time(
+        tmp_path, caplog) -> None:
+    """The key's challenge runs on the link's handshake thread, not the acceptor's: a peer that
+    connects and says nothing holds up no worker connecting after it, and is dropped once it has
+    kept the handshake waiting ``handshake_s`` (its socket closed, the reason logged)."""
+    key = os.urandom(16)
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=4, handshake_s=0.5)
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.settimeout(5)
+    clients: list[LinkClient] = []
+    try:
+        mute.connect(server.address)
+        assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - accepted, in its handshake
+        with ThreadPoolExecutor(1) as pool:  # (connecting must not hang the suite should it be held up)
+            clients.append(pool.submit(LinkClient, server.address, key).result(5))
+        assert _call(clients[0], "echo", "meanwhile") == ("meanwhile",)
+        started = time.monotonic()
+        received = b""
+        while chunk := mute.recv(4096):  # the challenge, then the end of the link
+            received += chunk
+        assert received, "the server sent no challenge"
+        assert time.monotonic() - started < 3
+        assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - the client's alone
+        assert "dropped a request worker's link in its handshake: TimeoutError" in caplog.text
+        assert _call(clients[0], "echo", "after") == ("after",)
+    finally:
+        mute.close()
+        for client in clients:
+            client.close()
+        server.close()
+
+
+def test_a_peer_without_the_key_is_refused_on_its_own_thread_and_the_others_are_served(served, caplog) -> None:
+    server, key = served
+    with pytest.raises(AuthenticationError):
+        Client(server.address, family="AF_UNIX", authkey=b"not the key")
+    client = LinkClient(server.address, key)
+    try:
+        assert _call(client, "echo", 1) == (1,)
+        assert _until(lambda: "refused a request worker connection" in caplog.text)
+        assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - the refused one closed
+    finally:
         client.close()
 
 

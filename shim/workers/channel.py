@@ -4,13 +4,14 @@ them where they lie, in its ``PeerArena``) and over the socket otherwise; and th
 offers the arena's fd first."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import socket
 import struct
-from multiprocessing.connection import Connection
-from typing import Any, Callable
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import Any, Callable, Iterator
 
 from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
 from .outbox import Outbox, shut_down
@@ -209,6 +210,35 @@ class Channel:
             self._end += read
             if read < room:  # all it held then (a unix stream socket's read takes what it holds, up to the
                 return "drained"  # room); what comes later makes it readable again
+
+    def authenticate(self, authkey: bytes) -> None:
+        """The server's half of ``multiprocessing``'s authentication with ``authkey`` (as
+        ``Listener.accept`` runs it, on whichever thread calls this).
+
+        Raises:
+            AuthenticationError: the peer does not have the key.
+            EOFError, OSError: the link was closed (or shut down).
+        """
+        conn = Connection(os.dup(self.sock.fileno()))
+        try:
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def reads_within(self, seconds: float) -> Iterator[None]:
+        """Every read of the socket inside fails once it has waited ``seconds`` (``TimeoutError``)."""
+        whole = int(seconds)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
+        try:
+            yield
+        except BlockingIOError as exc:  # the timeout, as a read reports it
+            raise TimeoutError(f"the peer sent nothing for {seconds} s") from exc
+        finally:
+            with contextlib.suppress(OSError):  # reads wait as long as it takes again
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
 
     def offer_arena(self, arena: Arena | None) -> bool:
         """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of

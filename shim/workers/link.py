@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
 _LOST = "device_lost"
+HANDSHAKE_S = 30.0  # how long a new link's handshake waits for each message of its peer
 
 
 class Deferred:
@@ -209,15 +210,21 @@ class LinkServer:
         pin, unpin: pin a worker's arena (the bytes it keeps) as it connects, and unpin it once it
             is gone and no call holds a view of it (``PeerArena``): the CUDA backend's DMA.
         on_fail: called once should the thread that reads the links fail (they are all closed then).
+        handshake_s: seconds a new link may wait for its peer during its handshake (the key's challenge,
+            the arena's offer) before it is dropped.
     """
 
     def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int,
                  pin: Callable[[int, int], None] | None = None, unpin: Callable[[int], None] | None = None,
-                 on_fail: Callable[[], None] | None = None) -> None:
+                 on_fail: Callable[[], None] | None = None, handshake_s: float = HANDSHAKE_S) -> None:
         self.address = address
         self._handlers = handlers
         self._pin, self._unpin = pin, unpin
-        self._listener = Listener(address, family="AF_UNIX", authkey=authkey, backlog=64)
+        # no key here: ``Listener.accept`` would run the challenge on the acceptor's thread, where a peer
+        # that stalls in it holds up every link after it; each link's handshake thread runs it instead
+        self._listener = Listener(address, family="AF_UNIX", backlog=64)
+        self._authkey = authkey
+        self._handshake_s = handshake_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="link-call")
         self._lock = threading.Lock()  # guards what follows
         self._conns: list[Channel] = []  # links not yet closed
@@ -231,7 +238,7 @@ class LinkServer:
         while not self._closing:
             try:
                 conn = self._listener.accept()
-            except (OSError, EOFError, AuthenticationError) as exc:  # shut down, or a peer without the key
+            except OSError as exc:  # shut down
                 if self._closing:
                     break
                 log.warning("refused a request worker connection: %s", exc)
@@ -242,20 +249,32 @@ class LinkServer:
                     chan.close()
                     break
                 self._conns.append(chan)
-            # on a thread of its own: the worker's offer may be slow to come, and pinning its arena takes a while
+            # on a thread of its own: the peer may be slow to answer, and pinning its arena takes a while
             threading.Thread(target=self._handshake, args=(chan,), name="link-handshake", daemon=True).start()
         self._listener.close()
 
     def _handshake(self, chan: Channel) -> None:
-        """Map the worker's arena (``Channel.accept_arena``), then hand the link to the reader."""
+        """Open the link (``_open``), then hand it to the reader."""
         try:
-            chan.accept_arena(self._pin, self._unpin)
+            self._open(chan)
+        except AuthenticationError as exc:
+            log.warning("refused a request worker connection: %s", exc)
+            self._drop(chan)
+            return
         except Exception as exc:  # noqa: BLE001 - that link only
-            if not isinstance(exc, (EOFError, OSError)):  # else gone (or shut down) before its handshake
+            # (EOFError, OSError but a timeout: gone, or shut down, before its handshake ended)
+            if isinstance(exc, TimeoutError) or not isinstance(exc, (EOFError, OSError)):
                 log.warning("dropped a request worker's link in its handshake: %s: %s", type(exc).__name__, exc)
             self._drop(chan)
             return
         self._reader.add(chan)
+
+    def _open(self, chan: Channel) -> None:
+        """A new link's handshake, within ``handshake_s`` of waiting for its peer: the key's challenge,
+        then the worker's arena mapped (``Channel.accept_arena``)."""
+        with chan.reads_within(self._handshake_s):
+            chan.authenticate(self._authkey)
+            chan.accept_arena(self._pin, self._unpin)
 
     def _drop(self, chan: Channel) -> None:
         """Close a link that was read for the last time, and let go of its worker's arena."""
