@@ -148,34 +148,63 @@ def test_a_link_whose_handshake_never_comes_holds_up_nobody(served) -> None:
 
 def test_a_peer_that_never_answers_the_keys_challenge_holds_up_nobody_and_goes_after_the_handshake_time(
         tmp_path, caplog) -> None:
-    """The key's challenge runs on the link's handshake thread, not the acceptor's: a peer that
-    connects and says nothing holds up no worker connecting after it, and is dropped once it has
-    kept the handshake waiting ``handshake_s`` (its socket closed, the reason logged)."""
-    key = os.urandom(16)
-    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=4, handshake_s=0.5)
+    """The key's challenge runs on the link's handshake thread, not the acceptor's: while a peer
+    that connected says nothing, a worker connecting after it is answered, and the silent one is
+    still in its handshake; it is dropped once the handshake has taken ``handshake_s`` (its socket
+    closed, the reason logged)."""
+    key, limit = os.urandom(16), 3.0
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"echo": lambda *a: a}, threads=4, handshake_s=limit)
     mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    mute.settimeout(5)
+    mute.settimeout(limit + 5)
+    pool = ThreadPoolExecutor(1)  # connecting must not hang the suite should it be held up
     clients: list[LinkClient] = []
     try:
         mute.connect(server.address)
+        connected = time.monotonic()
         assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - accepted, in its handshake
-        with ThreadPoolExecutor(1) as pool:  # (connecting must not hang the suite should it be held up)
-            clients.append(pool.submit(LinkClient, server.address, key).result(5))
+        clients.append(pool.submit(LinkClient, server.address, key).result(limit / 2))
         assert _call(clients[0], "echo", "meanwhile") == ("meanwhile",)
-        started = time.monotonic()
+        assert len(server._conns) == 2  # noqa: SLF001 - the silent one still in its handshake
         received = b""
         while chunk := mute.recv(4096):  # the challenge, then the end of the link
             received += chunk
+        waited = time.monotonic() - connected
         assert received, "the server sent no challenge"
-        assert time.monotonic() - started < 3
+        assert 0.8 * limit < waited < limit + 3, waited
         assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - the client's alone
-        assert "dropped a request worker's link in its handshake: TimeoutError" in caplog.text
+        assert f"refused a request worker connection: TimeoutError: no handshake within {limit} s" in caplog.text
         assert _call(clients[0], "echo", "after") == ("after",)
     finally:
         mute.close()
         for client in clients:
             client.close()
         server.close()
+        pool.shutdown(wait=False)
+
+
+def test_a_peer_that_trickles_bytes_is_dropped_at_the_handshake_time_all_told(tmp_path, caplog) -> None:
+    """The limit is on the whole handshake, not on each read: a byte every 0.1 s keeps no link open."""
+    server = LinkServer(str(tmp_path / "link.sock"), os.urandom(16), {}, threads=2, handshake_s=0.5)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        peer.connect(server.address)
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            peer.sendall(struct.pack("!i", 200))  # an answer of 200 bytes, sent one at a time
+            while time.monotonic() - started < 5:
+                peer.sendall(b"x")  # until the server closes the link
+                time.sleep(0.1)
+        assert time.monotonic() - started < 2
+        assert _until(lambda: not server._conns)  # noqa: SLF001
+        assert "no handshake within 0.5 s" in caplog.text
+    finally:
+        peer.close()
+        server.close()
+
+
+def test_a_handshake_time_of_zero_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="handshake_s"):
+        LinkServer(str(tmp_path / "link.sock"), b"k", {}, threads=1, handshake_s=0)
 
 
 def test_a_peer_without_the_key_is_refused_on_its_own_thread_and_the_others_are_served(served, caplog) -> None:
@@ -185,7 +214,9 @@ def test_a_peer_without_the_key_is_refused_on_its_own_thread_and_the_others_are_
     client = LinkClient(server.address, key)
     try:
         assert _call(client, "echo", 1) == (1,)
-        assert _until(lambda: "refused a request worker connection" in caplog.text)
+        assert _until(lambda: any("refused a request worker connection" in r.getMessage() for r in caplog.records))
+        refused = [r for r in caplog.records if "refused a request worker connection" in r.getMessage()]
+        assert refused[0].threadName == "link-handshake"
         assert _until(lambda: len(server._conns) == 1)  # noqa: SLF001 - the refused one closed
     finally:
         client.close()

@@ -4,14 +4,13 @@ them where they lie, in its ``PeerArena``) and over the socket otherwise; and th
 offers the arena's fd first."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
 import socket
 import struct
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .arena import MIN_LENT_BYTES, Arena, Lent, PeerArena
 from .outbox import Outbox, shut_down
@@ -43,6 +42,7 @@ class Channel:
         conn.close()
         self._out = Outbox(self.sock)
         self.peer_arena: PeerArena | None = None  # the device's side: the worker's arena, once sent
+        self.authenticated = False  # the server's side: the peer showed the key (``authenticate``)
         self._ahead = bytearray(READ_AHEAD)  # read off the socket, not taken yet: [_start, _end)
         self._start = self._end = 0
         self._failed: BaseException | None = None  # a message ``take_ready`` could not take, after others
@@ -213,7 +213,7 @@ class Channel:
 
     def authenticate(self, authkey: bytes) -> None:
         """The server's half of ``multiprocessing``'s authentication with ``authkey`` (as
-        ``Listener.accept`` runs it, on whichever thread calls this).
+        ``Listener.accept`` runs it, on whichever thread calls this); ``authenticated`` once it passed.
 
         Raises:
             AuthenticationError: the peer does not have the key.
@@ -225,20 +225,7 @@ class Channel:
             answer_challenge(conn, authkey)
         finally:
             conn.close()
-
-    @contextlib.contextmanager
-    def reads_within(self, seconds: float) -> Iterator[None]:
-        """Every read of the socket inside fails once it has waited ``seconds`` (``TimeoutError``)."""
-        whole = int(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                             struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
-        try:
-            yield
-        except BlockingIOError as exc:  # the timeout, as a read reports it
-            raise TimeoutError(f"the peer sent nothing for {seconds} s") from exc
-        finally:
-            with contextlib.suppress(OSError):  # reads wait as long as it takes again
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
+        self.authenticated = True
 
     def offer_arena(self, arena: Arena | None) -> bool:
         """The first thing a client does: send its arena's fd (or none) beside b"A" and how many of

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
 _LOST = "device_lost"
-HANDSHAKE_S = 30.0  # how long a new link's handshake waits for each message of its peer
+HANDSHAKE_S = 30.0  # how long a new link's handshake (the key's challenge, the arena's offer) may take
 
 
 class Deferred:
@@ -198,6 +198,32 @@ class LinkClient:
         self._reader.join(5)
 
 
+class _Deadline:
+    """Shuts ``sock`` down once ``seconds`` have passed (on a timer's thread), unless ``met`` came first."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._settled = False  # met, or expired
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = self._expired = True
+        shut_down(sock)
+
+    def met(self) -> bool:
+        """Stop the timer: whether it had not expired (once expired, always False)."""
+        self._timer.cancel()
+        with self._lock:
+            self._settled = True
+            return not self._expired
+
+
 class LinkServer:
     """The device's end: accepts workers at ``address`` and runs their calls on ``handlers``.
 
@@ -222,6 +248,8 @@ class LinkServer:
         self._pin, self._unpin = pin, unpin
         # no key here: ``Listener.accept`` would run the challenge on the acceptor's thread, where a peer
         # that stalls in it holds up every link after it; each link's handshake thread runs it instead
+        if not handshake_s > 0:
+            raise ValueError(f"handshake_s must be above 0, not {handshake_s}")
         self._listener = Listener(address, family="AF_UNIX", backlog=64)
         self._authkey = authkey
         self._handshake_s = handshake_s
@@ -250,31 +278,47 @@ class LinkServer:
                     break
                 self._conns.append(chan)
             # on a thread of its own: the peer may be slow to answer, and pinning its arena takes a while
-            threading.Thread(target=self._handshake, args=(chan,), name="link-handshake", daemon=True).start()
+            try:
+                threading.Thread(target=self._handshake, args=(chan,), name="link-handshake", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: that link goes, the acceptor stays
+                log.warning("dropped a request worker's link: no thread for its handshake (%s)", exc)
+                self._drop(chan)
         self._listener.close()
 
     def _handshake(self, chan: Channel) -> None:
-        """Open the link (``_open``), then hand it to the reader."""
+        """Open the link (``_open``), then hand it to the reader; a link that fails is dropped, and
+        logged unless its peer went (or the server closed) after it showed the key."""
         try:
             self._open(chan)
-        except AuthenticationError as exc:
-            log.warning("refused a request worker connection: %s", exc)
-            self._drop(chan)
-            return
         except Exception as exc:  # noqa: BLE001 - that link only
-            # (EOFError, OSError but a timeout: gone, or shut down, before its handshake ended)
-            if isinstance(exc, TimeoutError) or not isinstance(exc, (EOFError, OSError)):
-                log.warning("dropped a request worker's link in its handshake: %s: %s", type(exc).__name__, exc)
+            gone = isinstance(exc, (EOFError, OSError)) and not isinstance(exc, TimeoutError)
+            if not self._closing and not (gone and chan.authenticated):
+                what = "dropped a request worker's link in its handshake" if chan.authenticated else \
+                    "refused a request worker connection"
+                log.warning("%s: %s: %s", what, type(exc).__name__, exc)
             self._drop(chan)
             return
         self._reader.add(chan)
 
     def _open(self, chan: Channel) -> None:
-        """A new link's handshake, within ``handshake_s`` of waiting for its peer: the key's challenge,
-        then the worker's arena mapped (``Channel.accept_arena``)."""
-        with chan.reads_within(self._handshake_s):
+        """A new link's handshake, all of it within ``handshake_s``: the key's challenge
+        (``Channel.authenticate``), then the worker's arena mapped (``Channel.accept_arena``).
+
+        Raises:
+            TimeoutError: the handshake took longer (its socket was shut down then).
+            RuntimeError: no thread for its deadline.
+            AuthenticationError, EOFError, OSError, ValueError: as the two steps raise them.
+        """
+        deadline = _Deadline(chan.sock, self._handshake_s)
+        try:
             chan.authenticate(self._authkey)
             chan.accept_arena(self._pin, self._unpin)
+        except BaseException:
+            if not deadline.met():
+                raise TimeoutError(f"no handshake within {self._handshake_s} s") from None
+            raise
+        if not deadline.met():
+            raise TimeoutError(f"no handshake within {self._handshake_s} s")
 
     def _drop(self, chan: Channel) -> None:
         """Close a link that was read for the last time, and let go of its worker's arena."""
