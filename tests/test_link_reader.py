@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from typing import Any
@@ -67,7 +68,7 @@ def test_one_thread_reads_many_links_each_in_its_order(served) -> None:
     arenas = [Arena(1 << 20) for _ in range(8)]
     clients = [LinkClient(server.address, key, arena=arena) for arena in arenas]
     try:
-        assert _until(lambda: _threads("link-handshake") == 0)
+        assert _until(lambda: _threads("link-handshake") == 0 and _threads("link-deadline") == 0)
         started = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
         assert sorted(started) == ["link-reader"] * len(clients)  # the clients' own: none per link on the device side
         for link, client in enumerate(clients):
@@ -202,6 +203,39 @@ def test_a_peer_that_trickles_bytes_is_dropped_at_the_handshake_time_all_told(tm
         server.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit, re-raised
+def test_a_handshake_ended_by_any_exception_drops_its_link_and_one_after_the_deadline_keeps_its_cause(
+        tmp_path, caplog, monkeypatch) -> None:
+    """Whatever ends a handshake, a BaseException too (a pin that exits), its link is dropped (the
+    worker sees the link end, not a wait for ever); a failure of its own after the deadline passed
+    is logged as itself, not as the timeout (helper-71)."""
+    def exits(address: int, size: int) -> None:
+        raise SystemExit("the pin gave up")
+
+    def slow_and_wrong(chan, pin, unpin) -> None:  # the arena's step, failing its own way after the deadline
+        time.sleep(0.6)
+        raise LookupError("the arena's step failed after the deadline")
+
+    for pin, handshake_s in ((exits, 30.0), (None, 0.3)):
+        if pin is None:
+            monkeypatch.setattr(Channel, "accept_arena", slow_and_wrong)
+        key = os.urandom(16)
+        server = LinkServer(str(tmp_path / f"{handshake_s}.sock"), key, {"echo": lambda *a: a}, threads=2,
+                            pin=pin or exits, unpin=lambda address: None, handshake_s=handshake_s)
+        arena = Arena(1 << 20, pinned=True)
+        pool = ThreadPoolExecutor(1)
+        try:
+            connecting = pool.submit(LinkClient, server.address, key, arena=arena)
+            assert wait_all([connecting], 5).done, "the worker still waits for its handshake"
+            assert isinstance(connecting.exception(), (EOFError, OSError)), connecting.exception()
+            assert _until(lambda: not server._conns)  # noqa: SLF001 - the link dropped
+        finally:
+            pool.shutdown(wait=False)
+            server.close()
+            arena.close()
+    assert "in its handshake: LookupError: the arena's step failed after the deadline" in caplog.text
+
+
 def test_a_handshake_time_of_zero_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="handshake_s"):
         LinkServer(str(tmp_path / "link.sock"), b"k", {}, threads=1, handshake_s=0)
@@ -211,7 +245,11 @@ def test_a_peer_without_the_key_is_refused_on_its_own_thread_and_the_others_are_
     server, key = served
     with pytest.raises(AuthenticationError):
         Client(server.address, family="AF_UNIX", authkey=b"not the key")
-    client = LinkClient(server.address, key)
+    pool = ThreadPoolExecutor(1)  # connecting must not hang the suite should the acceptor be gone
+    try:
+        client = pool.submit(LinkClient, server.address, key).result(5)
+    finally:
+        pool.shutdown(wait=False)
     try:
         assert _call(client, "echo", 1) == (1,)
         assert _until(lambda: any("refused a request worker connection" in r.getMessage() for r in caplog.records))

@@ -198,6 +198,10 @@ class LinkClient:
         self._reader.join(5)
 
 
+class _NoDeadline(RuntimeError):
+    """A link's handshake could not start its deadline's timer (no thread to be had)."""
+
+
 class _Deadline:
     """Shuts ``sock`` down once ``seconds`` have passed (on a timer's thread), unless ``met`` came first."""
 
@@ -206,15 +210,14 @@ class _Deadline:
         self._settled = False  # met, or expired
         self._expired = False
         self._timer = threading.Timer(seconds, self._expire, (sock,))
-        self._timer.daemon = True
+        self._timer.name, self._timer.daemon = "link-deadline", True
         self._timer.start()
 
     def _expire(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self._settled:
-                return
-            self._settled = self._expired = True
-        shut_down(sock)
+        with self._lock:  # (the shutdown too: once ``met`` returns, the socket is the caller's to close)
+            if not self._settled:
+                self._settled = self._expired = True
+                shut_down(sock)
 
     def met(self) -> bool:
         """Stop the timer: whether it had not expired (once expired, always False)."""
@@ -236,8 +239,8 @@ class LinkServer:
         pin, unpin: pin a worker's arena (the bytes it keeps) as it connects, and unpin it once it
             is gone and no call holds a view of it (``PeerArena``): the CUDA backend's DMA.
         on_fail: called once should the thread that reads the links fail (they are all closed then).
-        handshake_s: seconds a new link may wait for its peer during its handshake (the key's challenge,
-            the arena's offer) before it is dropped.
+        handshake_s: seconds a new link's handshake may take in all (the key's challenge, the arena's
+            offer and its pinning) before it is dropped.
     """
 
     def __init__(self, address: str, authkey: bytes, handlers: dict[str, Handler], threads: int,
@@ -286,38 +289,55 @@ class LinkServer:
         self._listener.close()
 
     def _handshake(self, chan: Channel) -> None:
-        """Open the link (``_open``), then hand it to the reader; a link that fails is dropped, and
-        logged unless its peer went (or the server closed) after it showed the key."""
+        """Open the link (``_open``), then hand it to the reader. A link that fails is dropped, and
+        logged (as refused where its peer had not shown the key) unless its peer went or the server
+        is closing."""
+        opened = False
         try:
             self._open(chan)
+            opened = True
         except Exception as exc:  # noqa: BLE001 - that link only
-            gone = isinstance(exc, (EOFError, OSError)) and not isinstance(exc, TimeoutError)
-            if not self._closing and not (gone and chan.authenticated):
+            gone = isinstance(exc, (EOFError, ConnectionError))
+            if self._closing:
+                pass
+            elif isinstance(exc, _NoDeadline):
+                log.warning("dropped a request worker's link: %s", exc)
+            elif not gone:
                 what = "dropped a request worker's link in its handshake" if chan.authenticated else \
                     "refused a request worker connection"
                 log.warning("%s: %s: %s", what, type(exc).__name__, exc)
-            self._drop(chan)
-            return
-        self._reader.add(chan)
+            else:
+                log.debug("a request worker's link went in its handshake: %s: %s", type(exc).__name__, exc)
+        finally:
+            if not opened:  # whatever ended it (a BaseException too): the link and its arena go
+                self._drop(chan)
+        if opened:
+            self._reader.add(chan)
 
     def _open(self, chan: Channel) -> None:
         """A new link's handshake, all of it within ``handshake_s``: the key's challenge
         (``Channel.authenticate``), then the worker's arena mapped (``Channel.accept_arena``).
 
         Raises:
-            TimeoutError: the handshake took longer (its socket was shut down then).
-            RuntimeError: no thread for its deadline.
+            TimeoutError: the handshake took longer (its socket was shut down then: the step's own
+                EOFError or OSError is its cause).
+            _NoDeadline: no thread for its deadline.
             AuthenticationError, EOFError, OSError, ValueError: as the two steps raise them.
         """
-        deadline = _Deadline(chan.sock, self._handshake_s)
+        try:
+            deadline = _Deadline(chan.sock, self._handshake_s)
+        except RuntimeError as exc:
+            raise _NoDeadline(f"no thread for its handshake's deadline ({exc})") from exc
         try:
             chan.authenticate(self._authkey)
             chan.accept_arena(self._pin, self._unpin)
-        except BaseException:
+        except (EOFError, OSError) as exc:  # what a socket shut down at the deadline raises
             if not deadline.met():
-                raise TimeoutError(f"no handshake within {self._handshake_s} s") from None
+                raise TimeoutError(f"no handshake within {self._handshake_s} s") from exc
             raise
-        if not deadline.met():
+        finally:
+            in_time = deadline.met()
+        if not in_time:
             raise TimeoutError(f"no handshake within {self._handshake_s} s")
 
     def _drop(self, chan: Channel) -> None:
