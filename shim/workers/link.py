@@ -328,17 +328,18 @@ class LinkServer:
             deadline = _Deadline(chan.sock, self._handshake_s)
         except RuntimeError as exc:
             raise _NoDeadline(f"no thread for its handshake's deadline ({exc})") from exc
+        cause: EOFError | OSError | None = None
         try:
             chan.authenticate(self._authkey)
             chan.accept_arena(self._pin, self._unpin)
         except (EOFError, OSError) as exc:  # what a socket shut down at the deadline raises
-            if not deadline.met():
-                raise TimeoutError(f"no handshake within {self._handshake_s} s") from exc
-            raise
-        finally:
+            cause = exc
+        finally:  # (any other failure goes on as itself)
             in_time = deadline.met()
         if not in_time:
-            raise TimeoutError(f"no handshake within {self._handshake_s} s")
+            raise TimeoutError(f"no handshake within {self._handshake_s} s") from cause
+        if cause is not None:
+            raise cause
 
     def _drop(self, chan: Channel) -> None:
         """Close a link that was read for the last time, and let go of its worker's arena."""
