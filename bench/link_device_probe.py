@@ -5,7 +5,7 @@
 A ``LinkServer`` in a process of its own answers ``logits`` as the device process does once warm (a
 ``Deferred`` handler, here answering at once with one row of 1000 FP32 logits per image); this process
 sends calls from THREADS threads over 4 links with arenas, as 4 request workers with ``--gpu-jpeg``
-would (one ``PlainJpeg`` of the chelsea photo each, its bytes in the pickle). Printed per round: calls
+would (one ``PlainJpeg`` of the chelsea photo each, its 35 KB lent through the arena). Printed per round: calls
 a second and the server process's CPU per call (user and system, from /proc). On the GPU machine the
 device process spends this per request beside its batches' work, all of it under one interpreter
 lock: each 0.01 ms per call is about 0.1 ms of a batch of 10's cycle. A lower bound: the real

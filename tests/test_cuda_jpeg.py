@@ -189,6 +189,41 @@ def test_batches_queued_back_to_back_on_one_stream_each_get_their_own_pixels(eng
     assert all(cuda_driver.done(event.ptr) for event in decoder._events)  # noqa: SLF001
 
 
+def test_jpegs_unpickled_where_a_link_put_them_are_decoded_there(engines, stream, chelsea, coffee):
+    """``PlainJpeg``s as the device process gets them from a request worker: unpickled on read-only
+    views of the worker's arena (and one on a bytearray, as read off the socket), their bytes not
+    copied, decoded behind a busy stream: each as libjpeg-turbo's."""
+    import os
+    import pickle
+
+    from shim.workers.arena import Arena, PeerArena
+
+    photos = [encode(chelsea, "JPEG", quality=q) for q in (70, 90)] + [encode(coffee, "JPEG", quality=q)
+                                                                       for q in (75, 95)]
+    arena = Arena(8 << 20)
+    peer = PeerArena(os.dup(arena.fd))
+    try:
+        jpegs = []
+        for data in photos:
+            buffers: list[pickle.PickleBuffer] = []
+            pickled = pickle.dumps(_plain(data), protocol=5, buffer_callback=buffers.append)
+            offset = arena.lend(buffers[0].raw())
+            jpegs.append(pickle.loads(pickled, buffers=[peer.view(offset, len(data))]))
+        jpegs.append(pickle.loads(pickled, buffers=[bytearray(photos[-1])]))
+        assert all(type(jpeg.data) is memoryview and jpeg.data.readonly for jpeg in jpegs)
+        targets = [cp.zeros(jpeg.shape, cp.uint8) for jpeg in jpegs]
+        cp.cuda.Device().synchronize()
+        _hold_up(stream)
+        assert engines.decode_into(jpegs, [t.data.ptr for t in targets], stream.ptr, SimpleNamespace()) == []
+        stream.synchronize()
+        for jpeg, target, data in zip(jpegs, targets, photos + photos[-1:]):
+            assert _near_libjpeg_turbo(cp.asnumpy(target), data) is None
+    finally:
+        jpegs.clear()
+        peer.close()
+        arena.close()
+
+
 def test_a_batch_over_the_call_budget_goes_in_several_calls_more_than_the_states_each_as_libjpeg_turbo_does(
         engines, stream, chelsea, coffee, monkeypatch):
     """A batch whose pixels exceed the budget of one call (made small here: two photos' worth) is

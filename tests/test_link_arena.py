@@ -1,17 +1,26 @@
 """The link's shared-memory arena: slots, the device's mapping of it, and calls that lend through it."""
 from __future__ import annotations
 
+import ctypes
+import io
 import os
+import pickle
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from accel.errors import InternalError, InvalidInput, NotReady
+from shim.backends.base import PlainJpeg
+from shim.backends.nvjpeg import address
+from shim.ops.imaging import decode_image
 from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
 from shim.workers.link import LinkClient, LinkServer, _Pending
+
+from tests.conftest import encode
 
 
 def test_slots_are_aligned_apart_and_coalesce_when_given_back() -> None:
@@ -91,7 +100,13 @@ def arena_link(tmp_path):
         release.wait(10)
         return x.nbytes
 
-    handlers = {"total": total, "echo": echo, "fail": fail, "slow": slow}
+    def jpeg(item: PlainJpeg) -> tuple[bytes, bool, tuple[int, ...], str, tuple[int, ...]]:
+        data = item.data  # what the device's decode takes: bytes, or a memoryview
+        seen.append(built_on(data.obj) if isinstance(data, memoryview) else type(data).__name__)
+        return bytes(data), ctypes.string_at(address(data), len(data)), item.shape, item.what, \
+            decode_image(data, item.what, 1 << 30).shape
+
+    handlers = {"total": total, "echo": echo, "fail": fail, "slow": slow, "jpeg": jpeg}
     server = LinkServer(str(tmp_path / "link.sock"), key, handlers, threads=32)
     arena = Arena(4 << 20)
     client = LinkClient(server.address, key, arena=arena)
@@ -114,6 +129,33 @@ def test_large_buffers_cross_in_the_arena_and_their_slots_come_back(arena_link) 
     small = np.ones(100, np.float32)
     assert client.call("total", small)[0] == 100.0
     assert seen[-1] == "bytearray"  # a small buffer crossed the socket
+
+
+def test_a_plain_jpegs_bytes_cross_in_the_arena_and_the_device_reads_them_where_they_lie(arena_link, chelsea) -> None:
+    client, arena, seen, *_ = arena_link
+    big = encode(chelsea, "JPEG", quality=90)
+    small = encode(chelsea[:64, :64], "JPEG")
+    assert len(small) < MIN_LENT_BYTES <= len(big)
+    for data, where in ((big, "mmap"), (small, "bytearray")):  # a small one crosses the socket out of band
+        shape = (*np.asarray(Image.open(io.BytesIO(data))).shape[:2], 3)
+        got, at_address, got_shape, what, decoded = client.call("jpeg", PlainJpeg(data, shape, "image[3]"))
+        assert seen[-1] == where
+        assert (got, at_address, got_shape, what, decoded) == (data, data, shape, "image[3]", shape)
+        assert arena.free_bytes() == 4 << 20
+
+
+def test_a_plain_jpeg_is_unpickled_on_its_buffer_and_old_protocols_keep_bytes() -> None:
+    item = PlainJpeg(b"\xff\xd8 not really \xff\xd9", (1, 2, 3), "image")
+    buffers: list[pickle.PickleBuffer] = []
+    pickled = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 1 and item.data not in pickled  # out of band
+    given = bytearray(item.data)
+    got = pickle.loads(pickled, buffers=[given])
+    assert type(got.data) is memoryview and got.data.obj is given and got.data.readonly  # as sent: no copy
+    assert got == item
+    for protocol in (4, 5):  # in band: bytes as they were
+        got = pickle.loads(pickle.dumps(item, protocol=protocol))
+        assert type(got.data) is bytes and got == item
 
 
 def test_concurrent_calls_each_get_their_own_bytes_and_a_full_arena_falls_back(arena_link) -> None:
@@ -311,7 +353,12 @@ def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_l
         kept.append(x.reshape(-1, 4)[1:])  # a view of a view, as handlers make them
         return int(x.nbytes)
 
-    server = LinkServer(str(tmp_path / "link.sock"), key, {"keep": keep_it, "echo": lambda x: x}, threads=4,
+    def keep_jpeg(item: PlainJpeg) -> int:
+        kept.append(item.data)  # a memoryview of a read-only memoryview of an arena view, as unpickled
+        return len(item.data)
+
+    server = LinkServer(str(tmp_path / "link.sock"), key, {"keep": keep_it, "echo": lambda x: x,
+                                                           "keep_jpeg": keep_jpeg}, threads=4,
                         pin=log.pin, unpin=log.unpin)
     arena, other = Arena(4 << 20, keep=(1 << 20) + 100, pinned=True), Arena(1 << 20)
     try:
@@ -323,6 +370,9 @@ def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_l
         assert client.call("keep", x) == x.nbytes
         np.testing.assert_array_equal(kept[0].reshape(-1), x[4:])  # built on the arena's bytes
         assert built_on(kept[0]) == "mmap"
+        jpeg = bytes(range(256)) * (MIN_LENT_BYTES // 256 + 1)
+        assert client.call("keep_jpeg", PlainJpeg(jpeg, (1, 1, 3))) == len(jpeg)
+        assert built_on(kept[1].obj) == "mmap"
         np.testing.assert_array_equal(client.call("echo", x), x)
         np.testing.assert_array_equal(unpinned.call("echo", x), x)
         unpinned.close()
@@ -333,6 +383,10 @@ def test_a_workers_kept_bytes_are_pinned_as_it_connects_and_unpinned_after_its_l
             time.sleep(0.02)
         assert not server._conns  # noqa: SLF001
         assert log.unpins == [] and mapped(address)  # the kept array still reads the arena
+        del kept[0]
+        time.sleep(0.2)
+        # and so does the JPEG's memoryview (its slot was given back at the reply: whatever lies there now)
+        assert log.unpins == [] and mapped(address) and len(bytes(kept[0])) == len(jpeg)
         kept.clear()
         deadline = time.monotonic() + 5
         while not log.unpins and time.monotonic() < deadline:

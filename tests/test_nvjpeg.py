@@ -158,3 +158,17 @@ def test_each_call_is_made_in_order_and_only_a_failed_calls_images_go_again_one_
     assert calls == expected
     decoded = [i for call in calls if not bad & set(call) for i in call]
     assert sorted(decoded) == [i for i in range(len(pixels)) if i not in bad]
+
+
+def test_a_jpegs_address_is_where_its_bytes_lie_and_nothing_is_copied():
+    data = b"\xff\xd8 a jpeg's bytes \xff\xd9"
+    assert nvjpeg.address(data) is data  # ctypes passes bytes' own buffer
+    held = bytearray(data)
+    for view in (memoryview(held), memoryview(held).toreadonly(), memoryview(held)[2:9]):
+        at = nvjpeg.address(view)
+        assert ctypes.string_at(at, view.nbytes) == view.tobytes()
+        held[2] ^= 0xFF  # the same memory, not a copy
+        assert ctypes.string_at(at, view.nbytes) == view.tobytes()
+    for bad in (bytearray(data), memoryview(held)[::2], memoryview(held)[:0], "text"):
+        with pytest.raises(TypeError, match="bytes or a contiguous memoryview"):
+            nvjpeg.address(bad)

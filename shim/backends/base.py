@@ -1,6 +1,7 @@
 """What an op may ask of a backend. Backends are the only modules that import cupy or onnxruntime."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -41,11 +42,25 @@ class ModelRunner(Protocol):
 @dataclass(frozen=True)
 class PlainJpeg:
     """An image left encoded for a pipeline that ``decodes_jpeg``: a plain baseline JPEG (the op
-    checked its markers), the shape of its pixels (height, width, 3) and what the request calls it."""
+    checked its markers), the shape of its pixels (height, width, 3) and what the request calls it.
 
-    data: bytes
+    Pickled (protocol 5), its bytes go out of band: over the link, through the worker's arena where
+    they fit, and the device builds it on them where they lie (``data`` is then a memoryview)."""
+
+    data: bytes | memoryview
     shape: tuple[int, int, int]
     what: str = "image"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if protocol < 5:
+            return super().__reduce_ex__(protocol)
+        return _plain_jpeg, (pickle.PickleBuffer(self.data), self.shape, self.what)
+
+
+def _plain_jpeg(data: Any, shape: tuple[int, int, int], what: str) -> PlainJpeg:
+    """A ``PlainJpeg`` unpickled: on its bytes as they came (an out-of-band buffer is whatever the
+    receiver built it on: an arena's array, a bytearray, a view of what it read)."""
+    return PlainJpeg(data if isinstance(data, bytes) else memoryview(data), shape, what)
 
 
 class UndecodedImages(Exception):

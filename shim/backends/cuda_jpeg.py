@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import cuda_driver
 from .base import PlainJpeg
-from .nvjpeg import CALL_PIXELS, Nvjpeg, NvjpegError, decode_in_calls
+from .nvjpeg import CALL_PIXELS, Jpeg, Nvjpeg, NvjpegError, address, decode_in_calls
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class _Decoder:
         self._events = [cp.cuda.Event(block=True, disable_timing=True) for _ in self._states]
         self._next = 0
 
-    def decode(self, jpegs: Sequence[bytes], targets: Sequence[int], widths: Sequence[int], stream: int) -> None:
+    def decode(self, jpegs: Sequence[Jpeg], targets: Sequence[int], widths: Sequence[int], stream: int) -> None:
         """``Nvjpeg.decode_batch`` on the next state.
 
         Raises:
@@ -174,12 +174,12 @@ class JpegEngines:
         a minute). The JPEGs' bytes must stay as they are until the stream has done it.
 
         Raises:
-            TypeError: a JPEG's data is not ``bytes`` (a copy made here would go before the stream
-                read it).
+            TypeError: a JPEG's data is neither ``bytes`` nor a contiguous memoryview
+                (``nvjpeg.address``: a copy made here would go before the stream read it).
         """
         datas = [jpeg.data for jpeg in jpegs]
-        if not all(type(data) is bytes for data in datas):
-            raise TypeError("PlainJpeg data must be bytes")
+        for data in datas:
+            address(data)
         missed: list[int] = list(range(len(jpegs)))
         try:
             decoder = self.decoder(owner)
@@ -201,7 +201,7 @@ class JpegEngines:
                                  f"them ({so_far} so far)")
         return missed
 
-    def _decode(self, decoder: _Decoder, take: list[int], datas: list[bytes], jpegs: Sequence[PlainJpeg],
+    def _decode(self, decoder: _Decoder, take: list[int], datas: list[Jpeg], jpegs: Sequence[PlainJpeg],
                 targets: Sequence[int], stream: int) -> list[int]:
         """``take``'s JPEGs decoded in calls of at most ``call_pixels`` (the room a decode state keeps),
         a call that fails again image by image (``decode_in_calls``). Returns those that failed."""

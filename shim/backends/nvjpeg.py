@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
+
+import numpy as np
 
 BACKEND_HARDWARE = 3  # NVJPEG_BACKEND_HARDWARE: the JPEG engines (baseline, one scan)
 OUTPUT_RGBI = 5  # NVJPEG_OUTPUT_RGBI: interleaved RGB in the first channel
@@ -30,6 +32,24 @@ _STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_
            "EXECUTION_FAILED", "ARCH_MISMATCH", "INTERNAL_ERROR", "IMPLEMENTATION_NOT_SUPPORTED",
            "INCOMPLETE_BITSTREAM")
 _NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so")  # the loader's, after the wheel's
+
+
+Jpeg = Union[bytes, memoryview]  # a JPEG's bytes (a memoryview: contiguous, kept alive by the caller)
+
+
+def address(data: Jpeg) -> bytes | int:
+    """What ctypes passes as ``data``'s address: ``bytes`` as they are, a memoryview's first byte (the
+    caller keeps it alive; read-only too: unpickled out-of-band buffers are). No copy is made: the
+    decode reads the bytes after the call returns.
+
+    Raises:
+        TypeError: a non-contiguous or empty memoryview, or another type.
+    """
+    if type(data) is bytes:
+        return data
+    if type(data) is not memoryview or not data.c_contiguous or not data.nbytes:
+        raise TypeError(f"a JPEG's bytes must be bytes or a contiguous memoryview, not {data!r}")
+    return np.frombuffer(data, np.uint8).ctypes.data
 
 
 class NvjpegError(RuntimeError):
@@ -152,16 +172,16 @@ class Nvjpeg:
     def destroy_state(self, state: int) -> None:
         self._check("nvjpegJpegStateDestroy", state)
 
-    def shape(self, data: bytes) -> tuple[int, int, int] | None:
+    def shape(self, data: Jpeg) -> tuple[int, int, int] | None:
         """The (height, width, components) nvJPEG reads in ``data``'s header, or None where it cannot."""
         components, subsampling = ctypes.c_int(), ctypes.c_int()
         widths, heights = (ctypes.c_int * 4)(), (ctypes.c_int * 4)()
-        if self._calls["nvjpegGetImageInfo"](self.handle, data, len(data), ctypes.byref(components),
+        if self._calls["nvjpegGetImageInfo"](self.handle, address(data), len(data), ctypes.byref(components),
                                              ctypes.byref(subsampling), widths, heights):
             return None
         return heights[0], widths[0], components.value
 
-    def decode_batch(self, state: int, jpegs: Sequence[bytes], targets: Sequence[int], widths: Sequence[int],
+    def decode_batch(self, state: int, jpegs: Sequence[Jpeg], targets: Sequence[int], widths: Sequence[int],
                      stream: int) -> None:
         """Queue the decode of ``jpegs`` on ``stream``, each to interleaved RGB rows end to end at device
         address ``targets[i]``, room for its height x ``widths[i]`` x 3 bytes (``shape``'s). ``state``
@@ -176,5 +196,5 @@ class Nvjpeg:
         for image, target, width in zip(images, targets, widths):
             image.channel[0] = target
             image.pitch[0] = width * 3
-        self._check("nvjpegDecodeBatched", self.handle, state, (ctypes.c_char_p * n)(*jpegs),
+        self._check("nvjpegDecodeBatched", self.handle, state, (ctypes.c_char_p * n)(*map(address, jpegs)),
                     (ctypes.c_size_t * n)(*map(len, jpegs)), images, stream)

@@ -132,8 +132,9 @@ class PeerArena:
 
     With ``pin`` and ``unpin``, its first ``keep`` bytes (those the worker never gives back to the system) are
     pinned at once, ``pin(address, nbytes)``, and unpinned, ``unpin(address)``, once the arena is
-    closed and no view of it is left, before the mapping goes. A view is a uint8 array that every
-    array made from it (what unpickling builds) keeps alive.
+    closed and no view of it is left, before the mapping goes. A view is a slice of one uint8 array
+    of the whole arena, which every array made from it (what unpickling builds) keeps alive: that
+    array going is the sign that the last view went (one finalizer per arena, none per view).
     """
 
     def __init__(self, fd: int, keep: int = 0, pin: Callable[[int, int], None] | None = None,
@@ -150,13 +151,10 @@ class PeerArena:
             os.close(fd)
         # mapped while this holds it (until unpinned) or a view does: unmapped when the last goes
         self._mapping: mmap.mmap | None = mapping
-        self._view: memoryview | None = memoryview(mapping)
-        self.address = np.frombuffer(self._view, np.uint8, 1).ctypes.data
+        self._whole: np.ndarray | None = np.frombuffer(memoryview(mapping), np.uint8)
+        self.address = self._whole.ctypes.data
         self.pinned = min(max(keep, 0), self.size) // mmap.PAGESIZE * mmap.PAGESIZE if pin and unpin else 0
         self._unpin = unpin
-        self._live = 0  # views not yet collected
-        # reentrant: a collection that runs inside view() may end a view of this arena
-        self._lock = threading.RLock()
         if self.pinned:
             try:
                 pin(self.address, self.pinned)  # type: ignore[misc]
@@ -168,38 +166,33 @@ class PeerArena:
         """Bytes ``[offset, offset + nbytes)`` of the arena, as a uint8 array.
 
         Raises:
-            ValueError: outside the arena.
+            ValueError: outside the arena, or the arena closed.
         """
         if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
             raise ValueError(f"a link buffer at {offset} of {nbytes} bytes lies outside the arena "
                              f"of {self.size}")
-        with self._lock:
-            if self._view is None:
-                raise ValueError("the link arena is closed")
-            view = np.frombuffer(self._view[offset:offset + nbytes], np.uint8)
-            self._live += 1
-        weakref.finalize(view, self._collected).atexit = False
-        return view
-
-    def _collected(self) -> None:
-        """A view went (run by the collector, on whichever thread, maybe inside another lock)."""
-        with self._lock:
-            self._live -= 1
-            last = self._live == 0 and self._view is None
-        if last:  # unpinned on a thread of its own: unpin takes locks this thread may hold
-            threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
+        whole = self._whole
+        if whole is None:
+            raise ValueError("the link arena is closed")
+        return whole[offset:offset + nbytes]
 
     def close(self) -> None:
         """Let go of the mapping: unpinned and unmapped now, or once the last view a call still
-        holds goes."""
-        with self._lock:
-            view, self._view = self._view, None
-            unused = self._live == 0
-        if view is None:
+        holds goes (then on a thread of its own: the collector may run anywhere, inside locks that
+        ``unpin`` takes)."""
+        whole, self._whole = self._whole, None
+        if whole is None:
             return
-        view.release()
-        if unused:
+        last = weakref.ref(whole)
+        del whole  # the array goes now if no view holds it
+        whole = last()
+        if whole is None:
             self._release()
+            return
+        weakref.finalize(whole, self._released_later).atexit = False
+
+    def _released_later(self) -> None:
+        threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
 
     def _release(self) -> None:
         """Unpin (the mapping is still there: this holds it), then let the mapping go."""
