@@ -7,7 +7,6 @@ from typing import Generic, Sequence, TypeVar
 
 from prometheus_client import Histogram
 
-from . import cork
 from .batch_queue import Job
 from .futures import Replier
 
@@ -43,12 +42,11 @@ class Answers(Generic[Item, Result]):
         if self._batch_sizes is not None:
             self._batch_sizes.observe(sum(job.rows for job in batch))
         later: list[tuple[Future[Result], Result]] = []
-        with cork.corked():  # replies to one request worker set here go as one write
-            for job, result in zip(batch, results):
-                if job.later and not here:
-                    later.append((job.future, result))
-                else:
-                    job.future.set_result(result)
+        for job, result in zip(batch, results):
+            if job.later and not here:
+                later.append((job.future, result))
+            else:
+                job.future.set_result(result)
         if later:
             self._replier.results(later)
 

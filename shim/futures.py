@@ -8,8 +8,6 @@ import threading
 from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Sequence, TypeVar
 
-from . import cork
-
 log = logging.getLogger(__name__)
 
 In = TypeVar("In")
@@ -51,15 +49,14 @@ class Replier:
 
     def _loop(self) -> None:
         while (pairs := self._queue.get()) is not None:
-            with cork.corked():  # a bundle's replies to one request worker go as one write
-                for future, result in pairs:
-                    try:
-                        if isinstance(result, _Failed):
-                            future.set_exception(result.error)
-                        else:
-                            future.set_result(result)
-                    except Exception:  # noqa: BLE001 - Future logs its callbacks' errors; this is anything else
-                        log.exception("%s: a result could not be set", self.name)
+            for future, result in pairs:
+                try:
+                    if isinstance(result, _Failed):
+                        future.set_exception(result.error)
+                    else:
+                        future.set_result(result)
+                except Exception:  # noqa: BLE001 - Future logs its callbacks' errors; this is anything else
+                    log.exception("%s: a result could not be set", self.name)
             del pairs
 
 

@@ -18,8 +18,6 @@ import threading
 from collections import deque
 from typing import Any, Sequence
 
-from .. import cork
-
 log = logging.getLogger(__name__)
 
 _MAX_VIEWS = 64  # buffers per sendmsg (the system takes at most IOV_MAX, 1024 on Linux)
@@ -57,13 +55,8 @@ class Outbox:
             self._done()
 
     def post(self, parts: Sequence[Any]) -> None:
-        """Send ``parts`` as one message without waiting (the writer finishes what cannot go now). In a
-        ``cork.corked`` block, held to its end: the messages this thread posted there go as one."""
+        """Send ``parts`` as one message without waiting (the writer finishes what cannot go now)."""
         views = [memoryview(part).cast("B") for part in parts]
-        if not cork.hold(self, views, self._post):
-            self._post(views)
-
-    def _post(self, views: list[memoryview]) -> None:
         with self._cond:
             if self._busy or self._queue:  # its turn comes after those: the writer's to send
                 try:
