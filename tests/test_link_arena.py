@@ -1,6 +1,7 @@
 """The link's shared-memory arena: slots, the device's mapping of it, and calls that lend through it."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import io
 import os
@@ -153,9 +154,14 @@ def test_a_plain_jpeg_is_unpickled_on_its_buffer_and_old_protocols_keep_bytes() 
     got = pickle.loads(pickled, buffers=[given])
     assert type(got.data) is memoryview and got.data.obj is given and got.data.readonly  # as sent: no copy
     assert got == item
-    for protocol in (4, 5):  # in band: bytes as they were
-        got = pickle.loads(pickle.dumps(item, protocol=protocol))
-        assert type(got.data) is bytes and got == item
+    for protocol in (4, 5):  # in band: bytes as they were, the device's memoryview too
+        for sent in (item, got):
+            again = pickle.loads(pickle.dumps(sent, protocol=protocol))
+            assert again == item and type(again.data) is bytes
+    assert copy.deepcopy(got) == item
+    wide = np.frombuffer(bytearray(item.data), np.uint16).reshape(2, 4)  # a buffer of other items and shape
+    flat = pickle.loads(pickled, buffers=[wide]).data
+    assert (flat.ndim, flat.itemsize, len(flat), bytes(flat)) == (1, 1, 16, item.data)
 
 
 def test_concurrent_calls_each_get_their_own_bytes_and_a_full_arena_falls_back(arena_link) -> None:
@@ -435,6 +441,32 @@ def test_a_peer_closed_with_no_view_left_unpins_at_once() -> None:
         assert len(log.unpins) == 1
         with pytest.raises(ValueError, match="closed"):
             peer.view(0, 16)
+    finally:
+        arena.close()
+
+
+def test_a_view_outliving_the_close_unpins_as_it_goes_even_without_a_thread(monkeypatch) -> None:
+    """The last view going after ``close`` unpins on a thread of its own; where no thread can start,
+    on the thread that let it go (not pinned and mapped for good)."""
+    arena = Arena(1 << 20)
+    try:
+        for threads in (True, False):
+            log = PinLog()
+            peer = PeerArena(os.dup(arena.fd), 64 << 10, log.pin, log.unpin)
+            kept = memoryview(peer.view(64, 100)).toreadonly()  # as a PlainJpeg holds its bytes
+            peer.close()
+            assert log.unpins == [] and mapped(peer.address)
+            if not threads:
+                def no_thread(self):
+                    raise RuntimeError("can't start new thread")
+
+                monkeypatch.setattr(threading.Thread, "start", no_thread)
+            del kept
+            deadline = time.monotonic() + 5
+            while not log.unpins and time.monotonic() < deadline:
+                time.sleep(0.01)
+            monkeypatch.undo()
+            assert log.unpins == [(peer.address, True)]
     finally:
         arena.close()
 

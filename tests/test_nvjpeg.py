@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -169,6 +170,60 @@ def test_a_jpegs_address_is_where_its_bytes_lie_and_nothing_is_copied():
         assert ctypes.string_at(at, view.nbytes) == view.tobytes()
         held[2] ^= 0xFF  # the same memory, not a copy
         assert ctypes.string_at(at, view.nbytes) == view.tobytes()
-    for bad in (bytearray(data), memoryview(held)[::2], memoryview(held)[:0], "text"):
-        with pytest.raises(TypeError, match="bytes or a contiguous memoryview"):
+    wide = memoryview(held)[:16].cast("H")  # contiguous, but its len is not its size
+    for bad in (bytearray(data), memoryview(held)[::2], memoryview(held)[:0], wide, wide.cast("B", (4, 4)), "text"):
+        with pytest.raises(TypeError, match="bytes or a memoryview of flat bytes") as raised:
             nvjpeg.address(bad)
+        assert "a jpeg" not in str(raised.value)  # what it is, not what it holds
+
+
+def test_the_library_is_handed_each_jpegs_own_bytes_and_size():
+    """``shape`` and ``decode_batch`` as the library sees them (C stand-ins for its calls, built from the
+    same signatures): each JPEG's bytes where they lie, bytes and an unpickled memoryview alike, its
+    whole size, each target and pitch."""
+    import pickle
+
+    from shim.backends.base import PlainJpeg
+
+    signatures = {name: args for _keeps, name, args in nvjpeg.SIGNATURES}
+    seen: dict[str, object] = {}
+
+    def c_call(name, fn):
+        return ctypes.CFUNCTYPE(ctypes.c_int, *signatures[name])(fn)
+
+    def info(_handle, data, size, components, _subsampling, widths, heights):
+        seen["info"] = (data, ctypes.string_at(data, size))
+        components[0], widths[0], heights[0] = 3, 7, 5
+        return 0
+
+    def decode(_handle, _state, datas, sizes, images, _stream):
+        n = seen["n"]
+        pointers = ctypes.cast(datas, ctypes.POINTER(ctypes.c_void_p))
+        lengths = ctypes.cast(sizes, ctypes.POINTER(ctypes.c_size_t))
+        targets = ctypes.cast(images, ctypes.POINTER(nvjpeg.Image))
+        seen["decode"] = [(pointers[i], ctypes.string_at(pointers[i], lengths[i]), targets[i].channel[0],
+                           targets[i].pitch[0]) for i in range(n)]
+        return 0
+
+    def initialize(_handle, _state, n, _threads, _format):
+        seen["n"] = n
+        return 0
+
+    nv = Nvjpeg.__new__(Nvjpeg)
+    nv.handle = 1
+    nv._calls = {"nvjpegGetImageInfo": c_call("nvjpegGetImageInfo", info),  # noqa: SLF001
+                 "nvjpegDecodeBatchedInitialize": c_call("nvjpegDecodeBatchedInitialize", initialize),
+                 "nvjpegDecodeBatched": c_call("nvjpegDecodeBatched", decode)}
+    first = b"\xff\xd8" + bytes(range(256)) * 3 + b"\x00 after a NUL\xff\xd9"
+    second = b"\xff\xd8 another \x00\x00 jpeg \xff\xd9"
+    buffers: list[pickle.PickleBuffer] = []
+    pickled = pickle.dumps(PlainJpeg(second, (5, 7, 3)), protocol=5, buffer_callback=buffers.append)
+    unpickled = pickle.loads(pickled, buffers=[bytearray(buffers[0].raw())]).data
+    assert type(unpickled) is memoryview
+    # where each lies: the library must read them there, not a copy gone once the call returns
+    at = {first: ctypes.cast(ctypes.c_char_p(first), ctypes.c_void_p).value,
+          second: np.frombuffer(unpickled, np.uint8).ctypes.data}
+    for data in (first, unpickled):
+        assert nv.shape(data) == (5, 7, 3) and seen["info"] == (at[bytes(data)], bytes(data))
+    nv.decode_batch(9, [first, unpickled], [1000, 2000], [4, 7], 0)
+    assert seen["decode"] == [(at[first], first, 1000, 12), (at[second], second, 2000, 21)]

@@ -52,15 +52,15 @@ class PlainJpeg:
     what: str = "image"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        if protocol < 5:
-            return super().__reduce_ex__(protocol)
-        return _plain_jpeg, (pickle.PickleBuffer(self.data), self.shape, self.what)
+        # out of band from protocol 5; before it as bytes (a memoryview cannot be pickled in band)
+        data = pickle.PickleBuffer(self.data) if protocol >= 5 else bytes(self.data)
+        return _plain_jpeg, (data, self.shape, self.what)
 
 
 def _plain_jpeg(data: Any, shape: tuple[int, int, int], what: str) -> PlainJpeg:
     """A ``PlainJpeg`` unpickled: on its bytes as they came (an out-of-band buffer is whatever the
-    receiver built it on: an arena's array, a bytearray, a view of what it read)."""
-    return PlainJpeg(data if isinstance(data, bytes) else memoryview(data), shape, what)
+    receiver built it on: an arena's array, a bytearray, a view of what it read), as flat bytes."""
+    return PlainJpeg(data if isinstance(data, bytes) else memoryview(data).cast("B"), shape, what)
 
 
 class UndecodedImages(Exception):

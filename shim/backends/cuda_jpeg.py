@@ -174,7 +174,7 @@ class JpegEngines:
         a minute). The JPEGs' bytes must stay as they are until the stream has done it.
 
         Raises:
-            TypeError: a JPEG's data is neither ``bytes`` nor a contiguous memoryview
+            TypeError: a JPEG's data is neither ``bytes`` nor a memoryview of flat bytes
                 (``nvjpeg.address``: a copy made here would go before the stream read it).
         """
         datas = [jpeg.data for jpeg in jpegs]

@@ -34,7 +34,7 @@ _STATUS = ("SUCCESS", "NOT_INITIALIZED", "INVALID_PARAMETER", "BAD_JPEG", "JPEG_
 _NAMES = ("libnvjpeg.so.13", "libnvjpeg.so.12", "libnvjpeg.so")  # the loader's, after the wheel's
 
 
-Jpeg = Union[bytes, memoryview]  # a JPEG's bytes (a memoryview: contiguous, kept alive by the caller)
+Jpeg = Union[bytes, memoryview]  # a JPEG's bytes (a memoryview: flat bytes, kept alive by the caller)
 
 
 def address(data: Jpeg) -> bytes | int:
@@ -43,13 +43,22 @@ def address(data: Jpeg) -> bytes | int:
     decode reads the bytes after the call returns.
 
     Raises:
-        TypeError: a non-contiguous or empty memoryview, or another type.
+        TypeError: a memoryview that is not of flat bytes (one dimension of one-byte items, contiguous,
+            not empty: its ``len`` is its size), or another type.
     """
     if type(data) is bytes:
         return data
-    if type(data) is not memoryview or not data.c_contiguous or not data.nbytes:
-        raise TypeError(f"a JPEG's bytes must be bytes or a contiguous memoryview, not {data!r}")
+    if type(data) is not memoryview or data.ndim != 1 or data.itemsize != 1 or not data.c_contiguous \
+            or not data.nbytes:
+        raise TypeError(f"a JPEG's bytes must be bytes or a memoryview of flat bytes, not {_described(data)}")
     return np.frombuffer(data, np.uint8).ctypes.data
+
+
+def _described(data: object) -> str:
+    """What ``data`` is, not what it holds (an error message must not carry the image)."""
+    if type(data) is memoryview:
+        return f"a memoryview of {data.ndim} dimensions, format {data.format!r}, {data.nbytes} bytes"
+    return type(data).__name__
 
 
 class NvjpegError(RuntimeError):

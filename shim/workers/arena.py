@@ -155,6 +155,7 @@ class PeerArena:
         self.address = self._whole.ctypes.data
         self.pinned = min(max(keep, 0), self.size) // mmap.PAGESIZE * mmap.PAGESIZE if pin and unpin else 0
         self._unpin = unpin
+        self._closing = threading.Lock()  # one ``close`` lets go
         if self.pinned:
             try:
                 pin(self.address, self.pinned)  # type: ignore[misc]
@@ -180,7 +181,8 @@ class PeerArena:
         """Let go of the mapping: unpinned and unmapped now, or once the last view a call still
         holds goes (then on a thread of its own: the collector may run anywhere, inside locks that
         ``unpin`` takes)."""
-        whole, self._whole = self._whole, None
+        with self._closing:
+            whole, self._whole = self._whole, None
         if whole is None:
             return
         last = weakref.ref(whole)
@@ -192,7 +194,10 @@ class PeerArena:
         weakref.finalize(whole, self._released_later).atexit = False
 
     def _released_later(self) -> None:
-        threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
+        try:
+            threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
+        except RuntimeError:  # no thread to be had: here, then (rather than pinned and mapped for good)
+            self._release()
 
     def _release(self) -> None:
         """Unpin (the mapping is still there: this holds it), then let the mapping go."""
