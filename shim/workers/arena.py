@@ -2,7 +2,7 @@
 
 A worker's ``LinkClient`` owns one ``Arena``: a sealed memfd (it can grow, never shrink), mapped
 in the worker and, once its fd has crossed the link's socket, in the device process. A large
-out-of-band buffer of a call (decoded pixels, an operand) is copied into a slot of the arena, and
+out-of-band buffer of a call (decoded pixels, an operand, a JPEG's bytes) is copied into a slot of the arena, and
 the message carries the slot's place instead of the bytes; the device reads the buffer where it
 lies, with no socket transfer and no allocation. The worker frees the slots of a call when the
 call's reply has arrived: by then the device has done with them (handlers copy what they keep).
