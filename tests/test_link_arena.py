@@ -8,6 +8,7 @@ import os
 import pickle
 import threading
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +19,7 @@ from accel.errors import InternalError, InvalidInput, NotReady
 from shim.backends.base import PlainJpeg
 from shim.backends.nvjpeg import address
 from shim.ops.imaging import decode_image
+from shim.workers import arena as arena_module
 from shim.workers.arena import MIN_LENT_BYTES, Arena, PeerArena
 from shim.workers.link import LinkClient, LinkServer, _Pending
 
@@ -445,6 +447,16 @@ def test_a_peer_closed_with_no_view_left_unpins_at_once() -> None:
         arena.close()
 
 
+class NoThread:
+    """A thread that cannot start (the process is out of them)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
 def test_a_view_outliving_the_close_unpins_as_it_goes_even_without_a_thread(monkeypatch) -> None:
     """The last view going after ``close`` unpins on a thread of its own; where no thread can start,
     on the thread that let it go (not pinned and mapped for good)."""
@@ -456,11 +468,8 @@ def test_a_view_outliving_the_close_unpins_as_it_goes_even_without_a_thread(monk
             kept = memoryview(peer.view(64, 100)).toreadonly()  # as a PlainJpeg holds its bytes
             peer.close()
             assert log.unpins == [] and mapped(peer.address)
-            if not threads:
-                def no_thread(self):
-                    raise RuntimeError("can't start new thread")
-
-                monkeypatch.setattr(threading.Thread, "start", no_thread)
+            if not threads:  # (the arena's threads only: the process's other threads may start theirs)
+                monkeypatch.setattr(arena_module, "threading", types.SimpleNamespace(Thread=NoThread))
             del kept
             deadline = time.monotonic() + 5
             while not log.unpins and time.monotonic() < deadline:

@@ -57,7 +57,7 @@ def address(data: Jpeg) -> bytes | int:
 def _described(data: object) -> str:
     """What ``data`` is, not what it holds (an error message must not carry the image)."""
     if type(data) is memoryview:
-        return f"a memoryview of {data.ndim} dimensions, format {data.format!r}, {data.nbytes} bytes"
+        return f"a {data.ndim}-dimensional memoryview of format {data.format!r}, {data.nbytes} bytes"
     return type(data).__name__
 
 

@@ -194,9 +194,12 @@ class PeerArena:
         weakref.finalize(whole, self._released_later).atexit = False
 
     def _released_later(self) -> None:
+        """Unpin and unmap on a thread of its own; where none can start, here, rather than pinned and
+        mapped for good (should this thread hold a lock ``unpin`` takes, it then waits for good: a
+        process out of threads is in trouble already)."""
         try:
             threading.Thread(target=self._release, name="arena-unpin", daemon=True).start()
-        except RuntimeError:  # no thread to be had: here, then (rather than pinned and mapped for good)
+        except RuntimeError:
             self._release()
 
     def _release(self) -> None:
