@@ -24,7 +24,7 @@ from PIL import Image
 
 from . import cuda_driver
 from .base import PlainJpeg
-from .nvjpeg import CALL_PIXELS, Jpeg, Nvjpeg, NvjpegError, address, decode_in_calls
+from .nvjpeg import CALL_PIXELS, Jpeg, Nvjpeg, NvjpegError, decode_in_calls
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,10 @@ class JpegEngines:
 
         Raises:
             TypeError: a JPEG's data is neither ``bytes`` nor a memoryview of flat bytes
-                (``nvjpeg.address``: a copy made here would go before the stream read it).
+                (``nvjpeg.address``: a copy made here would go before the stream read it), raised by
+                the header reads, which come before anything is queued.
         """
         datas = [jpeg.data for jpeg in jpegs]
-        for data in datas:
-            address(data)
         missed: list[int] = list(range(len(jpegs)))
         try:
             decoder = self.decoder(owner)
