@@ -116,6 +116,16 @@ def _plain(data: bytes):
     return PlainJpeg(data, plain_jpeg_shape(data, 10**8))
 
 
+class _Through:
+    """nvJPEG's library (``real``) as it is, but for what a test's subclass overrides."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 def _near_libjpeg_turbo(got: np.ndarray, data: bytes) -> str | None:
     """Why ``got`` is not ``data``'s libjpeg-turbo decode (within 1 per value), or None."""
     from shim.ops.jpeg import decode_plain_jpeg
@@ -224,6 +234,49 @@ def test_jpegs_unpickled_where_a_link_put_them_are_decoded_there(engines, stream
         arena.close()
 
 
+def test_a_landed_batch_lets_go_of_a_request_workers_arena_without_waiting_for_its_slot(jpeg_service, chelsea):
+    """A batch of JPEGs on views of a request worker's arena, queued on a bound thread: once it has
+    landed, nothing of the pipeline holds those views (its slot still holds what it read on the
+    device), so the arena of a worker that has gone since is unmapped with no further batch."""
+    import os
+    import pickle
+    import time
+
+    from shim.workers.arena import Arena, PeerArena
+    from tests.test_cuda import _on_a_batcher_thread
+
+    op, _ = _engines(jpeg_service)
+    pipeline = op._pipeline  # noqa: SLF001
+    data = encode(chelsea, "JPEG", quality=90)
+    arena = Arena(8 << 20)
+    peer = PeerArena(os.dup(arena.fd))
+
+    def bound():
+        pipeline.bind_thread()
+        landing = pipeline._local.landing  # noqa: SLF001
+        items = []
+        for _ in range(3):
+            buffers: list[pickle.PickleBuffer] = []
+            pickled = pickle.dumps(_plain(data), protocol=5, buffer_callback=buffers.append)
+            items.append(pickle.loads(pickled, buffers=[peer.view(arena.lend(buffers[0].raw()), len(data))]))
+        logits = pipeline.logits_later(items).result(timeout=30)
+        del items
+        held = [slot.keep is not None for slot in landing._slots]  # noqa: SLF001
+        return logits, held
+
+    try:
+        logits, held = _on_a_batcher_thread(pipeline, bound)
+        assert logits.shape == (3, 1000) and any(held), "the landed batch's device memory was let go already"
+        peer.close()  # the worker went: no view left, so unmapped (on a thread of its own if one was)
+        deadline = time.monotonic() + 5
+        while peer._mapping is not None and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+        assert peer._mapping is None, "a landed batch still holds the worker's arena"  # noqa: SLF001
+    finally:
+        peer.close()
+        arena.close()
+
+
 def test_a_batch_over_the_call_budget_goes_in_several_calls_more_than_the_states_each_as_libjpeg_turbo_does(
         engines, stream, chelsea, coffee, monkeypatch):
     """A batch whose pixels exceed the budget of one call (made small here: two photos' worth) is
@@ -241,15 +294,12 @@ def test_a_batch_over_the_call_budget_goes_in_several_calls_more_than_the_states
     decoder = engines.decoder(owner)  # warmed up before its calls are counted
     real, batches = decoder._nv, []  # noqa: SLF001
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
+    class Counting(_Through):
         def decode_batch(self, state, datas, targets, widths, stream_ptr):
             batches.append(len(datas))
             real.decode_batch(state, datas, targets, widths, stream_ptr)
 
-    monkeypatch.setattr(decoder, "_nv", Counting())
+    monkeypatch.setattr(decoder, "_nv", Counting(real))
     targets = [cp.zeros(jpeg.shape, cp.uint8) for jpeg in jpegs]
     cp.cuda.Device().synchronize()
     _hold_up(stream)
@@ -271,10 +321,7 @@ def test_a_decoder_refused_at_its_warm_up_says_why_and_destroys_every_state(engi
 
     real, destroyed = engines._nv, []  # noqa: SLF001
 
-    class Failing:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
+    class Failing(_Through):
         def decode_batch(self, state, jpegs, targets, widths, stream):  # zeros: not the sample's pixels
             for data, target in zip(jpegs, targets):
                 cuda_driver.fill_zeros(target, int(np.prod(real.shape(data))), stream)
@@ -284,7 +331,7 @@ def test_a_decoder_refused_at_its_warm_up_says_why_and_destroys_every_state(engi
             real.destroy_state(state)
             raise NvjpegError("nvjpegJpegStateDestroy", 8)
 
-    monkeypatch.setattr(engines, "_nv", Failing())
+    monkeypatch.setattr(engines, "_nv", Failing(real))
     with pytest.raises(RuntimeError, match="pixels differ"):
         engines._new_decoder()  # noqa: SLF001
     assert len(destroyed) == STATES

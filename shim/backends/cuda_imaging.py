@@ -185,8 +185,8 @@ class CudaImagePipeline:
             # the stream and its worker (the JPEG decoder) first: a tuple lets go of its items last to
             # first, so what the queued work read goes before the stream it was queued on (the thread
             # may end before they go)
-            return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep, items), began,
-                                jpegs=jpegs)
+            return landing.land(slot, state.stream.ptr, len(items), shape, (state.stream, state, keep), began,
+                                jpegs=jpegs, host=items)
         except BaseException:
             with contextlib.suppress(Exception):  # what was queued reads what ``keep`` holds: done first
                 state.stream.synchronize()

@@ -77,7 +77,8 @@ class Landing:
         self._uploaded = cp.cuda.Event(disable_timing=True)  # after the last batch's pixels went up
         self._staged = False  # whether ``_uploaded`` has been recorded
         self._owner = threading.current_thread()
-        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], float, bool]] = \
+        # (slot, rows, shape, Future, when queued, whether it decodes JPEGs, host memory it reads)
+        self._queue: queue.SimpleQueue[tuple[Slot, int, tuple[int, ...], Future[np.ndarray], float, bool, Any]] = \
             queue.SimpleQueue()
         # a batch's time on the GPU, by whether it decodes JPEGs and its (padded) rows: the landing thread's
         self._gpu_s: dict[tuple[bool, int], float] = {}
@@ -119,19 +120,22 @@ class Landing:
         self._staged = True
 
     def land(self, slot: Slot, stream: int, rows: int, shape: tuple[int, ...], keep: Any,
-             began: float, *, jpegs: bool) -> Future[np.ndarray]:
+             began: float, *, jpegs: bool, host: Any = None) -> Future[np.ndarray]:
         """After a batch's work was queued on ``stream`` (from ``began``, a ``perf_counter`` time; its
         logits coming down into ``slot``, of ``shape``; ``jpegs``: its queued work decodes JPEGs): a
         Future of its first ``rows`` rows, set on this landing's thread once the GPU is done. ``keep``
-        (what the queued work reads: pixels, the batch's decoded pixels, resize plans) is held until
-        then, and let go when ``slot`` is next taken."""
+        (what the queued work reads on the device: the batch's decoded pixels, resize plans) is held
+        until then, and let go when ``slot`` is next taken, on the batcher's thread. ``host`` (what
+        it reads in host memory: the requests' pixels and JPEGs, views of a request worker's arena)
+        is let go on this landing's thread once the batch has landed: an idle shim keeps no worker's
+        arena mapped and pinned after that worker has gone."""
         cuda_driver.record(slot.done.ptr, stream)
         slot.keep = keep
         future: Future[np.ndarray] = Future()
         now = time.perf_counter()
         self._queue_s = _average(self._queue_s, now - began)
         self._busy = max(now, self._busy) + self._gpu_s.get((jpegs, shape[0]), 0.0)
-        self._queue.put((slot, rows, shape, future, now, jpegs))
+        self._queue.put((slot, rows, shape, future, now, jpegs, host))
         return future
 
     def busy_until(self) -> float:
@@ -150,8 +154,8 @@ class Landing:
                         self._slots.clear()
                     return
                 continue
-            self._land_one(*entry)
-            del entry
+            self._land_one(*entry[:-1])
+            del entry  # its host memory with it: the GPU has read it (or will not: the batch failed)
 
     def _land_one(self, slot: Slot, rows: int, shape: tuple[int, ...], future: Future[np.ndarray],
                   queued: float, jpegs: bool) -> None:
