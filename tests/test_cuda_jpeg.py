@@ -262,16 +262,18 @@ def test_a_landed_batch_lets_go_of_a_request_workers_arena_without_waiting_for_i
         logits = pipeline.logits_later(items).result(timeout=30)
         del items
         held = [slot.keep is not None for slot in landing._slots]  # noqa: SLF001
-        return logits, held
-
-    try:
-        logits, held = _on_a_batcher_thread(pipeline, bound)
-        assert logits.shape == (3, 1000) and any(held), "the landed batch's device memory was let go already"
-        peer.close()  # the worker went: no view left, so unmapped (on a thread of its own if one was)
-        deadline = time.monotonic() + 5
+        # the worker goes: no view left, so unmapped (on a thread of its own if one was), while this
+        # thread lives on (its end would free its landing's slots anyway)
+        peer.close()
+        deadline = time.monotonic() + 3
         while peer._mapping is not None and time.monotonic() < deadline:  # noqa: SLF001
             time.sleep(0.01)
-        assert peer._mapping is None, "a landed batch still holds the worker's arena"  # noqa: SLF001
+        return logits, held, peer._mapping is None  # noqa: SLF001
+
+    try:
+        logits, held, unmapped = _on_a_batcher_thread(pipeline, bound)
+        assert logits.shape == (3, 1000) and any(held), "the landed batch's device memory was let go already"
+        assert unmapped, "a landed batch still holds the worker's arena"
     finally:
         peer.close()
         arena.close()
