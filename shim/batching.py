@@ -179,6 +179,7 @@ class Batcher(Generic[Item, Result]):
                 continue
             if self._run_later is not None:
                 self._launch(batch, began)
+                del batch  # its items go once it has landed (its Future holds it), not when this thread next gathers
                 continue
             self._run(batch)
             if self._batch_seconds is not None:

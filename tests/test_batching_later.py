@@ -724,6 +724,41 @@ def test_a_failed_requests_item_goes_while_its_error_lives_on():
     assert future.exception() is not None and gone() is None
 
 
+def test_a_landed_batchs_items_go_while_the_batcher_waits_for_the_next():
+    """A bound batcher's thread that started a batch and waits for the next keeps nothing of it: once
+    the batch has landed and been answered, its items (views of a request worker's arena, on the
+    device) go, with no further batch (helper-74: the thread's loop held the last batch)."""
+    import weakref
+
+    class Item:
+        pass
+
+    landed: queue.SimpleQueue[Future[list[str]]] = queue.SimpleQueue()
+
+    def run_later(items: Sequence[Any]) -> Future[list[str]]:
+        future: Future[list[str]] = Future()
+        landed.put(future)
+        return future
+
+    batcher = Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,
+                      run_batch_later=run_later, land_answers=True)
+    try:
+        item = Item()
+        gone = weakref.ref(item)
+        answer = batcher.submit_later(item, 1)
+        del item
+        started = landed.get(timeout=5)
+        threading.Thread(target=started.set_result, args=(["x"],), name="landing").start()  # as a landing's
+        assert answer.result(5) == "x"
+        del started
+        deadline = time.monotonic() + 2
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone() is None, "the batcher's thread still holds the landed batch's items"
+    finally:
+        batcher.close()
+
+
 def test_launchers_must_be_at_least_one():
     with pytest.raises(ValueError, match="launchers"):
         Batcher("m", _blocking, max_batch_size=4, max_queue_delay_us=0, thread_start=lambda: None,

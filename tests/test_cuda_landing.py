@@ -1,7 +1,8 @@
-"""The landing's estimate of the GPU's queued work (run on the GPU machine: ``pytest -m gpu``)."""
+"""The landing (run on the GPU machine: ``pytest -m gpu``): its estimate of the GPU's queued work, and when what a batch read goes."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import weakref
 
@@ -66,6 +67,8 @@ def test_what_a_batch_read_in_host_memory_goes_when_it_lands_and_its_device_memo
     stream = cp.cuda.Stream(non_blocking=True)
     host, device = Held(), Held()
     host_ref, device_ref = weakref.ref(host), weakref.ref(device)
+    dropped_on: list[str] = []
+    weakref.finalize(host, lambda: dropped_on.append(threading.current_thread().name))
     slot = landing.slot()
     with stream:
         spin((1,), (1,), (cp.int64(int(50 * cycles_per_ms)),))
@@ -77,6 +80,7 @@ def test_what_a_batch_read_in_host_memory_goes_when_it_lands_and_its_device_memo
     while host_ref() is not None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert host_ref() is None, "the landed batch still holds its host memory"
+    assert dropped_on == ["landing-held"], dropped_on
     assert device_ref() is not None, "its device memory went off the batcher's thread"
     landing.slot()
     landing.slot()  # the ring of two comes back to the landed batch's slot
