@@ -1,4 +1,5 @@
-"""The landing (run on the GPU machine: ``pytest -m gpu``): its estimate of the GPU's queued work, and when what a batch read goes."""
+"""The landing (run on the GPU machine: ``pytest -m gpu``): its estimate of the GPU's queued work,
+and when what a batch read goes."""
 from __future__ import annotations
 
 import contextlib
